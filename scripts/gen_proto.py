@@ -1,0 +1,30 @@
+"""Regenerate the committed gRPC stubs in proto/featmap/v1 from featmap.proto."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+PROTO_ROOT = Path(__file__).resolve().parent.parent / "proto"
+PROTO_FILE = "featmap/v1/featmap.proto"
+
+
+def generate(out_dir: Path) -> None:
+    """Run protoc (grpcio-tools) on featmap.proto, writing the stubs under out_dir."""
+    from grpc_tools import protoc
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        PROTO_FILE,
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit(f"protoc failed on {PROTO_ROOT / PROTO_FILE}")
+
+
+if __name__ == "__main__":
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else PROTO_ROOT)

@@ -1,0 +1,73 @@
+"""The exception tree of the service and the one table that maps it to gRPC status codes.
+
+    FeatmapError                  base; never raised itself
+    ├── InvalidRequest            INVALID_ARGUMENT; names the offending field
+    │   ├── InvalidSpec           the pipeline spec (schema, cross-field, shape for an image)
+    │   ├── InvalidTensor         the image tensor on the wire (dtype, shape, bytes, values)
+    │   └── NonFiniteResult       the pipeline produced NaN/Inf from finite input (overflow)
+    ├── LimitExceeded             RESOURCE_EXHAUSTED; a configured limit, with limit and value
+    └── ExecutionFailed           INTERNAL; onnxruntime failed to build or run a session
+
+Every message starts with the field it is about: `layers[2].kernel_size: ...`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FeatmapError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    def __init__(self, field: str, message: str, *, detail: str | None = None) -> None:
+        super().__init__(detail or f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    @property
+    def status_code(self) -> grpc.StatusCode:
+        """The gRPC status this error travels as."""
+        return status_for(self)
+
+
+class InvalidRequest(FeatmapError):
+    """The request is malformed; retrying it unchanged cannot succeed."""
+
+
+class InvalidSpec(InvalidRequest):
+    """The pipeline spec is invalid, or invalid for the images it was sent with."""
+
+
+class InvalidTensor(InvalidRequest):
+    """The image tensor does not decode or does not fit the spec's input."""
+
+
+class NonFiniteResult(InvalidRequest):
+    """Finite input produced NaN or Inf (weights, scale or depth overflowed float32)."""
+
+
+class LimitExceeded(FeatmapError):
+    """A configured server limit is exceeded."""
+
+
+class ExecutionFailed(FeatmapError):
+    """onnxruntime failed to build or run a session."""
+
+
+STATUS_CODES: dict[type[FeatmapError], grpc.StatusCode] = {
+    FeatmapError: grpc.StatusCode.UNKNOWN,
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidSpec: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidTensor: grpc.StatusCode.INVALID_ARGUMENT,
+    NonFiniteResult: grpc.StatusCode.INVALID_ARGUMENT,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ExecutionFailed: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status code for an exception (INTERNAL for anything unexpected)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL

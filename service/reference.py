@@ -1,0 +1,164 @@
+"""The NumPy reference: every op computed directly from the spec's semantics, in float64.
+
+It mirrors graph.py op by op and shares nothing with it but the spec (and the weights the spec
+names): where the two disagree, the ONNX graph or onnxruntime is wrong about our semantics.
+Vectorized with sliding-window views; no Python loop over pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from featmap.service.spec import (
+    AvgPool2d,
+    Conv2d,
+    LeakyRelu,
+    Pipeline,
+    PoolBase,
+    resolve_pads,
+    window_geometry,
+    window_output_size,
+)
+from featmap.service.weights import ConvParameters, pipeline_parameters
+
+
+def sliding_windows(
+    x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> np.ndarray:
+    """(N, C, H, W) already padded -> view (N, C, out_h, out_w, kh, kw) of every window."""
+    extent = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True))
+    windows = sliding_window_view(x, extent, axis=(2, 3))
+    return windows[:, :, :: stride[0], :: stride[1], :: dilation[0], :: dilation[1]]
+
+
+def _pad(x: np.ndarray, pads: tuple[int, int, int, int], value: float) -> np.ndarray:
+    top, left, bottom, right = pads
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=value)
+
+
+def _window_pads(layer: Conv2d | PoolBase, x: np.ndarray) -> tuple[int, int, int, int]:
+    """Padding, including the extra end rows/columns that ceil_mode's last window reaches."""
+    kernel, stride, dilation = window_geometry(layer)
+    size = (x.shape[2], x.shape[3])
+    top, left, bottom, right = resolve_pads(layer.padding, size, kernel, stride, dilation)
+    ceil = isinstance(layer, PoolBase) and layer.ceil_mode
+    extra = []
+    for axis, (begin, end) in enumerate(((top, bottom), (left, right))):
+        out = window_output_size(
+            size[axis], begin, end, kernel[axis], stride[axis], dilation[axis], ceil
+        )
+        needed = (out - 1) * stride[axis] + (kernel[axis] - 1) * dilation[axis] + 1
+        extra.append(max(0, needed - (size[axis] + begin + end)))
+    return top, left, bottom + extra[0], right + extra[1]
+
+
+def conv2d(layer: Conv2d, x: np.ndarray, parameters: ConvParameters | None) -> np.ndarray:
+    """Grouped, strided, dilated cross-correlation with zero padding."""
+    assert parameters is not None
+    kernel = parameters.kernel.astype(np.float64)
+    windows = sliding_windows(
+        _pad(x, _window_pads(layer, x), 0.0), layer.kernel_size, layer.stride, layer.dilation
+    )
+    n, channels, out_h, out_w, kh, kw = windows.shape
+    groups = layer.groups
+    grouped = windows.reshape(n, groups, channels // groups, out_h, out_w, kh, kw)
+    kernel = kernel.reshape(groups, layer.filters // groups, channels // groups, kh, kw)
+    out = np.einsum("ngchwij,gfcij->ngfhw", grouped, kernel, optimize=True)
+    out = out.reshape(n, layer.filters, out_h, out_w)
+    if parameters.bias is not None:
+        out = out + parameters.bias.astype(np.float64).reshape(1, -1, 1, 1)
+    return out
+
+
+def pool2d(layer: PoolBase, x: np.ndarray, _: ConvParameters | None) -> np.ndarray:
+    """Max or average pooling; padding never wins a max, counts in a mean only if asked."""
+    kernel, stride, dilation = window_geometry(layer)
+    pads = _window_pads(layer, x)
+    if not isinstance(layer, AvgPool2d):
+        return sliding_windows(_pad(x, pads, -np.inf), kernel, stride, dilation).max(axis=(4, 5))
+    sums = sliding_windows(_pad(x, pads, 0.0), kernel, stride, dilation).sum(axis=(4, 5))
+    # The divisor counts real pixels, plus the user's padding with count_include_pad; never
+    # the rows/columns ceil_mode adds past the padding (PyTorch's rule).
+    counted = np.ones((1, 1, x.shape[2], x.shape[3]))
+    if layer.count_include_pad:
+        explicit = resolve_pads(layer.padding, x.shape[2:], kernel, stride, dilation)
+        counted = _pad(counted, explicit, 1.0)
+        extra = tuple(p - e for p, e in zip(pads, explicit, strict=True))
+        counted = _pad(counted, extra, 0.0)
+    else:
+        counted = _pad(counted, pads, 0.0)
+    divisor = sliding_windows(counted, kernel, stride, dilation).sum(axis=(4, 5))
+    return sums / divisor
+
+
+def relu(layer: Any, x: np.ndarray, _: ConvParameters | None) -> np.ndarray:
+    """max(x, 0)."""
+    return np.maximum(x, 0.0)
+
+
+def leaky_relu(layer: LeakyRelu, x: np.ndarray, _: ConvParameters | None) -> np.ndarray:
+    """x if x >= 0 else alpha * x."""
+    return np.where(x >= 0, x, layer.alpha * x)
+
+
+def global_avg_pool2d(layer: Any, x: np.ndarray, _: ConvParameters | None) -> np.ndarray:
+    """Mean over H, W keeping (N, C, 1, 1)."""
+    return x.mean(axis=(2, 3), keepdims=True)
+
+
+def global_max_pool2d(layer: Any, x: np.ndarray, _: ConvParameters | None) -> np.ndarray:
+    """Max over H, W keeping (N, C, 1, 1)."""
+    return x.max(axis=(2, 3), keepdims=True)
+
+
+def flatten(layer: Any, x: np.ndarray, _: ConvParameters | None) -> np.ndarray:
+    """(N, ...) -> (N, prod(...)), row-major."""
+    return x.reshape(x.shape[0], -1)
+
+
+REFERENCE_OPS: dict[str, Callable[[Any, np.ndarray, ConvParameters | None], np.ndarray]] = {
+    "conv2d": conv2d,
+    "relu": relu,
+    "leaky_relu": leaky_relu,
+    "max_pool2d": pool2d,
+    "avg_pool2d": pool2d,
+    "global_avg_pool2d": global_avg_pool2d,
+    "global_max_pool2d": global_max_pool2d,
+    "flatten": flatten,
+}
+
+
+def preprocess(pipeline: Pipeline, images: np.ndarray) -> np.ndarray:
+    """Images as the spec's input describes them -> float64 NCHW, normalized."""
+    spec = pipeline.input
+    x = images.astype(np.float64)
+    if spec.layout == "NHWC":
+        x = x.transpose(0, 3, 1, 2)
+    if spec.scale is not None:
+        x = x * np.float64(np.float32(spec.scale))
+    if spec.mean is not None:
+        x = x - np.array(spec.channel_values(spec.mean), dtype=np.float32).reshape(1, -1, 1, 1)
+    if spec.std is not None:
+        x = x / np.array(spec.channel_values(spec.std), dtype=np.float32).reshape(1, -1, 1, 1)
+    return x
+
+
+def run_reference(pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every layer's float64 result for `images`, keyed by layer name."""
+    parameters = pipeline_parameters(pipeline)
+    x = preprocess(pipeline, images)
+    results: dict[str, np.ndarray] = {}
+    for index, (layer, name) in enumerate(zip(pipeline.layers, pipeline.layer_names, strict=True)):
+        x = REFERENCE_OPS[layer.op](layer, x, parameters.get(index))
+        results[name] = x
+    return results
+
+
+def reference_outputs(pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The float64 results of the pipeline's requested outputs."""
+    results = run_reference(pipeline, images)
+    return {name: results[name] for name in pipeline.output_names}

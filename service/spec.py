@@ -1,0 +1,652 @@
+"""The pipeline spec: what the user wrote, as pydantic models, plus the shape arithmetic.
+
+The spec speaks the words users know from Keras/PyTorch (`filters`, `kernel_size`, `stride`,
+`padding`, `pool_size`); graph.py translates them to ONNX once. Pure: no I/O, no numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    Tag,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from featmap.service.errors import InvalidSpec
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+def _broadcast(count: int) -> Any:
+    def broadcast(value: Any) -> Any:
+        return (value,) * count if isinstance(value, int) and not isinstance(value, bool) else value
+
+    return broadcast
+
+
+def _padding_or_pads(value: Any) -> str | tuple[int, int, int, int]:
+    if value in ("same", "valid"):
+        return str(value)
+    pads = _broadcast(4)(value)
+    if (
+        isinstance(pads, list | tuple)
+        and len(pads) == 4
+        and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pads)
+    ):
+        return (pads[0], pads[1], pads[2], pads[3])
+    raise ValueError(
+        f"must be 'same', 'valid', an int >= 0 or [top, left, bottom, right]; got {value!r}"
+    )
+
+
+# Spatial pairs are written as an int (both axes) or [h, w] and stored as (h, w), so that
+# `3` and `[3, 3]` are the same spec (and the same pipeline id).
+Pair = Annotated[
+    tuple[PositiveInt, PositiveInt],
+    BeforeValidator(_broadcast(2)),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 1},
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
+            ]
+        }
+    ),
+]
+# Explicit padding is an int (all sides) or [top, left, bottom, right] (the ONNX `pads` order),
+# stored as the 4-tuple.
+Pads = tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt, NonNegativeInt]
+Padding = Annotated[
+    Literal["same", "valid"] | Pads,
+    PlainValidator(_padding_or_pads),
+    PlainSerializer(lambda v: v if isinstance(v, str) else list(v)),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"enum": ["same", "valid"]},
+                {"type": "integer", "minimum": 0},
+                {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 0},
+                    "minItems": 4,
+                    "maxItems": 4,
+                },
+            ]
+        }
+    ),
+]
+# Layer names become ONNX tensor names; graph-internal tensors use ":" to stay out of their way.
+RESERVED_NAME = "images"
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,127}$"
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: unknown fields are errors and models are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpecFieldError(ValueError):
+    """A cross-field check failed; `field` is the dotted path of the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+# --------------------------------------------------------------------------- weight sources
+
+
+class ValuesSource(SpecModel):
+    """Literal numbers, nested lists in (filters, in_channels/groups, kh, kw) order."""
+
+    values: list[Any]
+
+
+class InitSource(SpecModel):
+    """A seeded random (or zero) initializer, deterministic across machines."""
+
+    init: Literal["he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "zeros"]
+    seed: int = 0
+
+
+class PresetSource(SpecModel):
+    """A classic 2D kernel copied into every (filter, input channel) slice."""
+
+    preset: Literal["sobel_x", "sobel_y", "laplacian", "gaussian", "box", "identity"]
+    # Gaussian only; default follows OpenCV: 0.3 * ((k - 1) / 2 - 1) + 0.8 per axis.
+    sigma: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _sigma_only_for_gaussian(self) -> PresetSource:
+        if self.sigma is not None and self.preset != "gaussian":
+            raise ValueError(f"sigma applies only to the gaussian preset, not {self.preset!r}")
+        return self
+
+
+def _source_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        keys = {"values", "init", "preset"} & value.keys()
+        return keys.pop() if len(keys) == 1 else None
+    if isinstance(value, ValuesSource):
+        return "values"
+    if isinstance(value, InitSource):
+        return "init"
+    if isinstance(value, PresetSource):
+        return "preset"
+    return None
+
+
+WeightSource: TypeAlias = Annotated[
+    Annotated[ValuesSource, Tag("values")]
+    | Annotated[InitSource, Tag("init")]
+    | Annotated[PresetSource, Tag("preset")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="weight_source",
+        custom_error_message="expected exactly one of 'values', 'init' or 'preset'",
+    ),
+]
+BiasSource: TypeAlias = Annotated[
+    Annotated[ValuesSource, Tag("values")] | Annotated[InitSource, Tag("init")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="bias_source",
+        custom_error_message="expected exactly one of 'values' or 'init'",
+    ),
+]
+
+
+# --------------------------------------------------------------------------- input
+
+
+class InputSpec(SpecModel):
+    """The images the pipeline takes; height and width stay dynamic."""
+
+    channels: PositiveInt
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["float32", "float16", "uint8"] = "float32"
+    scale: float | None = None
+    mean: float | list[float] | None = None
+    std: float | list[float] | None = None
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_scale(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("scale must be finite")
+        return v
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite_stats(cls, v: float | list[float] | None) -> float | list[float] | None:
+        values = [v] if isinstance(v, float | int) else (v or [])
+        if not all(math.isfinite(x) for x in values):
+            raise ValueError("must be finite")
+        return v
+
+    @model_validator(mode="after")
+    def _per_channel_lengths(self) -> InputSpec:
+        for field in ("mean", "std"):
+            value = getattr(self, field)
+            if isinstance(value, list) and len(value) not in (1, self.channels):
+                raise SpecFieldError(
+                    field,
+                    f"has {len(value)} values; expected 1 or channels={self.channels}",
+                )
+        if self.std is not None and any(s == 0 for s in self.channel_values(self.std)):
+            raise SpecFieldError("std", "must not contain 0")
+        return self
+
+    def channel_values(self, value: float | list[float]) -> list[float]:
+        """Broadcast a scalar or one-element mean/std to one value per channel."""
+        values = [float(value)] if isinstance(value, float | int) else [float(x) for x in value]
+        return values * self.channels if len(values) == 1 else values
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class LayerBase(SpecModel):
+    """Fields every layer has."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+
+
+class Conv2d(LayerBase):
+    """2D convolution (cross-correlation, as in every framework), NCHW."""
+
+    op: Literal["conv2d"]
+    filters: PositiveInt
+    kernel_size: Pair
+    stride: Pair = (1, 1)
+    padding: Padding = "valid"
+    dilation: Pair = (1, 1)
+    groups: PositiveInt = 1
+    weights: WeightSource
+    bias: BiasSource | None = None
+
+
+class Relu(LayerBase):
+    """max(x, 0)."""
+
+    op: Literal["relu"]
+
+
+class LeakyRelu(LayerBase):
+    """x if x >= 0 else alpha * x (default alpha as PyTorch and ONNX: 0.01)."""
+
+    op: Literal["leaky_relu"]
+    alpha: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.01
+
+
+class PoolBase(LayerBase):
+    """Fields shared by max and average pooling."""
+
+    pool_size: Pair
+    stride: Pair | None = None
+    padding: Padding = "valid"
+    ceil_mode: bool = False
+
+    @model_validator(mode="after")
+    def _ceil_mode_needs_explicit_padding(self) -> PoolBase:
+        if self.ceil_mode and self.padding == "same":
+            raise SpecFieldError(
+                "ceil_mode", "has no effect with padding='same' (output is ceil(in/stride))"
+            )
+        return self
+
+
+class MaxPool2d(PoolBase):
+    """Max over each window; padding never wins a max."""
+
+    op: Literal["max_pool2d"]
+
+
+class AvgPool2d(PoolBase):
+    """Mean over each window; padding counts only with count_include_pad."""
+
+    op: Literal["avg_pool2d"]
+    count_include_pad: bool = False
+
+
+class GlobalAvgPool2d(LayerBase):
+    """Mean over H and W, keeping (N, C, 1, 1)."""
+
+    op: Literal["global_avg_pool2d"]
+
+
+class GlobalMaxPool2d(LayerBase):
+    """Max over H and W, keeping (N, C, 1, 1)."""
+
+    op: Literal["global_max_pool2d"]
+
+
+class Flatten(LayerBase):
+    """(N, C, H, W) -> (N, C*H*W), row-major as torch.flatten(x, 1)."""
+
+    op: Literal["flatten"]
+
+
+Layer: TypeAlias = Annotated[
+    Conv2d | Relu | LeakyRelu | MaxPool2d | AvgPool2d | GlobalAvgPool2d | GlobalMaxPool2d | Flatten,
+    Field(discriminator="op"),
+]
+LAYER_TYPES: tuple[type[LayerBase], ...] = (
+    Conv2d,
+    Relu,
+    LeakyRelu,
+    MaxPool2d,
+    AvgPool2d,
+    GlobalAvgPool2d,
+    GlobalMaxPool2d,
+    Flatten,
+)
+SPATIAL_OPS = {"conv2d", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "global_max_pool2d"}
+FIXED_PRESET_SIZES = {"sobel_x": (3, 3), "sobel_y": (3, 3), "laplacian": (3, 3)}
+
+
+def nested_shape(values: Any) -> tuple[int, ...] | None:
+    """Shape of a rectangular nested list of numbers, or None if ragged or not numeric."""
+    if isinstance(values, bool):
+        return None
+    if isinstance(values, int | float):
+        return ()
+    if not isinstance(values, list) or not values:
+        return None
+    shapes = {nested_shape(v) for v in values}
+    if len(shapes) != 1 or None in shapes:
+        return None
+    (inner,) = shapes
+    assert inner is not None
+    return (len(values), *inner)
+
+
+def _flat_numbers(values: Any) -> list[float]:
+    if isinstance(values, list):
+        return [x for v in values for x in _flat_numbers(v)]
+    return [float(values)]
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class Pipeline(SpecModel):
+    """A pipeline: input description, the layers in order, and the layers to return."""
+
+    input: InputSpec
+    layers: Annotated[list[Layer], Field(min_length=1)]
+    outputs: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check_structure(self) -> Pipeline:
+        names = self.layer_names
+        explicit: dict[str, int] = {}
+        for index, layer in enumerate(self.layers):
+            if layer.name is None:
+                continue
+            if layer.name == RESERVED_NAME:
+                raise SpecFieldError(f"layers[{index}].name", f"{RESERVED_NAME!r} names the input")
+            if layer.name in explicit:
+                raise SpecFieldError(
+                    f"layers[{index}].name",
+                    f"{layer.name!r} is already the name of layers[{explicit[layer.name]}]",
+                )
+            explicit[layer.name] = index
+        if len(set(names)) != len(names):
+            clash = next(n for n in names if names.count(n) > 1)
+            index = names.index(clash)
+            raise SpecFieldError(
+                f"layers[{index}].name",
+                f"{clash!r} clashes with the automatic name of another layer (<op>_<index>)",
+            )
+        for index, name in enumerate(self.outputs or []):
+            if name not in names:
+                raise SpecFieldError(
+                    f"outputs[{index}]", f"{name!r} is not a layer name; layers are {names}"
+                )
+        if self.outputs is not None and len(set(self.outputs)) != len(self.outputs):
+            raise SpecFieldError("outputs", "names a layer twice")
+        if self.outputs == []:
+            raise SpecFieldError("outputs", "must name at least one layer (omit it for the last)")
+        self._check_channels()
+        return self
+
+    def _check_channels(self) -> None:
+        channels = self.input.channels
+        flat = False
+        for index, layer in enumerate(self.layers):
+            where = f"layers[{index}]"
+            if flat and layer.op in SPATIAL_OPS | {"flatten"}:
+                raise SpecFieldError(
+                    f"{where}.op", f"{layer.op} needs (N, C, H, W) but follows a flatten layer"
+                )
+            if isinstance(layer, Conv2d):
+                _check_conv(layer, channels, where)
+                channels = layer.filters
+            elif isinstance(layer, Flatten):
+                flat = True
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Every layer's name: its own, or `<op>_<index>` when it has none."""
+        return [layer.name or f"{layer.op}_{i}" for i, layer in enumerate(self.layers)]
+
+    @property
+    def output_names(self) -> list[str]:
+        """The layers whose results are returned (default: the last layer)."""
+        return list(self.outputs) if self.outputs else [self.layer_names[-1]]
+
+    def canonical_json(self) -> str:
+        """Deterministic JSON: defaults filled in, keys sorted; equal specs give equal text."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def pipeline_id(self) -> str:
+        """Content hash of the canonical spec."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:32]
+
+
+def _check_conv(layer: Conv2d, in_channels: int, where: str) -> None:
+    if in_channels % layer.groups:
+        raise SpecFieldError(
+            f"{where}.groups",
+            f"groups={layer.groups} does not divide the {in_channels} input channels",
+        )
+    if layer.filters % layer.groups:
+        raise SpecFieldError(
+            f"{where}.groups", f"groups={layer.groups} does not divide filters={layer.filters}"
+        )
+    kh, kw = layer.kernel_size
+    expected = (layer.filters, in_channels // layer.groups, kh, kw)
+    weights = layer.weights
+    if isinstance(weights, ValuesSource):
+        shape = nested_shape(weights.values)
+        if shape is None:
+            raise SpecFieldError(
+                f"{where}.weights.values", "must be a rectangular nested list of numbers"
+            )
+        if shape != expected:
+            raise SpecFieldError(
+                f"{where}.weights.values",
+                f"has shape {shape}; expected (filters, in_channels/groups, kh, kw) = {expected}",
+            )
+        if not all(math.isfinite(x) for x in _flat_numbers(weights.values)):
+            raise SpecFieldError(f"{where}.weights.values", "contains a non-finite number")
+    elif isinstance(weights, PresetSource):
+        fixed = FIXED_PRESET_SIZES.get(weights.preset)
+        if fixed is not None and fixed != (kh, kw):
+            raise SpecFieldError(
+                f"{where}.kernel_size",
+                f"preset {weights.preset!r} is {fixed[0]}x{fixed[1]}; kernel_size is {kh}x{kw}",
+            )
+        if weights.preset == "identity" and (kh % 2 == 0 or kw % 2 == 0):
+            raise SpecFieldError(
+                f"{where}.kernel_size", f"identity preset needs odd sizes; got {kh}x{kw}"
+            )
+    bias = layer.bias
+    if isinstance(bias, ValuesSource):
+        shape = nested_shape(bias.values)
+        if shape != (layer.filters,):
+            raise SpecFieldError(
+                f"{where}.bias.values", f"has shape {shape}; expected (filters,) = {expected[:1]}"
+            )
+        if not all(math.isfinite(x) for x in _flat_numbers(bias.values)):
+            raise SpecFieldError(f"{where}.bias.values", "contains a non-finite number")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+_LAYER_TAGS = frozenset(
+    t.model_fields["op"].annotation.__args__[0]  # type: ignore[union-attr]
+    for t in LAYER_TYPES
+)
+_SOURCE_TAGS = frozenset({"values", "init", "preset"})
+
+
+def _field_path(loc: Sequence[int | str]) -> str:
+    """('layers', 3, 'conv2d', 'kernel_size') -> 'layers[3].kernel_size'.
+
+    Union tags that pydantic puts in the location (the op, the weight-source kind) are dropped:
+    they are not fields the user wrote.
+    """
+    path = ""
+    for i, part in enumerate(loc):
+        previous = loc[i - 1] if i else None
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif (isinstance(previous, int) and part in _LAYER_TAGS) or (
+            previous in ("weights", "bias") and part in _SOURCE_TAGS
+        ):
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def _describe(error: Any) -> tuple[str, str]:
+    """(field path, message) for one pydantic error."""
+    location = _field_path(error["loc"])
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, SpecFieldError):
+        # Validators raise paths relative to the model they sit on.
+        return (f"{location}.{cause.field}" if location else cause.field), cause.message
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return location, "unknown field"
+    if error["type"] == "union_tag_invalid":
+        got = error["input"].get("op") if isinstance(error["input"], dict) else None
+        return f"{location}.op", f"unknown op {got!r}; expected one of {sorted(_LAYER_TAGS)}"
+    if error["type"] == "union_tag_not_found":
+        return f"{location}.op", f"missing; expected one of {sorted(_LAYER_TAGS)}"
+    return location or "spec", message
+
+
+def parse_pipeline(spec: str | bytes | dict[str, Any] | Pipeline) -> Pipeline:
+    """Validate a spec (JSON text, dict or model); InvalidSpec names the offending field."""
+    if isinstance(spec, Pipeline):
+        return spec
+    try:
+        if isinstance(spec, str | bytes):
+            return Pipeline.model_validate_json(spec)
+        return Pipeline.model_validate(spec)
+    except ValidationError as exc:
+        described = [_describe(e) for e in exc.errors()]
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            detail = exc.errors()[0]["msg"]
+            raise InvalidSpec("spec_json", f"is not valid JSON: {detail}") from None
+        field, message = described[0]
+        text = "; ".join(f"{f}: {m}" for f, m in described)
+        raise InvalidSpec(field, message, detail=text) from None
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The output of one layer for a concrete input: (C, H, W) or (features,) after flatten."""
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+
+
+def window_geometry(
+    layer: Conv2d | PoolBase,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(kernel, stride, dilation) of a sliding-window layer, each as (h, w)."""
+    if isinstance(layer, Conv2d):
+        return layer.kernel_size, layer.stride, layer.dilation
+    return layer.pool_size, layer.stride or layer.pool_size, (1, 1)
+
+
+def resolve_pads(
+    padding: Padding,
+    size: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int, int, int]:
+    """Padding as (top, left, bottom, right) for an input of `size` (h, w).
+
+    `same` is TF/Keras/ONNX SAME_UPPER: output = ceil(in / stride) and the total padding
+    max(0, (out - 1) * stride + (k - 1) * dilation + 1 - in) is split with the odd pixel at the
+    bottom/right. `valid` pads nothing.
+    """
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        begin, end = [], []
+        for n, k, s, d in zip(size, kernel, stride, dilation, strict=True):
+            out = -(-n // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+            begin.append(total // 2)
+            end.append(total - total // 2)
+        return (begin[0], begin[1], end[0], end[1])
+    assert not isinstance(padding, str)
+    return padding
+
+
+def window_output_size(
+    size: int, pad_begin: int, pad_end: int, kernel: int, stride: int, dilation: int, ceil: bool
+) -> int:
+    """Output length along one axis (PyTorch/ONNX formula; ceil_mode drops a window that would
+    start in the end padding, as PyTorch does)."""
+    span = size + pad_begin + pad_end - (kernel - 1) * dilation - 1
+    if span < 0:
+        return 0
+    if not ceil:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + pad_begin:
+        out -= 1
+    return out
+
+
+def infer_shapes(pipeline: Pipeline, height: int, width: int) -> list[LayerShape]:
+    """Every layer's output shape for one (height, width) image; InvalidSpec if one is empty."""
+    shape: tuple[int, ...] = (pipeline.input.channels, height, width)
+    shapes: list[LayerShape] = []
+    for index, (layer, name) in enumerate(zip(pipeline.layers, pipeline.layer_names, strict=True)):
+        if isinstance(layer, Conv2d | PoolBase):
+            channels, h, w = shape
+            kernel, stride, dilation = window_geometry(layer)
+            pads = resolve_pads(layer.padding, (h, w), kernel, stride, dilation)
+            ceil = isinstance(layer, PoolBase) and layer.ceil_mode
+            out = tuple(
+                window_output_size(n, pads[i], pads[i + 2], kernel[i], stride[i], dilation[i], ceil)
+                for i, n in enumerate((h, w))
+            )
+            if min(out) < 1:
+                extent = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True))
+                field = "kernel_size" if isinstance(layer, Conv2d) else "pool_size"
+                raise InvalidSpec(
+                    f"layers[{index}].{field}",
+                    f"{field}={kernel} (dilated extent {extent}) exceeds the padded input "
+                    f"{(h + pads[0] + pads[2], w + pads[1] + pads[3])} for an image of "
+                    f"{height}x{width}",
+                )
+            if isinstance(layer, PoolBase) and any(
+                p >= k for p, k in zip(pads, kernel * 2, strict=True)
+            ):
+                raise InvalidSpec(
+                    f"layers[{index}].padding",
+                    f"padding {pads} must be smaller than pool_size {kernel} on every side",
+                )
+            shape = (layer.filters if isinstance(layer, Conv2d) else channels, *out)
+        elif isinstance(layer, GlobalAvgPool2d | GlobalMaxPool2d):
+            shape = (shape[0], 1, 1)
+        elif isinstance(layer, Flatten):
+            shape = (math.prod(shape),)
+        shapes.append(LayerShape(name=name, op=layer.op, shape=shape))
+    return shapes
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a pipeline spec."""
+    return Pipeline.model_json_schema()

@@ -1,0 +1,137 @@
+"""Weight sources -> the concrete float32 numbers the user asked for.
+
+Both the graph builder and the NumPy reference take their kernels from here: this module *is*
+the meaning of `values`, `init` and `preset`, and its tests pin that meaning by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from featmap.service.spec import (
+    Conv2d,
+    InitSource,
+    Pipeline,
+    PresetSource,
+    ValuesSource,
+)
+
+SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
+SOBEL_Y = SOBEL_X.T.copy()
+LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class ConvParameters:
+    """A conv layer's kernel (filters, in_channels/groups, kh, kw) and optional bias (filters,)."""
+
+    kernel: np.ndarray
+    bias: np.ndarray | None
+
+
+def uniform(seed: int, count: int) -> np.ndarray:
+    """`count` doubles in [0, 1) from PCG64(seed)'s raw stream, which NumPy keeps stable.
+
+    Generator.normal() and friends may change between NumPy releases; the raw bit stream and
+    this conversion (top 53 bits) do not, so an `init` gives the same numbers everywhere.
+    """
+    raw = np.random.PCG64(seed).random_raw(count)
+    return (raw >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+def standard_normal(seed: int, count: int) -> np.ndarray:
+    """`count` N(0, 1) samples by Box-Muller over `uniform(seed, ...)`."""
+    pairs = (count + 1) // 2
+    u = uniform(seed, 2 * pairs).reshape(2, pairs)
+    radius = np.sqrt(-2.0 * np.log1p(-u[0]))  # 1 - u in (0, 1]: log never sees 0
+    angle = 2.0 * np.pi * u[1]
+    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+
+
+def initializer(
+    source: InitSource, shape: tuple[int, ...], fan_in: int, fan_out: int
+) -> np.ndarray:
+    """Keras/PyTorch initializers (normal ones untruncated, as torch.nn.init)."""
+    count = math.prod(shape)
+    match source.init:
+        case "zeros":
+            values = np.zeros(count)
+        case "he_normal":
+            values = standard_normal(source.seed, count) * math.sqrt(2.0 / fan_in)
+        case "he_uniform":
+            limit = math.sqrt(6.0 / fan_in)
+            values = (2.0 * uniform(source.seed, count) - 1.0) * limit
+        case "glorot_normal":
+            values = standard_normal(source.seed, count) * math.sqrt(2.0 / (fan_in + fan_out))
+        case "glorot_uniform":
+            limit = math.sqrt(6.0 / (fan_in + fan_out))
+            values = (2.0 * uniform(source.seed, count) - 1.0) * limit
+    return values.reshape(shape)
+
+
+def gaussian_1d(size: int, sigma: float | None) -> np.ndarray:
+    """Normalized 1D Gaussian; default sigma as OpenCV's getGaussianKernel."""
+    if sigma is None:
+        sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
+    offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    g = np.exp(-(offsets**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def preset_kernel(source: PresetSource, kernel_size: tuple[int, int]) -> np.ndarray:
+    """The 2D (kh, kw) kernel of a preset."""
+    kh, kw = kernel_size
+    match source.preset:
+        case "sobel_x":
+            return SOBEL_X
+        case "sobel_y":
+            return SOBEL_Y
+        case "laplacian":
+            return LAPLACIAN
+        case "gaussian":
+            return np.outer(gaussian_1d(kh, source.sigma), gaussian_1d(kw, source.sigma))
+        case "box":
+            return np.full((kh, kw), 1.0 / (kh * kw))
+        case "identity":
+            kernel = np.zeros((kh, kw))
+            kernel[kh // 2, kw // 2] = 1.0
+            return kernel
+
+
+def conv_parameters(layer: Conv2d, in_channels: int) -> ConvParameters:
+    """The float32 kernel and bias of one conv layer fed `in_channels` channels."""
+    kh, kw = layer.kernel_size
+    shape = (layer.filters, in_channels // layer.groups, kh, kw)
+    fan_in, fan_out = shape[1] * kh * kw, layer.filters * kh * kw
+    source = layer.weights
+    if isinstance(source, ValuesSource):
+        kernel = np.asarray(source.values, dtype=np.float64)
+    elif isinstance(source, InitSource):
+        kernel = initializer(source, shape, fan_in, fan_out)
+    else:
+        # Every (filter, input channel) slice is the 2D kernel: each output channel applies it
+        # to the sum of its group's input channels (per channel when groups == channels).
+        kernel = np.broadcast_to(preset_kernel(source, (kh, kw)), shape)
+    bias: np.ndarray | None = None
+    if isinstance(layer.bias, ValuesSource):
+        bias = np.asarray(layer.bias.values, dtype=np.float64)
+    elif isinstance(layer.bias, InitSource):
+        bias = initializer(layer.bias, (layer.filters,), fan_in, fan_out)
+    return ConvParameters(
+        kernel=np.ascontiguousarray(kernel, dtype=np.float32),
+        bias=None if bias is None else bias.astype(np.float32),
+    )
+
+
+def pipeline_parameters(pipeline: Pipeline) -> dict[int, ConvParameters]:
+    """Parameters of every conv layer, keyed by layer index."""
+    parameters: dict[int, ConvParameters] = {}
+    channels = pipeline.input.channels
+    for index, layer in enumerate(pipeline.layers):
+        if isinstance(layer, Conv2d):
+            parameters[index] = conv_parameters(layer, channels)
+            channels = layer.filters
+    return parameters
