@@ -1,0 +1,84 @@
+"""The `featmap` command: `serve` starts the server, `schema` prints the spec's JSON Schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from featmap.service.server import serve
+    from featmap.service.settings import ServerSettings
+
+    overrides = {
+        key: value
+        for key, value in {
+            "host": args.host,
+            "port": args.port,
+            "providers": args.providers,
+            "intra_op_threads": args.threads,
+            "grpc_workers": args.workers,
+            "session_cache_size": args.cache_size,
+            "max_message_bytes": args.max_message_bytes,
+            "reflection": args.reflection,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    settings = ServerSettings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    serve(settings)
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from featmap.service.spec import json_schema
+
+    json.dump(json_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `featmap` command."""
+    parser = argparse.ArgumentParser(prog="featmap", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server (settings also from FEATMAP_*)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 50051)")
+    serve.add_argument(
+        "--providers",
+        type=lambda s: [p.strip() for p in s.split(",") if p.strip()],
+        help="comma-separated onnxruntime execution providers (default: CUDA if present, CPU)",
+    )
+    serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0: auto)")
+    serve.add_argument("--workers", type=int, help="gRPC handler threads")
+    serve.add_argument("--cache-size", type=int, help="compiled sessions kept (LRU)")
+    serve.add_argument("--max-message-bytes", type=int, help="largest gRPC message")
+    serve.add_argument(
+        "--reflection", action="store_true", default=None, help="enable gRPC server reflection"
+    )
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    serve.set_defaults(run=_serve)
+
+    schema = commands.add_parser("schema", help="print the pipeline spec's JSON Schema")
+    schema.set_defaults(run=_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `featmap` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The plain function behind Extract: check images against the spec and limits, run, check."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from featmap.service.errors import ExecutionFailed, InvalidTensor, LimitExceeded, NonFiniteResult
+from featmap.service.graph import INPUT_NAME
+from featmap.service.runtime import SessionCache
+from featmap.service.spec import Pipeline, infer_shapes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request limits checked before any work starts."""
+
+    max_images_per_request: int
+    max_pixels_per_image: int
+    max_layers: int
+
+
+def _first_non_finite(array: np.ndarray) -> str:
+    index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+    return f"{array[index]} at index {list(index)}"
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """True when no NaN/Inf; two SIMD reductions instead of a boolean temporary."""
+    return bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+
+
+def image_size(pipeline: Pipeline, images: np.ndarray, limits: RequestLimits) -> tuple[int, int]:
+    """(height, width) of a batch that fits the spec's input and the limits, else an error."""
+    spec = pipeline.input
+    if images.ndim != 4:
+        raise InvalidTensor(
+            "images.shape",
+            f"has rank {images.ndim} {list(images.shape)}; expected 4 ({spec.layout})",
+        )
+    if images.dtype.name != spec.dtype:
+        raise InvalidTensor(
+            "images.dtype", f"{images.dtype.name} does not match input.dtype={spec.dtype}"
+        )
+    n, *dims = images.shape
+    channels, height, width = (
+        (dims[0], dims[1], dims[2]) if spec.layout == "NCHW" else (dims[2], dims[0], dims[1])
+    )
+    if n == 0:
+        raise InvalidTensor("images.shape", "batch is empty (N = 0)")
+    if channels != spec.channels:
+        axis = 1 if spec.layout == "NCHW" else 3
+        raise InvalidTensor(
+            "images.shape",
+            f"{list(images.shape)} has {channels} channels on axis {axis} ({spec.layout}); "
+            f"input.channels={spec.channels}",
+        )
+    if height == 0 or width == 0:
+        raise InvalidTensor("images.shape", f"{list(images.shape)} has an empty image")
+    if n > limits.max_images_per_request:
+        raise LimitExceeded(
+            "images.shape",
+            f"{n} images exceed max_images_per_request={limits.max_images_per_request}",
+        )
+    if height * width > limits.max_pixels_per_image:
+        raise LimitExceeded(
+            "images.shape",
+            f"{height}x{width} = {height * width} pixels exceed "
+            f"max_pixels_per_image={limits.max_pixels_per_image}",
+        )
+    if len(pipeline.layers) > limits.max_layers:
+        raise LimitExceeded(
+            "spec.layers", f"{len(pipeline.layers)} layers exceed max_layers={limits.max_layers}"
+        )
+    if images.dtype.kind == "f" and not all_finite(images):
+        raise InvalidTensor("images.data", f"contains {_first_non_finite(images)}")
+    return height, width
+
+
+class Extractor:
+    """Runs pipelines on batches: validation, the session cache, and result checks."""
+
+    def __init__(self, cache: SessionCache, limits: RequestLimits) -> None:
+        self.cache = cache
+        self.limits = limits
+
+    def extract(self, pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The requested outputs (float32) for a batch of images, keyed by layer name."""
+        height, width = image_size(pipeline, images, self.limits)
+        infer_shapes(pipeline, height, width)  # a too-small image fails here, naming the layer
+        compiled = self.cache.get(pipeline)
+        names = pipeline.output_names
+        try:
+            results = compiled.session.run(names, {INPUT_NAME: images})
+        except Exception as exc:
+            log.exception("pipeline %s failed on %s", pipeline.pipeline_id, images.shape)
+            raise ExecutionFailed(
+                "spec", f"onnxruntime failed running the pipeline: {exc}"
+            ) from exc
+        outputs = dict(zip(names, results, strict=True))
+        for name, array in outputs.items():
+            if not all_finite(array):
+                raise NonFiniteResult(
+                    f"outputs.{name}",
+                    f"finite input gave {_first_non_finite(array)}: float32 overflowed "
+                    "(check weights, input.scale and depth)",
+                )
+        return outputs

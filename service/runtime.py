@@ -1,0 +1,138 @@
+"""Where pipelines run: execution providers, onnxruntime sessions and their LRU cache."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+from featmap.service.errors import ExecutionFailed
+from featmap.service.graph import compile_pipeline
+from featmap.service.spec import Pipeline
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers."""
+    return list(ort.get_available_providers())
+
+
+def resolve_providers(requested: list[str] | None) -> list[str]:
+    """Providers to ask for, in priority order, always ending in CPU as the fallback.
+
+    None means CUDA when onnxruntime reports it available, else CPU alone.
+    """
+    available = available_providers()
+    if requested is None:
+        requested = [CUDA] if CUDA in available else []
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise ValueError(
+            f"execution providers {missing} are not available; this build has {available}"
+        )
+    return [p for p in requested if p != CPU] + [CPU]
+
+
+@dataclass(frozen=True)
+class CompiledPipeline:
+    """A pipeline with its ready onnxruntime session."""
+
+    pipeline: Pipeline
+    session: ort.InferenceSession
+    model_bytes: bytes
+
+    @property
+    def providers(self) -> list[str]:
+        """Providers the session actually placed nodes on, in priority order."""
+        return list(self.session.get_providers())
+
+
+@dataclass
+class CacheStats:
+    """Counters of a SessionCache."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class SessionCache:
+    """LRU cache of compiled sessions keyed by pipeline id; one build per id at a time."""
+
+    def __init__(self, capacity: int, providers: list[str], intra_op_threads: int = 0) -> None:
+        self.capacity = capacity
+        self.providers = providers
+        self.intra_op_threads = intra_op_threads
+        self.stats = CacheStats()
+        self._sessions: OrderedDict[str, CompiledPipeline] = OrderedDict()
+        self._building: dict[str, Future[CompiledPipeline]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def get(self, pipeline: Pipeline) -> CompiledPipeline:
+        """The compiled session for `pipeline`, building it on a miss."""
+        key = pipeline.pipeline_id
+        with self._lock:
+            compiled = self._sessions.get(key)
+            if compiled is not None:
+                self._sessions.move_to_end(key)
+                self.stats.hits += 1
+                return compiled
+            pending = self._building.get(key)
+            if pending is None:
+                self.stats.misses += 1
+                self._building[key] = pending = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result()
+        try:
+            compiled = self._build(pipeline)
+        except BaseException as exc:
+            # A failed build is not cached: the next request for this spec tries again.
+            with self._lock:
+                del self._building[key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            self._sessions[key] = compiled
+            del self._building[key]
+            while len(self._sessions) > self.capacity:
+                self._sessions.popitem(last=False)
+                self.stats.evictions += 1
+        pending.set_result(compiled)
+        return compiled
+
+    def _build(self, pipeline: Pipeline) -> CompiledPipeline:
+        model_bytes = compile_pipeline(pipeline).SerializeToString()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # onnxruntime's warnings go to our log via exceptions
+        try:
+            session = ort.InferenceSession(model_bytes, options, providers=self.providers)
+        except Exception as exc:
+            raise ExecutionFailed(
+                "spec", f"onnxruntime could not build the session: {exc}"
+            ) from exc
+        placed = session.get_providers()
+        if self.providers[0] not in placed:
+            log.warning(
+                "pipeline %s: %s unavailable for this session, running on %s",
+                pipeline.pipeline_id,
+                self.providers[0],
+                placed,
+            )
+        return CompiledPipeline(pipeline=pipeline, session=session, model_bytes=model_bytes)
