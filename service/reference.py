@@ -87,8 +87,8 @@ def pool2d(layer: PoolBase, x: np.ndarray, _: ConvParameters | None) -> np.ndarr
     if layer.count_include_pad:
         explicit = resolve_pads(layer.padding, x.shape[2:], kernel, stride, dilation)
         counted = _pad(counted, explicit, 1.0)
-        extra = tuple(p - e for p, e in zip(pads, explicit, strict=True))
-        counted = _pad(counted, extra, 0.0)
+        top, left, bottom, right = (p - e for p, e in zip(pads, explicit, strict=True))
+        counted = _pad(counted, (top, left, bottom, right), 0.0)
     else:
         counted = _pad(counted, pads, 0.0)
     divisor = sliding_windows(counted, kernel, stride, dilation).sum(axis=(4, 5))

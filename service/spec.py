@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -34,22 +33,22 @@ PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
-def _broadcast(count: int) -> Any:
-    def broadcast(value: Any) -> Any:
-        return (value,) * count if isinstance(value, int) and not isinstance(value, bool) else value
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
-    return broadcast
+
+def _pair(value: Any) -> tuple[int, int]:
+    pair = (value, value) if _is_count(value, 1) else value
+    if isinstance(pair, list | tuple) and len(pair) == 2 and all(_is_count(v, 1) for v in pair):
+        return (pair[0], pair[1])
+    raise ValueError(f"must be an int >= 1 or [h, w] of ints >= 1; got {value!r}")
 
 
 def _padding_or_pads(value: Any) -> str | tuple[int, int, int, int]:
     if value in ("same", "valid"):
         return str(value)
-    pads = _broadcast(4)(value)
-    if (
-        isinstance(pads, list | tuple)
-        and len(pads) == 4
-        and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pads)
-    ):
+    pads = (value,) * 4 if _is_count(value, 0) else value
+    if isinstance(pads, list | tuple) and len(pads) == 4 and all(_is_count(p, 0) for p in pads):
         return (pads[0], pads[1], pads[2], pads[3])
     raise ValueError(
         f"must be 'same', 'valid', an int >= 0 or [top, left, bottom, right]; got {value!r}"
@@ -59,8 +58,9 @@ def _padding_or_pads(value: Any) -> str | tuple[int, int, int, int]:
 # Spatial pairs are written as an int (both axes) or [h, w] and stored as (h, w), so that
 # `3` and `[3, 3]` are the same spec (and the same pipeline id).
 Pair = Annotated[
-    tuple[PositiveInt, PositiveInt],
-    BeforeValidator(_broadcast(2)),
+    tuple[int, int],
+    PlainValidator(_pair),
+    PlainSerializer(list),
     WithJsonSchema(
         {
             "anyOf": [
@@ -143,7 +143,9 @@ class PresetSource(SpecModel):
     @model_validator(mode="after")
     def _sigma_only_for_gaussian(self) -> PresetSource:
         if self.sigma is not None and self.preset != "gaussian":
-            raise ValueError(f"sigma applies only to the gaussian preset, not {self.preset!r}")
+            raise SpecFieldError(
+                "sigma", f"applies only to the gaussian preset, not {self.preset!r}"
+            )
         return self
 
 

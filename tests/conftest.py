@@ -1,0 +1,84 @@
+"""Shared fixtures: a real gRPC server on 127.0.0.1 (port 0), its client, and ONNX runners."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from featmap.client import FeatureClient
+from featmap.service.graph import INPUT_NAME, compile_pipeline
+from featmap.service.reference import reference_outputs
+from featmap.service.server import FeatmapServer
+from featmap.service.settings import ServerSettings
+from featmap.service.spec import Pipeline, parse_pipeline
+
+# The README's first example: conv -> relu -> max pool -> global average pool, two taps.
+README_SPEC: dict[str, Any] = {
+    "input": {"channels": 3},
+    "layers": [
+        {
+            "op": "conv2d",
+            "name": "conv1",
+            "filters": 8,
+            "kernel_size": 3,
+            "padding": "same",
+            "weights": {"init": "he_normal", "seed": 0},
+        },
+        {"op": "relu"},
+        {"op": "max_pool2d", "pool_size": 2},
+        {"op": "global_avg_pool2d", "name": "features"},
+    ],
+    "outputs": ["conv1", "features"],
+}
+
+
+def run_onnx(pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The pipeline's requested outputs from a fresh onnxruntime CPU session."""
+    session = ort.InferenceSession(
+        compile_pipeline(pipeline).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    names = pipeline.output_names
+    return dict(zip(names, session.run(names, {INPUT_NAME: images}), strict=True))
+
+
+def assert_matches_reference(
+    actual: dict[str, np.ndarray], pipeline: Pipeline, images: np.ndarray
+) -> None:
+    """Shape, then dtype, then values against the float64 NumPy reference."""
+    expected = reference_outputs(pipeline, images)
+    assert sorted(actual) == sorted(expected)
+    for name, want in expected.items():
+        got = actual[name]
+        assert got.shape == want.shape, f"{name}: shape {got.shape} != reference {want.shape}"
+        assert got.dtype == np.float32, f"{name}: dtype {got.dtype}"
+        # float32 accumulation error grows with the values' magnitude; float64 is exact enough.
+        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
+@pytest.fixture(scope="session")
+def readme_pipeline() -> Pipeline:
+    """The README example as a validated Pipeline."""
+    return parse_pipeline(README_SPEC)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[FeatmapServer]:
+    """A real featmap server on 127.0.0.1, port chosen by the OS, for the whole session."""
+    settings = ServerSettings(
+        host="127.0.0.1", port=0, intra_op_threads=1, grpc_workers=4, max_images_per_request=64
+    )
+    with FeatmapServer(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(server: FeatmapServer) -> Iterator[FeatureClient]:
+    """A FeatureClient connected to the session's server, ready."""
+    with FeatureClient(server.address, timeout=60) as connected:
+        connected.wait_ready()
+        yield connected

@@ -1,0 +1,221 @@
+"""Providers, the session cache (LRU, single flight, failures not cached), and the extractor."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from featmap.service.errors import (
+    ExecutionFailed,
+    InvalidSpec,
+    InvalidTensor,
+    LimitExceeded,
+    NonFiniteResult,
+)
+from featmap.service.extractor import Extractor, RequestLimits
+from featmap.service.runtime import CPU, CUDA, SessionCache, resolve_providers
+from featmap.service.spec import Pipeline, parse_pipeline
+from tests.conftest import assert_matches_reference
+
+LIMITS = RequestLimits(max_images_per_request=8, max_pixels_per_image=64 * 64, max_layers=4)
+
+
+def relu_pipeline(channels: int = 3, **input_fields: Any) -> Pipeline:
+    return parse_pipeline(
+        {"input": {"channels": channels, **input_fields}, "layers": [{"op": "relu"}]}
+    )
+
+
+def test_default_providers_end_in_cpu() -> None:
+    providers = resolve_providers(None)
+    assert providers[-1] == CPU
+    assert (CUDA in providers) == (CUDA in ort.get_available_providers())
+
+
+def test_unknown_provider_is_a_startup_error() -> None:
+    with pytest.raises(ValueError, match="NopeExecutionProvider"):
+        resolve_providers(["NopeExecutionProvider"])
+
+
+def test_cache_hits_misses_and_lru_eviction() -> None:
+    cache = SessionCache(capacity=2, providers=[CPU])
+    a, b, c = (relu_pipeline(channels) for channels in (1, 2, 3))
+    first = cache.get(a)
+    assert cache.get(a) is first
+    cache.get(b)
+    cache.get(a)  # a is now most recent: b goes first
+    cache.get(c)
+    assert len(cache) == 2
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (2, 3, 1)
+    assert cache.get(a) is first
+    assert cache.get(b) is not None and cache.stats.misses == 4
+
+
+def test_concurrent_misses_build_once() -> None:
+    cache = SessionCache(capacity=4, providers=[CPU])
+    pipeline = relu_pipeline()
+    results: list[object] = []
+    barrier = threading.Barrier(6)
+
+    def get() -> None:
+        barrier.wait()
+        results.append(cache.get(pipeline))
+
+    threads = [threading.Thread(target=get) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(r) for r in results}) == 1
+    assert cache.stats.misses == 1
+
+
+def test_failed_build_is_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = SessionCache(capacity=4, providers=[CPU])
+    pipeline = relu_pipeline()
+    real_session = ort.InferenceSession
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> ort.InferenceSession:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated onnxruntime failure")
+        return real_session(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", flaky)
+    with pytest.raises(ExecutionFailed, match="simulated onnxruntime failure"):
+        cache.get(pipeline)
+    assert len(cache) == 0
+    assert cache.get(pipeline).session is not None
+
+
+def extractor() -> Extractor:
+    return Extractor(SessionCache(capacity=4, providers=[CPU], intra_op_threads=1), LIMITS)
+
+
+def test_extract_matches_reference(readme_pipeline: Pipeline) -> None:
+    images = np.random.default_rng(0).standard_normal((2, 3, 20, 24)).astype(np.float32)
+    outputs = extractor().extract(readme_pipeline, images)
+    assert_matches_reference(outputs, readme_pipeline, images)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "images", "error", "field", "message"),
+    [
+        (relu_pipeline(), np.zeros((3, 8, 8), np.float32), InvalidTensor, "images.shape", "rank 3"),
+        (relu_pipeline(), np.zeros((1, 3, 8, 8), np.uint8), InvalidTensor, "images.dtype", "uint8"),
+        (
+            relu_pipeline(),
+            np.zeros((0, 3, 8, 8), np.float32),
+            InvalidTensor,
+            "images.shape",
+            "empty",
+        ),
+        (
+            relu_pipeline(),
+            np.zeros((1, 4, 8, 8), np.float32),
+            InvalidTensor,
+            "images.shape",
+            "4 ch",
+        ),
+        (
+            relu_pipeline(layout="NHWC"),
+            np.zeros((1, 3, 8, 8), np.float32),
+            InvalidTensor,
+            "images.shape",
+            "axis 3 (NHWC)",
+        ),
+        (
+            relu_pipeline(),
+            np.zeros((1, 3, 0, 8), np.float32),
+            InvalidTensor,
+            "images.shape",
+            "empty",
+        ),
+        (
+            relu_pipeline(),
+            np.zeros((9, 3, 8, 8), np.float32),
+            LimitExceeded,
+            "images.shape",
+            "9 im",
+        ),
+        (
+            relu_pipeline(),
+            np.zeros((1, 3, 65, 64), np.float32),
+            LimitExceeded,
+            "images.shape",
+            "4160",
+        ),
+        (
+            relu_pipeline(),
+            np.full((1, 3, 2, 2), np.nan, np.float32),
+            InvalidTensor,
+            "images.data",
+            "nan at index [0, 0, 0, 0]",
+        ),
+        (
+            relu_pipeline(dtype="float16"),
+            np.array([1, np.inf], np.float16).reshape(1, 1, 1, 2).repeat(3, axis=1),
+            InvalidTensor,
+            "images.data",
+            "inf at index [0, 0, 0, 1]",
+        ),
+        (
+            parse_pipeline(
+                {
+                    "input": {"channels": 1},
+                    "layers": [
+                        {
+                            "op": "conv2d",
+                            "filters": 1,
+                            "kernel_size": 5,
+                            "weights": {"init": "zeros"},
+                        }
+                    ],
+                }
+            ),
+            np.zeros((1, 1, 4, 4), np.float32),
+            InvalidSpec,
+            "layers[0].kernel_size",
+            "exceeds",
+        ),
+        (
+            parse_pipeline({"input": {"channels": 1}, "layers": [{"op": "relu"}] * 5}),
+            np.zeros((1, 1, 4, 4), np.float32),
+            LimitExceeded,
+            "spec.layers",
+            "max_layers=4",
+        ),
+    ],
+)
+def test_bad_images_are_named(
+    pipeline: Pipeline, images: np.ndarray, error: type[Exception], field: str, message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)) as caught:
+        extractor().extract(pipeline, images)
+    assert getattr(caught.value, "field", None) == field
+
+
+def test_overflow_is_not_passed_off_as_a_result() -> None:
+    pipeline = parse_pipeline(
+        {
+            "input": {"channels": 1},
+            "layers": [
+                {
+                    "op": "conv2d",
+                    "name": "huge",
+                    "filters": 1,
+                    "kernel_size": 1,
+                    "weights": {"values": [[[[3e38]]]]},
+                }
+            ],
+        }
+    )
+    with pytest.raises(NonFiniteResult) as caught:
+        extractor().extract(pipeline, np.full((1, 1, 2, 2), 10.0, np.float32))
+    assert caught.value.field == "outputs.huge"
