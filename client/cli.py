@@ -9,7 +9,13 @@ import sys
 from collections.abc import Sequence
 
 
+class UsageError(Exception):
+    """A command cannot run as asked; printed without a traceback, exit status 2."""
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from featmap.service.server import serve
     from featmap.service.settings import ServerSettings
 
@@ -28,13 +34,20 @@ def _serve(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
-    settings = ServerSettings(**overrides)
+    try:
+        settings = ServerSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"invalid settings: {problems}") from None
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    serve(settings)
+    try:
+        serve(settings)
+    except (OSError, ValueError) as exc:  # port taken, provider missing
+        raise UsageError(str(exc)) from None
     return 0
 
 
@@ -76,8 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `featmap` console script."""
-    args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except UsageError as exc:
+        parser.exit(2, f"featmap {args.command}: error: {exc}\n")
+    except BrokenPipeError:  # `featmap schema | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

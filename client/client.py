@@ -103,7 +103,7 @@ class FeatureClient:
             spec_json=spec_json(spec), images=encode_tensor(sendable(images))
         )
         try:
-            response = self._stub.Extract(request, timeout=timeout or self.timeout)
+            response = self._stub.Extract(request, timeout=self._timeout(timeout))
         except grpc.RpcError as exc:
             raise FeatmapRpcError.from_rpc_error(exc) from None
         return {
@@ -115,7 +115,7 @@ class FeatureClient:
         """Version, onnxruntime version, execution providers and limits of the server."""
         try:
             info = self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=timeout or self.timeout
+                pb.GetServerInfoRequest(), timeout=self._timeout(timeout)
             )
         except grpc.RpcError as exc:
             raise FeatmapRpcError.from_rpc_error(exc) from None
@@ -137,6 +137,9 @@ class FeatureClient:
             raise TimeoutError(f"featmap server at {self.address} not ready: {exc}") from None
         if status.status != health_pb2.HealthCheckResponse.SERVING:
             raise TimeoutError(f"featmap server at {self.address} is not serving")
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
 
     def close(self) -> None:
         """Close the channel."""

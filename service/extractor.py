@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,8 @@ class RequestLimits:
     max_images_per_request: int
     max_pixels_per_image: int
     max_layers: int
+    max_parameters: int
+    max_message_bytes: int
 
 
 def _first_non_finite(array: np.ndarray) -> str:
@@ -74,7 +77,12 @@ def image_size(pipeline: Pipeline, images: np.ndarray, limits: RequestLimits) ->
         )
     if len(pipeline.layers) > limits.max_layers:
         raise LimitExceeded(
-            "spec.layers", f"{len(pipeline.layers)} layers exceed max_layers={limits.max_layers}"
+            "layers", f"{len(pipeline.layers)} layers exceed max_layers={limits.max_layers}"
+        )
+    if pipeline.parameter_count() > limits.max_parameters:
+        raise LimitExceeded(
+            "layers",
+            f"{pipeline.parameter_count()} weights exceed max_parameters={limits.max_parameters}",
         )
     if images.dtype.kind == "f" and not all_finite(images):
         raise InvalidTensor("images.data", f"contains {_first_non_finite(images)}")
@@ -91,7 +99,16 @@ class Extractor:
     def extract(self, pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
         """The requested outputs (float32) for a batch of images, keyed by layer name."""
         height, width = image_size(pipeline, images, self.limits)
-        infer_shapes(pipeline, height, width)  # a too-small image fails here, naming the layer
+        # A too-small image fails here, naming the layer; a reply too big to send fails before
+        # the work rather than after it.
+        shapes = {s.name: s.shape for s in infer_shapes(pipeline, height, width)}
+        reply_bytes = sum(4 * len(images) * math.prod(shapes[n]) for n in pipeline.output_names)
+        if reply_bytes > self.limits.max_message_bytes:
+            raise LimitExceeded(
+                "outputs",
+                f"the reply would be {reply_bytes} bytes, over max_message_bytes="
+                f"{self.limits.max_message_bytes}: send fewer images per request or fewer outputs",
+            )
         compiled = self.cache.get(pipeline)
         names = pipeline.output_names
         try:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from featmap.service import __version__
-from featmap.service.errors import FeatmapError, status_for
+from featmap.service.errors import FeatmapError, InvalidTensor, status_for
 from featmap.service.extractor import Extractor, RequestLimits
 from featmap.service.graph import OPSET
 from featmap.service.runtime import SessionCache, available_providers, resolve_providers
@@ -73,6 +73,8 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
         self, request: pb.ExtractRequest, context: grpc.ServicerContext
     ) -> pb.ExtractResponse:
         pipeline = parse_pipeline(request.spec_json)
+        if not request.HasField("images"):
+            raise InvalidTensor("images", "is missing")
         outputs = self.extractor.extract(pipeline, decode_tensor(request.images, "images"))
         return pb.ExtractResponse(
             outputs={name: encode_tensor(array) for name, array in outputs.items()},
@@ -98,6 +100,7 @@ def server_info(settings: ServerSettings, cache: SessionCache) -> pb.GetServerIn
             max_images_per_request=settings.max_images_per_request,
             max_pixels_per_image=settings.max_pixels_per_image,
             max_layers=settings.max_layers,
+            max_parameters=settings.max_parameters,
             session_cache_size=settings.session_cache_size,
         ),
         onnx_opset=OPSET,
@@ -115,6 +118,8 @@ class FeatmapServer:
             max_images_per_request=settings.max_images_per_request,
             max_pixels_per_image=settings.max_pixels_per_image,
             max_layers=settings.max_layers,
+            max_parameters=settings.max_parameters,
+            max_message_bytes=settings.max_message_bytes,
         )
         self.extractor = Extractor(cache, limits)
         self.grpc_server = grpc.server(
@@ -138,7 +143,10 @@ class FeatmapServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
             )
-        self.port = self.grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+        try:
+            self.port = self.grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+        except RuntimeError as exc:  # grpcio raises RuntimeError when the port is taken
+            raise OSError(f"could not bind {settings.host}:{settings.port}: {exc}") from None
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
         self.address = f"{settings.host}:{self.port}"

@@ -32,6 +32,8 @@ class ServerSettings(BaseSettings):
     max_images_per_request: int = Field(default=4096, ge=1)
     max_pixels_per_image: int = Field(default=8192 * 8192, ge=1)
     max_layers: int = Field(default=128, ge=1)
+    # Weights and biases over all conv layers (float32: 4 bytes each).
+    max_parameters: int = Field(default=64 * MIB, ge=1)
     # Seconds in-flight calls get to finish after SIGTERM/SIGINT.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     reflection: bool = False

@@ -29,8 +29,11 @@ from pydantic import (
 
 from featmap.service.errors import InvalidSpec
 
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+# Strict: JSON `true` is not a count. The upper bounds are sanity bounds on what any conv
+# framework accepts; the server's configurable limits (parameters, pixels) sit below them.
+MAX_CHANNELS = 65536
+MAX_WINDOW = 1024
+Count = Annotated[int, Field(strict=True, ge=1, le=MAX_CHANNELS)]
 
 
 def _is_count(value: Any, minimum: int) -> bool:
@@ -40,6 +43,8 @@ def _is_count(value: Any, minimum: int) -> bool:
 def _pair(value: Any) -> tuple[int, int]:
     pair = (value, value) if _is_count(value, 1) else value
     if isinstance(pair, list | tuple) and len(pair) == 2 and all(_is_count(v, 1) for v in pair):
+        if max(pair) > MAX_WINDOW:
+            raise ValueError(f"must be at most {MAX_WINDOW} on each axis; got {value!r}")
         return (pair[0], pair[1])
     raise ValueError(f"must be an int >= 1 or [h, w] of ints >= 1; got {value!r}")
 
@@ -49,7 +54,10 @@ def _padding_or_pads(value: Any) -> str | tuple[int, int, int, int]:
         return str(value)
     pads = (value,) * 4 if _is_count(value, 0) else value
     if isinstance(pads, list | tuple) and len(pads) == 4 and all(_is_count(p, 0) for p in pads):
-        return (pads[0], pads[1], pads[2], pads[3])
+        if max(pads) > MAX_WINDOW:
+            raise ValueError(f"must be at most {MAX_WINDOW} on each side; got {value!r}")
+        # Zero padding on every side is "valid": one meaning, one spelling, one pipeline id.
+        return "valid" if max(pads) == 0 else (pads[0], pads[1], pads[2], pads[3])
     raise ValueError(
         f"must be 'same', 'valid', an int >= 0 or [top, left, bottom, right]; got {value!r}"
     )
@@ -77,7 +85,7 @@ Pair = Annotated[
 ]
 # Explicit padding is an int (all sides) or [top, left, bottom, right] (the ONNX `pads` order),
 # stored as the 4-tuple.
-Pads = tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt, NonNegativeInt]
+Pads = tuple[int, int, int, int]
 Padding = Annotated[
     Literal["same", "valid"] | Pads,
     PlainValidator(_padding_or_pads),
@@ -125,12 +133,25 @@ class ValuesSource(SpecModel):
 
     values: list[Any]
 
+    @field_validator("values")
+    @classmethod
+    def _as_floats(cls, values: list[Any]) -> list[Any]:
+        # 1 and 1.0 are the same weight: store floats so both give the same canonical JSON.
+        def as_float(v: Any) -> Any:
+            if isinstance(v, list):
+                return [as_float(x) for x in v]
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                return float(v)
+            return v  # left for the shape check to report with its path
+
+        return [as_float(v) for v in values]
+
 
 class InitSource(SpecModel):
     """A seeded random (or zero) initializer, deterministic across machines."""
 
     init: Literal["he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "zeros"]
-    seed: int = 0
+    seed: Annotated[int, Field(strict=True, ge=0, lt=2**63)] = 0
 
 
 class PresetSource(SpecModel):
@@ -188,7 +209,7 @@ BiasSource: TypeAlias = Annotated[
 class InputSpec(SpecModel):
     """The images the pipeline takes; height and width stay dynamic."""
 
-    channels: PositiveInt
+    channels: Count
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     dtype: Literal["float32", "float16", "uint8"] = "float32"
     scale: float | None = None
@@ -242,12 +263,12 @@ class Conv2d(LayerBase):
     """2D convolution (cross-correlation, as in every framework), NCHW."""
 
     op: Literal["conv2d"]
-    filters: PositiveInt
+    filters: Count
     kernel_size: Pair
     stride: Pair = (1, 1)
     padding: Padding = "valid"
     dilation: Pair = (1, 1)
-    groups: PositiveInt = 1
+    groups: Count = 1
     weights: WeightSource
     bias: BiasSource | None = None
 
@@ -423,8 +444,24 @@ class Pipeline(SpecModel):
         return list(self.outputs) if self.outputs else [self.layer_names[-1]]
 
     def canonical_json(self) -> str:
-        """Deterministic JSON: defaults filled in, keys sorted; equal specs give equal text."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Deterministic JSON: defaults and outputs filled in, keys sorted.
+
+        Specs that mean the same (3 vs [3, 3], 1 vs 1.0, padding 0 vs "valid", outputs left out
+        vs naming the last layer) give the same text.
+        """
+        data = {**self.model_dump(mode="json"), "outputs": self.output_names}
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def parameter_count(self) -> int:
+        """Number of weights and biases in all conv layers."""
+        total, channels = 0, self.input.channels
+        for layer in self.layers:
+            if isinstance(layer, Conv2d):
+                kh, kw = layer.kernel_size
+                total += layer.filters * (channels // layer.groups) * kh * kw
+                total += layer.filters if layer.bias is not None else 0
+                channels = layer.filters
+        return total
 
     @property
     def pipeline_id(self) -> str:
@@ -510,8 +547,8 @@ def _field_path(loc: Sequence[int | str]) -> str:
     return path
 
 
-def _describe(error: Any) -> tuple[str, str]:
-    """(field path, message) for one pydantic error."""
+def _describe(error: Any, root: str) -> tuple[str, str]:
+    """(field path, message) for one pydantic error; `root` names the spec as a whole."""
     location = _field_path(error["loc"])
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, SpecFieldError):
@@ -525,25 +562,26 @@ def _describe(error: Any) -> tuple[str, str]:
         return f"{location}.op", f"unknown op {got!r}; expected one of {sorted(_LAYER_TAGS)}"
     if error["type"] == "union_tag_not_found":
         return f"{location}.op", f"missing; expected one of {sorted(_LAYER_TAGS)}"
-    return location or "spec", message
+    return location or root, message
 
 
 def parse_pipeline(spec: str | bytes | dict[str, Any] | Pipeline) -> Pipeline:
     """Validate a spec (JSON text, dict or model); InvalidSpec names the offending field."""
     if isinstance(spec, Pipeline):
         return spec
+    is_text = isinstance(spec, str | bytes)
     try:
         if isinstance(spec, str | bytes):
             return Pipeline.model_validate_json(spec)
         return Pipeline.model_validate(spec)
     except ValidationError as exc:
-        described = [_describe(e) for e in exc.errors()]
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            detail = exc.errors()[0]["msg"]
-            raise InvalidSpec("spec_json", f"is not valid JSON: {detail}") from None
+        errors = exc.errors()
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise InvalidSpec("spec_json", f"is not valid JSON: {errors[0]['msg']}") from None
+        described = [_describe(e, "spec_json" if is_text else "spec") for e in errors]
         field, message = described[0]
-        text = "; ".join(f"{f}: {m}" for f, m in described)
-        raise InvalidSpec(field, message, detail=text) from None
+        detail = "; ".join(f"{f}: {m}" for f, m in described)
+        raise InvalidSpec(field, message, detail=detail) from None
 
 
 # --------------------------------------------------------------------------- shapes

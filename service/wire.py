@@ -16,6 +16,8 @@ WIRE_DTYPES: dict[int, np.dtype] = {
 }
 DTYPE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.UINT8: "uint8"}
 WIRE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
+# No real image or batch comes near; larger values are garbage (and overflow NumPy's shapes).
+MAX_DIMENSION = 2**31 - 1
 
 
 def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -27,6 +29,8 @@ def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidTensor(f"{field}.shape", f"has a negative dimension: {list(shape)}")
+    if any(d > MAX_DIMENSION for d in shape):
+        raise InvalidTensor(f"{field}.shape", f"{list(shape)} has a dimension over {MAX_DIMENSION}")
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(tensor.data):
         raise InvalidTensor(

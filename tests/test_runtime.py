@@ -22,7 +22,13 @@ from featmap.service.runtime import CPU, CUDA, SessionCache, resolve_providers
 from featmap.service.spec import Pipeline, parse_pipeline
 from tests.conftest import assert_matches_reference
 
-LIMITS = RequestLimits(max_images_per_request=8, max_pixels_per_image=64 * 64, max_layers=4)
+LIMITS = RequestLimits(
+    max_images_per_request=8,
+    max_pixels_per_image=64 * 64,
+    max_layers=4,
+    max_parameters=10_000,
+    max_message_bytes=1 << 20,
+)
 
 
 def relu_pipeline(channels: int = 3, **input_fields: Any) -> Pipeline:
@@ -188,7 +194,7 @@ def test_extract_matches_reference(readme_pipeline: Pipeline) -> None:
             parse_pipeline({"input": {"channels": 1}, "layers": [{"op": "relu"}] * 5}),
             np.zeros((1, 1, 4, 4), np.float32),
             LimitExceeded,
-            "spec.layers",
+            "layers",
             "max_layers=4",
         ),
     ],

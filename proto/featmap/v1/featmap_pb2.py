@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x61tmap/v1/featmap.proto\x12\nfeatmap.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.featmap.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x0e\x45xtractRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.featmap.v1.Tensor\"\xa5\x01\n\x0f\x45xtractResponse\x12\x39\n\x07outputs\x18\x01 \x03(\x0b\x32(.featmap.v1.ExtractResponse.OutputsEntry\x12\x13\n\x0bpipeline_id\x18\x02 \x01(\t\x1a\x42\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.featmap.v1.Tensor:\x02\x38\x01\"\x16\n\x14GetServerInfoRequest\"\x91\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1e\n\x16max_images_per_request\x18\x02 \x01(\x03\x12\x1c\n\x14max_pixels_per_image\x18\x03 \x01(\x03\x12\x12\n\nmax_layers\x18\x04 \x01(\x03\x12\x1a\n\x12session_cache_size\x18\x05 \x01(\x03\"\xb4\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x02 \x01(\t\x12\x1b\n\x13\x61vailable_providers\x18\x03 \x03(\t\x12\x18\n\x10\x61\x63tive_providers\x18\x04 \x03(\t\x12\"\n\x06limits\x18\x05 \x01(\x0b\x32\x12.featmap.v1.Limits\x12\x12\n\nonnx_opset\x18\x06 \x01(\x03*C\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\t\n\x05UINT8\x10\x03\x32\xac\x01\n\x10\x46\x65\x61tureExtractor\x12\x42\n\x07\x45xtract\x12\x1a.featmap.v1.ExtractRequest\x1a\x1b.featmap.v1.ExtractResponse\x12T\n\rGetServerInfo\x12 .featmap.v1.GetServerInfoRequest\x1a!.featmap.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x61tmap/v1/featmap.proto\x12\nfeatmap.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.featmap.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\x0e\x45xtractRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.featmap.v1.Tensor\"\xa5\x01\n\x0f\x45xtractResponse\x12\x39\n\x07outputs\x18\x01 \x03(\x0b\x32(.featmap.v1.ExtractResponse.OutputsEntry\x12\x13\n\x0bpipeline_id\x18\x02 \x01(\t\x1a\x42\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.featmap.v1.Tensor:\x02\x38\x01\"\x16\n\x14GetServerInfoRequest\"\xa9\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1e\n\x16max_images_per_request\x18\x02 \x01(\x03\x12\x1c\n\x14max_pixels_per_image\x18\x03 \x01(\x03\x12\x12\n\nmax_layers\x18\x04 \x01(\x03\x12\x1a\n\x12session_cache_size\x18\x05 \x01(\x03\x12\x16\n\x0emax_parameters\x18\x06 \x01(\x03\"\xb4\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x02 \x01(\t\x12\x1b\n\x13\x61vailable_providers\x18\x03 \x03(\t\x12\x18\n\x10\x61\x63tive_providers\x18\x04 \x03(\t\x12\"\n\x06limits\x18\x05 \x01(\x0b\x32\x12.featmap.v1.Limits\x12\x12\n\nonnx_opset\x18\x06 \x01(\x03*C\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\t\n\x05UINT8\x10\x03\x32\xac\x01\n\x10\x46\x65\x61tureExtractor\x12\x42\n\x07\x45xtract\x12\x1a.featmap.v1.ExtractRequest\x1a\x1b.featmap.v1.ExtractResponse\x12T\n\rGetServerInfo\x12 .featmap.v1.GetServerInfoRequest\x1a!.featmap.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXTRACTRESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_EXTRACTRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=709
-  _globals['_DTYPE']._serialized_end=776
+  _globals['_DTYPE']._serialized_start=733
+  _globals['_DTYPE']._serialized_end=800
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=111
   _globals['_EXTRACTREQUEST']._serialized_start=113
@@ -46,9 +46,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVERINFOREQUEST']._serialized_start=354
   _globals['_GETSERVERINFOREQUEST']._serialized_end=376
   _globals['_LIMITS']._serialized_start=379
-  _globals['_LIMITS']._serialized_end=524
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=527
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=707
-  _globals['_FEATUREEXTRACTOR']._serialized_start=779
-  _globals['_FEATUREEXTRACTOR']._serialized_end=951
+  _globals['_LIMITS']._serialized_end=548
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=551
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=731
+  _globals['_FEATUREEXTRACTOR']._serialized_start=803
+  _globals['_FEATUREEXTRACTOR']._serialized_end=975
 # @@protoc_insertion_point(module_scope)

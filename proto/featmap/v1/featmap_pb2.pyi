@@ -56,18 +56,20 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size")
+    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_LAYERS_FIELD_NUMBER: _ClassVar[int]
     SESSION_CACHE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_images_per_request: int
     max_pixels_per_image: int
     max_layers: int
     session_cache_size: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ...) -> None: ...
+    max_parameters: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "onnxruntime_version", "available_providers", "active_providers", "limits", "onnx_opset")
