@@ -5,6 +5,7 @@
     │   ├── InvalidSpec           the pipeline spec (schema, cross-field, shape for an image)
     │   ├── InvalidTensor         the image tensor on the wire (dtype, shape, bytes, values)
     │   └── NonFiniteResult       the pipeline produced NaN/Inf from finite input (overflow)
+    ├── NotFound                  NOT_FOUND; an unknown pipeline id or shared-memory region
     ├── LimitExceeded             RESOURCE_EXHAUSTED; a configured limit, with limit and value
     └── ExecutionFailed           INTERNAL; onnxruntime failed to build or run a session
 
@@ -46,6 +47,10 @@ class NonFiniteResult(InvalidRequest):
     """Finite input produced NaN or Inf (weights, scale or depth overflowed float32)."""
 
 
+class NotFound(FeatmapError):
+    """The request names a pipeline id or shared-memory region the server does not have."""
+
+
 class LimitExceeded(FeatmapError):
     """A configured server limit is exceeded."""
 
@@ -60,6 +65,7 @@ STATUS_CODES: dict[type[FeatmapError], grpc.StatusCode] = {
     InvalidSpec: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidTensor: grpc.StatusCode.INVALID_ARGUMENT,
     NonFiniteResult: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ExecutionFailed: grpc.StatusCode.INTERNAL,
 }

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.service.errors import ExecutionFailed, InvalidTensor, LimitExceeded, NonFiniteResult
-from featmap.service.graph import INPUT_NAME
-from featmap.service.runtime import SessionCache
+from featmap.service.errors import InvalidTensor, LimitExceeded, NonFiniteResult
+from featmap.service.runtime import CompiledPipeline, SessionCache
 from featmap.service.spec import Pipeline, infer_shapes
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,14 +86,14 @@ def image_size(pipeline: Pipeline, images: np.ndarray, limits: RequestLimits) ->
 
 
 class Extractor:
-    """Runs pipelines on batches: validation, the session cache, and result checks."""
+    """Runs compiled pipelines on batches: checks first, then the run, then result checks."""
 
     def __init__(self, cache: SessionCache, limits: RequestLimits) -> None:
         self.cache = cache
         self.limits = limits
 
-    def extract(self, pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
-        """The requested outputs (float32) for a batch of images, keyed by layer name."""
+    def check(self, pipeline: Pipeline, images: np.ndarray) -> None:
+        """Everything that can be known wrong before running: images, limits, output sizes."""
         height, width = image_size(pipeline, images, self.limits)
         # A too-small image fails here, naming the layer; a reply too big to send fails before
         # the work rather than after it.
@@ -107,18 +103,13 @@ class Extractor:
             raise LimitExceeded(
                 "outputs",
                 f"the reply would be {reply_bytes} bytes, over max_message_bytes="
-                f"{self.limits.max_message_bytes}: send fewer images per request or fewer outputs",
+                f"{self.limits.max_message_bytes}: send fewer images per request (or stream "
+                "them with ExtractStream) or ask for fewer outputs",
             )
-        compiled = self.cache.get(pipeline)
-        names = pipeline.output_names
-        try:
-            results = compiled.session.run(names, {INPUT_NAME: images})
-        except Exception as exc:
-            log.exception("pipeline %s failed on %s", pipeline.pipeline_id, images.shape)
-            raise ExecutionFailed(
-                "spec", f"onnxruntime failed running the pipeline: {exc}"
-            ) from exc
-        outputs = dict(zip(names, results, strict=True))
+
+    def run(self, compiled: CompiledPipeline, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The requested float32 outputs of a checked batch; NonFiniteResult on overflow."""
+        outputs = compiled.run(images)
         for name, array in outputs.items():
             if not all_finite(array):
                 raise NonFiniteResult(
@@ -127,3 +118,8 @@ class Extractor:
                     "(check weights, input.scale and depth)",
                 )
         return outputs
+
+    def extract(self, pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Check, compile (cached) and run an inline pipeline on a batch."""
+        self.check(pipeline, images)
+        return self.run(self.cache.get(pipeline), images)

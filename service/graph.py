@@ -27,7 +27,13 @@ from featmap.service.spec import (
     Pipeline,
     PoolBase,
 )
-from featmap.service.weights import ConvParameters, pipeline_parameters
+from featmap.service.weights import (
+    NO_TENSORS,
+    ConvParameters,
+    WeightTensors,
+    content_id,
+    pipeline_parameters,
+)
 
 OPSET = 21
 IR_VERSION = 10
@@ -229,10 +235,13 @@ def _output_shape(pipeline: Pipeline, index: int) -> list[str | int | None]:
     return ["N", channels, None, None]
 
 
-def compile_pipeline(pipeline: Pipeline) -> onnx.ModelProto:
-    """The ONNX model of a pipeline: input `images`, one output per requested layer name."""
+def compile_pipeline(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> onnx.ModelProto:
+    """The ONNX model of a pipeline: input `images`, one output per requested layer name.
+
+    `tensors` are the weight tensors the spec references by name (checked: see check_tensors).
+    """
     g = GraphBuilder()
-    parameters = pipeline_parameters(pipeline)
+    parameters = pipeline_parameters(pipeline, tensors)
     x = _preprocess(g, pipeline)
     names = pipeline.layer_names
     for index, (layer, name) in enumerate(zip(pipeline.layers, names, strict=True)):
@@ -264,5 +273,5 @@ def compile_pipeline(pipeline: Pipeline) -> onnx.ModelProto:
         producer_name="featmap",
         producer_version=__version__,
     )
-    helper.set_model_props(model, {"featmap.pipeline_id": pipeline.pipeline_id})
+    helper.set_model_props(model, {"featmap.pipeline_id": content_id(pipeline, tensors)})
     return model

@@ -23,7 +23,12 @@ from featmap.service.spec import (
     window_geometry,
     window_output_size,
 )
-from featmap.service.weights import ConvParameters, pipeline_parameters
+from featmap.service.weights import (
+    NO_TENSORS,
+    ConvParameters,
+    WeightTensors,
+    pipeline_parameters,
+)
 
 
 def sliding_windows(
@@ -147,9 +152,11 @@ def preprocess(pipeline: Pipeline, images: np.ndarray) -> np.ndarray:
     return x
 
 
-def run_reference(pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
+def run_reference(
+    pipeline: Pipeline, images: np.ndarray, tensors: WeightTensors = NO_TENSORS
+) -> dict[str, np.ndarray]:
     """Every layer's float64 result for `images`, keyed by layer name."""
-    parameters = pipeline_parameters(pipeline)
+    parameters = pipeline_parameters(pipeline, tensors)
     x = preprocess(pipeline, images)
     results: dict[str, np.ndarray] = {}
     for index, (layer, name) in enumerate(zip(pipeline.layers, pipeline.layer_names, strict=True)):
@@ -158,7 +165,9 @@ def run_reference(pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarra
     return results
 
 
-def reference_outputs(pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
+def reference_outputs(
+    pipeline: Pipeline, images: np.ndarray, tensors: WeightTensors = NO_TENSORS
+) -> dict[str, np.ndarray]:
     """The float64 results of the pipeline's requested outputs."""
-    results = run_reference(pipeline, images)
+    results = run_reference(pipeline, images, tensors)
     return {name: results[name] for name in pipeline.output_names}

@@ -8,11 +8,13 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import numpy as np
 import onnxruntime as ort
 
 from featmap.service.errors import ExecutionFailed
-from featmap.service.graph import compile_pipeline
+from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.spec import Pipeline
+from featmap.service.weights import NO_TENSORS, WeightTensors, content_id
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +43,12 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
     return [p for p in requested if p != CPU] + [CPU]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CompiledPipeline:
     """A pipeline with its ready onnxruntime session."""
 
     pipeline: Pipeline
+    pipeline_id: str
     session: ort.InferenceSession
     model_bytes: bytes
 
@@ -53,6 +56,18 @@ class CompiledPipeline:
     def providers(self) -> list[str]:
         """Providers the session actually placed nodes on, in priority order."""
         return list(self.session.get_providers())
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The requested outputs for a batch that already passed the extractor's checks."""
+        names = self.pipeline.output_names
+        try:
+            results = self.session.run(names, {INPUT_NAME: images})
+        except Exception as exc:
+            log.exception("pipeline %s failed on %s", self.pipeline_id, images.shape)
+            raise ExecutionFailed(
+                "images", f"onnxruntime failed running pipeline {self.pipeline_id}: {exc}"
+            ) from exc
+        return dict(zip(names, results, strict=True))
 
 
 @dataclass
@@ -80,9 +95,9 @@ class SessionCache:
         with self._lock:
             return len(self._sessions)
 
-    def get(self, pipeline: Pipeline) -> CompiledPipeline:
+    def get(self, pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> CompiledPipeline:
         """The compiled session for `pipeline`, building it on a miss."""
-        key = pipeline.pipeline_id
+        key = content_id(pipeline, tensors)
         with self._lock:
             compiled = self._sessions.get(key)
             if compiled is not None:
@@ -99,7 +114,7 @@ class SessionCache:
         if not owner:
             return pending.result()
         try:
-            compiled = self._build(pipeline)
+            compiled = self.compile(pipeline, tensors)
         except BaseException as exc:
             # A failed build is not cached: the next request for this spec tries again.
             with self._lock:
@@ -115,8 +130,9 @@ class SessionCache:
         pending.set_result(compiled)
         return compiled
 
-    def _build(self, pipeline: Pipeline) -> CompiledPipeline:
-        model_bytes = compile_pipeline(pipeline).SerializeToString()
+    def compile(self, pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> CompiledPipeline:
+        """Build a session with this cache's providers and threads, without caching it."""
+        model_bytes = compile_pipeline(pipeline, tensors).SerializeToString()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
@@ -127,12 +143,15 @@ class SessionCache:
             raise ExecutionFailed(
                 "spec", f"onnxruntime could not build the session: {exc}"
             ) from exc
+        pipeline_id = content_id(pipeline, tensors)
         placed = session.get_providers()
         if self.providers[0] not in placed:
             log.warning(
                 "pipeline %s: %s unavailable for this session, running on %s",
-                pipeline.pipeline_id,
+                pipeline_id,
                 self.providers[0],
                 placed,
             )
-        return CompiledPipeline(pipeline=pipeline, session=session, model_bytes=model_bytes)
+        return CompiledPipeline(
+            pipeline=pipeline, pipeline_id=pipeline_id, session=session, model_bytes=model_bytes
+        )

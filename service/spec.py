@@ -170,35 +170,46 @@ class PresetSource(SpecModel):
         return self
 
 
+class TensorSource(SpecModel):
+    """A weight tensor sent beside the spec to RegisterPipeline, by name."""
+
+    tensor: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+SOURCE_KINDS: dict[str, type[SpecModel]] = {
+    "values": ValuesSource,
+    "init": InitSource,
+    "preset": PresetSource,
+    "tensor": TensorSource,
+}
+
+
 def _source_kind(value: Any) -> str | None:
     if isinstance(value, dict):
-        keys = {"values", "init", "preset"} & value.keys()
+        keys = SOURCE_KINDS.keys() & value.keys()
         return keys.pop() if len(keys) == 1 else None
-    if isinstance(value, ValuesSource):
-        return "values"
-    if isinstance(value, InitSource):
-        return "init"
-    if isinstance(value, PresetSource):
-        return "preset"
-    return None
+    return next((kind for kind, cls in SOURCE_KINDS.items() if isinstance(value, cls)), None)
 
 
 WeightSource: TypeAlias = Annotated[
     Annotated[ValuesSource, Tag("values")]
     | Annotated[InitSource, Tag("init")]
-    | Annotated[PresetSource, Tag("preset")],
+    | Annotated[PresetSource, Tag("preset")]
+    | Annotated[TensorSource, Tag("tensor")],
     Discriminator(
         _source_kind,
         custom_error_type="weight_source",
-        custom_error_message="expected exactly one of 'values', 'init' or 'preset'",
+        custom_error_message="expected exactly one of 'values', 'init', 'preset' or 'tensor'",
     ),
 ]
 BiasSource: TypeAlias = Annotated[
-    Annotated[ValuesSource, Tag("values")] | Annotated[InitSource, Tag("init")],
+    Annotated[ValuesSource, Tag("values")]
+    | Annotated[InitSource, Tag("init")]
+    | Annotated[TensorSource, Tag("tensor")],
     Discriminator(
         _source_kind,
         custom_error_type="bias_source",
-        custom_error_message="expected exactly one of 'values' or 'init'",
+        custom_error_message="expected exactly one of 'values', 'init' or 'tensor'",
     ),
 ]
 
@@ -452,6 +463,17 @@ class Pipeline(SpecModel):
         data = {**self.model_dump(mode="json"), "outputs": self.output_names}
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
+    @property
+    def tensor_names(self) -> dict[str, tuple[int, int]]:
+        """Weight tensors the spec references: name -> (layer index, 0 kernel / 1 bias)."""
+        names: dict[str, tuple[int, int]] = {}
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, Conv2d):
+                for slot, source in enumerate((layer.weights, layer.bias)):
+                    if isinstance(source, TensorSource):
+                        names.setdefault(source.tensor, (index, slot))
+        return names
+
     def parameter_count(self) -> int:
         """Number of weights and biases in all conv layers."""
         total, channels = 0, self.input.channels
@@ -524,7 +546,7 @@ _LAYER_TAGS = frozenset(
     t.model_fields["op"].annotation.__args__[0]  # type: ignore[union-attr]
     for t in LAYER_TYPES
 )
-_SOURCE_TAGS = frozenset({"values", "init", "preset"})
+_SOURCE_TAGS = frozenset(SOURCE_KINDS)
 
 
 def _field_path(loc: Sequence[int | str]) -> str:

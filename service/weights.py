@@ -6,18 +6,26 @@ the meaning of `values`, `init` and `preset`, and its tests pin that meaning by 
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from featmap.service.errors import InvalidSpec, InvalidTensor
 from featmap.service.spec import (
     Conv2d,
     InitSource,
     Pipeline,
     PresetSource,
+    TensorSource,
     ValuesSource,
 )
+
+# Weight tensors sent beside a spec (RegisterPipeline), by the name the spec uses.
+WeightTensors = Mapping[str, np.ndarray]
+NO_TENSORS: WeightTensors = {}
 
 SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
 SOBEL_Y = SOBEL_X.T.copy()
@@ -101,7 +109,9 @@ def preset_kernel(source: PresetSource, kernel_size: tuple[int, int]) -> np.ndar
             return kernel
 
 
-def conv_parameters(layer: Conv2d, in_channels: int) -> ConvParameters:
+def conv_parameters(
+    layer: Conv2d, in_channels: int, tensors: WeightTensors = NO_TENSORS
+) -> ConvParameters:
     """The float32 kernel and bias of one conv layer fed `in_channels` channels."""
     kh, kw = layer.kernel_size
     shape = (layer.filters, in_channels // layer.groups, kh, kw)
@@ -109,6 +119,8 @@ def conv_parameters(layer: Conv2d, in_channels: int) -> ConvParameters:
     source = layer.weights
     if isinstance(source, ValuesSource):
         kernel = np.asarray(source.values, dtype=np.float64)
+    elif isinstance(source, TensorSource):
+        kernel = tensors[source.tensor]
     elif isinstance(source, InitSource):
         kernel = initializer(source, shape, fan_in, fan_out)
     else:
@@ -118,6 +130,8 @@ def conv_parameters(layer: Conv2d, in_channels: int) -> ConvParameters:
     bias: np.ndarray | None = None
     if isinstance(layer.bias, ValuesSource):
         bias = np.asarray(layer.bias.values, dtype=np.float64)
+    elif isinstance(layer.bias, TensorSource):
+        bias = tensors[layer.bias.tensor]
     elif isinstance(layer.bias, InitSource):
         bias = initializer(layer.bias, (layer.filters,), fan_in, fan_out)
     return ConvParameters(
@@ -126,12 +140,88 @@ def conv_parameters(layer: Conv2d, in_channels: int) -> ConvParameters:
     )
 
 
-def pipeline_parameters(pipeline: Pipeline) -> dict[int, ConvParameters]:
+def pipeline_parameters(
+    pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS
+) -> dict[int, ConvParameters]:
     """Parameters of every conv layer, keyed by layer index."""
     parameters: dict[int, ConvParameters] = {}
     channels = pipeline.input.channels
     for index, layer in enumerate(pipeline.layers):
         if isinstance(layer, Conv2d):
-            parameters[index] = conv_parameters(layer, channels)
+            parameters[index] = conv_parameters(layer, channels, tensors)
             channels = layer.filters
     return parameters
+
+
+def expected_tensor_shapes(pipeline: Pipeline) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape each referenced weight tensor must have, with the spec field that references it."""
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    channels = pipeline.input.channels
+    for index, layer in enumerate(pipeline.layers):
+        if not isinstance(layer, Conv2d):
+            continue
+        kh, kw = layer.kernel_size
+        kernel_shape = (layer.filters, channels // layer.groups, kh, kw)
+        for slot, source, shape in (
+            ("weights", layer.weights, kernel_shape),
+            ("bias", layer.bias, (layer.filters,)),
+        ):
+            if isinstance(source, TensorSource):
+                field = f"layers[{index}].{slot}.tensor"
+                known = shapes.get(source.tensor)
+                if known is not None and known[0] != shape:
+                    raise InvalidSpec(
+                        field,
+                        f"{source.tensor!r} is used with shape {shape} here and {known[0]} "
+                        f"at {known[1]}",
+                    )
+                shapes.setdefault(source.tensor, (shape, field))
+        channels = layer.filters
+    return shapes
+
+
+def check_tensors(pipeline: Pipeline, tensors: WeightTensors) -> dict[str, np.ndarray]:
+    """The weight tensors as float32, checked against what the spec references.
+
+    Every referenced tensor must be present with the right shape and finite values, and every
+    tensor sent must be referenced: nothing is ignored silently.
+    """
+    expected = expected_tensor_shapes(pipeline)
+    for name in tensors:
+        if name not in expected:
+            raise InvalidTensor(
+                f"weights[{name!r}]",
+                f"is not referenced by the spec (it references {sorted(expected)})",
+            )
+    checked: dict[str, np.ndarray] = {}
+    for name, (shape, field) in expected.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise InvalidSpec(
+                field,
+                f"{name!r} is not among the weight tensors sent ({sorted(tensors)}); "
+                "tensor weights are sent with RegisterPipeline",
+            )
+        if tensor.dtype.kind != "f":
+            raise InvalidTensor(f"weights[{name!r}].dtype", f"{tensor.dtype} is not a float type")
+        if tuple(tensor.shape) != shape:
+            raise InvalidTensor(
+                f"weights[{name!r}].shape", f"is {list(tensor.shape)}; {field} needs {list(shape)}"
+            )
+        as_float32 = np.ascontiguousarray(tensor, dtype=np.float32)
+        if as_float32.size and not np.isfinite(as_float32).all():
+            raise InvalidTensor(f"weights[{name!r}].data", "contains NaN or Inf")
+        checked[name] = as_float32
+    return checked
+
+
+def content_id(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> str:
+    """The pipeline id: the spec's own id, or a hash of the spec and its weight tensors."""
+    if not tensors:
+        return pipeline.pipeline_id
+    digest = hashlib.sha256(pipeline.canonical_json().encode())
+    for name in sorted(tensors):
+        tensor = np.ascontiguousarray(tensors[name], dtype="<f4")
+        digest.update(f"\0{name}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.tobytes())
+    return digest.hexdigest()[:32]

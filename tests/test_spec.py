@@ -65,7 +65,7 @@ INVALID_SPECS: list[tuple[dict[str, Any] | str, str, str]] = [
     (
         spec_with(conv(bias={"preset": "box"})),
         "layers[0].bias",
-        "exactly one of 'values' or 'init'",
+        "exactly one of 'values', 'init' or 'tensor'",
     ),
     (
         spec_with({"op": "relu", "name": "a"}, {"op": "relu", "name": "a"}),

@@ -28,16 +28,34 @@ class Tensor(_message.Message):
     data: bytes
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
 class ExtractRequest(_message.Message):
-    __slots__ = ("spec_json", "images")
+    __slots__ = ("spec_json", "pipeline_id", "images", "output_dtype", "images_region", "output_region")
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_REGION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
+    pipeline_id: str
     images: Tensor
-    def __init__(self, spec_json: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    output_dtype: DType
+    images_region: SharedMemoryRef
+    output_region: SharedMemoryRef
+    def __init__(self, spec_json: _Optional[str] = ..., pipeline_id: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., images_region: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., output_region: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class ExtractResponse(_message.Message):
-    __slots__ = ("outputs", "pipeline_id")
+    __slots__ = ("outputs", "pipeline_id", "output_regions", "sequence")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -45,44 +63,208 @@ class ExtractResponse(_message.Message):
         key: str
         value: Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class OutputRegionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SharedMemoryRef
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.MessageMap[str, Tensor]
     pipeline_id: str
-    def __init__(self, outputs: _Optional[_Mapping[str, Tensor]] = ..., pipeline_id: _Optional[str] = ...) -> None: ...
+    output_regions: _containers.MessageMap[str, SharedMemoryRef]
+    sequence: int
+    def __init__(self, outputs: _Optional[_Mapping[str, Tensor]] = ..., pipeline_id: _Optional[str] = ..., output_regions: _Optional[_Mapping[str, SharedMemoryRef]] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class BatchingConfig(_message.Message):
+    __slots__ = ("enabled", "max_batch_size", "max_queue_delay_us")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    max_batch_size: int
+    max_queue_delay_us: int
+    def __init__(self, enabled: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ...) -> None: ...
+
+class Dim(_message.Message):
+    __slots__ = ("size", "symbol")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    symbol: str
+    def __init__(self, size: _Optional[int] = ..., symbol: _Optional[str] = ...) -> None: ...
+
+class OutputInfo(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedCompositeFieldContainer[Dim]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[_Union[Dim, _Mapping]]] = ...) -> None: ...
+
+class RegisterPipelineRequest(_message.Message):
+    __slots__ = ("spec_json", "weights", "batching")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    spec_json: str
+    weights: _containers.MessageMap[str, Tensor]
+    batching: BatchingConfig
+    def __init__(self, spec_json: _Optional[str] = ..., weights: _Optional[_Mapping[str, Tensor]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ...) -> None: ...
+
+class RegisterPipelineResponse(_message.Message):
+    __slots__ = ("pipeline_id", "outputs")
+    PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    pipeline_id: str
+    outputs: _containers.RepeatedCompositeFieldContainer[OutputInfo]
+    def __init__(self, pipeline_id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ...) -> None: ...
+
+class GetPipelineRequest(_message.Message):
+    __slots__ = ("pipeline_id", "include_model")
+    PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    pipeline_id: str
+    include_model: bool
+    def __init__(self, pipeline_id: _Optional[str] = ..., include_model: _Optional[bool] = ...) -> None: ...
+
+class PipelineInfo(_message.Message):
+    __slots__ = ("pipeline_id", "spec_json", "outputs", "weight_names", "batching", "onnx_model")
+    PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_NAMES_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    ONNX_MODEL_FIELD_NUMBER: _ClassVar[int]
+    pipeline_id: str
+    spec_json: str
+    outputs: _containers.RepeatedCompositeFieldContainer[OutputInfo]
+    weight_names: _containers.RepeatedScalarFieldContainer[str]
+    batching: BatchingConfig
+    onnx_model: bytes
+    def __init__(self, pipeline_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., weight_names: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., onnx_model: _Optional[bytes] = ...) -> None: ...
+
+class ListPipelinesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPipelinesResponse(_message.Message):
+    __slots__ = ("pipelines",)
+    PIPELINES_FIELD_NUMBER: _ClassVar[int]
+    pipelines: _containers.RepeatedCompositeFieldContainer[PipelineInfo]
+    def __init__(self, pipelines: _Optional[_Iterable[_Union[PipelineInfo, _Mapping]]] = ...) -> None: ...
+
+class DeletePipelineRequest(_message.Message):
+    __slots__ = ("pipeline_id",)
+    PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
+    pipeline_id: str
+    def __init__(self, pipeline_id: _Optional[str] = ...) -> None: ...
+
+class DeletePipelineResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("region", "key", "byte_size", "owner")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    key: str
+    byte_size: int
+    owner: str
+    def __init__(self, region: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+
+class RegisterSharedMemoryResponse(_message.Message):
+    __slots__ = ("lease_seconds",)
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    lease_seconds: float
+    def __init__(self, lease_seconds: _Optional[float] = ...) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("region", "owner")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    owner: str
+    def __init__(self, region: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ("unregistered",)
+    UNREGISTERED_FIELD_NUMBER: _ClassVar[int]
+    unregistered: int
+    def __init__(self, unregistered: _Optional[int] = ...) -> None: ...
+
+class RenewSharedMemoryRequest(_message.Message):
+    __slots__ = ("owner",)
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    def __init__(self, owner: _Optional[str] = ...) -> None: ...
+
+class RenewSharedMemoryResponse(_message.Message):
+    __slots__ = ("regions", "lease_seconds")
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    regions: int
+    lease_seconds: float
+    def __init__(self, regions: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters")
+    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters", "max_registered_pipelines")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_LAYERS_FIELD_NUMBER: _ClassVar[int]
     SESSION_CACHE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REGISTERED_PIPELINES_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_images_per_request: int
     max_pixels_per_image: int
     max_layers: int
     session_cache_size: int
     max_parameters: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ...) -> None: ...
+    max_registered_pipelines: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_registered_pipelines: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "onnxruntime_version", "available_providers", "active_providers", "limits", "onnx_opset")
+    __slots__ = ("version", "onnxruntime_version", "available_providers", "active_providers", "limits", "onnx_opset", "intra_op_threads", "grpc_workers", "default_batching")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ONNXRUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     ONNX_OPSET_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    GRPC_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_BATCHING_FIELD_NUMBER: _ClassVar[int]
     version: str
     onnxruntime_version: str
     available_providers: _containers.RepeatedScalarFieldContainer[str]
     active_providers: _containers.RepeatedScalarFieldContainer[str]
     limits: Limits
     onnx_opset: int
-    def __init__(self, version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., active_providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., onnx_opset: _Optional[int] = ...) -> None: ...
+    intra_op_threads: int
+    grpc_workers: int
+    default_batching: BatchingConfig
+    def __init__(self, version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., active_providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., onnx_opset: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., grpc_workers: _Optional[int] = ..., default_batching: _Optional[_Union[BatchingConfig, _Mapping]] = ...) -> None: ...

@@ -39,10 +39,50 @@ class FeatureExtractorStub:
                 request_serializer=featmap_dot_v1_dot_featmap__pb2.ExtractRequest.SerializeToString,
                 response_deserializer=featmap_dot_v1_dot_featmap__pb2.ExtractResponse.FromString,
                 _registered_method=True)
+        self.ExtractStream = channel.stream_stream(
+                '/featmap.v1.FeatureExtractor/ExtractStream',
+                request_serializer=featmap_dot_v1_dot_featmap__pb2.ExtractRequest.SerializeToString,
+                response_deserializer=featmap_dot_v1_dot_featmap__pb2.ExtractResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/featmap.v1.FeatureExtractor/GetServerInfo',
                 request_serializer=featmap_dot_v1_dot_featmap__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=featmap_dot_v1_dot_featmap__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
+        self.RegisterPipeline = channel.unary_unary(
+                '/featmap.v1.FeatureExtractor/RegisterPipeline',
+                request_serializer=featmap_dot_v1_dot_featmap__pb2.RegisterPipelineRequest.SerializeToString,
+                response_deserializer=featmap_dot_v1_dot_featmap__pb2.RegisterPipelineResponse.FromString,
+                _registered_method=True)
+        self.GetPipeline = channel.unary_unary(
+                '/featmap.v1.FeatureExtractor/GetPipeline',
+                request_serializer=featmap_dot_v1_dot_featmap__pb2.GetPipelineRequest.SerializeToString,
+                response_deserializer=featmap_dot_v1_dot_featmap__pb2.PipelineInfo.FromString,
+                _registered_method=True)
+        self.ListPipelines = channel.unary_unary(
+                '/featmap.v1.FeatureExtractor/ListPipelines',
+                request_serializer=featmap_dot_v1_dot_featmap__pb2.ListPipelinesRequest.SerializeToString,
+                response_deserializer=featmap_dot_v1_dot_featmap__pb2.ListPipelinesResponse.FromString,
+                _registered_method=True)
+        self.DeletePipeline = channel.unary_unary(
+                '/featmap.v1.FeatureExtractor/DeletePipeline',
+                request_serializer=featmap_dot_v1_dot_featmap__pb2.DeletePipelineRequest.SerializeToString,
+                response_deserializer=featmap_dot_v1_dot_featmap__pb2.DeletePipelineResponse.FromString,
+                _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/featmap.v1.FeatureExtractor/RegisterSharedMemory',
+                request_serializer=featmap_dot_v1_dot_featmap__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=featmap_dot_v1_dot_featmap__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/featmap.v1.FeatureExtractor/UnregisterSharedMemory',
+                request_serializer=featmap_dot_v1_dot_featmap__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=featmap_dot_v1_dot_featmap__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.RenewSharedMemory = channel.unary_unary(
+                '/featmap.v1.FeatureExtractor/RenewSharedMemory',
+                request_serializer=featmap_dot_v1_dot_featmap__pb2.RenewSharedMemoryRequest.SerializeToString,
+                response_deserializer=featmap_dot_v1_dot_featmap__pb2.RenewSharedMemoryResponse.FromString,
                 _registered_method=True)
 
 
@@ -55,7 +95,57 @@ class FeatureExtractorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtractStream(self, request_iterator, context):
+        """One job in chunks: each request is answered in order as soon as it is done, while the next
+        chunks are already arriving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterPipeline(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPipeline(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPipelines(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePipeline(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewSharedMemory(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,10 +159,50 @@ def add_FeatureExtractorServicer_to_server(servicer, server):
                     request_deserializer=featmap_dot_v1_dot_featmap__pb2.ExtractRequest.FromString,
                     response_serializer=featmap_dot_v1_dot_featmap__pb2.ExtractResponse.SerializeToString,
             ),
+            'ExtractStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExtractStream,
+                    request_deserializer=featmap_dot_v1_dot_featmap__pb2.ExtractRequest.FromString,
+                    response_serializer=featmap_dot_v1_dot_featmap__pb2.ExtractResponse.SerializeToString,
+            ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
                     request_deserializer=featmap_dot_v1_dot_featmap__pb2.GetServerInfoRequest.FromString,
                     response_serializer=featmap_dot_v1_dot_featmap__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'RegisterPipeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterPipeline,
+                    request_deserializer=featmap_dot_v1_dot_featmap__pb2.RegisterPipelineRequest.FromString,
+                    response_serializer=featmap_dot_v1_dot_featmap__pb2.RegisterPipelineResponse.SerializeToString,
+            ),
+            'GetPipeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPipeline,
+                    request_deserializer=featmap_dot_v1_dot_featmap__pb2.GetPipelineRequest.FromString,
+                    response_serializer=featmap_dot_v1_dot_featmap__pb2.PipelineInfo.SerializeToString,
+            ),
+            'ListPipelines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPipelines,
+                    request_deserializer=featmap_dot_v1_dot_featmap__pb2.ListPipelinesRequest.FromString,
+                    response_serializer=featmap_dot_v1_dot_featmap__pb2.ListPipelinesResponse.SerializeToString,
+            ),
+            'DeletePipeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePipeline,
+                    request_deserializer=featmap_dot_v1_dot_featmap__pb2.DeletePipelineRequest.FromString,
+                    response_serializer=featmap_dot_v1_dot_featmap__pb2.DeletePipelineResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=featmap_dot_v1_dot_featmap__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=featmap_dot_v1_dot_featmap__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=featmap_dot_v1_dot_featmap__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=featmap_dot_v1_dot_featmap__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'RenewSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewSharedMemory,
+                    request_deserializer=featmap_dot_v1_dot_featmap__pb2.RenewSharedMemoryRequest.FromString,
+                    response_serializer=featmap_dot_v1_dot_featmap__pb2.RenewSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -113,6 +243,33 @@ class FeatureExtractor:
             _registered_method=True)
 
     @staticmethod
+    def ExtractStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/featmap.v1.FeatureExtractor/ExtractStream',
+            featmap_dot_v1_dot_featmap__pb2.ExtractRequest.SerializeToString,
+            featmap_dot_v1_dot_featmap__pb2.ExtractResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetServerInfo(request,
             target,
             options=(),
@@ -129,6 +286,195 @@ class FeatureExtractor:
             '/featmap.v1.FeatureExtractor/GetServerInfo',
             featmap_dot_v1_dot_featmap__pb2.GetServerInfoRequest.SerializeToString,
             featmap_dot_v1_dot_featmap__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterPipeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featmap.v1.FeatureExtractor/RegisterPipeline',
+            featmap_dot_v1_dot_featmap__pb2.RegisterPipelineRequest.SerializeToString,
+            featmap_dot_v1_dot_featmap__pb2.RegisterPipelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPipeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featmap.v1.FeatureExtractor/GetPipeline',
+            featmap_dot_v1_dot_featmap__pb2.GetPipelineRequest.SerializeToString,
+            featmap_dot_v1_dot_featmap__pb2.PipelineInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPipelines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featmap.v1.FeatureExtractor/ListPipelines',
+            featmap_dot_v1_dot_featmap__pb2.ListPipelinesRequest.SerializeToString,
+            featmap_dot_v1_dot_featmap__pb2.ListPipelinesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePipeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featmap.v1.FeatureExtractor/DeletePipeline',
+            featmap_dot_v1_dot_featmap__pb2.DeletePipelineRequest.SerializeToString,
+            featmap_dot_v1_dot_featmap__pb2.DeletePipelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featmap.v1.FeatureExtractor/RegisterSharedMemory',
+            featmap_dot_v1_dot_featmap__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            featmap_dot_v1_dot_featmap__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featmap.v1.FeatureExtractor/UnregisterSharedMemory',
+            featmap_dot_v1_dot_featmap__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            featmap_dot_v1_dot_featmap__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featmap.v1.FeatureExtractor/RenewSharedMemory',
+            featmap_dot_v1_dot_featmap__pb2.RenewSharedMemoryRequest.SerializeToString,
+            featmap_dot_v1_dot_featmap__pb2.RenewSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
