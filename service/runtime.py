@@ -82,10 +82,18 @@ class CacheStats:
 class SessionCache:
     """LRU cache of compiled sessions keyed by pipeline id; one build per id at a time."""
 
-    def __init__(self, capacity: int, providers: list[str], intra_op_threads: int = 0) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        providers: list[str],
+        intra_op_threads: int = 0,
+        *,
+        spinning: bool = False,
+    ) -> None:
         self.capacity = capacity
         self.providers = providers
         self.intra_op_threads = intra_op_threads
+        self.spinning = spinning
         self.stats = CacheStats()
         self._sessions: OrderedDict[str, CompiledPipeline] = OrderedDict()
         self._building: dict[str, Future[CompiledPipeline]] = {}
@@ -136,6 +144,9 @@ class SessionCache:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.spinning else "0"
+        )
         options.log_severity_level = 3  # onnxruntime's warnings go to our log via exceptions
         try:
             session = ort.InferenceSession(model_bytes, options, providers=self.providers)

@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import queue
 import signal
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
-import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from featmap.service import __version__
-from featmap.service.errors import FeatmapError, InvalidTensor, status_for
-from featmap.service.extractor import Extractor, RequestLimits
-from featmap.service.graph import OPSET
-from featmap.service.runtime import SessionCache, available_providers, resolve_providers
+from featmap.service.api import FeatureService
+from featmap.service.errors import FeatmapError, status_for
 from featmap.service.settings import ServerSettings
-from featmap.service.spec import parse_pipeline
-from featmap.service.wire import decode_tensor, encode_tensor
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 
@@ -32,79 +28,151 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureExtractor"].full_name
 FIELD_METADATA_KEY = "featmap-field"
 REQUEST_ID_METADATA_KEY = "featmap-request-id"
 
-Response = TypeVar("Response")
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
-def map_errors(
-    method: Callable[[Any, Any, grpc.ServicerContext], Response],
-) -> Callable[[Any, Any, grpc.ServicerContext], Response]:
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, FeatmapError):
+        context.set_trailing_metadata(((FIELD_METADATA_KEY, exc.field),))
+        context.abort(status_for(exc), str(exc))
+    request_id = uuid.uuid4().hex[:12]
+    log.error("request %s: unexpected error in %s", request_id, method, exc_info=exc)
+    context.set_trailing_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+
+
+def map_errors(method: Handler) -> Handler:
     """Turn service exceptions into gRPC statuses, the one place that does so.
 
     FeatmapError -> its status from errors.STATUS_CODES, the message and the field in trailing
     metadata; anything else -> INTERNAL with a request id that is also in the server log.
+    Works for unary handlers and for streaming (generator) handlers.
     """
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:
+                _abort(context, exc, method.__name__)
+
+        return stream_wrapper  # type: ignore[return-value]
 
     @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Response:
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except FeatmapError as exc:
-            context.set_trailing_metadata(((FIELD_METADATA_KEY, exc.field),))
-            context.abort(status_for(exc), str(exc))
-        except Exception:
-            request_id = uuid.uuid4().hex[:12]
-            log.exception("request %s: unexpected error in %s", request_id, method.__name__)
-            context.set_trailing_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+        except Exception as exc:
+            _abort(context, exc, method.__name__)
         raise AssertionError("context.abort returns only by raising")
 
-    return wrapper
+    return wrapper  # type: ignore[return-value]
+
+
+_END = object()
+
+
+class _Prefetch:
+    """Reads a request stream on its own thread, at most `window` messages ahead.
+
+    The handler computes chunk i while chunk i+1 arrives; the bounded queue is what keeps
+    server memory to a few chunks (a full queue stops reading, and HTTP/2 flow control then
+    stops the client).
+    """
+
+    def __init__(self, requests: Iterator[pb.ExtractRequest], window: int) -> None:
+        self.queue: queue.Queue[object] = queue.Queue(maxsize=window)
+        self.peak = 0
+        self._closed = threading.Event()
+        self._thread = threading.Thread(
+            target=self._read, args=(requests,), name="featmap-stream-reader", daemon=True
+        )
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._closed.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+            self.peak = max(self.peak, self.queue.qsize())
+            return True
+        return False
+
+    def _read(self, requests: Iterator[pb.ExtractRequest]) -> None:
+        try:
+            for request in requests:
+                if not self._put(request):
+                    return  # the handler ended (an error): stop reading
+        except Exception as exc:  # the client went away or cancelled: end the stream
+            self._put(exc)
+        self._put(_END)
+
+    def close(self) -> None:
+        """Stop the reader thread (the handler is done with this stream)."""
+        self._closed.set()
+
+    def __iter__(self) -> Iterator[pb.ExtractRequest]:
+        while True:
+            item = self.queue.get()
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item  # type: ignore[misc]
 
 
 class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
-    """featmap.v1.FeatureExtractor over an Extractor."""
+    """featmap.v1.FeatureExtractor over a FeatureService."""
 
-    def __init__(self, extractor: Extractor, settings: ServerSettings) -> None:
-        self.extractor = extractor
-        self.settings = settings
-
-    @map_errors
-    def Extract(
-        self, request: pb.ExtractRequest, context: grpc.ServicerContext
-    ) -> pb.ExtractResponse:
-        pipeline = parse_pipeline(request.spec_json)
-        if not request.HasField("images"):
-            raise InvalidTensor("images", "is missing")
-        outputs = self.extractor.extract(pipeline, decode_tensor(request.images, "images"))
-        return pb.ExtractResponse(
-            outputs={name: encode_tensor(array) for name, array in outputs.items()},
-            pipeline_id=pipeline.pipeline_id,
-        )
+    def __init__(self, service: FeatureService) -> None:
+        self.service = service
+        self.stream_peak_backlog = 0
 
     @map_errors
-    def GetServerInfo(
-        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
-    ) -> pb.GetServerInfoResponse:
-        return server_info(self.settings, self.extractor.cache)
+    def Extract(self, request: pb.ExtractRequest, context: Any) -> pb.ExtractResponse:
+        return self.service.extract(request, self.service.target(request))
 
+    @map_errors
+    def ExtractStream(
+        self, requests: Iterator[pb.ExtractRequest], context: Any
+    ) -> Iterator[pb.ExtractResponse]:
+        prefetch = _Prefetch(requests, self.service.settings.stream_window)
+        target = None
+        try:
+            for sequence, request in enumerate(prefetch):
+                try:
+                    target = self.service.target(request, target)
+                    response = self.service.extract(request, target)
+                except FeatmapError as exc:
+                    exc.args = (f"stream message {sequence}: {exc}",)
+                    raise
+                response.sequence = sequence
+                self.stream_peak_backlog = max(self.stream_peak_backlog, prefetch.peak)
+                yield response
+        finally:
+            prefetch.close()
 
-def server_info(settings: ServerSettings, cache: SessionCache) -> pb.GetServerInfoResponse:
-    """What this server runs on and the limits it enforces."""
-    return pb.GetServerInfoResponse(
-        version=__version__,
-        onnxruntime_version=ort.__version__,
-        available_providers=available_providers(),
-        active_providers=cache.providers,
-        limits=pb.Limits(
-            max_message_bytes=settings.max_message_bytes,
-            max_images_per_request=settings.max_images_per_request,
-            max_pixels_per_image=settings.max_pixels_per_image,
-            max_layers=settings.max_layers,
-            max_parameters=settings.max_parameters,
-            session_cache_size=settings.session_cache_size,
-        ),
-        onnx_opset=OPSET,
-    )
+    @map_errors
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Any) -> Any:
+        return self.service.server_info()
+
+    @map_errors
+    def RegisterPipeline(self, request: pb.RegisterPipelineRequest, context: Any) -> Any:
+        return self.service.register_pipeline(request)
+
+    @map_errors
+    def GetPipeline(self, request: pb.GetPipelineRequest, context: Any) -> Any:
+        return self.service.get_pipeline(request)
+
+    @map_errors
+    def ListPipelines(self, request: pb.ListPipelinesRequest, context: Any) -> Any:
+        return self.service.list_pipelines(request)
+
+    @map_errors
+    def DeletePipeline(self, request: pb.DeletePipelineRequest, context: Any) -> Any:
+        return self.service.delete_pipeline(request)
 
 
 class FeatmapServer:
@@ -112,16 +180,8 @@ class FeatmapServer:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        providers = resolve_providers(settings.providers)
-        cache = SessionCache(settings.session_cache_size, providers, settings.intra_op_threads)
-        limits = RequestLimits(
-            max_images_per_request=settings.max_images_per_request,
-            max_pixels_per_image=settings.max_pixels_per_image,
-            max_layers=settings.max_layers,
-            max_parameters=settings.max_parameters,
-            max_message_bytes=settings.max_message_bytes,
-        )
-        self.extractor = Extractor(cache, limits)
+        self.service = FeatureService(settings)
+        self.servicer = FeatureExtractorServicer(self.service)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.grpc_workers, thread_name_prefix="featmap-grpc"
@@ -132,9 +192,7 @@ class FeatmapServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_FeatureExtractorServicer_to_server(
-            FeatureExtractorServicer(self.extractor, settings), self.grpc_server
-        )
+        pb_grpc.add_FeatureExtractorServicer_to_server(self.servicer, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         if settings.reflection:

@@ -11,8 +11,13 @@ MIB = 1 << 20
 
 
 def default_grpc_workers() -> int:
-    """Enough handler threads to keep onnxruntime's pool fed without piling up requests."""
-    return max(4, 2 * (os.cpu_count() or 1))
+    """Handler threads: enough to keep one batch queued behind the running one per core.
+
+    Handlers spend their time blocked (on the network, on the batcher, or inside
+    onnxruntime, whose own intra-op pool does the arithmetic), so they may outnumber cores;
+    compute threads are onnxruntime's alone (see intra_op_threads).
+    """
+    return max(8, 4 * (os.cpu_count() or 1))
 
 
 class ServerSettings(BaseSettings):
@@ -27,7 +32,16 @@ class ServerSettings(BaseSettings):
     # onnxruntime intra-op threads per session; 0 lets onnxruntime use one per physical core.
     intra_op_threads: int = Field(default=0, ge=0)
     grpc_workers: int = Field(default_factory=default_grpc_workers, ge=1)
+    # Spinning intra-op threads burn a core while idle; off leaves it to gRPC and the client.
+    intra_op_spinning: bool = False
     session_cache_size: int = Field(default=32, ge=1)
+    max_registered_pipelines: int = Field(default=256, ge=1)
+    # Dynamic batching defaults (RegisterPipeline may override them per pipeline).
+    batching: bool = True
+    max_batch_size: int = Field(default=32, ge=1)
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    # ExtractStream: request messages a stream may have received but not yet answered.
+    stream_window: int = Field(default=4, ge=1)
     max_message_bytes: int = Field(default=64 * MIB, ge=1024)
     max_images_per_request: int = Field(default=4096, ge=1)
     max_pixels_per_image: int = Field(default=8192 * 8192, ge=1)

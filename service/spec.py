@@ -709,6 +709,60 @@ def infer_shapes(pipeline: Pipeline, height: int, width: int) -> list[LayerShape
     return shapes
 
 
+def _plus(expression: str, constant: int) -> str:
+    return expression if constant == 0 else f"{expression}{constant:+d}"
+
+
+def _symbolic_window(
+    size: str, pads: tuple[int, int], kernel: int, stride: int, dilation: int, mode: str
+) -> str:
+    if mode == "same":
+        return size if stride == 1 else f"ceil({size}/{stride})"
+    if stride == 1:
+        return _plus(size, pads[0] + pads[1] - (kernel - 1) * dilation)
+    # floor((n + c) / s) + 1 == floor((n + c + s) / s), likewise for ceil
+    numerator = _plus(size, pads[0] + pads[1] - (kernel - 1) * dilation - 1 + stride)
+    if numerator != size:
+        numerator = f"({numerator})"
+    return f"{'ceil' if mode == 'ceil' else 'floor'}({numerator}/{stride})"
+
+
+def symbolic_shapes(pipeline: Pipeline) -> dict[str, list[int | str]]:
+    """Every layer's output shape with symbolic N, H and W, e.g. ["N", 8, "ceil(H/2)", ...].
+
+    For describing outputs; the exact sizes for an image come from infer_shapes.
+    """
+    channels, height, width = pipeline.input.channels, "H", "W"
+    flat = False
+    shapes: dict[str, list[int | str]] = {}
+    for layer, name in zip(pipeline.layers, pipeline.layer_names, strict=True):
+        if isinstance(layer, Conv2d | PoolBase):
+            kernel, stride, dilation = window_geometry(layer)
+            padding = layer.padding
+            pads = (0, 0, 0, 0) if isinstance(padding, str) else padding
+            mode = "same" if padding == "same" else "floor"
+            if isinstance(layer, PoolBase) and layer.ceil_mode:
+                mode = "ceil"
+            height, width = (
+                _symbolic_window(
+                    size, (pads[i], pads[i + 2]), kernel[i], stride[i], dilation[i], mode
+                )
+                for i, size in enumerate((height, width))
+            )
+            channels = layer.filters if isinstance(layer, Conv2d) else channels
+        elif isinstance(layer, GlobalAvgPool2d | GlobalMaxPool2d):
+            height = width = "1"
+        elif isinstance(layer, Flatten):
+            flat = True
+        spatial: list[int | str] = [int(d) if d.isdigit() else d for d in (height, width)]
+        if flat:
+            features = channels if spatial == [1, 1] else f"{channels}*({height})*({width})"
+            shapes[name] = ["N", features]
+        else:
+            shapes[name] = ["N", channels, *spatial]
+    return shapes
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a pipeline spec."""
     return Pipeline.model_json_schema()

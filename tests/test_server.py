@@ -266,6 +266,7 @@ def test_server_info(client: FeatureClient, server: FeatmapServer) -> None:
         "max_pixels_per_image": settings.max_pixels_per_image,
         "max_layers": settings.max_layers,
         "max_parameters": settings.max_parameters,
+        "max_registered_pipelines": settings.max_registered_pipelines,
         "session_cache_size": settings.session_cache_size,
     }
 

@@ -1,0 +1,226 @@
+"""The featmap.v1 API as plain functions over its messages: testable without a gRPC server.
+
+server.py only moves messages between gRPC and a FeatureService.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from featmap.service import __version__
+from featmap.service.errors import InvalidRequest, InvalidTensor, NonFiniteResult
+from featmap.service.extractor import Extractor, RequestLimits, all_finite
+from featmap.service.graph import OPSET
+from featmap.service.registry import BatchingPolicy, PipelineRegistry, RegisteredPipeline
+from featmap.service.runtime import (
+    CompiledPipeline,
+    SessionCache,
+    available_providers,
+    resolve_providers,
+)
+from featmap.service.settings import ServerSettings
+from featmap.service.spec import Pipeline, parse_pipeline
+from featmap.service.wire import DTYPE_NAMES, decode_tensor, encode_tensor
+from featmap.v1 import featmap_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request runs: the pipeline, its session, and how to batch it."""
+
+    pipeline: Pipeline
+    compiled: CompiledPipeline | None  # None for an inline spec until its images are checked
+    batching: BatchingPolicy
+
+
+def policy_from_message(config: pb.BatchingConfig, field: str) -> BatchingPolicy:
+    """A BatchingConfig message as a policy, checked."""
+    if config.max_batch_size < 1:
+        raise InvalidRequest(
+            f"{field}.max_batch_size", f"must be >= 1; got {config.max_batch_size}"
+        )
+    if config.max_queue_delay_us < 0:
+        raise InvalidRequest(
+            f"{field}.max_queue_delay_us", f"must be >= 0; got {config.max_queue_delay_us}"
+        )
+    return BatchingPolicy(
+        enabled=config.enabled,
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_us=config.max_queue_delay_us,
+    )
+
+
+def policy_message(policy: BatchingPolicy) -> pb.BatchingConfig:
+    """A policy as a BatchingConfig message."""
+    return pb.BatchingConfig(
+        enabled=policy.enabled,
+        max_batch_size=policy.max_batch_size,
+        max_queue_delay_us=policy.max_queue_delay_us,
+    )
+
+
+def output_infos(registered: RegisteredPipeline) -> list[pb.OutputInfo]:
+    """Output descriptions with symbolic dims."""
+    return [
+        pb.OutputInfo(
+            name=name,
+            dtype=pb.FLOAT32,
+            shape=[
+                pb.Dim(size=d) if isinstance(d, int) else pb.Dim(symbol=d)
+                for d in registered.output_shapes[name]
+            ],
+        )
+        for name in registered.compiled.pipeline.output_names
+    ]
+
+
+class FeatureService:
+    """Everything behind featmap.v1.FeatureExtractor, without the transport."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.cache = SessionCache(
+            settings.session_cache_size,
+            resolve_providers(settings.providers),
+            settings.intra_op_threads,
+            spinning=settings.intra_op_spinning,
+        )
+        self.extractor = Extractor(
+            self.cache,
+            RequestLimits(
+                max_images_per_request=settings.max_images_per_request,
+                max_pixels_per_image=settings.max_pixels_per_image,
+                max_layers=settings.max_layers,
+                max_parameters=settings.max_parameters,
+                max_message_bytes=settings.max_message_bytes,
+            ),
+        )
+        self.registry = PipelineRegistry(self.cache, settings.max_registered_pipelines)
+        self.default_batching = BatchingPolicy(
+            enabled=settings.batching,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_us=settings.max_queue_delay_us,
+        )
+
+    # ------------------------------------------------------------------ extraction
+
+    def target(self, request: pb.ExtractRequest, previous: Target | None = None) -> Target:
+        """The pipeline a request names (or, in a stream, the one before it named)."""
+        which = request.WhichOneof("pipeline")
+        if which == "pipeline_id":
+            registered = self.registry.get(request.pipeline_id)
+            return Target(
+                registered.compiled.pipeline,
+                registered.compiled,
+                registered.batching or self.default_batching,
+            )
+        if which == "spec_json":
+            return Target(parse_pipeline(request.spec_json), None, self.default_batching)
+        if previous is None:
+            raise InvalidRequest("pipeline", "set spec_json or pipeline_id")
+        return previous
+
+    def extract(self, request: pb.ExtractRequest, target: Target) -> pb.ExtractResponse:
+        """Run one request's images through its target."""
+        if not request.HasField("images"):
+            raise InvalidTensor("images", "is missing")
+        images = decode_tensor(request.images, "images")
+        output_dtype = request.output_dtype or pb.FLOAT32
+        if output_dtype not in (pb.FLOAT32, pb.FLOAT16):
+            raise InvalidRequest(
+                "output_dtype",
+                f"{DTYPE_NAMES.get(output_dtype, output_dtype)} is not FLOAT32 or FLOAT16",
+            )
+        self.extractor.check(target.pipeline, images)
+        compiled = target.compiled or self.cache.get(target.pipeline)
+        outputs = self.extractor.run(compiled, images)
+        if output_dtype == pb.FLOAT16:
+            outputs = {name: to_float16(name, array) for name, array in outputs.items()}
+        return pb.ExtractResponse(
+            outputs={name: encode_tensor(array) for name, array in outputs.items()},
+            pipeline_id=compiled.pipeline_id,
+        )
+
+    # ------------------------------------------------------------------ registered pipelines
+
+    def register_pipeline(self, request: pb.RegisterPipelineRequest) -> pb.RegisterPipelineResponse:
+        """Register a spec with its weight tensors; compile and warm it."""
+        pipeline = parse_pipeline(request.spec_json)
+        tensors = {
+            name: decode_tensor(tensor, f"weights[{name!r}]")
+            for name, tensor in request.weights.items()
+        }
+        batching = (
+            policy_from_message(request.batching, "batching")
+            if request.HasField("batching")
+            else None
+        )
+        registered = self.registry.register(pipeline, tensors, batching)
+        return pb.RegisterPipelineResponse(
+            pipeline_id=registered.pipeline_id, outputs=output_infos(registered)
+        )
+
+    def pipeline_info(self, registered: RegisteredPipeline, include_model: bool) -> pb.PipelineInfo:
+        """What GetPipeline and ListPipelines say of one pipeline."""
+        return pb.PipelineInfo(
+            pipeline_id=registered.pipeline_id,
+            spec_json=registered.compiled.pipeline.canonical_json(),
+            outputs=output_infos(registered),
+            weight_names=registered.weight_names,
+            batching=policy_message(registered.batching or self.default_batching),
+            onnx_model=registered.compiled.model_bytes if include_model else b"",
+        )
+
+    def get_pipeline(self, request: pb.GetPipelineRequest) -> pb.PipelineInfo:
+        """One registered pipeline (NOT_FOUND for an unknown id)."""
+        return self.pipeline_info(self.registry.get(request.pipeline_id), request.include_model)
+
+    def list_pipelines(self, request: pb.ListPipelinesRequest) -> pb.ListPipelinesResponse:
+        """Every registered pipeline, without model bytes."""
+        return pb.ListPipelinesResponse(
+            pipelines=[self.pipeline_info(r, include_model=False) for r in self.registry.list()]
+        )
+
+    def delete_pipeline(self, request: pb.DeletePipelineRequest) -> pb.DeletePipelineResponse:
+        """Forget a registered pipeline."""
+        return pb.DeletePipelineResponse(deleted=self.registry.delete(request.pipeline_id))
+
+    # ------------------------------------------------------------------ about the server
+
+    def server_info(self) -> pb.GetServerInfoResponse:
+        """What this server runs on and the limits it enforces."""
+        settings = self.settings
+        return pb.GetServerInfoResponse(
+            version=__version__,
+            onnxruntime_version=ort.__version__,
+            available_providers=available_providers(),
+            active_providers=self.cache.providers,
+            limits=pb.Limits(
+                max_message_bytes=settings.max_message_bytes,
+                max_images_per_request=settings.max_images_per_request,
+                max_pixels_per_image=settings.max_pixels_per_image,
+                max_layers=settings.max_layers,
+                session_cache_size=settings.session_cache_size,
+                max_parameters=settings.max_parameters,
+                max_registered_pipelines=settings.max_registered_pipelines,
+            ),
+            onnx_opset=OPSET,
+            intra_op_threads=settings.intra_op_threads,
+            grpc_workers=settings.grpc_workers,
+            default_batching=policy_message(self.default_batching),
+        )
+
+
+def to_float16(name: str, array: np.ndarray) -> np.ndarray:
+    """float32 -> float16, refusing values float16 cannot hold rather than returning Inf."""
+    half = array.astype(np.float16)
+    if not all_finite(half):
+        raise NonFiniteResult(
+            f"outputs.{name}",
+            f"values up to {float(np.abs(array).max())} overflow float16 (max 65504): "
+            "ask for FLOAT32",
+        )
+    return half

@@ -1,0 +1,277 @@
+"""Triton-style dynamic batching: concurrent runs of one pipeline on one image shape share a run.
+
+Leader/follower ("opportunistic") batching, with no thread of its own. Per key — pipeline id,
+image shape without N, dtype and policy — at most one batch is gathered or running at a time:
+
+- a caller that finds the key idle becomes its leader and runs at once, after waiting up to
+  `max_queue_delay_us` for company when that is above zero;
+- callers that arrive while the key is busy queue up and sleep on their own Event;
+- a leader that is done wakes the head of the queue to lead the next batch, or drops the key's
+  state when the queue is empty.
+
+A batch is the head of the queue plus the requests behind it, in order, while the images fit in
+`max_batch_size`; a single request larger than that runs whole, alone. If the combined run
+raises, every request of the batch runs again on its own caller's thread, so each caller gets its
+own result or its own exception.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Protocol
+
+import numpy as np
+
+from featmap.service.errors import ExecutionFailed
+
+log = logging.getLogger(__name__)
+
+
+class PipelineRunner(Protocol):
+    """What the batcher needs of a CompiledPipeline: its id and its run."""
+
+    @property
+    def pipeline_id(self) -> str: ...
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """How one pipeline's concurrent requests are batched (the proto's BatchingConfig)."""
+
+    enabled: bool = True
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be at least 1")
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us={self.max_queue_delay_us} must not be negative")
+
+
+@dataclass
+class BatchStats:
+    """Counters of a DynamicBatcher; requests with batching disabled are not counted."""
+
+    batches: int = 0
+    requests: int = 0
+    images: int = 0
+    # Combined runs that raised and were retried request by request.
+    failed_batches: int = 0
+    # Images per combined run -> how many runs had that size.
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+
+
+class _Step(Enum):
+    """What a woken caller does next; set before its Event."""
+
+    LEAD = "lead"
+    DONE = "done"
+    RUN_ALONE = "run_alone"
+
+
+@dataclass(eq=False)
+class _Request:
+    images: np.ndarray
+    arrived: float
+    wake: threading.Event = field(default_factory=threading.Event)
+    step: _Step | None = None
+    outputs: dict[str, np.ndarray] | None = None
+
+
+@dataclass(eq=False)
+class _Queue:
+    """One key's waiting requests; `busy` while a leader gathers or runs a batch."""
+
+    arrival: threading.Condition
+    waiting: deque[_Request] = field(default_factory=deque)
+    images: int = 0
+    busy: bool = False
+
+
+_Key = tuple[str, tuple[int, ...], np.dtype, BatchingPolicy]
+
+
+class DynamicBatcher:
+    """Coalesces concurrent `run` calls for the same key into shared onnxruntime runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[_Key, _Queue] = {}
+        self._stats = BatchStats()
+
+    @property
+    def stats(self) -> BatchStats:
+        """A consistent snapshot of the counters."""
+        with self._lock:
+            return replace(self._stats, batch_sizes=Counter(self._stats.batch_sizes))
+
+    def active_keys(self) -> int:
+        """Keys with a batch gathering, running or queued; 0 when the batcher is idle."""
+        with self._lock:
+            return len(self._queues)
+
+    def queued(self) -> int:
+        """Requests waiting to join a batch, over all keys."""
+        with self._lock:
+            return sum(len(queue.waiting) for queue in self._queues.values())
+
+    def run(
+        self, compiled: PipelineRunner, images: np.ndarray, policy: BatchingPolicy
+    ) -> dict[str, np.ndarray]:
+        """The outputs for `images`, computed in a batch shared with concurrent callers.
+
+        Args:
+            compiled: the pipeline's session (a CompiledPipeline).
+            images: a batch that already passed the extractor's checks.
+            policy: the pipeline's batching; disabled means `compiled.run(images)` unchanged.
+
+        Returns:
+            The pipeline's outputs for exactly these images, in order. With batching enabled
+            they are read-only: rows of one array are shared by every caller of a batch.
+        """
+        if not policy.enabled:
+            return compiled.run(images)
+        key: _Key = (compiled.pipeline_id, images.shape[1:], images.dtype, policy)
+        request = _Request(images=images, arrived=time.monotonic())
+        with self._lock:
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = _Queue(arrival=threading.Condition(self._lock))
+            queue.waiting.append(request)
+            queue.images += len(images)
+            if queue.busy:
+                # Only the leader waits on `arrival`, and only while gathering company.
+                queue.arrival.notify()
+            else:
+                queue.busy = True
+                request.step = _Step.LEAD
+        if request.step is None:
+            request.wake.wait()
+        if request.step is _Step.LEAD:
+            self._lead(key, queue, request, compiled, policy)
+        if request.step is _Step.RUN_ALONE:
+            return _read_only(compiled.run(images))
+        assert request.outputs is not None
+        return request.outputs
+
+    def _lead(
+        self,
+        key: _Key,
+        queue: _Queue,
+        leader: _Request,
+        compiled: PipelineRunner,
+        policy: BatchingPolicy,
+    ) -> None:
+        """Gather and run one batch headed by `leader`, then hand the queue on."""
+        batch: list[_Request] = []
+        try:
+            with self._lock:
+                batch = self._gather(queue, policy)
+            self._run_batch(compiled, batch)
+        finally:
+            # Whatever was raised, every follower wakes exactly once and the queue gets a new
+            # leader or is dropped, so no caller waits forever and idle keys do not pile up.
+            for follower in batch[1:]:
+                if follower.step is None:
+                    follower.step = _Step.RUN_ALONE
+                follower.wake.set()
+            with self._lock:
+                if not batch:  # interrupted while gathering: the leader is still queued
+                    queue.waiting.remove(leader)
+                    queue.images -= len(leader.images)
+                if queue.waiting:
+                    head = queue.waiting[0]
+                    head.step = _Step.LEAD
+                    head.wake.set()
+                else:
+                    queue.busy = False
+                    del self._queues[key]
+
+    def _gather(self, queue: _Queue, policy: BatchingPolicy) -> list[_Request]:
+        """Pop the next batch off the head of the queue; call with the lock held."""
+        # Triton's rule: a batch goes when it is full or its oldest request has waited the
+        # delay. A promoted leader's head has usually waited a whole run already.
+        deadline = queue.waiting[0].arrived + policy.max_queue_delay_us / 1e6
+        while queue.images < policy.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            queue.arrival.wait(remaining)
+        # The head always goes, even when larger than max_batch_size: requests are never split.
+        batch = [queue.waiting.popleft()]
+        size = len(batch[0].images)
+        # In order: a request that does not fit waits at the head for the next batch.
+        while queue.waiting and size + len(queue.waiting[0].images) <= policy.max_batch_size:
+            batch.append(queue.waiting.popleft())
+            size += len(batch[-1].images)
+        queue.images -= size
+        self._stats.batches += 1
+        self._stats.requests += len(batch)
+        self._stats.images += size
+        self._stats.batch_sizes[size] += 1
+        return batch
+
+    def _run_batch(self, compiled: PipelineRunner, batch: list[_Request]) -> None:
+        """One run for the whole batch, its outputs split back to the requests."""
+        counts = [len(request.images) for request in batch]
+        try:
+            images = (
+                batch[0].images
+                if len(batch) == 1
+                else np.concatenate([request.images for request in batch])
+            )
+            parts = _split(compiled.run(images), counts)
+        except Exception:
+            if len(batch) == 1:
+                raise  # alone already: the error is this caller's own
+            log.warning(
+                "pipeline %s: a batch of %s images failed; running its %d requests one by one",
+                compiled.pipeline_id,
+                counts,
+                len(batch),
+                exc_info=True,
+            )
+            with self._lock:
+                self._stats.failed_batches += 1
+            for request in batch:
+                request.step = _Step.RUN_ALONE
+            return
+        for request, part in zip(batch, parts, strict=True):
+            request.outputs = part
+            request.step = _Step.DONE
+
+
+def _read_only(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same arrays, made read-only so every path of the batcher returns alike."""
+    for array in outputs.values():
+        array.flags.writeable = False
+    return outputs
+
+
+def _split(outputs: dict[str, np.ndarray], counts: list[int]) -> list[dict[str, np.ndarray]]:
+    """Each request's rows (axis 0) of a batch's outputs, as read-only views."""
+    total = sum(counts)
+    for name, array in outputs.items():
+        if array.ndim == 0 or array.shape[0] != total:
+            raise ExecutionFailed(
+                f"outputs.{name}",
+                f"shape {list(array.shape)} has no batch axis of {total} images to split",
+            )
+    # Views, not copies: the callers of a batch share one array per output. The base is made
+    # read-only first, so its views are too and cannot be made writeable again: no caller can
+    # change another's result.
+    _read_only(outputs)
+    bounds = list(itertools.accumulate(counts, initial=0))
+    return [
+        {name: array[start:stop] for name, array in outputs.items()}
+        for start, stop in itertools.pairwise(bounds)
+    ]
