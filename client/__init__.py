@@ -1,7 +1,13 @@
-"""featmap client: FeatureClient and the `featmap` command line."""
+"""featmap client: FeatureClient, AsyncFeatureClient and the `featmap` command line."""
 
 from __future__ import annotations
 
-from featmap.client.client import FeatmapRpcError, FeatureClient, ServerInfo
+from featmap.client.client import (
+    AsyncFeatureClient,
+    FeatmapRpcError,
+    FeatureClient,
+    PipelineInfo,
+    ServerInfo,
+)
 
-__all__ = ["FeatmapRpcError", "FeatureClient", "ServerInfo"]
+__all__ = ["AsyncFeatureClient", "FeatmapRpcError", "FeatureClient", "PipelineInfo", "ServerInfo"]

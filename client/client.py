@@ -1,13 +1,18 @@
-"""FeatureClient: numpy in, numpy out, over featmap's gRPC API."""
+"""FeatureClient and AsyncFeatureClient: numpy in, numpy out, over featmap's gRPC API."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
+import math
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import grpc
+import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -17,7 +22,11 @@ from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
-SpecLike = Pipeline | dict[str, Any] | str
+# Room left in a message for everything but the image bytes (spec text aside).
+ENVELOPE_BYTES = 4096
+OutputDType = Literal["float32", "float16"]
+SpecLike = Pipeline | Mapping[str, Any] | str
+OUTPUT_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16}
 
 
 class FeatmapRpcError(Exception):
@@ -47,15 +56,37 @@ class ServerInfo:
     active_providers: list[str]
     limits: dict[str, int]
     onnx_opset: int
+    intra_op_threads: int
+    grpc_workers: int
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    """A registered pipeline as GetPipeline/ListPipelines describe it."""
+
+    pipeline_id: str
+    spec: dict[str, Any]
+    outputs: dict[str, list[int | str]]
+    weight_names: list[str]
+    batching: dict[str, Any]
+    onnx_model: bytes
+
+
+# --------------------------------------------------------------------------- messages
 
 
 def spec_json(spec: SpecLike) -> str:
-    """The JSON text of a spec given as a model, a dict, or JSON text already."""
+    """The JSON text of a spec given as a model, a mapping, or JSON text already."""
     if isinstance(spec, Pipeline):
         return spec.model_dump_json()
     if isinstance(spec, str):
         return spec
     return json.dumps(spec)
+
+
+def is_pipeline_id(pipeline: SpecLike) -> bool:
+    """A str that is not JSON text is a registered pipeline's id."""
+    return isinstance(pipeline, str) and not pipeline.lstrip().startswith("{")
 
 
 def sendable(images: np.ndarray) -> np.ndarray:
@@ -64,13 +95,114 @@ def sendable(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) if images.dtype == np.float64 else images
 
 
+def request_for(
+    images: np.ndarray | None, pipeline: SpecLike | None, output_dtype: OutputDType
+) -> pb.ExtractRequest:
+    """An ExtractRequest; pipeline None leaves it unset (later messages of a stream)."""
+    if output_dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"output_dtype must be 'float32' or 'float16', not {output_dtype!r}")
+    request = pb.ExtractRequest(output_dtype=OUTPUT_DTYPES[output_dtype])  # type: ignore[arg-type]
+    if images is not None:
+        request.images.CopyFrom(encode_tensor(images))
+    if pipeline is None:
+        return request
+    if is_pipeline_id(pipeline):
+        request.pipeline_id = pipeline  # type: ignore[assignment]
+    else:
+        request.spec_json = spec_json(pipeline)
+    return request
+
+
+def outputs_of(response: pb.ExtractResponse) -> dict[str, np.ndarray]:
+    """The response's arrays: read-only views of its bytes, no copy."""
+    return {name: decode_tensor(t, f"outputs.{name}") for name, t in response.outputs.items()}
+
+
+def images_per_message(images: np.ndarray, pipeline: SpecLike, max_message_bytes: int) -> int:
+    """How many images fit in one message (at least 1)."""
+    text = len(pipeline) if isinstance(pipeline, str) else len(spec_json(pipeline))
+    per_image = max(1, math.prod(images.shape[1:]) * images.dtype.itemsize)
+    return max(1, (max_message_bytes - text - ENVELOPE_BYTES) // per_image)
+
+
+def chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Consecutive slices of at most `size` images (views, no copy)."""
+    for start in range(0, len(images), size):
+        yield images[start : start + size]
+
+
+def concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-chunk outputs joined back along the batch axis, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def register_request(
+    spec: SpecLike, weights: Mapping[str, np.ndarray] | None, batching: Mapping[str, Any] | None
+) -> pb.RegisterPipelineRequest:
+    """A RegisterPipelineRequest with weight tensors as raw bytes."""
+    request = pb.RegisterPipelineRequest(spec_json=spec_json(spec))
+    for name, array in (weights or {}).items():
+        request.weights[name].CopyFrom(encode_tensor(sendable(array)))
+    if batching is not None:
+        request.batching.CopyFrom(pb.BatchingConfig(**batching))
+    return request
+
+
+def pipeline_info(info: pb.PipelineInfo) -> PipelineInfo:
+    """A PipelineInfo message as a dataclass."""
+    return PipelineInfo(
+        pipeline_id=info.pipeline_id,
+        spec=json.loads(info.spec_json),
+        outputs={
+            o.name: [d.size if d.WhichOneof("value") == "size" else d.symbol for d in o.shape]
+            for o in info.outputs
+        },
+        weight_names=list(info.weight_names),
+        batching={
+            "enabled": info.batching.enabled,
+            "max_batch_size": info.batching.max_batch_size,
+            "max_queue_delay_us": info.batching.max_queue_delay_us,
+        },
+        onnx_model=info.onnx_model,
+    )
+
+
+def server_info(info: pb.GetServerInfoResponse) -> ServerInfo:
+    """A GetServerInfoResponse as a dataclass."""
+    return ServerInfo(
+        version=info.version,
+        onnxruntime_version=info.onnxruntime_version,
+        available_providers=list(info.available_providers),
+        active_providers=list(info.active_providers),
+        limits={field.name: value for field, value in info.limits.ListFields()},
+        onnx_opset=info.onnx_opset,
+        intra_op_threads=info.intra_op_threads,
+        grpc_workers=info.grpc_workers,
+    )
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message limits for a channel; replies are bounded by the server's own limit."""
+    return [
+        ("grpc.max_receive_message_length", 2 * max_message_bytes),
+        ("grpc.max_send_message_length", 2 * max_message_bytes),
+    ]
+
+
+# --------------------------------------------------------------------------- blocking client
+
+
 class FeatureClient:
     """A blocking client. Use as a context manager, or call close().
 
     Args:
         address: "host:port" (or any gRPC target).
         timeout: default deadline in seconds for each call (None: no deadline).
-        max_message_bytes: largest message sent or received; match the server's setting.
+        max_message_bytes: largest message to send; larger batches are streamed in chunks.
+            Match the server's setting.
+        in_flight: requests extract_iter keeps in flight.
     """
 
     def __init__(
@@ -79,54 +211,145 @@ class FeatureClient:
         *,
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        in_flight: int = 4,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        self.max_message_bytes = max_message_bytes
+        self.in_flight = in_flight
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.FeatureExtractorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def extract(
-        self, images: np.ndarray, spec: SpecLike, *, timeout: float | None = None
-    ) -> dict[str, np.ndarray]:
-        """Run `spec` on a batch; one float32 array per requested output, keyed by layer name.
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
 
-        The arrays are read-only views of the response bytes (no copy); `.copy()` to modify.
-        """
-        request = pb.ExtractRequest(
-            spec_json=spec_json(spec), images=encode_tensor(sendable(images))
-        )
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            response = self._stub.Extract(request, timeout=self._timeout(timeout))
+            return method(request, timeout=self._timeout(timeout))
         except grpc.RpcError as exc:
             raise FeatmapRpcError.from_rpc_error(exc) from None
-        return {
-            name: decode_tensor(tensor, f"outputs.{name}")
-            for name, tensor in response.outputs.items()
-        }
+
+    def extract(
+        self,
+        images: np.ndarray,
+        pipeline: SpecLike,
+        *,
+        output_dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run a pipeline (a spec, or a registered pipeline's id) on a batch of images.
+
+        Returns one array per requested output, keyed by layer name: read-only views of the
+        response bytes (`.copy()` to modify). A batch larger than one message is streamed in
+        chunks and reassembled in order.
+        """
+        images = sendable(images)
+        per_message = images_per_message(images, pipeline, self.max_message_bytes)
+        if len(images) <= per_message:
+            request = request_for(images, pipeline, output_dtype)
+            return outputs_of(self._call(self._stub.Extract, request, timeout))
+        parts = list(
+            self.extract_stream(
+                chunks(images, per_message), pipeline, output_dtype=output_dtype, timeout=timeout
+            )
+        )
+        return concatenate(parts)
+
+    def extract_stream(
+        self,
+        batches: Iterable[np.ndarray],
+        pipeline: SpecLike,
+        *,
+        output_dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """One ExtractStream: yields each batch's outputs in order as the server finishes it.
+
+        Batches are read from `batches` only as gRPC sends them, so memory stays a few batches
+        on both sides however long the job is.
+        """
+
+        def requests() -> Iterator[pb.ExtractRequest]:
+            for index, batch in enumerate(batches):
+                yield request_for(sendable(batch), pipeline if index == 0 else None, output_dtype)
+
+        call = self._stub.ExtractStream(requests(), timeout=self._timeout(timeout))
+        try:
+            for response in call:
+                yield outputs_of(response)
+        except grpc.RpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()  # a consumer that stops early must not leave the stream open
+
+    def extract_iter(
+        self,
+        batches: Iterable[np.ndarray],
+        pipeline: SpecLike,
+        *,
+        in_flight: int | None = None,
+        output_dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Yield each batch's outputs in order, keeping `in_flight` unary requests running."""
+        pending: collections.deque[Any] = collections.deque()
+        limit = max(1, in_flight or self.in_flight)
+
+        def result(future: Any) -> dict[str, np.ndarray]:
+            try:
+                return outputs_of(future.result())
+            except grpc.RpcError as exc:
+                raise FeatmapRpcError.from_rpc_error(exc) from None
+
+        try:
+            for batch in batches:
+                request = request_for(sendable(batch), pipeline, output_dtype)
+                pending.append(self._stub.Extract.future(request, timeout=self._timeout(timeout)))
+                if len(pending) >= limit:
+                    yield result(pending.popleft())
+            while pending:
+                yield result(pending.popleft())
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def register(
+        self,
+        spec: SpecLike,
+        weights: Mapping[str, np.ndarray] | None = None,
+        *,
+        batching: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Register a spec with its weight tensors (referenced as {"tensor": name}); its id.
+
+        `batching` overrides the server's dynamic batching for this pipeline:
+        {"enabled": bool, "max_batch_size": int, "max_queue_delay_us": int}.
+        """
+        request = register_request(spec, weights, batching)
+        return str(self._call(self._stub.RegisterPipeline, request, timeout).pipeline_id)
+
+    def get_pipeline(
+        self, pipeline_id: str, *, include_model: bool = False, timeout: float | None = None
+    ) -> PipelineInfo:
+        """A registered pipeline's spec, outputs, weights' names, batching (and ONNX model)."""
+        request = pb.GetPipelineRequest(pipeline_id=pipeline_id, include_model=include_model)
+        return pipeline_info(self._call(self._stub.GetPipeline, request, timeout))
+
+    def list_pipelines(self, *, timeout: float | None = None) -> list[PipelineInfo]:
+        """Every registered pipeline."""
+        response = self._call(self._stub.ListPipelines, pb.ListPipelinesRequest(), timeout)
+        return [pipeline_info(info) for info in response.pipelines]
+
+    def delete_pipeline(self, pipeline_id: str, *, timeout: float | None = None) -> bool:
+        """Forget a registered pipeline; False if the server did not have it."""
+        request = pb.DeletePipelineRequest(pipeline_id=pipeline_id)
+        return bool(self._call(self._stub.DeletePipeline, request, timeout).deleted)
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
-        """Version, onnxruntime version, execution providers and limits of the server."""
-        try:
-            info = self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=self._timeout(timeout)
-            )
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
-        return ServerInfo(
-            version=info.version,
-            onnxruntime_version=info.onnxruntime_version,
-            available_providers=list(info.available_providers),
-            active_providers=list(info.active_providers),
-            limits={field.name: value for field, value in info.limits.ListFields()},
-            onnx_opset=info.onnx_opset,
-        )
+        """Version, onnxruntime version, execution providers, threads and limits."""
+        return server_info(self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the server's health service says SERVING (TimeoutError after `timeout`)."""
@@ -137,9 +360,6 @@ class FeatureClient:
             raise TimeoutError(f"featmap server at {self.address} not ready: {exc}") from None
         if status.status != health_pb2.HealthCheckResponse.SERVING:
             raise TimeoutError(f"featmap server at {self.address} is not serving")
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
 
     def close(self) -> None:
         """Close the channel."""
@@ -155,3 +375,177 @@ class FeatureClient:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- asyncio client
+
+
+class AsyncFeatureClient:
+    """The asyncio twin of FeatureClient (grpc.aio); `async with` it, or `await close()`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        in_flight: int = 4,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self.in_flight = in_flight
+        self._channel = grpc.aio.insecure_channel(
+            address, options=channel_options(max_message_bytes)
+        )
+        self._stub = pb_grpc.FeatureExtractorStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self._timeout(timeout))
+        except grpc.aio.AioRpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
+
+    async def extract(
+        self,
+        images: np.ndarray,
+        pipeline: SpecLike,
+        *,
+        output_dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """As FeatureClient.extract."""
+        images = sendable(images)
+        per_message = images_per_message(images, pipeline, self.max_message_bytes)
+        if len(images) <= per_message:
+            request = request_for(images, pipeline, output_dtype)
+            return outputs_of(await self._call(self._stub.Extract, request, timeout))
+        stream = self.extract_stream(
+            chunks(images, per_message), pipeline, output_dtype=output_dtype, timeout=timeout
+        )
+        return concatenate([part async for part in stream])
+
+    async def extract_stream(
+        self,
+        batches: Iterable[np.ndarray] | AsyncIterable[np.ndarray],
+        pipeline: SpecLike,
+        *,
+        output_dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> AsyncIterator[dict[str, np.ndarray]]:
+        """As FeatureClient.extract_stream; `batches` may be an async iterable."""
+
+        async def requests() -> AsyncIterator[pb.ExtractRequest]:
+            index = 0
+            if isinstance(batches, AsyncIterable):
+                async for batch in batches:
+                    yield request_for(
+                        sendable(batch), pipeline if index == 0 else None, output_dtype
+                    )
+                    index += 1
+            else:
+                for batch in batches:
+                    yield request_for(
+                        sendable(batch), pipeline if index == 0 else None, output_dtype
+                    )
+                    index += 1
+
+        call = self._stub.ExtractStream(requests(), timeout=self._timeout(timeout))
+        try:
+            async for response in call:
+                yield outputs_of(response)
+        except grpc.aio.AioRpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def extract_iter(
+        self,
+        batches: Iterable[np.ndarray],
+        pipeline: SpecLike,
+        *,
+        in_flight: int | None = None,
+        output_dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> AsyncIterator[dict[str, np.ndarray]]:
+        """As FeatureClient.extract_iter: results in order, `in_flight` requests running."""
+        limit = max(1, in_flight or self.in_flight)
+        pending: collections.deque[asyncio.Task[dict[str, np.ndarray]]] = collections.deque()
+        try:
+            for batch in batches:
+                pending.append(
+                    asyncio.ensure_future(
+                        self.extract(batch, pipeline, output_dtype=output_dtype, timeout=timeout)
+                    )
+                )
+                if len(pending) >= limit:
+                    yield await pending.popleft()
+            while pending:
+                yield await pending.popleft()
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def register(
+        self,
+        spec: SpecLike,
+        weights: Mapping[str, np.ndarray] | None = None,
+        *,
+        batching: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """As FeatureClient.register."""
+        request = register_request(spec, weights, batching)
+        return str((await self._call(self._stub.RegisterPipeline, request, timeout)).pipeline_id)
+
+    async def get_pipeline(
+        self, pipeline_id: str, *, include_model: bool = False, timeout: float | None = None
+    ) -> PipelineInfo:
+        """As FeatureClient.get_pipeline."""
+        request = pb.GetPipelineRequest(pipeline_id=pipeline_id, include_model=include_model)
+        return pipeline_info(await self._call(self._stub.GetPipeline, request, timeout))
+
+    async def list_pipelines(self, *, timeout: float | None = None) -> list[PipelineInfo]:
+        """As FeatureClient.list_pipelines."""
+        response = await self._call(self._stub.ListPipelines, pb.ListPipelinesRequest(), timeout)
+        return [pipeline_info(info) for info in response.pipelines]
+
+    async def delete_pipeline(self, pipeline_id: str, *, timeout: float | None = None) -> bool:
+        """As FeatureClient.delete_pipeline."""
+        request = pb.DeletePipelineRequest(pipeline_id=pipeline_id)
+        return bool((await self._call(self._stub.DeletePipeline, request, timeout)).deleted)
+
+    async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        """As FeatureClient.server_info."""
+        request = pb.GetServerInfoRequest()
+        return server_info(await self._call(self._stub.GetServerInfo, request, timeout))
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """As FeatureClient.wait_ready."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+            request = health_pb2.HealthCheckRequest(service="")
+            status = await self._health.Check(request, timeout=timeout)
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            raise TimeoutError(f"featmap server at {self.address} not ready: {exc}") from None
+        if status.status != health_pb2.HealthCheckResponse.SERVING:
+            raise TimeoutError(f"featmap server at {self.address} is not serving")
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncFeatureClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from featmap.service import __version__
-from featmap.service.errors import InvalidRequest, InvalidTensor, NonFiniteResult
+from featmap.service.errors import InvalidRequest, InvalidTensor, LimitExceeded, NonFiniteResult
 from featmap.service.extractor import Extractor, RequestLimits, all_finite
 from featmap.service.graph import OPSET
 from featmap.service.registry import BatchingPolicy, PipelineRegistry, RegisteredPipeline
@@ -127,6 +127,14 @@ class FeatureService:
         """Run one request's images through its target."""
         if not request.HasField("images"):
             raise InvalidTensor("images", "is missing")
+        size = request.ByteSize()
+        if size > self.settings.max_message_bytes:
+            raise LimitExceeded(
+                "images",
+                f"the request is {size} bytes, over max_message_bytes="
+                f"{self.settings.max_message_bytes}: send the batch in chunks with ExtractStream "
+                "(FeatureClient.extract does so by itself)",
+            )
         images = decode_tensor(request.images, "images")
         output_dtype = request.output_dtype or pb.FLOAT32
         if output_dtype not in (pb.FLOAT32, pb.FLOAT16):

@@ -186,9 +186,12 @@ class FeatmapServer:
             futures.ThreadPoolExecutor(
                 max_workers=settings.grpc_workers, thread_name_prefix="featmap-grpc"
             ),
+            # The transport admits up to twice the limit so that FeatureService can answer a
+            # message over it with RESOURCE_EXHAUSTED and how to stream instead, rather than
+            # gRPC's bare "larger than max".
             options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
+                ("grpc.max_send_message_length", 2 * settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )

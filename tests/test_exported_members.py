@@ -19,7 +19,13 @@ def test_service_exports() -> None:
 
 
 def test_client_exports() -> None:
-    assert featmap.client.__all__ == ["FeatmapRpcError", "FeatureClient", "ServerInfo"]
+    assert featmap.client.__all__ == [
+        "AsyncFeatureClient",
+        "FeatmapRpcError",
+        "FeatureClient",
+        "PipelineInfo",
+        "ServerInfo",
+    ]
     for name in featmap.client.__all__:
         assert getattr(featmap.client, name).__module__.startswith("featmap.client")
 

@@ -587,10 +587,10 @@ def test_request_over_max_message_bytes(
     images = normal(1, 3, 300, 300)  # 1.08 MB of float32: over 1 MiB before any pixel limit
     with pytest.raises(FeatmapRpcError) as failure:
         small_client.extract(images, README_SPEC)
-    # gRPC rejects the message before the servicer runs, so no field can be blamed.
-    assert failure.value.code == EXHAUSTED, failure.value
-    assert "larger than max" in failure.value.details
-    assert str(MIB) in failure.value.details
+    # Up to twice the limit the servicer itself answers, saying how to stream instead.
+    assert (failure.value.code, failure.value.field) == (EXHAUSTED, "images"), failure.value
+    assert f"over max_message_bytes={MIB}" in failure.value.details
+    assert "ExtractStream" in failure.value.details
     small = normal(1, 3, 32, 32)  # the same server still answers a request under the limit
     assert_matches_reference(small_client.extract(small, README_SPEC), readme_pipeline, small)
 
