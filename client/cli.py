@@ -59,6 +59,21 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from featmap.client.bench import default_threads, run_bench
+
+    report = run_bench(
+        threads=args.threads or default_threads(),
+        batch=args.batch,
+        size=args.size,
+        seconds=args.seconds,
+        clients=args.clients,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(report.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `featmap` command."""
     parser = argparse.ArgumentParser(prog="featmap", description=__doc__)
@@ -81,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     serve.set_defaults(run=_serve)
+
+    bench = commands.add_parser(
+        "bench", help="throughput and latency as ratios against onnxruntime in-process"
+    )
+    bench.add_argument("--threads", type=int, help="intra-op threads, both sides (default: cores)")
+    bench.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
+    bench.add_argument("--size", type=int, default=224, help="image height and width (224)")
+    bench.add_argument("--seconds", type=float, default=5.0, help="time per measurement (5)")
+    bench.add_argument("--clients", type=int, default=32, help="concurrent clients (32)")
+    bench.set_defaults(run=_bench)
 
     schema = commands.add_parser("schema", help="print the pipeline spec's JSON Schema")
     schema.set_defaults(run=_schema)

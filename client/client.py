@@ -6,6 +6,7 @@ import asyncio
 import collections
 import json
 import math
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -16,8 +17,15 @@ import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from featmap.client.shared_memory import SharedMemoryPool
 from featmap.service.spec import Pipeline
-from featmap.service.wire import decode_tensor, encode_tensor
+from featmap.service.wire import (
+    FramedTensor,
+    encode_tensor,
+    parse_extract_response,
+    serialize_extract_request,
+    wire_dtype,
+)
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 
@@ -27,6 +35,8 @@ ENVELOPE_BYTES = 4096
 OutputDType = Literal["float32", "float16"]
 SpecLike = Pipeline | Mapping[str, Any] | str
 OUTPUT_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16}
+EXTRACT_METHOD = "/featmap.v1.FeatureExtractor/Extract"
+EXTRACT_STREAM_METHOD = "/featmap.v1.FeatureExtractor/ExtractStream"
 
 
 class FeatmapRpcError(Exception):
@@ -95,27 +105,52 @@ def sendable(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) if images.dtype == np.float64 else images
 
 
+@dataclass(frozen=True)
+class OutgoingExtract:
+    """An ExtractRequest still in two parts: serialized by wire.serialize_extract_request."""
+
+    message: pb.ExtractRequest
+    images: np.ndarray | None
+
+    def serialize(self) -> bytes:
+        """The request's wire bytes, pixels copied once."""
+        return serialize_extract_request(self.message, self.images)
+
+
 def request_for(
     images: np.ndarray | None, pipeline: SpecLike | None, output_dtype: OutputDType
-) -> pb.ExtractRequest:
-    """An ExtractRequest; pipeline None leaves it unset (later messages of a stream)."""
+) -> OutgoingExtract:
+    """An Extract request; pipeline None leaves it unset (later messages of a stream)."""
     if output_dtype not in OUTPUT_DTYPES:
         raise ValueError(f"output_dtype must be 'float32' or 'float16', not {output_dtype!r}")
-    request = pb.ExtractRequest(output_dtype=OUTPUT_DTYPES[output_dtype])  # type: ignore[arg-type]
-    if images is not None:
-        request.images.CopyFrom(encode_tensor(images))
-    if pipeline is None:
-        return request
-    if is_pipeline_id(pipeline):
-        request.pipeline_id = pipeline  # type: ignore[assignment]
-    else:
-        request.spec_json = spec_json(pipeline)
-    return request
+    message = pb.ExtractRequest(output_dtype=OUTPUT_DTYPES[output_dtype])  # type: ignore[arg-type]
+    if pipeline is not None and is_pipeline_id(pipeline):
+        message.pipeline_id = pipeline  # type: ignore[assignment]
+    elif pipeline is not None:
+        message.spec_json = spec_json(pipeline)
+    return OutgoingExtract(message, images)
 
 
-def outputs_of(response: pb.ExtractResponse) -> dict[str, np.ndarray]:
+def outputs_of(
+    response: tuple[pb.ExtractResponse, dict[str, FramedTensor]],
+) -> dict[str, np.ndarray]:
     """The response's arrays: read-only views of its bytes, no copy."""
-    return {name: decode_tensor(t, f"outputs.{name}") for name, t in response.outputs.items()}
+    _, outputs = response
+    return {name: tensor.array(f"outputs.{name}") for name, tensor in outputs.items()}
+
+
+def extract_methods(channel: Any) -> tuple[Any, Any]:
+    """Extract and ExtractStream on `channel`, framed by wire.py rather than by protobuf."""
+    serialize = OutgoingExtract.serialize
+    extract = channel.unary_unary(
+        EXTRACT_METHOD, request_serializer=serialize, response_deserializer=parse_extract_response
+    )
+    stream = channel.stream_stream(
+        EXTRACT_STREAM_METHOD,
+        request_serializer=serialize,
+        response_deserializer=parse_extract_response,
+    )
+    return extract, stream
 
 
 def images_per_message(images: np.ndarray, pipeline: SpecLike, max_message_bytes: int) -> int:
@@ -203,6 +238,9 @@ class FeatureClient:
         max_message_bytes: largest message to send; larger batches are streamed in chunks.
             Match the server's setting.
         in_flight: requests extract_iter keeps in flight.
+        shared_memory: pass images and outputs through POSIX shared memory instead of the
+            socket (the server must run on this host, as the same user). Requests of one
+            client then run one at a time.
     """
 
     def __init__(
@@ -212,6 +250,7 @@ class FeatureClient:
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         in_flight: int = 4,
+        shared_memory: bool = False,
     ) -> None:
         self.address = address
         self.timeout = timeout
@@ -219,6 +258,8 @@ class FeatureClient:
         self.in_flight = in_flight
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.FeatureExtractorStub(self._channel)
+        self._extract, self._extract_stream = extract_methods(self._channel)
+        self._shared = SharedMemoryTransport(self._stub) if shared_memory else None
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _timeout(self, timeout: float | None) -> float | None:
@@ -245,10 +286,16 @@ class FeatureClient:
         chunks and reassembled in order.
         """
         images = sendable(images)
+        if self._shared is not None:
+            message = request_for(None, pipeline, output_dtype).message
+            try:
+                return self._shared.extract(images, message, self._timeout(timeout))
+            except grpc.RpcError as exc:
+                raise FeatmapRpcError.from_rpc_error(exc) from None
         per_message = images_per_message(images, pipeline, self.max_message_bytes)
         if len(images) <= per_message:
             request = request_for(images, pipeline, output_dtype)
-            return outputs_of(self._call(self._stub.Extract, request, timeout))
+            return outputs_of(self._call(self._extract, request, timeout))
         parts = list(
             self.extract_stream(
                 chunks(images, per_message), pipeline, output_dtype=output_dtype, timeout=timeout
@@ -270,11 +317,11 @@ class FeatureClient:
         on both sides however long the job is.
         """
 
-        def requests() -> Iterator[pb.ExtractRequest]:
+        def requests() -> Iterator[OutgoingExtract]:
             for index, batch in enumerate(batches):
                 yield request_for(sendable(batch), pipeline if index == 0 else None, output_dtype)
 
-        call = self._stub.ExtractStream(requests(), timeout=self._timeout(timeout))
+        call = self._extract_stream(requests(), timeout=self._timeout(timeout))
         try:
             for response in call:
                 yield outputs_of(response)
@@ -305,7 +352,7 @@ class FeatureClient:
         try:
             for batch in batches:
                 request = request_for(sendable(batch), pipeline, output_dtype)
-                pending.append(self._stub.Extract.future(request, timeout=self._timeout(timeout)))
+                pending.append(self._extract.future(request, timeout=self._timeout(timeout)))
                 if len(pending) >= limit:
                     yield result(pending.popleft())
             while pending:
@@ -362,7 +409,9 @@ class FeatureClient:
             raise TimeoutError(f"featmap server at {self.address} is not serving")
 
     def close(self) -> None:
-        """Close the channel."""
+        """Release shared memory (if used) and close the channel."""
+        if self._shared is not None:
+            self._shared.close()
         self._channel.close()
 
     def __enter__(self) -> FeatureClient:
@@ -375,6 +424,73 @@ class FeatureClient:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class SharedMemoryTransport:
+    """Extract through the client's shared-memory regions: one copy in, one copy out."""
+
+    def __init__(self, stub: pb_grpc.FeatureExtractorStub) -> None:
+        self.stub = stub
+        self.pool = SharedMemoryPool()
+        self.lease_seconds = 0.0
+        self.renewed = 0.0
+        self.output_bytes_per_image = 0
+
+    def _register(self, registrations: list[tuple[str, str, int]], timeout: float | None) -> None:
+        for region, key, byte_size in registrations:
+            request = pb.RegisterSharedMemoryRequest(
+                region=region, key=key, byte_size=byte_size, owner=self.pool.owner
+            )
+            self.lease_seconds = self.stub.RegisterSharedMemory(
+                request, timeout=timeout
+            ).lease_seconds
+            self.renewed = time.monotonic()
+
+    def _renew(self, timeout: float | None) -> None:
+        # Renewed on use; a client idle past its lease re-registers on NOT_FOUND instead.
+        if self.lease_seconds and time.monotonic() - self.renewed > self.lease_seconds / 3:
+            request = pb.RenewSharedMemoryRequest(owner=self.pool.owner)
+            self.stub.RenewSharedMemory(request, timeout=timeout)
+            self.renewed = time.monotonic()
+
+    def extract(
+        self, images: np.ndarray, message: pb.ExtractRequest, timeout: float | None
+    ) -> dict[str, np.ndarray]:
+        """One Extract with images and outputs in shared memory (outputs come back copied)."""
+        with self.pool.lock:
+            images_ref, registrations = self.pool.images_ref(images)
+            # Sized from the last reply; a region too small makes the server answer inline.
+            wanted = max(1 << 16, self.output_bytes_per_image * len(images))
+            output_ref, more = self.pool.output_ref(wanted)
+            self._register(registrations + more, timeout)
+            self._renew(timeout)
+            header = pb.Tensor(dtype=wire_dtype(images), shape=images.shape)  # type: ignore[arg-type]
+            message.images.CopyFrom(header)
+            message.images_region.CopyFrom(images_ref)
+            message.output_region.CopyFrom(output_ref)
+            try:
+                response = self.stub.Extract(message, timeout=timeout)
+            except grpc.RpcError as exc:
+                call: Any = exc
+                if call.code() != grpc.StatusCode.NOT_FOUND or "region" not in (
+                    call.details() or ""
+                ):
+                    raise
+                self._register(self.pool.registrations(), timeout)  # the lease ran out: again
+                response = self.stub.Extract(message, timeout=timeout)
+            outputs = self.pool.read_outputs(response)
+        total = sum(array.nbytes for array in outputs.values())
+        self.output_bytes_per_image = max(self.output_bytes_per_image, -(-total // len(images)))
+        return outputs
+
+    def close(self) -> None:
+        """Unregister this client's regions on the server (best effort), then unlink them."""
+        try:
+            request = pb.UnregisterSharedMemoryRequest(owner=self.pool.owner)
+            self.stub.UnregisterSharedMemory(request, timeout=5)
+        except grpc.RpcError:
+            pass  # the server is gone or will drop the lease by itself
+        self.pool.close()
 
 
 # --------------------------------------------------------------------------- asyncio client
@@ -399,6 +515,7 @@ class AsyncFeatureClient:
             address, options=channel_options(max_message_bytes)
         )
         self._stub = pb_grpc.FeatureExtractorStub(self._channel)
+        self._extract, self._extract_stream = extract_methods(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _timeout(self, timeout: float | None) -> float | None:
@@ -423,7 +540,7 @@ class AsyncFeatureClient:
         per_message = images_per_message(images, pipeline, self.max_message_bytes)
         if len(images) <= per_message:
             request = request_for(images, pipeline, output_dtype)
-            return outputs_of(await self._call(self._stub.Extract, request, timeout))
+            return outputs_of(await self._call(self._extract, request, timeout))
         stream = self.extract_stream(
             chunks(images, per_message), pipeline, output_dtype=output_dtype, timeout=timeout
         )
@@ -439,7 +556,7 @@ class AsyncFeatureClient:
     ) -> AsyncIterator[dict[str, np.ndarray]]:
         """As FeatureClient.extract_stream; `batches` may be an async iterable."""
 
-        async def requests() -> AsyncIterator[pb.ExtractRequest]:
+        async def requests() -> AsyncIterator[OutgoingExtract]:
             index = 0
             if isinstance(batches, AsyncIterable):
                 async for batch in batches:
@@ -454,7 +571,7 @@ class AsyncFeatureClient:
                     )
                     index += 1
 
-        call = self._stub.ExtractStream(requests(), timeout=self._timeout(timeout))
+        call = self._extract_stream(requests(), timeout=self._timeout(timeout))
         try:
             async for response in call:
                 yield outputs_of(response)

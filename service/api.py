@@ -11,10 +11,11 @@ import numpy as np
 import onnxruntime as ort
 
 from featmap.service import __version__
+from featmap.service.batching import BatchingPolicy, DynamicBatcher
 from featmap.service.errors import InvalidRequest, InvalidTensor, LimitExceeded, NonFiniteResult
 from featmap.service.extractor import Extractor, RequestLimits, all_finite
 from featmap.service.graph import OPSET
-from featmap.service.registry import BatchingPolicy, PipelineRegistry, RegisteredPipeline
+from featmap.service.registry import PipelineRegistry, RegisteredPipeline
 from featmap.service.runtime import (
     CompiledPipeline,
     SessionCache,
@@ -22,8 +23,17 @@ from featmap.service.runtime import (
     resolve_providers,
 )
 from featmap.service.settings import ServerSettings
+from featmap.service.shared_memory import SharedMemoryRegistry
 from featmap.service.spec import Pipeline, parse_pipeline
-from featmap.service.wire import DTYPE_NAMES, decode_tensor, encode_tensor
+from featmap.service.wire import (
+    DTYPE_NAMES,
+    FramedExtractRequest,
+    FramedExtractResponse,
+    check_dtype,
+    check_shape,
+    decode_tensor,
+    wire_dtype,
+)
 from featmap.v1 import featmap_pb2 as pb
 
 
@@ -99,6 +109,11 @@ class FeatureService:
             ),
         )
         self.registry = PipelineRegistry(self.cache, settings.max_registered_pipelines)
+        self.batcher = DynamicBatcher()
+        self.shared_memory = SharedMemoryRegistry(
+            lease_seconds=settings.shared_memory_lease_s,
+            max_regions=settings.max_shared_memory_regions,
+        )
         self.default_batching = BatchingPolicy(
             enabled=settings.batching,
             max_batch_size=settings.max_batch_size,
@@ -107,50 +122,108 @@ class FeatureService:
 
     # ------------------------------------------------------------------ extraction
 
-    def target(self, request: pb.ExtractRequest, previous: Target | None = None) -> Target:
+    def target(self, request: FramedExtractRequest, previous: Target | None = None) -> Target:
         """The pipeline a request names (or, in a stream, the one before it named)."""
-        which = request.WhichOneof("pipeline")
+        message = request.message
+        which = message.WhichOneof("pipeline")
         if which == "pipeline_id":
-            registered = self.registry.get(request.pipeline_id)
+            registered = self.registry.get(message.pipeline_id)
             return Target(
                 registered.compiled.pipeline,
                 registered.compiled,
                 registered.batching or self.default_batching,
             )
         if which == "spec_json":
-            return Target(parse_pipeline(request.spec_json), None, self.default_batching)
+            return Target(parse_pipeline(message.spec_json), None, self.default_batching)
         if previous is None:
             raise InvalidRequest("pipeline", "set spec_json or pipeline_id")
         return previous
 
-    def extract(self, request: pb.ExtractRequest, target: Target) -> pb.ExtractResponse:
-        """Run one request's images through its target."""
-        if not request.HasField("images"):
+    def images(self, request: FramedExtractRequest) -> np.ndarray:
+        """The request's images: a view of the received bytes, or of the client's shared memory."""
+        message, framed = request.message, request.images
+        if message.HasField("images_region"):
+            if framed is None:
+                raise InvalidTensor("images", "is missing: dtype and shape are still needed")
+            if framed.data.nbytes:
+                raise InvalidTensor("images.data", "must be empty when images_region is set")
+            dtype = check_dtype(framed.dtype, "images")
+            check_shape(framed.shape, "images")
+            return self.shared_memory.read(
+                message.images_region, dtype, framed.shape, "images_region"
+            )
+        if framed is None:
             raise InvalidTensor("images", "is missing")
-        size = request.ByteSize()
-        if size > self.settings.max_message_bytes:
+        if request.size > self.settings.max_message_bytes:
             raise LimitExceeded(
                 "images",
-                f"the request is {size} bytes, over max_message_bytes="
+                f"the request is {request.size} bytes, over max_message_bytes="
                 f"{self.settings.max_message_bytes}: send the batch in chunks with ExtractStream "
                 "(FeatureClient.extract does so by itself)",
             )
-        images = decode_tensor(request.images, "images")
-        output_dtype = request.output_dtype or pb.FLOAT32
+        return framed.array("images")
+
+    def extract(self, request: FramedExtractRequest, target: Target) -> FramedExtractResponse:
+        """Run one request's images through its target."""
+        message = request.message
+        output_dtype = message.output_dtype or pb.FLOAT32
         if output_dtype not in (pb.FLOAT32, pb.FLOAT16):
-            raise InvalidRequest(
-                "output_dtype",
-                f"{DTYPE_NAMES.get(output_dtype, output_dtype)} is not FLOAT32 or FLOAT16",
-            )
-        self.extractor.check(target.pipeline, images)
+            name = DTYPE_NAMES.get(output_dtype, output_dtype)
+            raise InvalidRequest("output_dtype", f"{name} is not FLOAT32 or FLOAT16")
+        images = self.images(request)
+        to_region = message.HasField("output_region")
+        self.extractor.check(target.pipeline, images, reply_limit=not to_region)
         compiled = target.compiled or self.cache.get(target.pipeline)
-        outputs = self.extractor.run(compiled, images)
+        outputs = self.extractor.run(compiled, images, self.batcher, target.batching)
         if output_dtype == pb.FLOAT16:
             outputs = {name: to_float16(name, array) for name, array in outputs.items()}
-        return pb.ExtractResponse(
-            outputs={name: encode_tensor(array) for name, array in outputs.items()},
-            pipeline_id=compiled.pipeline_id,
+        response = pb.ExtractResponse(pipeline_id=compiled.pipeline_id)
+        needed = sum(array.nbytes for array in outputs.values())
+        if not to_region or needed > message.output_region.byte_size:
+            # A region too small for this reply is no error: the outputs come inline, and
+            # the client sizes its region from them for the next request.
+            self.extractor.check_reply(target.pipeline, images)
+            return FramedExtractResponse(response, outputs)
+        written = self.shared_memory.write(
+            message.output_region, list(outputs.items()), "output_region"
         )
+        for name, array in outputs.items():
+            response.outputs[name].CopyFrom(
+                pb.Tensor(dtype=wire_dtype(array), shape=array.shape)  # type: ignore[arg-type]
+            )
+            response.output_regions[name].CopyFrom(written[name])
+        return FramedExtractResponse(response, {})
+
+    # ------------------------------------------------------------------ shared memory
+
+    def register_shared_memory(
+        self, request: pb.RegisterSharedMemoryRequest
+    ) -> pb.RegisterSharedMemoryResponse:
+        """Map a client's shared-memory object as a region (a lease)."""
+        lease = self.shared_memory.register(
+            request.region, request.key, request.byte_size, request.owner
+        )
+        return pb.RegisterSharedMemoryResponse(lease_seconds=lease)
+
+    def unregister_shared_memory(
+        self, request: pb.UnregisterSharedMemoryRequest
+    ) -> pb.UnregisterSharedMemoryResponse:
+        """Unmap one region of an owner, or all of them."""
+        count = self.shared_memory.unregister(request.owner, request.region)
+        return pb.UnregisterSharedMemoryResponse(unregistered=count)
+
+    def renew_shared_memory(
+        self, request: pb.RenewSharedMemoryRequest
+    ) -> pb.RenewSharedMemoryResponse:
+        """Extend an owner's leases."""
+        regions = self.shared_memory.renew(request.owner)
+        return pb.RenewSharedMemoryResponse(
+            regions=regions, lease_seconds=self.shared_memory.lease_seconds
+        )
+
+    def close(self) -> None:
+        """Unmap every shared-memory region."""
+        self.shared_memory.close()
 
     # ------------------------------------------------------------------ registered pipelines
 

@@ -142,19 +142,21 @@ class DynamicBatcher:
             return compiled.run(images)
         key: _Key = (compiled.pipeline_id, images.shape[1:], images.dtype, policy)
         request = _Request(images=images, arrived=time.monotonic())
+        # Decided under the lock; after it, the request's Event is the only hand-over.
         with self._lock:
             queue = self._queues.get(key)
             if queue is None:
                 queue = self._queues[key] = _Queue(arrival=threading.Condition(self._lock))
             queue.waiting.append(request)
             queue.images += len(images)
-            if queue.busy:
-                # Only the leader waits on `arrival`, and only while gathering company.
-                queue.arrival.notify()
-            else:
+            leads = not queue.busy
+            if leads:
                 queue.busy = True
                 request.step = _Step.LEAD
-        if request.step is None:
+            else:
+                # Only the leader waits on `arrival`, and only while gathering company.
+                queue.arrival.notify()
+        if not leads:
             request.wake.wait()
         if request.step is _Step.LEAD:
             self._lead(key, queue, request, compiled, policy)
@@ -259,6 +261,12 @@ def _read_only(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _split(outputs: dict[str, np.ndarray], counts: list[int]) -> list[dict[str, np.ndarray]]:
     """Each request's rows (axis 0) of a batch's outputs, as read-only views."""
+    # Views, not copies: the callers of a batch share one array per output. The base is made
+    # read-only first, so its views are too and cannot be made writeable again: no caller can
+    # change another's result.
+    _read_only(outputs)
+    if len(counts) == 1:
+        return [outputs]
     total = sum(counts)
     for name, array in outputs.items():
         if array.ndim == 0 or array.shape[0] != total:
@@ -266,10 +274,6 @@ def _split(outputs: dict[str, np.ndarray], counts: list[int]) -> list[dict[str, 
                 f"outputs.{name}",
                 f"shape {list(array.shape)} has no batch axis of {total} images to split",
             )
-    # Views, not copies: the callers of a batch share one array per output. The base is made
-    # read-only first, so its views are too and cannot be made writeable again: no caller can
-    # change another's result.
-    _read_only(outputs)
     bounds = list(itertools.accumulate(counts, initial=0))
     return [
         {name: array[start:stop] for name, array in outputs.items()}

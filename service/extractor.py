@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featmap.service.batching import BatchingPolicy, DynamicBatcher
 from featmap.service.errors import InvalidTensor, LimitExceeded, NonFiniteResult
 from featmap.service.runtime import CompiledPipeline, SessionCache
 from featmap.service.spec import Pipeline, infer_shapes
@@ -92,13 +93,28 @@ class Extractor:
         self.cache = cache
         self.limits = limits
 
-    def check(self, pipeline: Pipeline, images: np.ndarray) -> None:
-        """Everything that can be known wrong before running: images, limits, output sizes."""
-        height, width = image_size(pipeline, images, self.limits)
-        # A too-small image fails here, naming the layer; a reply too big to send fails before
-        # the work rather than after it.
-        shapes = {s.name: s.shape for s in infer_shapes(pipeline, height, width)}
-        reply_bytes = sum(4 * len(images) * math.prod(shapes[n]) for n in pipeline.output_names)
+    def check(self, pipeline: Pipeline, images: np.ndarray, *, reply_limit: bool = True) -> None:
+        """Everything that can be known wrong before running: images, limits, output sizes.
+
+        A too-small image fails here, naming the layer; with reply_limit (the outputs travel in
+        the reply, not in shared memory) a reply too big to send fails before the work.
+        """
+        image_size(pipeline, images, self.limits)
+        if reply_limit:
+            self.check_reply(pipeline, images)
+        else:
+            infer_shapes(pipeline, *self._height_width(pipeline, images))
+
+    @staticmethod
+    def _height_width(pipeline: Pipeline, images: np.ndarray) -> tuple[int, int]:
+        h, w = (2, 3) if pipeline.input.layout == "NCHW" else (1, 2)
+        return images.shape[h], images.shape[w]
+
+    def check_reply(self, pipeline: Pipeline, images: np.ndarray) -> None:
+        """The outputs for `images` fit in one reply message."""
+        shapes = infer_shapes(pipeline, *self._height_width(pipeline, images))
+        by_name = {shape.name: shape.shape for shape in shapes}
+        reply_bytes = sum(4 * len(images) * math.prod(by_name[n]) for n in pipeline.output_names)
         if reply_bytes > self.limits.max_message_bytes:
             raise LimitExceeded(
                 "outputs",
@@ -107,9 +123,22 @@ class Extractor:
                 "them with ExtractStream) or ask for fewer outputs",
             )
 
-    def run(self, compiled: CompiledPipeline, images: np.ndarray) -> dict[str, np.ndarray]:
-        """The requested float32 outputs of a checked batch; NonFiniteResult on overflow."""
-        outputs = compiled.run(images)
+    def run(
+        self,
+        compiled: CompiledPipeline,
+        images: np.ndarray,
+        batcher: DynamicBatcher | None = None,
+        policy: BatchingPolicy | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The requested float32 outputs of a checked batch; NonFiniteResult on overflow.
+
+        With a batcher and an enabled policy, concurrent calls share onnxruntime runs; the
+        checks stay per request, so one caller's overflow fails that caller alone.
+        """
+        if batcher is not None and policy is not None:
+            outputs = batcher.run(compiled, images, policy)
+        else:
+            outputs = compiled.run(images)
         for name, array in outputs.items():
             if not all_finite(array):
                 raise NonFiniteResult(

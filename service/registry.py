@@ -7,21 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featmap.service.batching import BatchingPolicy
 from featmap.service.errors import InvalidSpec, LimitExceeded, NotFound
 from featmap.service.runtime import CompiledPipeline, SessionCache
 from featmap.service.spec import Pipeline, infer_shapes, symbolic_shapes
 from featmap.service.weights import WeightTensors, check_tensors, content_id
 
 MAX_WARMUP_SIZE = 4096
-
-
-@dataclass(frozen=True)
-class BatchingPolicy:
-    """Dynamic batching for one pipeline (see service/batching.py)."""
-
-    enabled: bool = True
-    max_batch_size: int = 32
-    max_queue_delay_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +70,7 @@ class PipelineRegistry:
         self.cache = cache
         self.max_pipelines = max_pipelines
         self._pipelines: dict[str, RegisteredPipeline] = {}
+        self._compiling: set[str] = set()  # ids holding a slot while their session builds
         self._lock = threading.Lock()
 
     def register(
@@ -90,14 +83,20 @@ class PipelineRegistry:
             known = self._pipelines.get(pipeline_id)
             if known is not None and known.batching == batching:
                 return known
-            if known is None and len(self._pipelines) >= self.max_pipelines:
+            taken = len(self._pipelines) + len(self._compiling - {pipeline_id})
+            if known is None and taken >= self.max_pipelines:
                 raise LimitExceeded(
                     "pipeline",
                     f"{len(self._pipelines)} pipelines are registered, the most "
                     f"max_registered_pipelines={self.max_pipelines} allows: delete some first",
                 )
-        compiled = known.compiled if known is not None else self.cache.compile(pipeline, weights)
-        warm_up(compiled)
+            self._compiling.add(pipeline_id)
+        try:
+            compiled = known.compiled if known else self.cache.compile(pipeline, weights)
+            warm_up(compiled)
+        finally:
+            with self._lock:
+                self._compiling.discard(pipeline_id)
         registered = RegisteredPipeline(
             compiled=compiled,
             weight_names=tuple(sorted(weights)),

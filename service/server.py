@@ -11,14 +11,21 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from featmap.service.api import FeatureService
-from featmap.service.errors import FeatmapError, status_for
+from featmap.service.errors import FeatmapError, InvalidRequest, status_for
 from featmap.service.settings import ServerSettings
+from featmap.service.wire import (
+    FramedExtractRequest,
+    FramedExtractResponse,
+    parse_extract_request,
+    serialize_extract_response,
+)
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 
@@ -62,7 +69,7 @@ def map_errors(method: Handler) -> Handler:
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return method(self, request, context)
+            return method(self, unframed(request), context)
         except Exception as exc:
             _abort(context, exc, method.__name__)
         raise AssertionError("context.abort returns only by raising")
@@ -81,7 +88,7 @@ class _Prefetch:
     stops the client).
     """
 
-    def __init__(self, requests: Iterator[pb.ExtractRequest], window: int) -> None:
+    def __init__(self, requests: Iterator[Any], window: int) -> None:
         self.queue: queue.Queue[object] = queue.Queue(maxsize=window)
         self.peak = 0
         self._closed = threading.Event()
@@ -100,7 +107,7 @@ class _Prefetch:
             return True
         return False
 
-    def _read(self, requests: Iterator[pb.ExtractRequest]) -> None:
+    def _read(self, requests: Iterator[Any]) -> None:
         try:
             for request in requests:
                 if not self._put(request):
@@ -113,7 +120,7 @@ class _Prefetch:
         """Stop the reader thread (the handler is done with this stream)."""
         self._closed.set()
 
-    def __iter__(self) -> Iterator[pb.ExtractRequest]:
+    def __iter__(self) -> Iterator[Any]:
         while True:
             item = self.queue.get()
             if item is _END:
@@ -131,24 +138,24 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
         self.stream_peak_backlog = 0
 
     @map_errors
-    def Extract(self, request: pb.ExtractRequest, context: Any) -> pb.ExtractResponse:
+    def Extract(self, request: FramedExtractRequest, context: Any) -> FramedExtractResponse:
         return self.service.extract(request, self.service.target(request))
 
     @map_errors
     def ExtractStream(
-        self, requests: Iterator[pb.ExtractRequest], context: Any
-    ) -> Iterator[pb.ExtractResponse]:
+        self, requests: Iterator[Any], context: Any
+    ) -> Iterator[FramedExtractResponse]:
         prefetch = _Prefetch(requests, self.service.settings.stream_window)
         target = None
         try:
             for sequence, request in enumerate(prefetch):
                 try:
-                    target = self.service.target(request, target)
+                    target = self.service.target(unframed(request), target)
                     response = self.service.extract(request, target)
                 except FeatmapError as exc:
                     exc.args = (f"stream message {sequence}: {exc}",)
                     raise
-                response.sequence = sequence
+                response.message.sequence = sequence
                 self.stream_peak_backlog = max(self.stream_peak_backlog, prefetch.peak)
                 yield response
         finally:
@@ -174,6 +181,74 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
     def DeletePipeline(self, request: pb.DeletePipelineRequest, context: Any) -> Any:
         return self.service.delete_pipeline(request)
 
+    @map_errors
+    def RegisterSharedMemory(self, request: Any, context: Any) -> Any:
+        return self.service.register_shared_memory(request)
+
+    @map_errors
+    def UnregisterSharedMemory(self, request: Any, context: Any) -> Any:
+        return self.service.unregister_shared_memory(request)
+
+    @map_errors
+    def RenewSharedMemory(self, request: Any, context: Any) -> Any:
+        return self.service.renew_shared_memory(request)
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request message that did not parse: the handler answers INVALID_ARGUMENT."""
+
+    message_type: str
+    error: str
+
+
+def unframed(request: Any) -> Any:
+    """A parsed request, or InvalidRequest for one that did not parse."""
+    if isinstance(request, Malformed):
+        raise InvalidRequest(
+            "request", f"is not a valid {request.message_type} message: {request.error}"
+        )
+    return request
+
+
+def _tolerant(parse: Callable[[bytes], Any], message_type: str) -> Callable[[bytes], Any]:
+    # gRPC answers a deserializer's exception with a bare INTERNAL; hand it to the handler.
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except Exception as exc:
+            return Malformed(message_type, str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+def _serialize_message(message: Any) -> bytes:
+    return bytes(message.SerializeToString())
+
+
+def method_handlers(servicer: FeatureExtractorServicer) -> grpc.GenericRpcHandler:
+    """FeatureExtractor's handlers: Extract's tensors framed without copies (wire.py), and
+    every request parsed tolerantly, so that bad bytes get INVALID_ARGUMENT."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in pb.DESCRIPTOR.services_by_name["FeatureExtractor"].methods:
+        behaviour = getattr(servicer, method.name)
+        input_name = method.input_type.full_name
+        parse: Callable[[bytes], Any]
+        serialize: Callable[[Any], bytes]
+        if method.input_type.name == "ExtractRequest":
+            parse = _tolerant(parse_extract_request, input_name)
+            serialize = serialize_extract_response
+        else:
+            parse = _tolerant(getattr(pb, method.input_type.name).FromString, input_name)
+            serialize = _serialize_message
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behaviour, parse, serialize
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(behaviour, parse, serialize)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
 
 class FeatmapServer:
     """A started gRPC server with its health service; `port` is the bound port."""
@@ -195,7 +270,7 @@ class FeatmapServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_FeatureExtractorServicer_to_server(self.servicer, self.grpc_server)
+        self.grpc_server.add_generic_rpc_handlers((method_handlers(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         if settings.reflection:
@@ -224,6 +299,7 @@ class FeatmapServer:
         """NOT_SERVING at once, then let in-flight calls finish within `grace` seconds."""
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(self.settings.shutdown_grace_s if grace is None else grace).wait()
+        self.service.close()
 
     def __enter__(self) -> FeatmapServer:
         return self.start()

@@ -40,6 +40,9 @@ class ServerSettings(BaseSettings):
     batching: bool = True
     max_batch_size: int = Field(default=32, ge=1)
     max_queue_delay_us: int = Field(default=0, ge=0)
+    # Shared memory: a client renews its regions within the lease or they are unmapped.
+    shared_memory_lease_s: float = Field(default=30.0, gt=0)
+    max_shared_memory_regions: int = Field(default=256, ge=0)
     # ExtractStream: request messages a stream may have received but not yet answered.
     stream_window: int = Field(default=4, ge=1)
     max_message_bytes: int = Field(default=64 * MIB, ge=1024)

@@ -709,22 +709,40 @@ def infer_shapes(pipeline: Pipeline, height: int, width: int) -> list[LayerShape
     return shapes
 
 
-def _plus(expression: str, constant: int) -> str:
-    return expression if constant == 0 else f"{expression}{constant:+d}"
+@dataclass(frozen=True)
+class _Symbol:
+    """expression + offset, kept apart so that constants fold: H-2-2 is H-4."""
+
+    expression: str
+    offset: int = 0
+
+    def __str__(self) -> str:
+        return self.expression if self.offset == 0 else f"{self.expression}{self.offset:+d}"
+
+    def plus(self, constant: int) -> _Symbol:
+        return _Symbol(self.expression, self.offset + constant)
+
+    def over(self, rounding: str, constant: int, stride: int) -> str:
+        numerator = self.plus(constant)
+        text = str(numerator) if numerator.offset == 0 else f"({numerator})"
+        return f"{rounding}({text}/{stride})"
 
 
 def _symbolic_window(
-    size: str, pads: tuple[int, int], kernel: int, stride: int, dilation: int, mode: str
-) -> str:
+    size: _Symbol, pads: tuple[int, int], kernel: int, stride: int, dilation: int, mode: str
+) -> _Symbol:
+    extent = (kernel - 1) * dilation + 1
     if mode == "same":
-        return size if stride == 1 else f"ceil({size}/{stride})"
-    if stride == 1:
-        return _plus(size, pads[0] + pads[1] - (kernel - 1) * dilation)
-    # floor((n + c) / s) + 1 == floor((n + c + s) / s), likewise for ceil
-    numerator = _plus(size, pads[0] + pads[1] - (kernel - 1) * dilation - 1 + stride)
-    if numerator != size:
-        numerator = f"({numerator})"
-    return f"{'ceil' if mode == 'ceil' else 'floor'}({numerator}/{stride})"
+        return size if stride == 1 else _Symbol(size.over("ceil", 0, stride))
+    if stride == 1 and mode == "floor":
+        return size.plus(pads[0] + pads[1] - extent + 1)
+    # floor((n + p - e) / s) + 1 == floor((n + p - e + s) / s); likewise ceil
+    rounding = "ceil" if mode == "ceil" else "floor"
+    windows = size.over(rounding, pads[0] + pads[1] - extent + stride, stride)
+    if mode == "ceil" and pads[1] > 0:
+        # PyTorch's rule: no window may start in the end padding (start <= n + pad_begin - 1).
+        windows = f"min({windows}, {size.over('floor', pads[0] - 1 + stride, stride)})"
+    return _Symbol(windows)
 
 
 def symbolic_shapes(pipeline: Pipeline) -> dict[str, list[int | str]]:
@@ -732,7 +750,7 @@ def symbolic_shapes(pipeline: Pipeline) -> dict[str, list[int | str]]:
 
     For describing outputs; the exact sizes for an image come from infer_shapes.
     """
-    channels, height, width = pipeline.input.channels, "H", "W"
+    channels, height, width = pipeline.input.channels, _Symbol("H"), _Symbol("W")
     flat = False
     shapes: dict[str, list[int | str]] = {}
     for layer, name in zip(pipeline.layers, pipeline.layer_names, strict=True):
@@ -751,10 +769,12 @@ def symbolic_shapes(pipeline: Pipeline) -> dict[str, list[int | str]]:
             )
             channels = layer.filters if isinstance(layer, Conv2d) else channels
         elif isinstance(layer, GlobalAvgPool2d | GlobalMaxPool2d):
-            height = width = "1"
+            height = width = _Symbol("1")
         elif isinstance(layer, Flatten):
             flat = True
-        spatial: list[int | str] = [int(d) if d.isdigit() else d for d in (height, width)]
+        spatial: list[int | str] = [
+            int(str(d)) if str(d).isdigit() else str(d) for d in (height, width)
+        ]
         if flat:
             features = channels if spatial == [1, 1] else f"{channels}*({height})*({width})"
             shapes[name] = ["N", features]

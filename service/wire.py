@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 
@@ -14,31 +17,50 @@ WIRE_DTYPES: dict[int, np.dtype] = {
     pb.FLOAT16: np.dtype("<f2"),
     pb.UINT8: np.dtype("u1"),
 }
-DTYPE_NAMES = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.UINT8: "uint8"}
+DTYPE_NAMES: dict[int, str] = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.UINT8: "uint8"}
 WIRE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
+Buffer: TypeAlias = bytes | memoryview
 # No real image or batch comes near; larger values are garbage (and overflow NumPy's shapes).
 MAX_DIMENSION = 2**31 - 1
 
 
 def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
     """A read-only ndarray view of a wire tensor; InvalidTensor names `field` if malformed."""
-    dtype = WIRE_DTYPES.get(tensor.dtype)
+    return tensor_view(tensor.dtype, tuple(tensor.shape), tensor.data, field)
+
+
+def check_dtype(code: int, field: str) -> np.dtype:
+    """The NumPy dtype of a wire dtype code; InvalidTensor on `field`.dtype otherwise."""
+    dtype = WIRE_DTYPES.get(code)
     if dtype is None:
-        name = pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype
+        name = pb.DType.Name(code) if code in pb.DType.values() else code
         raise InvalidTensor(f"{field}.dtype", f"{name} is not one of FLOAT32, FLOAT16, UINT8")
-    shape = tuple(tensor.shape)
+    return dtype
+
+
+def check_shape(shape: tuple[int, ...], field: str) -> None:
+    """Dimensions must be >= 0 and sane; InvalidTensor on `field`.shape otherwise."""
     if any(d < 0 for d in shape):
         raise InvalidTensor(f"{field}.shape", f"has a negative dimension: {list(shape)}")
     if any(d > MAX_DIMENSION for d in shape):
         raise InvalidTensor(f"{field}.shape", f"{list(shape)} has a dimension over {MAX_DIMENSION}")
+
+
+def tensor_view(code: int, shape: tuple[int, ...], data: Buffer, field: str) -> np.ndarray:
+    """A read-only ndarray over `data` after checking dtype code, shape and byte length."""
+    dtype = check_dtype(code, field)
+    check_shape(shape, field)
     expected = math.prod(shape) * dtype.itemsize
-    if expected != len(tensor.data):
+    size = memoryview(data).nbytes
+    if expected != size:
         raise InvalidTensor(
             f"{field}.data",
-            f"has {len(tensor.data)} bytes; shape {list(shape)} x {dtype.itemsize} bytes "
-            f"({DTYPE_NAMES[tensor.dtype]}) needs {expected}",
+            f"has {size} bytes; shape {list(shape)} x {dtype.itemsize} bytes "
+            f"({DTYPE_NAMES[code]}) needs {expected}",
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    array.flags.writeable = False
+    return array
 
 
 def wire_dtype(array: np.ndarray) -> int:
@@ -54,3 +76,201 @@ def encode_tensor(array: np.ndarray) -> pb.Tensor:
     code = wire_dtype(array)
     data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[code])
     return pb.Tensor(dtype=code, shape=data.shape, data=data.tobytes())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- zero-copy framing
+#
+# Protobuf's Python runtime copies a bytes field several times on the way in and out (into the
+# message, into the serialized string, out again through the field getter). For batches of tens
+# of MB those copies cost about as much as the convolutions, so Extract requests and responses
+# are framed here in plain protobuf wire format (any protobuf peer writes and reads the same
+# bytes): the small fields go through protobuf, and each tensor's `data` is written straight
+# from NumPy memory and read back as a view of the received message.
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int64s are ten-byte two's complement varints
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buffer: memoryview, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if position >= len(buffer) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = buffer[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, position
+        shift += 7
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >> 63 else value
+
+
+@dataclass(frozen=True)
+class _Field:
+    number: int
+    wire_type: int
+    start: int  # where the field's key starts
+    value: int  # a varint's value; where a length-delimited payload starts
+    end: int  # one past the field
+
+
+def _fields(buffer: memoryview) -> Iterator[_Field]:
+    position = 0
+    while position < len(buffer):
+        start = position
+        key, position = _read_varint(buffer, position)
+        number, wire_type = key >> 3, key & 7
+        value = position
+        if wire_type == _VARINT:
+            value, position = _read_varint(buffer, position)
+        elif wire_type == _LEN:
+            length, value = _read_varint(buffer, position)
+            position = value + length
+        elif wire_type in (_I64, _I32):
+            position += 8 if wire_type == _I64 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type} at byte {start}")
+        if position > len(buffer) or number == 0:
+            raise ValueError(f"malformed field at byte {start}")
+        yield _Field(number, wire_type, start, value, position)
+
+
+def _key(number: int, wire_type: int) -> bytes:
+    return _varint((number << 3) | wire_type)
+
+
+def _frame_size(frames: list[Buffer]) -> int:
+    return sum(memoryview(frame).nbytes for frame in frames)
+
+
+def tensor_frames(array: np.ndarray) -> list[Buffer]:
+    """A Tensor message as frames: its header, then the array's own memory (no copy)."""
+    code = wire_dtype(array)
+    data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[code])
+    header = pb.Tensor(dtype=code, shape=data.shape).SerializeToString()  # type: ignore[arg-type]
+    return [header, _key(3, _LEN) + _varint(data.nbytes), data.reshape(-1).view(np.uint8).data]
+
+
+def _embedded(number: int, frames: list[Buffer]) -> list[Buffer]:
+    return [_key(number, _LEN) + _varint(_frame_size(frames)), *frames]
+
+
+@dataclass(frozen=True)
+class FramedTensor:
+    """A Tensor parsed without copying its data: dtype code, shape, and a view of the bytes."""
+
+    dtype: int
+    shape: tuple[int, ...]
+    data: memoryview
+
+    def array(self, field: str) -> np.ndarray:
+        """The checked, read-only ndarray (a view of the received message)."""
+        return tensor_view(self.dtype, self.shape, self.data, field)
+
+    @property
+    def header(self) -> pb.Tensor:
+        """dtype and shape as a Tensor message without data."""
+        return pb.Tensor(dtype=self.dtype, shape=self.shape)  # type: ignore[arg-type]
+
+
+def _parse_tensor(buffer: memoryview, payloads: list[memoryview]) -> FramedTensor:
+    # Several occurrences of one embedded message merge, as protobuf merges them.
+    dtype, shape, data = 0, [], buffer[:0]
+    for payload in payloads:
+        for field in _fields(payload):
+            if field.number == 1 and field.wire_type == _VARINT:
+                dtype = field.value
+            elif field.number == 2 and field.wire_type == _VARINT:
+                shape.append(_signed(field.value))
+            elif field.number == 2 and field.wire_type == _LEN:
+                packed, position = payload[field.value : field.end], 0
+                while position < len(packed):
+                    item, position = _read_varint(packed, position)
+                    shape.append(_signed(item))
+            elif field.number == 3 and field.wire_type == _LEN:
+                data = payload[field.value : field.end]
+    return FramedTensor(dtype=dtype, shape=tuple(shape), data=data)
+
+
+def _split(raw: Buffer, tensor_field: int) -> tuple[bytes, list[memoryview]]:
+    """(the message without `tensor_field`, that field's payloads)."""
+    buffer = memoryview(raw).cast("B")
+    rest: list[memoryview] = []
+    payloads: list[memoryview] = []
+    for field in _fields(buffer):
+        if field.number == tensor_field and field.wire_type == _LEN:
+            payloads.append(buffer[field.value : field.end])
+        else:
+            rest.append(buffer[field.start : field.end])
+    return b"".join(rest), payloads
+
+
+@dataclass(frozen=True)
+class FramedExtractRequest:
+    """An ExtractRequest whose image bytes stay where they arrived."""
+
+    message: pb.ExtractRequest  # every field but `images`
+    images: FramedTensor | None
+    size: int  # bytes on the wire
+
+
+def serialize_extract_request(request: pb.ExtractRequest, images: np.ndarray | None) -> bytes:
+    """`request` plus `images` as its images tensor, copying the pixels once."""
+    frames: list[Buffer] = [request.SerializeToString()]
+    if images is not None:
+        frames += _embedded(2, tensor_frames(images))
+    return b"".join(frames)
+
+
+def parse_extract_request(raw: bytes) -> FramedExtractRequest:
+    """Parse what serialize_extract_request (or any protobuf peer) wrote, without copying pixels."""
+    rest, payloads = _split(raw, 2)
+    buffer = memoryview(raw).cast("B")
+    images = _parse_tensor(buffer, payloads) if payloads else None
+    return FramedExtractRequest(pb.ExtractRequest.FromString(rest), images, len(raw))
+
+
+@dataclass(frozen=True)
+class FramedExtractResponse:
+    """An ExtractResponse whose output arrays are serialized straight from NumPy memory."""
+
+    message: pb.ExtractResponse  # every field but `outputs`
+    outputs: dict[str, np.ndarray]
+
+
+def serialize_extract_response(response: FramedExtractResponse) -> bytes:
+    """The response in protobuf wire format; outputs as map entries {1: name, 2: Tensor}."""
+    frames: list[Buffer] = [response.message.SerializeToString()]
+    for name, array in response.outputs.items():
+        key = name.encode()
+        entry = [_key(1, _LEN) + _varint(len(key)) + key, *_embedded(2, tensor_frames(array))]
+        frames += _embedded(1, entry)
+    return b"".join(frames)
+
+
+def parse_extract_response(raw: bytes) -> tuple[pb.ExtractResponse, dict[str, FramedTensor]]:
+    """(every field but outputs, outputs as framed tensors viewing `raw`)."""
+    rest, entries = _split(raw, 1)
+    buffer = memoryview(raw).cast("B")
+    outputs: dict[str, FramedTensor] = {}
+    for entry in entries:
+        name, payloads = "", []
+        for field in _fields(entry):
+            if field.number == 1 and field.wire_type == _LEN:
+                name = bytes(entry[field.value : field.end]).decode()
+            elif field.number == 2 and field.wire_type == _LEN:
+                payloads.append(entry[field.value : field.end])
+        outputs[name] = _parse_tensor(buffer, payloads)
+    return pb.ExtractResponse.FromString(rest), outputs

@@ -1,0 +1,195 @@
+"""The client side of system shared memory: one images and one outputs segment per pool.
+
+For a server on the same host: the images are copied into a POSIX shared-memory segment
+instead of the request, and the server writes the outputs into another, so neither travels
+through gRPC. The pool creates and unlinks the segments; the server only maps them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import secrets
+import threading
+import weakref
+from multiprocessing.shared_memory import SharedMemory
+from types import TracebackType
+
+import numpy as np
+
+from featmap.service.shared_memory import MAX_NAME_LENGTH, NAME_PATTERN
+from featmap.service.wire import WIRE_DTYPES, decode_tensor, wire_dtype
+from featmap.v1 import featmap_pb2 as pb
+
+# (region, key, byte_size): what RegisterSharedMemory must be told, with the pool's owner.
+Registration = tuple[str, str, int]
+IMAGES = "images"
+OUTPUTS = "outputs"
+
+
+class SharedMemoryPool:
+    """Reused shared-memory segments for one client, named `featmap_{owner}_{n}`.
+
+    One images segment and one outputs segment, each replaced by a bigger one when a request
+    needs more. Every request therefore uses the same bytes: hold `lock` from images_ref until
+    read_outputs has returned, so that concurrent requests from several threads take turns
+    (for parallel requests, use one pool per thread). Each method also takes `lock` itself.
+
+    Args:
+        owner: the owner id for RegisterSharedMemory and RenewSharedMemory; random if None.
+    """
+
+    def __init__(self, owner: str | None = None) -> None:
+        self.owner = secrets.token_hex(8) if owner is None else owner
+        if NAME_PATTERN.fullmatch(self.owner) is None or len(self.owner) > MAX_NAME_LENGTH - 32:
+            raise ValueError(
+                f"owner {self.owner!r} must be letters, digits, '_', '-' or '.', starting with "
+                f"a letter, digit or '_', and at most {MAX_NAME_LENGTH - 32} characters"
+            )
+        # Reentrant so that a caller holding it for a whole request can call the methods.
+        self.lock = threading.RLock()
+        self._segments: dict[str, SharedMemory] = {}  # IMAGES / OUTPUTS -> segment
+        self._created = 0
+        # Unlinks the segments if the pool is dropped or the interpreter exits without close().
+        self._finalizer = weakref.finalize(self, _release, self._segments)
+
+    def region(self, role: str) -> str:
+        """The region name of the IMAGES or OUTPUTS segment (stable while segments grow)."""
+        return f"featmap_{self.owner}_{role}"
+
+    def images_ref(self, images: np.ndarray) -> tuple[pb.SharedMemoryRef, list[Registration]]:
+        """Copy `images` (a float32, float16 or uint8 array) into the images region.
+
+        Returns:
+            The ref for ExtractRequest.images_region, and the registrations the server does not
+            know yet (empty unless the segment was created or grown).
+        """
+        array = np.asarray(images)
+        dtype = WIRE_DTYPES[wire_dtype(array)]  # ValueError for dtypes the wire does not carry
+        with self.lock:
+            segment, registrations = self._ensure(IMAGES, array.nbytes)
+            target = np.ndarray(array.shape, dtype=dtype, buffer=_buffer(segment))
+            target[...] = array  # C order, little-endian, whatever `images` was
+            # Drop the view now: a live export would make the segment's close() fail.
+            del target
+            ref = pb.SharedMemoryRef(region=self.region(IMAGES), offset=0, byte_size=array.nbytes)
+        return ref, registrations
+
+    def output_ref(self, byte_size: int) -> tuple[pb.SharedMemoryRef, list[Registration]]:
+        """A ref to `byte_size` bytes of the outputs region, and registrations as images_ref."""
+        if byte_size < 0:
+            raise ValueError(f"byte_size must not be negative, got {byte_size}")
+        with self.lock:
+            _, registrations = self._ensure(OUTPUTS, byte_size)
+            ref = pb.SharedMemoryRef(region=self.region(OUTPUTS), offset=0, byte_size=byte_size)
+        return ref, registrations
+
+    def read_outputs(self, response: pb.ExtractResponse) -> dict[str, np.ndarray]:
+        """Copies of the outputs the server wrote to the region; outputs sent inline are decoded."""
+        outputs: dict[str, np.ndarray] = {}
+        with self.lock:
+            for name, tensor in response.outputs.items():
+                if name in response.output_regions:
+                    field = f"output_regions[{name}]"
+                    outputs[name] = self._copy_out(tensor, response.output_regions[name], field)
+                else:
+                    outputs[name] = decode_tensor(tensor, f"outputs.{name}")
+        return outputs
+
+    def registrations(self) -> list[Registration]:
+        """Every live registration: what to register again after a server restart or lost lease."""
+        with self.lock:
+            return [
+                (self.region(role), segment.name, segment.size)
+                for role, segment in self._segments.items()
+            ]
+
+    def close(self) -> None:
+        """Close and unlink every segment; unregister the owner on the server first."""
+        with self.lock:
+            self._finalizer()
+
+    def _ensure(self, role: str, byte_size: int) -> tuple[SharedMemory, list[Registration]]:
+        """The `role` segment, replaced by a bigger one if it holds less than `byte_size`."""
+        if not self._finalizer.alive:
+            raise ValueError("the shared-memory pool is closed")
+        current = self._segments.get(role)
+        if current is not None and current.size >= byte_size:
+            return current, []
+        # Doubling keeps slowly growing batches from re-registering on every request.
+        size = max(byte_size, 2 * current.size if current is not None else 0, 1)
+        size = math.ceil(size / mmap.PAGESIZE) * mmap.PAGESIZE
+        segment = self._create(size)
+        if current is not None:
+            # The server may still map the old segment; unlinking only removes its name, and
+            # registering the new key under the same region makes the server drop the old one.
+            current.close()
+            current.unlink()
+        self._segments[role] = segment
+        return segment, [(self.region(role), segment.name, segment.size)]
+
+    def _create(self, size: int) -> SharedMemory:
+        """A new segment with the next unused name of this pool."""
+        while True:
+            self._created += 1
+            try:
+                return SharedMemory(
+                    name=f"featmap_{self.owner}_{self._created}", create=True, size=size
+                )
+            except FileExistsError:
+                continue  # left by an earlier process with the same owner
+
+    def _copy_out(self, tensor: pb.Tensor, ref: pb.SharedMemoryRef, field: str) -> np.ndarray:
+        """A copy of the output at `ref`, checked against the tensor's dtype and shape."""
+        dtype = WIRE_DTYPES.get(tensor.dtype)
+        if dtype is None:
+            raise ValueError(f"{field}: dtype {tensor.dtype} is not FLOAT32, FLOAT16 or UINT8")
+        shape = tuple(tensor.shape)
+        expected = math.prod(shape) * dtype.itemsize
+        if ref.byte_size != expected:
+            raise ValueError(
+                f"{field}.byte_size: is {ref.byte_size}; shape {list(shape)} x "
+                f"{dtype.itemsize} bytes needs {expected}"
+            )
+        segment = next(
+            (s for role, s in self._segments.items() if self.region(role) == ref.region), None
+        )
+        if segment is None:
+            raise ValueError(f"{field}.region: {ref.region!r} is not a region of this pool")
+        if ref.offset + ref.byte_size > segment.size:
+            raise ValueError(
+                f"{field}: offset {ref.offset} + byte_size {ref.byte_size} exceeds region "
+                f"{ref.region!r} ({segment.size} bytes)"
+            )
+        view = np.frombuffer(
+            _buffer(segment), dtype=dtype, count=math.prod(shape), offset=ref.offset
+        )
+        return view.reshape(shape).copy()
+
+    def __enter__(self) -> SharedMemoryPool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _buffer(segment: SharedMemory) -> memoryview:
+    """The segment's bytes (only closed segments have none, and the pool keeps none)."""
+    assert segment.buf is not None
+    return segment.buf
+
+
+def _release(segments: dict[str, SharedMemory]) -> None:
+    """Close and unlink `segments` (a finalizer: it must not refer to the pool)."""
+    for segment in segments.values():
+        segment.close()
+        # Someone may have removed it already; then there is nothing left to clean.
+        with contextlib.suppress(FileNotFoundError):
+            segment.unlink()
+    segments.clear()
