@@ -124,22 +124,26 @@ def server_process(threads: int, extra: list[str]) -> Iterator[str]:
     command = [sys.executable, "-m", "featmap.client.cli", "serve", "--port", "0"]
     command += ["--threads", str(threads), *extra]
     child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None
+    log = child.stderr
+    drain = threading.Thread(target=log.read, daemon=True)
     try:
-        assert child.stderr is not None
         address = None
-        for line in child.stderr:
+        for line in log:
             match = re.search(r"listening on (\S+)", line)
             if match:
                 address = match.group(1)
                 break
         if address is None:
             raise RuntimeError(f"featmap serve exited with {child.wait()}")
-        # Keep draining the log so the child never blocks on a full pipe.
-        threading.Thread(target=lambda: [None for _ in child.stderr or []], daemon=True).start()
+        drain.start()  # keep reading so the child never blocks on a full pipe
         yield address
     finally:
         child.terminate()
         child.wait(timeout=30)
+        if drain.is_alive():
+            drain.join(timeout=5)
+        log.close()
 
 
 def concurrent_rate(
@@ -220,6 +224,9 @@ def run_bench(
         )
         uint8 = rate(batch, lambda: fc.extract(images_u8, uint8_id), seconds)
         report.rows.append(Row("featmap unary uint8", uint8, base_u8, "vs in-process uint8"))
+        with FeatureClient(address, shared_memory=True) as shared:
+            shm = rate(batch, lambda: shared.extract(images, float_id), seconds)
+        report.rows.append(Row("featmap shared memory float32", shm, base))
 
         log(f"{clients} concurrent single-image clients...")
         one = images[:1]

@@ -11,8 +11,8 @@ image shape without N, dtype and policy — at most one batch is gathered or run
 
 A batch is the head of the queue plus the requests behind it, in order, while the images fit in
 `max_batch_size`; a single request larger than that runs whole, alone. If the combined run
-raises, every request of the batch runs again on its own caller's thread, so each caller gets its
-own result or its own exception.
+raises, every request of the batch runs again on its own caller's thread (alongside the key's
+next batch), so each caller gets its own result or its own exception.
 """
 
 from __future__ import annotations
@@ -232,15 +232,16 @@ class DynamicBatcher:
                 else np.concatenate([request.images for request in batch])
             )
             parts = _split(compiled.run(images), counts)
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
                 raise  # alone already: the error is this caller's own
+            # No traceback: CompiledPipeline.run logged it, and each retry raises its own.
             log.warning(
-                "pipeline %s: a batch of %s images failed; running its %d requests one by one",
+                "pipeline %s: a batch of %s images failed (%s); running its %d requests alone",
                 compiled.pipeline_id,
                 counts,
+                exc,
                 len(batch),
-                exc_info=True,
             )
             with self._lock:
                 self._stats.failed_batches += 1
