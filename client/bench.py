@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -61,17 +62,12 @@ def standard_spec(dtype: str = "float32") -> dict[str, Any]:
 
 @dataclass
 class Row:
-    """One line of the table."""
+    """One line of the table: throughput, and its ratio to the in-process baseline."""
 
     path: str
     images_per_s: float
-    baseline: float
+    ratio: float
     note: str = ""
-
-    @property
-    def ratio(self) -> float:
-        """Throughput relative to the in-process baseline."""
-        return self.images_per_s / self.baseline if self.baseline else float("nan")
 
 
 @dataclass
@@ -116,6 +112,27 @@ def rate(images: int, run: Callable[[], Any], seconds: float, warmup: int = 1) -
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return done / elapsed
+
+
+def compare(
+    images: int,
+    path: Callable[[], Any],
+    baseline: Callable[[], Any],
+    seconds: float,
+    rounds: int = 3,
+) -> tuple[float, float]:
+    """(images/s of `path`, its ratio to `baseline`), medians over alternating rounds.
+
+    Alternating cancels what drifts on a shared machine (other load, clock boost) between a
+    baseline measured once at the start and a path measured minutes later.
+    """
+    rates, ratios = [], []
+    for _ in range(rounds):
+        base = rate(images, baseline, seconds / (2 * rounds))
+        measured = rate(images, path, seconds / (2 * rounds))
+        rates.append(measured)
+        ratios.append(measured / base)
+    return statistics.median(rates), statistics.median(ratios)
 
 
 @contextmanager
@@ -198,35 +215,46 @@ def run_bench(
 
     log(f"in-process baseline ({threads} intra-op threads)...")
     session = in_process_session(float_pipeline, threads)
-    base = rate(batch, lambda: session.run(None, {INPUT_NAME: images}), seconds)
     session_u8 = in_process_session(uint8_pipeline, threads)
-    base_u8 = rate(batch, lambda: session_u8.run(None, {INPUT_NAME: images_u8}), seconds)
-    report.rows.append(Row("onnxruntime in-process float32", base, base, f"batch {batch}"))
-    report.rows.append(Row("onnxruntime in-process uint8", base_u8, base_u8, f"batch {batch}"))
+
+    def in_process() -> Any:
+        return session.run(None, {INPUT_NAME: images})
+
+    def in_process_u8() -> Any:
+        return session_u8.run(None, {INPUT_NAME: images_u8})
+
+    base = rate(batch, in_process, seconds)
+    report.rows.append(Row("onnxruntime in-process float32", base, 1.0, f"batch {batch}"))
+    base_u8 = rate(batch, in_process_u8, seconds)
+    report.rows.append(Row("onnxruntime in-process uint8", base_u8, 1.0, f"batch {batch}"))
 
     with server_process(threads, []) as address, FeatureClient(address) as fc:
         fc.wait_ready(30)
         float_id = fc.register(float_pipeline)
         uint8_id = fc.register(uint8_pipeline)
 
-        log("unary and stream...")
-        unary = rate(batch, lambda: fc.extract(images, float_id), seconds)
-        report.rows.append(Row("featmap unary float32", unary, base))
+        log("unary, stream, uint8, shared memory...")
+        report.rows.append(
+            Row(
+                "featmap unary float32",
+                *compare(batch, lambda: fc.extract(images, float_id), in_process, seconds),
+            )
+        )
         chunks_per_job = 8
 
         def stream_job() -> None:
             for _ in fc.extract_stream((images for _ in range(chunks_per_job)), float_id):
                 pass
 
-        stream = rate(batch * chunks_per_job, stream_job, seconds)
+        stream = compare(batch * chunks_per_job, stream_job, in_process, seconds)
         report.rows.append(
-            Row("featmap stream float32", stream, base, f"{chunks_per_job} chunks a stream")
+            Row("featmap stream float32", *stream, f"{chunks_per_job} chunks a stream")
         )
-        uint8 = rate(batch, lambda: fc.extract(images_u8, uint8_id), seconds)
-        report.rows.append(Row("featmap unary uint8", uint8, base_u8, "vs in-process uint8"))
+        uint8 = compare(batch, lambda: fc.extract(images_u8, uint8_id), in_process_u8, seconds)
+        report.rows.append(Row("featmap unary uint8", *uint8, "vs in-process uint8"))
         with FeatureClient(address, shared_memory=True) as shared:
-            shm = rate(batch, lambda: shared.extract(images, float_id), seconds)
-        report.rows.append(Row("featmap shared memory float32", shm, base))
+            shm = compare(batch, lambda: shared.extract(images, float_id), in_process, seconds)
+        report.rows.append(Row("featmap shared memory float32", *shm))
 
         log(f"{clients} concurrent single-image clients...")
         one = images[:1]
@@ -235,10 +263,19 @@ def run_bench(
                 float_pipeline,
                 batching={"enabled": enabled, "max_batch_size": clients, "max_queue_delay_us": 0},
             )
-            concurrent = concurrent_rate(address, pipeline_id, one, clients, seconds)
+            concurrent, ratios = [], []
+            for _ in range(2):
+                baseline = rate(batch, in_process, seconds / 4)
+                concurrent.append(concurrent_rate(address, pipeline_id, one, clients, seconds / 4))
+                ratios.append(concurrent[-1] / baseline)
             label = "on" if enabled else "off"
             report.rows.append(
-                Row(f"featmap {clients} clients x 1 image, batching {label}", concurrent, base)
+                Row(
+                    f"featmap {clients} clients x 1 image, batching {label}",
+                    statistics.median(concurrent),
+                    statistics.median(ratios),
+                    f"vs in-process batch {batch}",
+                )
             )
 
         log("small-request latency...")
@@ -269,7 +306,9 @@ def run_bench(
     log("NumPy reference...")
     few = images[:2]
     numpy_rate = rate(len(few), lambda: reference_outputs(float_pipeline, few), 0, warmup=0)
-    report.rows.append(Row("NumPy reference (for scale)", numpy_rate, base, "2 images"))
+    report.rows.append(
+        Row("NumPy reference (for scale)", numpy_rate, numpy_rate / base, "2 images")
+    )
     return report
 
 
