@@ -120,6 +120,8 @@ def compare(
     baseline: Callable[[], Any],
     seconds: float,
     rounds: int = 3,
+    *,
+    baseline_images: int | None = None,
 ) -> tuple[float, float]:
     """(images/s of `path`, its ratio to `baseline`), medians over alternating rounds.
 
@@ -128,7 +130,7 @@ def compare(
     """
     rates, ratios = [], []
     for _ in range(rounds):
-        base = rate(images, baseline, seconds / (2 * rounds))
+        base = rate(baseline_images or images, baseline, seconds / (2 * rounds))
         measured = rate(images, path, seconds / (2 * rounds))
         rates.append(measured)
         ratios.append(measured / base)
@@ -246,7 +248,9 @@ def run_bench(
             for _ in fc.extract_stream((images for _ in range(chunks_per_job)), float_id):
                 pass
 
-        stream = compare(batch * chunks_per_job, stream_job, in_process, seconds)
+        stream = compare(
+            batch * chunks_per_job, stream_job, in_process, seconds, baseline_images=batch
+        )
         report.rows.append(
             Row("featmap stream float32", *stream, f"{chunks_per_job} chunks a stream")
         )
