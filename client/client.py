@@ -6,6 +6,7 @@ import asyncio
 import collections
 import json
 import math
+import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from featmap.client.shared_memory import SharedMemoryPool
-from featmap.service.spec import Pipeline
+from featmap.service.errors import FeatmapError
+from featmap.service.spec import Pipeline, infer_shapes, parse_pipeline
 from featmap.service.wire import (
     FramedTensor,
     encode_tensor,
@@ -153,11 +155,37 @@ def extract_methods(channel: Any) -> tuple[Any, Any]:
     return extract, stream
 
 
-def images_per_message(images: np.ndarray, pipeline: SpecLike, max_message_bytes: int) -> int:
-    """How many images fit in one message (at least 1)."""
+def reply_bytes_per_image(
+    pipeline: Pipeline | None, images: np.ndarray, output_dtype: OutputDType
+) -> int:
+    """Bytes of outputs one image gives (0 when the spec is unknown or does not fit it)."""
+    if pipeline is None or images.ndim != 4:
+        return 0
+    h, w = (2, 3) if pipeline.input.layout == "NCHW" else (1, 2)
+    try:
+        shapes = {s.name: s.shape for s in infer_shapes(pipeline, images.shape[h], images.shape[w])}
+    except FeatmapError:
+        return 0  # the server will say what is wrong, naming the field
+    itemsize = 2 if output_dtype == "float16" else 4
+    return sum(math.prod(shapes[name]) * itemsize for name in pipeline.output_names)
+
+
+def local_spec(spec: SpecLike) -> Pipeline | None:
+    """The spec parsed here, for sizing chunks (None if invalid: the server names the field)."""
+    try:
+        return parse_pipeline(spec if isinstance(spec, Pipeline | str) else dict(spec))
+    except FeatmapError:
+        return None
+
+
+def images_per_message(
+    images: np.ndarray, pipeline: SpecLike, max_message_bytes: int, reply_per_image: int = 0
+) -> int:
+    """How many images fit in one request and in its reply (at least 1)."""
     text = len(pipeline) if isinstance(pipeline, str) else len(spec_json(pipeline))
     per_image = max(1, math.prod(images.shape[1:]) * images.dtype.itemsize)
-    return max(1, (max_message_bytes - text - ENVELOPE_BYTES) // per_image)
+    room = max_message_bytes - text - ENVELOPE_BYTES
+    return max(1, min(room // per_image, room // max(1, reply_per_image)))
 
 
 def chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -260,7 +288,20 @@ class FeatureClient:
         self._stub = pb_grpc.FeatureExtractorStub(self._channel)
         self._extract, self._extract_stream = extract_methods(self._channel)
         self._shared = SharedMemoryTransport(self._stub) if shared_memory else None
+        self._specs: dict[str, Pipeline] = {}  # registered pipelines' specs, for chunk sizes
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _spec_of(self, pipeline: SpecLike) -> Pipeline | None:
+        """The spec behind a spec or a pipeline id (None when it cannot be had)."""
+        if not is_pipeline_id(pipeline):
+            return local_spec(pipeline)
+        assert isinstance(pipeline, str)
+        if pipeline not in self._specs:
+            try:
+                self._specs[pipeline] = parse_pipeline(self.get_pipeline(pipeline).spec)
+            except (FeatmapRpcError, FeatmapError):
+                return None
+        return self._specs[pipeline]
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -294,8 +335,13 @@ class FeatureClient:
                 raise FeatmapRpcError.from_rpc_error(exc) from None
         per_message = images_per_message(images, pipeline, self.max_message_bytes)
         if len(images) <= per_message:
+            reply = reply_bytes_per_image(self._spec_of(pipeline), images, output_dtype)
+            per_message = images_per_message(images, pipeline, self.max_message_bytes, reply)
+        if len(images) <= per_message:
             request = request_for(images, pipeline, output_dtype)
             return outputs_of(self._call(self._extract, request, timeout))
+        reply = reply_bytes_per_image(self._spec_of(pipeline), images, output_dtype)
+        per_message = images_per_message(images, pipeline, self.max_message_bytes, reply)
         parts = list(
             self.extract_stream(
                 chunks(images, per_message), pipeline, output_dtype=output_dtype, timeout=timeout
@@ -313,21 +359,28 @@ class FeatureClient:
     ) -> Iterator[dict[str, np.ndarray]]:
         """One ExtractStream: yields each batch's outputs in order as the server finishes it.
 
-        Batches are read from `batches` only as gRPC sends them, so memory stays a few batches
-        on both sides however long the job is.
+        At most `in_flight` batches are sent ahead of the results handed to the caller, so
+        memory stays a few batches on both sides however long the job is.
         """
+        ahead = threading.Semaphore(max(1, self.in_flight))
+        finished = threading.Event()
 
         def requests() -> Iterator[OutgoingExtract]:
             for index, batch in enumerate(batches):
+                while not ahead.acquire(timeout=0.1):
+                    if finished.is_set():
+                        return
                 yield request_for(sendable(batch), pipeline if index == 0 else None, output_dtype)
 
         call = self._extract_stream(requests(), timeout=self._timeout(timeout))
         try:
             for response in call:
+                ahead.release()
                 yield outputs_of(response)
         except grpc.RpcError as exc:
             raise FeatmapRpcError.from_rpc_error(exc) from None
         finally:
+            finished.set()
             call.cancel()  # a consumer that stops early must not leave the stream open
 
     def extract_iter(
@@ -517,9 +570,22 @@ class AsyncFeatureClient:
         self._stub = pb_grpc.FeatureExtractorStub(self._channel)
         self._extract, self._extract_stream = extract_methods(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._specs: dict[str, Pipeline] = {}
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    async def _spec_of(self, pipeline: SpecLike) -> Pipeline | None:
+        """As FeatureClient._spec_of."""
+        if not is_pipeline_id(pipeline):
+            return local_spec(pipeline)
+        assert isinstance(pipeline, str)
+        if pipeline not in self._specs:
+            try:
+                self._specs[pipeline] = parse_pipeline((await self.get_pipeline(pipeline)).spec)
+            except (FeatmapRpcError, FeatmapError):
+                return None
+        return self._specs[pipeline]
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
@@ -537,7 +603,8 @@ class AsyncFeatureClient:
     ) -> dict[str, np.ndarray]:
         """As FeatureClient.extract."""
         images = sendable(images)
-        per_message = images_per_message(images, pipeline, self.max_message_bytes)
+        reply = reply_bytes_per_image(await self._spec_of(pipeline), images, output_dtype)
+        per_message = images_per_message(images, pipeline, self.max_message_bytes, reply)
         if len(images) <= per_message:
             request = request_for(images, pipeline, output_dtype)
             return outputs_of(await self._call(self._extract, request, timeout))

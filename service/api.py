@@ -25,6 +25,7 @@ from featmap.service.runtime import (
 from featmap.service.settings import ServerSettings
 from featmap.service.shared_memory import SharedMemoryRegistry
 from featmap.service.spec import Pipeline, parse_pipeline
+from featmap.service.weights import check_tensors
 from featmap.service.wire import (
     DTYPE_NAMES,
     FramedExtractRequest,
@@ -134,7 +135,10 @@ class FeatureService:
                 registered.batching or self.default_batching,
             )
         if which == "spec_json":
-            return Target(parse_pipeline(message.spec_json), None, self.default_batching)
+            pipeline = parse_pipeline(message.spec_json)
+            if pipeline.tensor_names:
+                check_tensors(pipeline, {})  # names the first {"tensor": ...} it cannot have
+            return Target(pipeline, None, self.default_batching)
         if previous is None:
             raise InvalidRequest("pipeline", "set spec_json or pipeline_id")
         return previous
@@ -297,7 +301,8 @@ class FeatureService:
 
 def to_float16(name: str, array: np.ndarray) -> np.ndarray:
     """float32 -> float16, refusing values float16 cannot hold rather than returning Inf."""
-    half = array.astype(np.float16)
+    with np.errstate(over="ignore"):  # overflow is reported below, as an error
+        half = array.astype(np.float16)
     if not all_finite(half):
         raise NonFiniteResult(
             f"outputs.{name}",

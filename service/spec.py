@@ -739,8 +739,9 @@ def _symbolic_window(
     # floor((n + p - e) / s) + 1 == floor((n + p - e + s) / s); likewise ceil
     rounding = "ceil" if mode == "ceil" else "floor"
     windows = size.over(rounding, pads[0] + pads[1] - extent + stride, stride)
-    if mode == "ceil" and pads[1] > 0:
-        # PyTorch's rule: no window may start in the end padding (start <= n + pad_begin - 1).
+    if mode == "ceil" and (pads[1] > 0 or stride > kernel):
+        # PyTorch's rule: no window may start in the end padding (start <= n + pad_begin - 1);
+        # it can only bite with end padding or with windows that skip pixels.
         windows = f"min({windows}, {size.over('floor', pads[0] - 1 + stride, stride)})"
     return _Symbol(windows)
 
