@@ -11,13 +11,14 @@ MIB = 1 << 20
 
 
 def default_grpc_workers() -> int:
-    """Handler threads: enough to keep one batch queued behind the running one per core.
+    """Handler threads: enough for a full dynamic batch to gather while one runs.
 
     Handlers spend their time blocked (on the network, on the batcher, or inside
-    onnxruntime, whose own intra-op pool does the arithmetic), so they may outnumber cores;
-    compute threads are onnxruntime's alone (see intra_op_threads).
+    onnxruntime, whose own intra-op pool does the arithmetic), so they may far outnumber
+    cores without oversubscribing them; a request beyond the workers waits in gRPC's queue
+    and cannot join a batch.
     """
-    return max(8, 4 * (os.cpu_count() or 1))
+    return max(64, 8 * (os.cpu_count() or 1))
 
 
 class ServerSettings(BaseSettings):
