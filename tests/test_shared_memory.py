@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import secrets
 import subprocess
@@ -11,15 +12,22 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from multiprocessing.shared_memory import SharedMemory
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
+from featmap.client import FeatureClient
 from featmap.client.shared_memory import IMAGES, OUTPUTS, SharedMemoryPool
 from featmap.service.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
+from featmap.service.server import FeatmapServer
 from featmap.service.shared_memory import SharedMemoryRegistry
+from featmap.service.spec import Pipeline
 from featmap.service.wire import WIRE_DTYPES, wire_dtype
 from featmap.v1 import featmap_pb2 as pb
+from featmap.v1 import featmap_pb2_grpc as pb_grpc
+from tests.conftest import README_SPEC, assert_matches_reference
 
 DEV_SHM = "/dev/shm"
 needs_dev_shm = pytest.mark.skipif(not os.path.isdir(DEV_SHM), reason="no /dev/shm to inspect")
@@ -558,3 +566,101 @@ def test_threads_sharing_a_pool_take_turns(registry: SharedMemoryRegistry) -> No
     pool.close()
 
     assert failures == []
+
+
+# --------------------------------------------------------------------------- through a server
+
+
+def test_client_with_shared_memory_matches_the_reference(
+    server: FeatmapServer, readme_pipeline: Pipeline
+) -> None:
+    images = np.random.default_rng(70).random((3, 3, 20, 24), dtype=np.float32)
+    with FeatureClient(server.address, shared_memory=True) as shared:
+        for _ in range(2):  # the second request reuses the regions and the output size seen
+            outputs = shared.extract(images, README_SPEC)
+            assert_matches_reference(outputs, readme_pipeline, images)
+            assert all(array.flags.owndata or array.base is not None for array in outputs.values())
+        pipeline_id = shared.register(readme_pipeline)
+        assert_matches_reference(shared.extract(images, pipeline_id), readme_pipeline, images)
+        owner = shared._shared.pool.owner if shared._shared else ""
+        assert server.service.shared_memory.renew(owner) == 2  # images and outputs regions
+    # Closing the client unregisters its regions on the server and unlinks its segments.
+    assert server.service.shared_memory.renew(owner) == 0
+    if os.path.isdir(DEV_SHM):
+        assert not [n for n in os.listdir(DEV_SHM) if owner and owner in n]
+
+
+def test_outputs_too_big_for_the_region_come_inline(
+    server: FeatmapServer, readme_pipeline: Pipeline
+) -> None:
+    small = np.random.default_rng(71).random((1, 3, 8, 8), dtype=np.float32)
+    big = np.random.default_rng(72).random((4, 3, 64, 64), dtype=np.float32)
+    with FeatureClient(server.address, shared_memory=True) as shared:
+        shared.extract(small, README_SPEC)  # sizes the output region for tiny outputs
+        # conv1 of 4 x 8 x 64 x 64 floats does not fit: the reply carries it instead
+        assert_matches_reference(shared.extract(big, README_SPEC), readme_pipeline, big)
+
+
+def test_an_expired_lease_is_registered_again(
+    server: FeatmapServer, readme_pipeline: Pipeline
+) -> None:
+    images = np.random.default_rng(73).random((2, 3, 16, 16), dtype=np.float32)
+    with FeatureClient(server.address, shared_memory=True) as shared:
+        shared.extract(images, README_SPEC)
+        assert shared._shared is not None
+        # What the server does when the lease runs out: the regions are gone.
+        server.service.shared_memory.unregister(shared._shared.pool.owner)
+        assert_matches_reference(shared.extract(images, README_SPEC), readme_pipeline, images)
+
+
+def test_raw_requests_with_bad_regions_name_the_field(server: FeatmapServer) -> None:
+    channel = grpc.insecure_channel(server.address)
+    stub = pb_grpc.FeatureExtractorStub(channel)
+    with SharedMemoryPool() as pool:
+        images = np.zeros((1, 3, 8, 8), np.float32)
+        ref, registrations = pool.images_ref(images)
+        for region, key, size in registrations:
+            stub.RegisterSharedMemory(
+                pb.RegisterSharedMemoryRequest(
+                    region=region, key=key, byte_size=size, owner=pool.owner
+                )
+            )
+        header = pb.Tensor(dtype=pb.FLOAT32, shape=[1, 3, 8, 8])
+        cases = [
+            # the region's bytes do not match the shape
+            (
+                pb.SharedMemoryRef(region=ref.region, offset=0, byte_size=ref.byte_size - 4),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "images_region.byte_size",
+            ),
+            # past the end of the region
+            (
+                pb.SharedMemoryRef(region=ref.region, offset=1 << 20, byte_size=ref.byte_size),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "images_region.offset",
+            ),
+            # a region nobody registered
+            (
+                pb.SharedMemoryRef(region="nobody", offset=0, byte_size=ref.byte_size),
+                grpc.StatusCode.NOT_FOUND,
+                "images_region.region",
+            ),
+        ]
+        for bad_ref, code, field in cases:
+            request = pb.ExtractRequest(spec_json=json.dumps(README_SPEC), images=header)
+            request.images_region.CopyFrom(bad_ref)
+            with pytest.raises(grpc.RpcError) as failure:
+                stub.Extract(request)
+            error: Any = failure.value
+            assert error.code() == code, error.details()
+            assert dict(error.trailing_metadata())["featmap-field"] == field
+            assert error.details().startswith(field)
+        # images sent both inline and in a region: refused, not silently one of the two
+        both = pb.ExtractRequest(spec_json=json.dumps(README_SPEC))
+        both.images.CopyFrom(pb.Tensor(dtype=pb.FLOAT32, shape=[1, 3, 8, 8], data=images.tobytes()))
+        both.images_region.CopyFrom(ref)
+        with pytest.raises(grpc.RpcError) as failure:
+            stub.Extract(both)
+        assert dict(failure.value.trailing_metadata())["featmap-field"] == "images.data"  # type: ignore[attr-defined]
+        stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(owner=pool.owner))
+    channel.close()
