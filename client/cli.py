@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 class UsageError(Exception):
@@ -31,6 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
             "max_message_bytes": args.max_message_bytes,
             "reflection": args.reflection,
             "log_level": args.log_level,
+            "log_format": args.log_format,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca,
+            "auth_tokens_file": args.auth_tokens_file,
+            "metrics_port": args.metrics_port,
         }.items()
         if value is not None
     }
@@ -39,11 +45,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise UsageError(f"invalid settings: {problems}") from None
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from featmap.service.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     try:
         serve(settings)
     except (OSError, ValueError) as exc:  # port taken, provider missing
@@ -74,6 +78,111 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_pipeline(path: str) -> Any:
+    from featmap.client.specfile import SpecFileError, load_pipeline_file
+    from featmap.service.errors import InvalidSpec
+
+    try:
+        return load_pipeline_file(path)
+    except (SpecFileError, InvalidSpec) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from featmap.client.summary import format_summary, parse_input_size
+    from featmap.service.errors import InvalidSpec
+
+    pipeline = _load_pipeline(args.pipeline)
+    try:
+        size = None if args.input_size is None else parse_input_size(args.input_size)
+        sys.stdout.write(format_summary(pipeline, size))
+    except ValueError as exc:
+        raise UsageError(f"--input-size: {exc}") from None
+    except InvalidSpec as exc:  # the image is too small for some layer
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from featmap.client.export_onnx import export_onnx, load_weight_tensors
+    from featmap.service.errors import FeatmapError
+
+    pipeline = _load_pipeline(args.pipeline)
+    try:
+        tensors = {} if args.weights is None else load_weight_tensors(args.weights)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--weights: cannot read {args.weights}: {exc}") from None
+    try:
+        export_onnx(pipeline, args.output, tensors)
+    except FeatmapError as exc:  # e.g. weights named as tensors that only RegisterPipeline has
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    print(f"wrote {args.output} (pipeline {pipeline.pipeline_id})", file=sys.stderr)
+    return 0
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from featmap.client.export_onnx import load_weight_tensors
+    from featmap.client.visualize import VisualizeError, visualize
+    from featmap.service.errors import FeatmapError
+
+    pipeline = _load_pipeline(args.pipeline)
+    try:
+        tensors = {} if args.weights is None else load_weight_tensors(args.weights)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--weights: cannot read {args.weights}: {exc}") from None
+    try:
+        chosen = visualize(
+            pipeline, args.image, args.output, args.layer, args.columns, args.scale, tensors
+        )
+    except (VisualizeError, FeatmapError) as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    print(f"wrote {args.output}: {chosen.name} {chosen.shape}", file=sys.stderr)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from featmap.client.health import SERVING_EXIT, check_health
+
+    result = check_health(args.server, args.service, args.timeout)
+    print(result.message, file=sys.stdout if result.exit_code == SERVING_EXIT else sys.stderr)
+    return result.exit_code
+
+
+EXTRACT_EPILOG = """\
+inputs:
+  image files (PNG, JPEG, BMP, TIFF) are converted to the pipeline's channels (1: L, 3: RGB,
+  4: RGBA). uint8 pipelines get the raw 0..255 pixels; float pipelines get pixel/255 in
+  their dtype, unless input.scale is set: then the raw 0..255 values (the graph scales).
+  .npy files hold one image or a batch (N, ...), .npz files one image (one array), in the
+  pipeline's layout and dtype, taken as they are (--resize is for image files only).
+  Without --resize, images of different sizes run in batches of one size each.
+
+outputs (by extension):
+  .npz      paths, outputs, one (N, ...) array per output -- or <name>__<i> per image when
+            sizes differ -- plus skipped and skipped_errors; np.load(allow_pickle=False)
+  .npy      the single output as one (N, ...) array (single-output pipelines only)
+  .parquet  a path column and one list<float32> column per output (needs pyarrow)
+
+exit status: 0 done, 1 failed, 2 usage or invalid pipeline, 3 done but inputs were skipped
+"""
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from featmap.client.extract import JobError, command
+    from featmap.client.images import parse_size
+
+    pipeline = _load_pipeline(args.pipeline)
+    try:
+        resize = None if args.resize is None else parse_size(args.resize)
+        return command(args, pipeline, resize)
+    except (JobError, ValueError) as exc:  # JobError here is always a usage error (exit 2)
+        raise UsageError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `featmap` command."""
     parser = argparse.ArgumentParser(prog="featmap", description=__doc__)
@@ -95,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--reflection", action="store_true", default=None, help="enable gRPC server reflection"
     )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument(
+        "--log-format", choices=["text", "json"], help="text, or one JSON object per line"
+    )
+    serve.add_argument("--tls-cert", help="server certificate chain (PEM); enables TLS")
+    serve.add_argument("--tls-key", help="server private key (PEM)")
+    serve.add_argument(
+        "--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)"
+    )
+    serve.add_argument(
+        "--auth-tokens-file",
+        help="require `authorization: Bearer <token>` naming a token of this file, one a line "
+        "(tokens also from FEATMAP_AUTH_TOKENS, comma-separated)",
+    )
+    serve.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)"
+    )
     serve.set_defaults(run=_serve)
 
     bench = commands.add_parser(
@@ -109,6 +234,85 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the pipeline spec's JSON Schema")
     schema.set_defaults(run=_schema)
+
+    summary = commands.add_parser(
+        "summary", help="per-layer output shapes, parameters and FLOPs of a pipeline file"
+    )
+    summary.add_argument("--pipeline", required=True, help="spec file (.yaml, .yml or .json)")
+    summary.add_argument("--input-size", help="image HxW for concrete shapes and FLOPs")
+    summary.set_defaults(run=_summary)
+
+    export = commands.add_parser("export-onnx", help="write a pipeline's ONNX model to a file")
+    export.add_argument("--pipeline", required=True, help="spec file (.yaml, .yml or .json)")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--weights", help='.npz of the tensors the spec names as {"tensor": NAME}')
+    export.set_defaults(run=_export_onnx)
+
+    visualize = commands.add_parser(
+        "visualize", help="draw one layer's feature maps for one image as a PNG grid"
+    )
+    visualize.add_argument("--pipeline", required=True, help="spec file (.yaml, .yml or .json)")
+    visualize.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    visualize.add_argument("--layer", help="layer name (default: the last with H x W > 1)")
+    visualize.add_argument("-o", "--output", required=True, help="the PNG to write")
+    visualize.add_argument("--columns", type=int, help="tiles per row (default: near-square)")
+    visualize.add_argument("--scale", type=int, help="enlarge each map by this integer factor")
+    visualize.add_argument(
+        "--weights", help='.npz of the tensors the spec names as {"tensor": NAME}'
+    )
+    visualize.set_defaults(run=_visualize)
+
+    health = commands.add_parser(
+        "health", help="grpc.health.v1 check: exit 0 SERVING, 1 not serving, 2 unreachable"
+    )
+    health.add_argument("--server", required=True, help="address, e.g. 127.0.0.1:50051")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.add_argument("--service", default="", help="service name (default: the server)")
+    health.set_defaults(run=_health)
+
+    extract = commands.add_parser(
+        "extract",
+        help="run a pipeline over images or arrays into .npz/.npy/.parquet (batch job)",
+        description="Run a pipeline over a folder (recursive) or files of images or arrays, "
+        "in-process, or on --server(s), into one output file.",
+        epilog=EXTRACT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    extract.add_argument("--pipeline", required=True, help="pipeline spec, .yaml/.yml or .json")
+    extract.add_argument(
+        "--input", required=True, nargs="+", help="folders (searched recursively) or files"
+    )
+    extract.add_argument("--output", required=True, help="the .npz, .npy or .parquet to write")
+    extract.add_argument(
+        "--server",
+        action="append",
+        help="server address; repeat for round robin over IP addresses, or one dns:///name:port "
+        "(default: run in this process)",
+    )
+    extract.add_argument(
+        "--in-flight", type=int, default=4, help="requests in flight with --server (4)"
+    )
+    extract.add_argument("--timeout", type=float, default=300.0, help="seconds per request (300)")
+    extract.add_argument("--threads", type=int, default=0, help="onnxruntime threads in-process")
+    extract.add_argument("--resize", metavar="HxW", help="resize images (bilinear) to HxW")
+    extract.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
+    extract.add_argument(
+        "--shard-size", type=int, default=256, help="images per resumable shard (256)"
+    )
+    extract.add_argument(
+        "--resume", action="store_true", help="reuse finished shards of an interrupted run"
+    )
+    extract.add_argument(
+        "--on-error",
+        choices=["skip", "fail"],
+        default="fail",
+        help="an unreadable input: stop (fail, exit 1) or skip, list it and exit 3 (fail)",
+    )
+    extract.add_argument(
+        "--progress", action="store_true", help="progress bar even if stderr is no terminal"
+    )
+    extract.add_argument("--quiet", action="store_true", help="no progress bar nor summary")
+    extract.set_defaults(run=_extract)
     return parser
 
 

@@ -8,7 +8,14 @@ import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -18,6 +25,8 @@ import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from featmap.client.channel import ChannelSecurity, PemSource
+from featmap.client.retry import call_with_retries, call_with_retries_async
 from featmap.client.shared_memory import SharedMemoryPool
 from featmap.service.errors import FeatmapError
 from featmap.service.spec import Pipeline, infer_shapes, parse_pipeline
@@ -269,6 +278,17 @@ class FeatureClient:
         shared_memory: pass images and outputs through POSIX shared memory instead of the
             socket (the server must run on this host, as the same user). Requests of one
             client then run one at a time.
+        retries: how often a unary call is retried, with jittered exponential backoff, when
+            the server is busy (RESOURCE_EXHAUSTED marked retryable) or UNAVAILABLE.
+        options: extra gRPC channel options, e.g. ("grpc.lb_policy_name", "round_robin")
+            with a target that resolves to several servers.
+        tls: use TLS, trusting the system's roots unless `tls_ca` is given (implied by any of
+            the tls_* arguments).
+        tls_ca: the CA that signed the server's certificate (a PEM path, or PEM bytes).
+        tls_cert, tls_key: this client's certificate and key, for servers requiring mutual TLS.
+        tls_server_name: the name to check the server's certificate against, when it differs
+            from the host in `address`.
+        token: sent as `authorization: Bearer <token>` with every call.
     """
 
     def __init__(
@@ -278,13 +298,23 @@ class FeatureClient:
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         in_flight: int = 4,
+        retries: int = 3,
         shared_memory: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
+        tls: bool = False,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self.in_flight = in_flight
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.retries = retries
+        security = ChannelSecurity(tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
+        self._channel = security.channel(address, [*channel_options(max_message_bytes), *options])
         self._stub = pb_grpc.FeatureExtractorStub(self._channel)
         self._extract, self._extract_stream = extract_methods(self._channel)
         self._shared = SharedMemoryTransport(self._stub) if shared_memory else None
@@ -308,7 +338,9 @@ class FeatureClient:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self._timeout(timeout))
+            return call_with_retries(
+                lambda left: method(request, timeout=left), self.retries, self._timeout(timeout)
+            )
         except grpc.RpcError as exc:
             raise FeatmapRpcError.from_rpc_error(exc) from None
 
@@ -550,7 +582,10 @@ class SharedMemoryTransport:
 
 
 class AsyncFeatureClient:
-    """The asyncio twin of FeatureClient (grpc.aio); `async with` it, or `await close()`."""
+    """The asyncio twin of FeatureClient (grpc.aio); `async with` it, or `await close()`.
+
+    The tls_* and token arguments are as FeatureClient's.
+    """
 
     def __init__(
         self,
@@ -559,14 +594,21 @@ class AsyncFeatureClient:
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         in_flight: int = 4,
+        retries: int = 3,
+        tls: bool = False,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self.in_flight = in_flight
-        self._channel = grpc.aio.insecure_channel(
-            address, options=channel_options(max_message_bytes)
-        )
+        self.retries = retries
+        security = ChannelSecurity(tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
+        self._channel = security.aio_channel(address, channel_options(max_message_bytes))
         self._stub = pb_grpc.FeatureExtractorStub(self._channel)
         self._extract, self._extract_stream = extract_methods(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -589,7 +631,9 @@ class AsyncFeatureClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self._timeout(timeout))
+            return await call_with_retries_async(
+                lambda left: method(request, timeout=left), self.retries, self._timeout(timeout)
+            )
         except grpc.aio.AioRpcError as exc:
             raise FeatmapRpcError.from_rpc_error(exc) from None
 

@@ -5,6 +5,7 @@ server.py only moves messages between gRPC and a FeatureService.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ from featmap.service.batching import BatchingPolicy, DynamicBatcher
 from featmap.service.errors import InvalidRequest, InvalidTensor, LimitExceeded, NonFiniteResult
 from featmap.service.extractor import Extractor, RequestLimits, all_finite
 from featmap.service.graph import OPSET
+from featmap.service.limits import check_kernel_sizes
 from featmap.service.registry import PipelineRegistry, RegisteredPipeline
 from featmap.service.runtime import (
     CompiledPipeline,
@@ -107,6 +109,10 @@ class FeatureService:
                 max_layers=settings.max_layers,
                 max_parameters=settings.max_parameters,
                 max_message_bytes=settings.max_message_bytes,
+                max_kernel_size=settings.max_kernel_size,
+                max_flops=settings.max_flops,
+                max_activation_bytes=settings.max_activation_bytes,
+                allow_non_finite_input=settings.allow_non_finite_input,
             ),
         )
         self.registry = PipelineRegistry(self.cache, settings.max_registered_pipelines)
@@ -167,8 +173,17 @@ class FeatureService:
             )
         return framed.array("images")
 
-    def extract(self, request: FramedExtractRequest, target: Target) -> FramedExtractResponse:
-        """Run one request's images through its target."""
+    def extract(
+        self,
+        request: FramedExtractRequest,
+        target: Target,
+        before_run: Callable[[], None] | None = None,
+    ) -> FramedExtractResponse:
+        """Run one request's images through its target.
+
+        `before_run` is called after every check, right before onnxruntime; the server passes
+        one that raises Abandoned when the caller has gone or its deadline has passed.
+        """
         message = request.message
         output_dtype = message.output_dtype or pb.FLOAT32
         if output_dtype not in (pb.FLOAT32, pb.FLOAT16):
@@ -178,6 +193,8 @@ class FeatureService:
         to_region = message.HasField("output_region")
         self.extractor.check(target.pipeline, images, reply_limit=not to_region)
         compiled = target.compiled or self.cache.get(target.pipeline)
+        if before_run is not None:
+            before_run()
         outputs = self.extractor.run(compiled, images, self.batcher, target.batching)
         if output_dtype == pb.FLOAT16:
             outputs = {name: to_float16(name, array) for name, array in outputs.items()}
@@ -234,6 +251,7 @@ class FeatureService:
     def register_pipeline(self, request: pb.RegisterPipelineRequest) -> pb.RegisterPipelineResponse:
         """Register a spec with its weight tensors; compile and warm it."""
         pipeline = parse_pipeline(request.spec_json)
+        check_kernel_sizes(pipeline, self.settings.max_kernel_size)  # before compiling it
         tensors = {
             name: decode_tensor(tensor, f"weights[{name!r}]")
             for name, tensor in request.weights.items()
@@ -291,6 +309,11 @@ class FeatureService:
                 session_cache_size=settings.session_cache_size,
                 max_parameters=settings.max_parameters,
                 max_registered_pipelines=settings.max_registered_pipelines,
+                max_kernel_size=settings.max_kernel_size,
+                max_flops=settings.max_flops,
+                max_activation_bytes=settings.max_activation_bytes,
+                allow_non_finite_input=settings.allow_non_finite_input,
+                max_queued_requests=settings.max_queued_requests or 4 * settings.grpc_workers,
             ),
             onnx_opset=OPSET,
             intra_op_threads=settings.intra_op_threads,
@@ -303,7 +326,8 @@ def to_float16(name: str, array: np.ndarray) -> np.ndarray:
     """float32 -> float16, refusing values float16 cannot hold rather than returning Inf."""
     with np.errstate(over="ignore"):  # overflow is reported below, as an error
         half = array.astype(np.float16)
-    if not all_finite(half):
+    # Only values float32 held and float16 cannot: NaN/Inf input (when allowed) stays as is.
+    if not all_finite(half) and bool(np.any(np.isfinite(array) & ~np.isfinite(half))):
         raise NonFiniteResult(
             f"outputs.{name}",
             f"values up to {float(np.abs(array).max())} overflow float16 (max 65504): "

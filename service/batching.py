@@ -28,6 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
+from featmap.service import stages
 from featmap.service.errors import ExecutionFailed
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class _Step(Enum):
 class _Request:
     images: np.ndarray
     arrived: float
+    started: float | None = None  # when its batch began running
     wake: threading.Event = field(default_factory=threading.Event)
     step: _Step | None = None
     outputs: dict[str, np.ndarray] | None = None
@@ -139,7 +141,10 @@ class DynamicBatcher:
             they are read-only: rows of one array are shared by every caller of a batch.
         """
         if not policy.enabled:
-            return compiled.run(images)
+            started = time.monotonic()
+            outputs = compiled.run(images)
+            stages.note("compute", time.monotonic() - started)
+            return outputs
         key: _Key = (compiled.pipeline_id, images.shape[1:], images.dtype, policy)
         request = _Request(images=images, arrived=time.monotonic())
         # Decided under the lock; after it, the request's Event is the only hand-over.
@@ -160,10 +165,15 @@ class DynamicBatcher:
             request.wake.wait()
         if request.step is _Step.LEAD:
             self._lead(key, queue, request, compiled, policy)
+        started = request.started or request.arrived
+        stages.note("queue", started - request.arrived)
         if request.step is _Step.RUN_ALONE:
-            return _read_only(compiled.run(images))
-        assert request.outputs is not None
-        return request.outputs
+            outputs = _read_only(compiled.run(images))
+        else:
+            assert request.outputs is not None
+            outputs = request.outputs
+        stages.note("compute", time.monotonic() - started)
+        return outputs
 
     def _lead(
         self,
@@ -178,6 +188,9 @@ class DynamicBatcher:
         try:
             with self._lock:
                 batch = self._gather(queue, policy)
+            started = time.monotonic()
+            for request in batch:
+                request.started = started
             self._run_batch(compiled, batch)
         finally:
             # Whatever was raised, every follower wakes exactly once and the queue gets a new

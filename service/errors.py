@@ -7,7 +7,10 @@
     │   └── NonFiniteResult       the pipeline produced NaN/Inf from finite input (overflow)
     ├── NotFound                  NOT_FOUND; an unknown pipeline id or shared-memory region
     ├── LimitExceeded             RESOURCE_EXHAUSTED; a configured limit, with limit and value
-    └── ExecutionFailed           INTERNAL; onnxruntime failed to build or run a session
+    ├── ExecutionFailed           INTERNAL; onnxruntime failed to build or run a session
+    └── Abandoned                 the caller stopped waiting before the work started
+        ├── Cancelled             CANCELLED; the caller went away
+        └── DeadlineExceeded      DEADLINE_EXCEEDED; the caller's deadline passed
 
 Every message starts with the field it is about: `layers[2].kernel_size: ...`.
 """
@@ -59,6 +62,18 @@ class ExecutionFailed(FeatmapError):
     """onnxruntime failed to build or run a session."""
 
 
+class Abandoned(FeatmapError):
+    """The caller stopped waiting, so work that had not started is dropped."""
+
+
+class Cancelled(Abandoned):
+    """The caller cancelled or disconnected before its work started."""
+
+
+class DeadlineExceeded(Abandoned):
+    """The caller's deadline passed before its work started."""
+
+
 STATUS_CODES: dict[type[FeatmapError], grpc.StatusCode] = {
     FeatmapError: grpc.StatusCode.UNKNOWN,
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -68,6 +83,9 @@ STATUS_CODES: dict[type[FeatmapError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ExecutionFailed: grpc.StatusCode.INTERNAL,
+    Abandoned: grpc.StatusCode.CANCELLED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from featmap.service.batching import BatchingPolicy, DynamicBatcher
 from featmap.service.errors import InvalidTensor, LimitExceeded, NonFiniteResult
+from featmap.service.limits import check_cost, check_kernel_sizes, request_cost
 from featmap.service.runtime import CompiledPipeline, SessionCache
 from featmap.service.spec import Pipeline, infer_shapes
 
@@ -22,6 +23,11 @@ class RequestLimits:
     max_layers: int
     max_parameters: int
     max_message_bytes: int
+    # Defaults as ServerSettings', so that callers outside the server need not name them.
+    max_kernel_size: int = 64
+    max_flops: int = 10**13
+    max_activation_bytes: int = 16 << 30
+    allow_non_finite_input: bool = False
 
 
 def _first_non_finite(array: np.ndarray) -> str:
@@ -81,7 +87,8 @@ def image_size(pipeline: Pipeline, images: np.ndarray, limits: RequestLimits) ->
             "layers",
             f"{pipeline.parameter_count()} weights exceed max_parameters={limits.max_parameters}",
         )
-    if images.dtype.kind == "f" and not all_finite(images):
+    check_kernel_sizes(pipeline, limits.max_kernel_size)
+    if images.dtype.kind == "f" and not limits.allow_non_finite_input and not all_finite(images):
         raise InvalidTensor("images.data", f"contains {_first_non_finite(images)}")
     return height, width
 
@@ -99,7 +106,9 @@ class Extractor:
         A too-small image fails here, naming the layer; with reply_limit (the outputs travel in
         the reply, not in shared memory) a reply too big to send fails before the work.
         """
-        image_size(pipeline, images, self.limits)
+        height, width = image_size(pipeline, images, self.limits)
+        cost = request_cost(pipeline, len(images), height, width, images.dtype.itemsize)
+        check_cost(cost, self.limits.max_flops, self.limits.max_activation_bytes)
         if reply_limit:
             self.check_reply(pipeline, images)
         else:
@@ -141,6 +150,8 @@ class Extractor:
             outputs = compiled.run(images)
         for name, array in outputs.items():
             if not all_finite(array):
+                if self.limits.allow_non_finite_input and not all_finite(images):
+                    continue  # NaN in, NaN out: the caller asked for that
                 raise NonFiniteResult(
                     f"outputs.{name}",
                     f"finite input gave {_first_non_finite(array)}: float32 overflowed "

@@ -8,17 +8,28 @@ import logging
 import queue
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from featmap.service.admission import Admission, AdmissionExecutor, AdmittingHandler
 from featmap.service.api import FeatureService
-from featmap.service.errors import FeatmapError, InvalidRequest, status_for
+from featmap.service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    ExecutionFailed,
+    FeatmapError,
+    InvalidRequest,
+    status_for,
+)
+from featmap.service.metrics import Metrics
+from featmap.service.observe import RequestObserver
+from featmap.service.security import TokenAuthInterceptor, add_port, load_tokens
 from featmap.service.settings import ServerSettings
 from featmap.service.wire import (
     FramedExtractRequest,
@@ -39,6 +50,14 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, ExecutionFailed):
+        # The details are in the server log only: the id ties the caller's report to them.
+        request_id = uuid.uuid4().hex[:12]
+        log.error("request %s: %s failed: %s", request_id, method, exc, exc_info=exc)
+        context.set_trailing_metadata(
+            ((FIELD_METADATA_KEY, exc.field), (REQUEST_ID_METADATA_KEY, request_id))
+        )
+        context.abort(status_for(exc), f"{exc} (request id {request_id})")
     if isinstance(exc, FeatmapError):
         context.set_trailing_metadata(((FIELD_METADATA_KEY, exc.field),))
         context.abort(status_for(exc), str(exc))
@@ -75,6 +94,15 @@ def map_errors(method: Handler) -> Handler:
         raise AssertionError("context.abort returns only by raising")
 
     return wrapper  # type: ignore[return-value]
+
+
+def still_wanted(context: grpc.ServicerContext) -> None:
+    """Abandoned when nobody waits for this call's result any more: then skip the work."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("request", "the deadline passed before the work started")
+    if not context.is_active():
+        raise Cancelled("request", "the caller went away before the work started")
 
 
 _END = object()
@@ -139,7 +167,8 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
 
     @map_errors
     def Extract(self, request: FramedExtractRequest, context: Any) -> FramedExtractResponse:
-        return self.service.extract(request, self.service.target(request))
+        target = self.service.target(request)
+        return self.service.extract(request, target, functools.partial(still_wanted, context))
 
     @map_errors
     def ExtractStream(
@@ -151,7 +180,9 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
             for sequence, request in enumerate(prefetch):
                 try:
                     target = self.service.target(unframed(request), target)
-                    response = self.service.extract(request, target)
+                    response = self.service.extract(
+                        request, target, functools.partial(still_wanted, context)
+                    )
                 except FeatmapError as exc:
                     exc.args = (f"stream message {sequence}: {exc}",)
                     raise
@@ -257,9 +288,17 @@ class FeatmapServer:
         self.settings = settings
         self.service = FeatureService(settings)
         self.servicer = FeatureExtractorServicer(self.service)
+        self.admission = Admission(settings.max_queued_requests or 4 * settings.grpc_workers)
+        self.metrics = Metrics(self.service)
+        # Outermost first: the observer also counts and logs the calls that auth refuses.
+        interceptors: list[grpc.ServerInterceptor] = [RequestObserver(self.metrics, SERVICE_NAME)]
+        if tokens := load_tokens(settings):
+            interceptors.append(TokenAuthInterceptor(tokens))
         self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=settings.grpc_workers, thread_name_prefix="featmap-grpc"
+            AdmissionExecutor(
+                self.admission,
+                max_workers=settings.grpc_workers,
+                thread_name_prefix="featmap-grpc",
             ),
             # The transport admits up to twice the limit so that FeatureService can answer a
             # message over it with RESOURCE_EXHAUSTED and how to stream instead, rather than
@@ -269,8 +308,11 @@ class FeatmapServer:
                 ("grpc.max_send_message_length", 2 * settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
+            interceptors=interceptors,
         )
-        self.grpc_server.add_generic_rpc_handlers((method_handlers(self.servicer),))
+        self.grpc_server.add_generic_rpc_handlers(
+            (AdmittingHandler(method_handlers(self.servicer), self.admission, SERVICE_NAME),)
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         if settings.reflection:
@@ -280,12 +322,15 @@ class FeatmapServer:
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
             )
         try:
-            self.port = self.grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+            self.port = add_port(self.grpc_server, f"{settings.host}:{settings.port}", settings)
         except RuntimeError as exc:  # grpcio raises RuntimeError when the port is taken
             raise OSError(f"could not bind {settings.host}:{settings.port}: {exc}") from None
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
         self.address = f"{settings.host}:{self.port}"
+        self.metrics_port: int | None = None
+        if settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(settings.host, settings.metrics_port)
 
     def start(self) -> FeatmapServer:
         """Start serving and report SERVING on the health service."""
@@ -293,13 +338,22 @@ class FeatmapServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("listening on %s", self.address)
+        if self.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         return self
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, then let in-flight calls finish within `grace` seconds."""
         self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(self.settings.shutdown_grace_s if grace is None else grace).wait()
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        # Our handlers refuse new calls with UNAVAILABLE while the admitted ones finish; only
+        # then does gRPC stop, which would cancel calls it had received but not yet handed over.
+        self.admission.close()
+        started = time.monotonic()
+        self.admission.drain(grace)
+        self.grpc_server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
         self.service.close()
+        self.metrics.close()
 
     def __enter__(self) -> FeatmapServer:
         return self.start()
@@ -325,6 +379,10 @@ def serve(settings: ServerSettings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
+    # Python runs signal handlers on the main thread only, and a signal the kernel delivers to
+    # another thread (gRPC's, onnxruntime's) does not wake a main thread blocked in wait():
+    # waking up now and then lets the handler run.
+    while not stopping.wait(timeout=0.1):
+        pass
     server.stop()
     log.info("stopped")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1 << 20
 
@@ -52,7 +54,45 @@ class ServerSettings(BaseSettings):
     max_layers: int = Field(default=128, ge=1)
     # Weights and biases over all conv layers (float32: 4 bytes each).
     max_parameters: int = Field(default=64 * MIB, ge=1)
+    # Conv kernel_size and pool pool_size, per axis.
+    max_kernel_size: int = Field(default=64, ge=1)
+    # Per request, from the spec and the batch's shape (service/limits.py says how).
+    max_flops: int = Field(default=10**13, ge=1)
+    max_activation_bytes: int = Field(default=16 * 1024 * MIB, ge=1)
+    # Off: NaN/Inf in float input is INVALID_ARGUMENT; on: it runs, and NaN/Inf may come out.
+    allow_non_finite_input: bool = False
+    # Extract/ExtractStream calls admitted at once (running or waiting for a handler thread);
+    # None: 4 x grpc_workers. Beyond it, RESOURCE_EXHAUSTED at once, marked retryable.
+    max_queued_requests: int | None = Field(default=None, ge=1)
     # Seconds in-flight calls get to finish after SIGTERM/SIGINT.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     reflection: bool = False
     log_level: str = "INFO"
+    # "json": one JSON object per line on stderr, for log shippers.
+    log_format: Literal["text", "json"] = "text"
+    # TLS: the server's certificate chain and private key (PEM files); both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Mutual TLS: only clients presenting a certificate signed by this CA (PEM) get through.
+    tls_client_ca: Path | None = None
+    # Bearer tokens (`authorization: Bearer <token>`); with none set, calls need no token.
+    auth_tokens_file: Path | None = None  # one token per line
+    # NoDecode: FEATMAP_AUTH_TOKENS is "a,b", not JSON. SecretStr keeps tokens out of reprs.
+    auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Prometheus metrics on http://host:metrics_port/metrics; None: off, 0: a free port.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [token.strip() for token in value.split(",") if token.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self

@@ -268,6 +268,11 @@ def test_server_info(client: FeatureClient, server: FeatmapServer) -> None:
         "max_parameters": settings.max_parameters,
         "max_registered_pipelines": settings.max_registered_pipelines,
         "session_cache_size": settings.session_cache_size,
+        "max_kernel_size": settings.max_kernel_size,
+        "max_flops": settings.max_flops,
+        "max_activation_bytes": settings.max_activation_bytes,
+        # allow_non_finite_input is False, proto3's default, so it is not listed
+        "max_queued_requests": 4 * settings.grpc_workers,
     }
 
 

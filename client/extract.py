@@ -1,0 +1,459 @@
+"""`featmap extract`: a pipeline over a folder of images, in shards, to one output file.
+
+Inputs are processed in shards of `shard_size` images. Each finished shard is written to
+`<output>.parts/` (its results, then a manifest naming the shard, its inputs and the pipeline
+id), so that `resume=True` can reuse it after an interruption; once every shard is done they
+are merged into the output, written atomically, and the parts are removed.
+
+Images of different sizes are batched by size (never cropped or padded); each image keeps its
+own row in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from featmap.client.client import FeatmapRpcError
+from featmap.client.images import InputError, InputItem, expand, find_files, load_item
+from featmap.client.outputs import (
+    OUTPUT_SUFFIXES,
+    Results,
+    atomic_path,
+    read_npz,
+    write_npz,
+    write_results,
+)
+from featmap.service.errors import FeatmapError
+from featmap.service.spec import Pipeline, infer_shapes
+
+OnError = Literal["skip", "fail"]
+# Arrays of the .npz layout that an output name must not shadow.
+RESERVED_OUTPUT_NAMES = frozenset({"paths", "outputs", "skipped", "skipped_errors"})
+SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": "featmap.v1.FeatureExtractor"}],
+            # Extract has no side effects: a call that met a server going away is safe to resend.
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
+class JobError(Exception):
+    """The job cannot go on; `exit_code` is 2 for a usage error, 1 for a failure."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Runner(Protocol):
+    """Runs the pipeline on batches, yielding each batch's outputs in order."""
+
+    def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Outputs of each batch, in order."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions or channels."""
+        ...
+
+
+# --------------------------------------------------------------------------- runners
+
+
+class EmbeddedRunner:
+    """The server's graph builder, session cache and checks, in this process."""
+
+    def __init__(self, pipeline: Pipeline, threads: int = 0) -> None:
+        from featmap.service.extractor import Extractor, RequestLimits
+        from featmap.service.runtime import SessionCache, resolve_providers
+        from featmap.service.settings import ServerSettings
+
+        # The server's default limits, not FEATMAP_* from the environment: this is no server.
+        limits = {
+            f.name: ServerSettings.model_fields[f.name].get_default(call_default_factory=True)
+            for f in dataclasses.fields(RequestLimits)
+        }
+        self.pipeline = pipeline
+        self.cache = SessionCache(1, resolve_providers(None), threads)
+        self.extractor = Extractor(self.cache, RequestLimits(**limits))
+
+    def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Check, then run each batch (no reply to fit in a message: reply_limit off)."""
+        for batch in batches:
+            self.extractor.check(self.pipeline, batch, reply_limit=False)
+            yield self.extractor.run(self.cache.get(self.pipeline), batch)
+
+    def close(self) -> None:
+        """Nothing to release beyond what the garbage collector does."""
+
+
+def grpc_target(servers: Sequence[str]) -> tuple[str, bool]:
+    """(target, load balanced) for --server values: one target, or several IP host:ports."""
+    if len(servers) == 1:
+        return servers[0], servers[0].startswith("dns:")
+    addresses: list[tuple[str, str]] = []
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise JobError(
+                f"--server {server!r}: several servers must be given as IP host:port "
+                "(gRPC's ipv4:/ipv6: target lists); for a host name with several addresses "
+                "give one dns:///name:port target instead",
+                exit_code=2,
+            ) from None
+        if not port.isdigit():
+            raise JobError(f"--server {server!r}: expected host:port", exit_code=2)
+        addresses.append((f"ipv{ip.version}", f"[{ip}]:{port}" if ip.version == 6 else server))
+    schemes = {scheme for scheme, _ in addresses}
+    if len(schemes) != 1:
+        raise JobError(
+            "--server: gRPC cannot balance over IPv4 and IPv6 addresses together", exit_code=2
+        )
+    return f"{schemes.pop()}:{','.join(address for _, address in addresses)}", True
+
+
+def channel_options(load_balanced: bool) -> list[tuple[str, Any]]:
+    """Retries of UNAVAILABLE always; round robin over the target's addresses when balanced."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    ]
+    if load_balanced:
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    return options
+
+
+class RemoteRunner:
+    """Batches sent through FeatureClient, `in_flight` requests at a time."""
+
+    def __init__(
+        self, pipeline: Pipeline, servers: Sequence[str], in_flight: int, timeout: float
+    ) -> None:
+        from featmap.client.client import FeatureClient
+
+        target, balanced = grpc_target(servers)
+        self.pipeline = pipeline
+        self.client = FeatureClient(
+            target, timeout=timeout, in_flight=in_flight, options=channel_options(balanced)
+        )
+
+    def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Each batch's outputs from the server(s), in order."""
+        yield from self.client.extract_iter(batches, self.pipeline)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.client.close()
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class JobReport:
+    """What a finished job did."""
+
+    output: Path
+    images: int
+    skipped: list[tuple[str, str]]
+    shards: int
+    shards_reused: int
+    images_computed: int = 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Consecutive inputs processed, saved and resumed together."""
+
+    index: int
+    items: list[InputItem]
+
+    @property
+    def keys(self) -> list[str]:
+        """The inputs' keys, as the manifest records them."""
+        return [item.key for item in self.items]
+
+
+class PartsDir:
+    """`<output>.parts/`: finished shards and their manifests."""
+
+    def __init__(self, output: Path, identity: dict[str, Any]) -> None:
+        self.path = output.with_name(output.name + ".parts")
+        self.identity = identity
+
+    def _files(self, shard: Shard) -> tuple[Path, Path]:
+        stem = self.path / f"shard-{shard.index:05d}"
+        return stem.with_suffix(".npz"), stem.with_suffix(".json")
+
+    def reusable(self, shard: Shard) -> Results | None:
+        """A finished shard's results, if its manifest matches this job exactly."""
+        results_file, manifest_file = self._files(shard)
+        try:
+            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+            if manifest != {**self.identity, "shard": shard.index, "paths": shard.keys}:
+                return None
+            return read_npz(results_file)
+        except (OSError, ValueError, KeyError):
+            return None  # missing or damaged: compute the shard again
+
+    def save(self, shard: Shard, results: Results) -> None:
+        """Results first, manifest last: a manifest vouches for a complete results file."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        results_file, manifest_file = self._files(shard)
+        write_npz(results, results_file)
+        manifest = {**self.identity, "shard": shard.index, "paths": shard.keys}
+        with atomic_path(manifest_file) as temporary:
+            temporary.write_text(json.dumps(manifest), encoding="utf-8")
+
+    def clear(self) -> None:
+        """Remove the parts folder and everything in it."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def batches_by_size(
+    images: list[tuple[int, np.ndarray]], batch_size: int
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(positions, stacked batch): images grouped by shape, in first-seen order, chunked."""
+    groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    for position, image in images:
+        groups.setdefault(image.shape, []).append((position, image))
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            yield [p for p, _ in chunk], np.stack([image for _, image in chunk])
+
+
+class Job:
+    """One `featmap extract` run; see run_extract."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        runner: Runner,
+        *,
+        resize: tuple[int, int] | None,
+        batch_size: int,
+        on_error: OnError,
+        progress: Callable[[int], None],
+    ) -> None:
+        self.pipeline = pipeline
+        self.runner = runner
+        self.resize = resize
+        self.batch_size = batch_size
+        self.on_error = on_error
+        self.progress = progress
+        self.images_computed = 0
+
+    def reject(self, error: InputError, results: Results) -> None:
+        """An input that cannot be used: fail the job, or note it as skipped."""
+        if self.on_error == "fail":
+            raise JobError(f"{error.path}: {error.reason}")
+        results.skipped.append((error.path, error.reason))
+
+    def fits(self, image: np.ndarray) -> str | None:
+        """Why the pipeline cannot take an image of this size (None if it can)."""
+        h, w = (1, 2) if self.pipeline.input.layout == "NCHW" else (0, 1)
+        try:
+            infer_shapes(self.pipeline, image.shape[h], image.shape[w])
+        except FeatmapError as exc:
+            return str(exc)
+        return None
+
+    def shard(self, shard: Shard) -> Results:
+        """Load, check and run one shard's images; results in input order."""
+        results = Results(self.pipeline.output_names)
+        loaded: list[tuple[int, np.ndarray]] = []
+        for position, item in enumerate(shard.items):
+            try:
+                image = load_item(item, self.pipeline.input, self.resize)
+                reason = self.fits(image)
+                if reason is not None:
+                    raise InputError(item.key, f"{list(image.shape)} is too small: {reason}")
+            except InputError as exc:
+                self.reject(exc, results)
+                self.progress(1)
+                continue
+            loaded.append((position, image))
+        per_image: dict[int, dict[str, np.ndarray]] = {}
+        batches = list(batches_by_size(loaded, self.batch_size))
+        try:
+            outputs = self.runner.run(batch for _, batch in batches)
+            for (positions, _), batch_outputs in zip(batches, outputs, strict=True):
+                for row, position in enumerate(positions):
+                    per_image[position] = {n: np.array(a[row]) for n, a in batch_outputs.items()}
+                self.images_computed += len(positions)
+                self.progress(len(positions))
+        except (FeatmapError, FeatmapRpcError) as exc:
+            raise JobError(f"shard {shard.index}: {exc}") from None
+        for position in sorted(per_image):
+            results.add(shard.items[position].key, per_image[position])
+        return results
+
+
+def run_extract(
+    pipeline: Pipeline,
+    inputs: Sequence[Path],
+    output: Path,
+    runner: Runner,
+    *,
+    resize: tuple[int, int] | None = None,
+    batch_size: int = 32,
+    shard_size: int = 256,
+    on_error: OnError = "fail",
+    resume: bool = False,
+    progress: bool = False,
+) -> JobReport:
+    """Run `pipeline` over `inputs` into `output`; JobError when the job cannot finish.
+
+    Skipped inputs (on_error="skip") are in the report and the output; a failure leaves the
+    finished shards in `<output>.parts/` for resume=True, and no output file.
+    """
+    from tqdm import tqdm
+
+    suffix = output.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise JobError(f"--output must end in {', '.join(OUTPUT_SUFFIXES)}: {output}", 2)
+    if suffix == ".npy" and len(pipeline.output_names) != 1:
+        raise JobError(
+            f"a .npy output holds one array; the pipeline has {len(pipeline.output_names)} "
+            f"outputs {pipeline.output_names}: write .npz or .parquet",
+            2,
+        )
+    clash = RESERVED_OUTPUT_NAMES & set(pipeline.output_names)
+    if clash:
+        raise JobError(f"outputs: {sorted(clash)} are reserved names in the output file", 2)
+    if batch_size < 1 or shard_size < 1:
+        raise JobError("--batch-size and --shard-size must be >= 1", 2)
+    try:
+        files = find_files(inputs)
+    except ValueError as exc:
+        raise JobError(str(exc), 2) from None
+    items, unreadable = expand(files, pipeline.input)
+    if not items and not unreadable:
+        raise JobError(f"no images or arrays found in {', '.join(map(str, inputs))}", 2)
+
+    identity = {
+        "pipeline_id": pipeline.pipeline_id,
+        "resize": list(resize) if resize else None,
+        "shard_size": shard_size,
+    }
+    parts = PartsDir(output, identity)
+    if not resume:
+        parts.clear()  # stale parts of another run must not be merged into this one
+    shards = [
+        Shard(i, items[start : start + shard_size])
+        for i, start in enumerate(range(0, len(items), shard_size))
+    ]
+    bar = tqdm(
+        total=len(items), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
+    job = Job(
+        pipeline,
+        runner,
+        resize=resize,
+        batch_size=batch_size,
+        on_error=on_error,
+        progress=bar.update,
+    )
+    merged = Results(pipeline.output_names)
+    reused = 0
+    try:
+        for error in unreadable:  # .npy files whose header could not be read
+            job.reject(error, merged)
+        for shard in shards:
+            results = parts.reusable(shard) if resume else None
+            if results is None:
+                results = job.shard(shard)
+                parts.save(shard, results)
+            else:
+                reused += 1
+                bar.update(len(shard.items))
+            merged.extend(results)
+    finally:
+        bar.close()
+    metadata = {**identity, "outputs": pipeline.output_names}
+    try:
+        write_results(merged, output, metadata)
+    except ValueError as exc:
+        raise JobError(str(exc), 2) from None
+    parts.clear()
+    return JobReport(
+        output=output,
+        images=len(merged.paths),
+        skipped=merged.skipped,
+        shards=len(shards),
+        shards_reused=reused,
+        images_computed=job.images_computed,
+    )
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> int:
+    """`featmap extract` after argument parsing; JobError(exit_code=2) is a usage error."""
+    progress = not args.quiet and (args.progress or sys.stderr.isatty())
+    runner: Runner
+    if args.server:
+        runner = RemoteRunner(pipeline, args.server, args.in_flight, args.timeout)
+    else:
+        runner = EmbeddedRunner(pipeline, args.threads)
+    try:
+        report = run_extract(
+            pipeline,
+            [Path(p) for p in args.input],
+            Path(args.output),
+            runner,
+            resize=resize,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            on_error=args.on_error,
+            resume=args.resume,
+            progress=progress,
+        )
+    except JobError as exc:
+        if exc.exit_code == 2:
+            raise
+        print(f"featmap extract: error: {exc}", file=sys.stderr)
+        if Path(args.output + ".parts").is_dir():
+            print(
+                f"featmap extract: finished shards are kept in {args.output}.parts/; "
+                "rerun with --resume to continue",
+                file=sys.stderr,
+            )
+        return exc.exit_code
+    finally:
+        runner.close()
+    if not args.quiet:
+        reused = f", {report.shards_reused} of {report.shards} shards reused" if args.resume else ""
+        print(
+            f"featmap extract: wrote {report.images} images to {report.output}{reused}",
+            file=sys.stderr,
+        )
+    if report.skipped:
+        print(f"featmap extract: skipped {len(report.skipped)} inputs:", file=sys.stderr)
+        for path, reason in report.skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 3
+    return 0

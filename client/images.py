@@ -1,0 +1,176 @@
+"""Inputs of `featmap extract`: finding image and array files, decoding them to the spec's input.
+
+Rules, also in `featmap extract --help` and the README:
+- Image files (PNG, JPEG, BMP, TIFF) are decoded with Pillow and converted to the pipeline's
+  channel count (1 -> "L", 3 -> "RGB", 4 -> "RGBA"; other counts cannot come from an image).
+  uint8 pipelines get the raw 0..255 pixels; float pipelines get pixel / 255 in the input dtype,
+  unless `input.scale` is set: then the raw 0..255 values, since the graph does the scaling.
+- `.npy` holds one image, or a batch (N, ...) of them; `.npz` holds exactly one array, one image.
+  Arrays are taken as they are: the pipeline's layout ((C, H, W) or (H, W, C); (H, W) when
+  channels is 1) and its dtype (float64 is accepted for float32 pipelines, as NumPy's default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from featmap.service.spec import InputSpec
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
+PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+class InputError(Exception):
+    """One input cannot be read or does not fit the pipeline; `path` names it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One image to extract: a file, or row `row` of a batch in a .npy file."""
+
+    path: Path
+    row: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The name the outputs use for this image: its path, plus [row] inside a batch."""
+        return str(self.path) if self.row is None else f"{self.path}[{self.row}]"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'HxW' -> (H, W), both >= 1."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--resize expects HxW, e.g. 224x224; got {text!r}") from None
+    if height < 1 or width < 1:
+        raise ValueError(f"--resize sizes must be >= 1; got {text!r}")
+    return height, width
+
+
+def find_files(paths: Iterable[Path]) -> list[Path]:
+    """Input files, sorted: folders searched recursively for known suffixes, files as given."""
+    found: set[Path] = set()
+    known = IMAGE_SUFFIXES | ARRAY_SUFFIXES
+    for path in paths:
+        if path.is_dir():
+            found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
+        elif path.suffix.lower() in known:
+            found.add(path)  # a missing file is reported when read, by path, like a corrupt one
+        else:
+            raise ValueError(f"{path}: not a folder nor a {'/'.join(sorted(known))} file")
+    return sorted(found)
+
+
+def _array_images(array: np.ndarray, spec: InputSpec) -> int | None:
+    """None for one image in the spec's layout, N for a batch of N, else a ValueError."""
+    if array.ndim == 2 and spec.channels == 1:
+        return None
+    if array.ndim == 3:
+        return None
+    if array.ndim == 4:
+        return int(array.shape[0])
+    raise ValueError(f"has shape {list(array.shape)}; expected one image or a batch (N, ...)")
+
+
+def expand(files: Iterable[Path], spec: InputSpec) -> tuple[list[InputItem], list[InputError]]:
+    """One item per image: a .npy batch gives one per row (its header is read, not its data)."""
+    items: list[InputItem] = []
+    errors: list[InputError] = []
+    for path in files:
+        if path.suffix.lower() != ".npy":
+            items.append(InputItem(path))
+            continue
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            rows = _array_images(array, spec)
+        except (OSError, ValueError) as exc:
+            errors.append(InputError(str(path), f"not a readable array: {exc}"))
+            continue
+        if rows is None:
+            items.append(InputItem(path))
+        else:
+            items.extend(InputItem(path, row) for row in range(rows))
+    return items, errors
+
+
+def _decode(path: Path, spec: InputSpec, resize: tuple[int, int] | None) -> np.ndarray:
+    """Pixels of an image file as (H, W, C) uint8."""
+    mode = PIL_MODES.get(spec.channels)
+    if mode is None:
+        raise InputError(
+            str(path), f"an image has 1, 3 or 4 channels; input.channels={spec.channels}"
+        )
+    try:
+        with Image.open(path) as image:
+            image.load()  # Pillow decodes lazily: a truncated file must fail here
+            converted = image.convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise InputError(str(path), f"cannot decode image: {exc}") from None
+    if resize is not None:
+        height, width = resize
+        converted = converted.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(converted, dtype=np.uint8)
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def image_values(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(H, W, C) uint8 pixels as the pipeline's input: its layout and dtype, the scaling rule."""
+    laid_out = pixels.transpose(2, 0, 1) if spec.layout == "NCHW" else pixels
+    if spec.dtype == "uint8":
+        return np.ascontiguousarray(laid_out)
+    # With input.scale the graph scales, so it must see the raw values (else scaled twice).
+    values = laid_out.astype(np.float32) if spec.scale is not None else laid_out / np.float32(255)
+    return np.ascontiguousarray(values, dtype=spec.dtype)
+
+
+def _load_array(item: InputItem, spec: InputSpec) -> np.ndarray:
+    """An image from a .npy/.npz file, checked against the spec's layout and dtype."""
+    try:
+        if item.path.suffix.lower() == ".npz":
+            with np.load(item.path, allow_pickle=False) as archive:
+                if len(archive.files) != 1:
+                    raise ValueError(f"holds {len(archive.files)} arrays; expected exactly one")
+                array = archive[archive.files[0]]
+        else:
+            array = np.load(item.path, allow_pickle=False)
+        if item.row is not None:
+            array = array[item.row]
+        elif _array_images(array, spec) is not None:
+            raise ValueError(f"has shape {list(array.shape)}; expected one image")
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(item.key, f"not a readable array: {exc}") from None
+    if array.ndim == 2:
+        array = array[None] if spec.layout == "NCHW" else array[:, :, None]
+    channels = array.shape[0] if spec.layout == "NCHW" else array.shape[2]
+    if channels != spec.channels:
+        raise InputError(
+            item.key,
+            f"shape {list(array.shape)} has {channels} channels in {spec.layout} layout; "
+            f"input.channels={spec.channels}",
+        )
+    if array.dtype == np.float64 and spec.dtype == "float32":
+        array = array.astype(np.float32)
+    if array.dtype.name != spec.dtype:
+        raise InputError(item.key, f"dtype {array.dtype.name} is not input.dtype={spec.dtype}")
+    return np.ascontiguousarray(array)
+
+
+def load_item(item: InputItem, spec: InputSpec, resize: tuple[int, int] | None) -> np.ndarray:
+    """One image, without the batch axis, ready to stack with others of its size."""
+    if not item.path.is_file():
+        raise InputError(item.key, "no such file")
+    if item.path.suffix.lower() in ARRAY_SUFFIXES:
+        return _load_array(item, spec)  # arrays are taken as they are: --resize is for images
+    return image_values(_decode(item.path, spec, resize), spec)

@@ -1,0 +1,78 @@
+"""Retrying calls the server refused for now: busy (RESOURCE_EXHAUSTED, marked) or UNAVAILABLE."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+RETRYABLE_METADATA_KEY = "featmap-retryable"  # as featmap.service.admission sets it
+BASE_DELAY_S = 0.05
+MAX_DELAY_S = 2.0
+
+Result = TypeVar("Result")
+
+
+def is_retryable(error: grpc.RpcError) -> bool:
+    """True for UNAVAILABLE, and for RESOURCE_EXHAUSTED that the server marked as busy.
+
+    Other RESOURCE_EXHAUSTED (a message or a limit too big) fails again unchanged, as does
+    every other code, so those are not retried.
+    """
+    call: Any = error
+    code = call.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    trailers = dict(call.trailing_metadata() or ())
+    return bool(trailers.get(RETRYABLE_METADATA_KEY) == "1")
+
+
+def backoff_delays(retries: int, rng: random.Random | None = None) -> Iterator[float]:
+    """`retries` delays: full-jitter exponential backoff, base 50 ms, capped at 2 s."""
+    draw = (rng or random).uniform
+    for attempt in range(retries):
+        yield draw(0, min(MAX_DELAY_S, BASE_DELAY_S * 2**attempt))
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def call_with_retries(
+    attempt: Callable[[float | None], Result], retries: int, timeout: float | None
+) -> Result:
+    """attempt(timeout_left) until it succeeds, fails for good, or retries/time run out."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delays = backoff_delays(retries)
+    while True:
+        try:
+            return attempt(_remaining(deadline))
+        except grpc.RpcError as exc:
+            delay = next(delays, None) if is_retryable(exc) else None
+            left = _remaining(deadline)
+            if delay is None or (left is not None and left <= delay):
+                raise
+        time.sleep(delay)
+
+
+async def call_with_retries_async(
+    attempt: Callable[[float | None], Awaitable[Result]], retries: int, timeout: float | None
+) -> Result:
+    """As call_with_retries, for grpc.aio calls."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delays = backoff_delays(retries)
+    while True:
+        try:
+            return await attempt(_remaining(deadline))
+        except grpc.RpcError as exc:  # grpc.aio.AioRpcError is one
+            delay = next(delays, None) if is_retryable(exc) else None
+            left = _remaining(deadline)
+            if delay is None or (left is not None and left <= delay):
+                raise
+        await asyncio.sleep(delay)

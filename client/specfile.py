@@ -1,0 +1,40 @@
+"""Pipeline spec files for the command line: YAML or JSON, chosen by the file's extension."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from featmap.service.spec import Pipeline, parse_pipeline
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+class SpecFileError(ValueError):
+    """The file cannot be read or is not YAML/JSON; the message names the file."""
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """The spec in a .yaml/.yml or .json file, as a dict (not yet validated)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        # JSON is YAML too, but a .json file gets JSON's stricter parser and its messages.
+        data = yaml.safe_load(text) if path.suffix.lower() in YAML_SUFFIXES else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        kind = "YAML" if path.suffix.lower() in YAML_SUFFIXES else "JSON"
+        raise SpecFileError(f"{path} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecFileError(f"{path}: expected a mapping with 'input' and 'layers' at the top")
+    return data
+
+
+def load_pipeline_file(path: str | Path) -> Pipeline:
+    """A validated Pipeline from a spec file; InvalidSpec names the offending field."""
+    return parse_pipeline(read_spec_file(path))

@@ -1,0 +1,30 @@
+"""Per-call stage timings: the batcher notes queue and compute seconds, the observer reads them.
+
+A thread-local, because a call's handler runs on one gRPC thread from start to end (a stream's
+on the thread iterating its responses), and so does the batcher's `run` for that call.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_local = threading.local()
+
+
+def begin() -> dict[str, float]:
+    """Start collecting stage seconds for the call on this thread; the dict fills as it runs."""
+    stages: dict[str, float] = {}
+    _local.stages = stages
+    return stages
+
+
+def end() -> None:
+    """Stop collecting for this thread."""
+    _local.stages = None
+
+
+def note(stage: str, seconds: float) -> None:
+    """Add `seconds` to `stage` of the call on this thread (nothing when none is observed)."""
+    stages: dict[str, float] | None = getattr(_local, "stages", None)
+    if stages is not None:
+        stages[stage] = stages.get(stage, 0.0) + seconds

@@ -1,0 +1,100 @@
+"""Graceful shutdown of a real `featmap serve`: SIGTERM while requests are in flight."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from featmap.client import FeatureClient
+from featmap.client.client import FeatmapRpcError
+from featmap.service.spec import parse_pipeline
+from tests.conftest import assert_matches_reference
+from tests.test_cli import clean_env, featmap_serve
+
+# About 3 GFLOPs a request: 16 of them sharing the CPU are still running when SIGTERM comes.
+SLOW_SPEC: dict[str, Any] = {
+    "input": {"channels": 3},
+    "layers": [
+        {
+            "op": "conv2d",
+            "filters": 32,
+            "kernel_size": 7,
+            "padding": "same",
+            "weights": {"init": "he_normal", "seed": 1},
+        },
+        {"op": "relu"},
+        {
+            "op": "conv2d",
+            "filters": 32,
+            "kernel_size": 5,
+            "padding": "same",
+            "weights": {"init": "he_normal", "seed": 2},
+        },
+        {"op": "global_avg_pool2d", "name": "features"},
+    ],
+}
+REQUESTS = 16
+
+
+def health_goes_down(address: str, within_s: float = 10.0) -> bool:
+    """True once health says NOT_SERVING or the server refuses new calls with UNAVAILABLE."""
+    deadline = time.monotonic() + within_s
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue  # 16 sessions busy on every core can starve the server for a while
+                return bool(code == grpc.StatusCode.UNAVAILABLE)
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return True
+            time.sleep(0.005)  # the signal handler has not run yet
+    return False
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones() -> None:
+    pipeline = parse_pipeline(SLOW_SPEC)
+    images = np.random.default_rng(0).standard_normal((2, 3, 160, 160)).astype(np.float32)
+    env = clean_env(FEATMAP_BATCHING="false", FEATMAP_SHUTDOWN_GRACE_S="30")
+    with featmap_serve("--port", "0", env=env) as serving:
+        port = serving.wait_listening()
+        address = f"127.0.0.1:{port}"
+        with FeatureClient(address, timeout=60, retries=0) as client:
+            client.wait_ready()
+            client.extract(images, SLOW_SPEC)  # compiled and warm before the race starts
+
+            def one() -> dict[str, np.ndarray] | FeatmapRpcError:
+                try:
+                    return client.extract(images, SLOW_SPEC)
+                except FeatmapRpcError as exc:
+                    return exc
+
+            with ThreadPoolExecutor(REQUESTS) as pool:
+                futures = [pool.submit(one) for _ in range(REQUESTS)]
+                wait(futures, timeout=60, return_when=FIRST_COMPLETED)
+                assert not all(f.done() for f in futures), "too fast to test: all done already"
+                serving.process.send_signal(signal.SIGTERM)
+                assert health_goes_down(address)
+                results = [f.result(timeout=60) for f in futures]
+            assert serving.process.wait(timeout=30) == 0, serving.stderr()
+    completed = [r for r in results if isinstance(r, dict)]
+    refused = [r for r in results if isinstance(r, FeatmapRpcError)]
+    assert completed, "SIGTERM came before any request was accepted"
+    for error in refused:
+        assert error.code == grpc.StatusCode.UNAVAILABLE, error  # never CANCELLED or INTERNAL
+    for outputs in completed[:1]:
+        assert_matches_reference(outputs, pipeline, images)
+    for outputs in completed[1:]:  # the same images: bit-identical to the checked one
+        for name, array in outputs.items():
+            np.testing.assert_array_equal(array, completed[0][name])
+    log = serving.stderr()
+    assert "received SIGTERM" in log and "stopped" in log
