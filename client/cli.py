@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from featmap.client.channel import add_connection_arguments
+
 
 class UsageError(Exception):
     """A command cannot run as asked; printed without a traceback, exit status 2."""
@@ -145,9 +147,10 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
+    from featmap.client.channel import security_from_arguments
     from featmap.client.health import SERVING_EXIT, check_health
 
-    result = check_health(args.server, args.service, args.timeout)
+    result = check_health(args.server, args.service, args.timeout, security_from_arguments(args))
     print(result.message, file=sys.stdout if result.exit_code == SERVING_EXIT else sys.stderr)
     return result.exit_code
 
@@ -266,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         "health", help="grpc.health.v1 check: exit 0 SERVING, 1 not serving, 2 unreachable"
     )
     health.add_argument("--server", required=True, help="address, e.g. 127.0.0.1:50051")
+    add_connection_arguments(health)
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     health.add_argument("--service", default="", help="service name (default: the server)")
     health.set_defaults(run=_health)
@@ -293,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-flight", type=int, default=4, help="requests in flight with --server (4)"
     )
     extract.add_argument("--timeout", type=float, default=300.0, help="seconds per request (300)")
+    add_connection_arguments(extract)
     extract.add_argument("--threads", type=int, default=0, help="onnxruntime threads in-process")
     extract.add_argument("--resize", metavar="HxW", help="resize images (bilinear) to HxW")
     extract.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")

@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from featmap.client.channel import ChannelSecurity, security_from_arguments
 from featmap.client.client import FeatmapRpcError
 from featmap.client.images import InputError, InputItem, expand, find_files, load_item
 from featmap.client.outputs import (
@@ -148,14 +149,29 @@ class RemoteRunner:
     """Batches sent through FeatureClient, `in_flight` requests at a time."""
 
     def __init__(
-        self, pipeline: Pipeline, servers: Sequence[str], in_flight: int, timeout: float
+        self,
+        pipeline: Pipeline,
+        servers: Sequence[str],
+        in_flight: int,
+        timeout: float,
+        security: ChannelSecurity | None = None,
     ) -> None:
         from featmap.client.client import FeatureClient
 
         target, balanced = grpc_target(servers)
         self.pipeline = pipeline
+        security = security or ChannelSecurity()
         self.client = FeatureClient(
-            target, timeout=timeout, in_flight=in_flight, options=channel_options(balanced)
+            target,
+            timeout=timeout,
+            in_flight=in_flight,
+            options=channel_options(balanced),
+            tls=security.tls,
+            tls_ca=security.tls_ca,
+            tls_cert=security.tls_cert,
+            tls_key=security.tls_key,
+            tls_server_name=security.tls_server_name,
+            token=security.token,
         )
 
     def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -416,7 +432,9 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
     progress = not args.quiet and (args.progress or sys.stderr.isatty())
     runner: Runner
     if args.server:
-        runner = RemoteRunner(pipeline, args.server, args.in_flight, args.timeout)
+        runner = RemoteRunner(
+            pipeline, args.server, args.in_flight, args.timeout, security_from_arguments(args)
+        )
     else:
         runner = EmbeddedRunner(pipeline, args.threads)
     try:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from featmap.client.channel import ChannelSecurity
+
 SERVING_EXIT = 0
 NOT_SERVING_EXIT = 1
 UNREACHABLE_EXIT = 2
@@ -20,9 +22,14 @@ class HealthResult:
     message: str
 
 
-def check_health(address: str, service: str = "", timeout: float = 5.0) -> HealthResult:
+def check_health(
+    address: str,
+    service: str = "",
+    timeout: float = 5.0,
+    security: ChannelSecurity | None = None,
+) -> HealthResult:
     """One Health.Check: 0 SERVING, 1 any other answer, 2 when the server cannot be reached."""
-    with grpc.insecure_channel(address) as channel:
+    with (security or ChannelSecurity()).channel(address, []) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             # No wait_for_ready: a refused connection fails at once instead of retrying until

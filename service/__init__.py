@@ -12,6 +12,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # The public API; the modules behind it are free to move. (Imports after __version__: the graph
 # builder stamps it into every model.)
 from featmap.service.errors import (
+    Abandoned,
+    Cancelled,
+    DeadlineExceeded,
     ExecutionFailed,
     FeatmapError,
     InvalidRequest,
@@ -19,6 +22,7 @@ from featmap.service.errors import (
     InvalidTensor,
     LimitExceeded,
     NonFiniteResult,
+    NotFound,
 )
 from featmap.service.extractor import Extractor, RequestLimits
 from featmap.service.graph import compile_pipeline
@@ -29,6 +33,9 @@ from featmap.service.settings import ServerSettings
 from featmap.service.spec import Pipeline, infer_shapes, json_schema, parse_pipeline
 
 __all__ = [
+    "Abandoned",
+    "Cancelled",
+    "DeadlineExceeded",
     "ExecutionFailed",
     "Extractor",
     "FeatmapError",
@@ -38,6 +45,7 @@ __all__ = [
     "InvalidTensor",
     "LimitExceeded",
     "NonFiniteResult",
+    "NotFound",
     "Pipeline",
     "RequestLimits",
     "ServerSettings",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from featmap.client import AsyncFeatureClient, FeatmapRpcError, FeatureClient
 from featmap.service.security import TokenAuthInterceptor
 from featmap.service.server import SERVICE_NAME, FeatmapServer
 from featmap.service.settings import ServerSettings
-from featmap.service.spec import Pipeline
+from featmap.service.spec import Pipeline, parse_pipeline
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import run_featmap
 
@@ -413,3 +414,43 @@ def test_serve_names_an_unreadable_certificate(tmp_path: Path) -> None:
     half = run_featmap("serve", "--port", "0", "--tls-cert", missing)
     assert half.returncode == 2
     assert "tls_cert and tls_key go together" in half.stderr
+
+
+# --------------------------------------------------------------------------- the CLI's clients
+
+
+def test_health_command_speaks_tls(tls_server: FeatmapServer, pki: Pki) -> None:
+    from featmap.client.cli import main
+
+    assert main(["health", "--server", tls_server.address, "--timeout", "5"]) == 2
+    assert main(["health", "--server", tls_server.address, "--tls-ca", str(pki.ca.files.cert)]) == 0
+
+
+def test_extract_command_sends_tls_and_token(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from featmap.client.cli import main
+
+    settings = _settings(tls_cert=pki.server.cert, tls_key=pki.server.key, auth_tokens=[TOKEN])
+    images = np.random.default_rng(8).random((2, 3, 12, 12), dtype=np.float32)
+    for index, image in enumerate(images):
+        np.save(tmp_path / f"image{index}.npy", image[None])
+    spec = tmp_path / "pipeline.json"
+    spec.write_text(json.dumps(README_SPEC))
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    monkeypatch.delenv("FEATMAP_TOKEN", raising=False)
+    with FeatmapServer(settings) as server:
+        command = [
+            "extract", "--pipeline", str(spec), "--input", str(tmp_path / "image0.npy"),
+            str(tmp_path / "image1.npy"), "--server", server.address, "--quiet",
+            "--tls-ca", str(pki.ca.files.cert),
+        ]  # fmt: skip
+        assert main([*command, "--output", str(tmp_path / "no-token.npz")]) == 1
+        assert (
+            main([*command, "--token-file", str(token_file), "--output", str(tmp_path / "a.npz")])
+            == 0
+        )
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as saved:
+        outputs = {name: saved[name] for name in ("conv1", "features")}
+    assert_matches_reference(outputs, parse_pipeline(README_SPEC), images)
