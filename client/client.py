@@ -26,7 +26,12 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from featmap.client.channel import ChannelSecurity, PemSource
-from featmap.client.retry import call_with_retries, call_with_retries_async
+from featmap.client.retry import (
+    call_with_retries,
+    call_with_retries_async,
+    is_retryable,
+    retry_channel_options,
+)
 from featmap.client.shared_memory import SharedMemoryPool
 from featmap.service.errors import FeatmapError
 from featmap.service.spec import Pipeline, infer_shapes, parse_pipeline
@@ -280,8 +285,11 @@ class FeatureClient:
             client then run one at a time.
         retries: how often a unary call is retried, with jittered exponential backoff, when
             the server is busy (RESOURCE_EXHAUSTED marked retryable) or UNAVAILABLE.
-        options: extra gRPC channel options, e.g. ("grpc.lb_policy_name", "round_robin")
-            with a target that resolves to several servers.
+        load_balancing: spread calls over every address the target resolves to (gRPC's
+            round_robin: "dns:///name:port", or "ipv4:10.0.0.1:50051,10.0.0.2:50051"), and
+            let gRPC resend a call that met UNAVAILABLE before any answer, to another replica.
+            A stream stays on the replica it started on; extract_iter spreads its calls.
+        options: extra gRPC channel options.
         tls: use TLS, trusting the system's roots unless `tls_ca` is given (implied by any of
             the tls_* arguments).
         tls_ca: the CA that signed the server's certificate (a PEM path, or PEM bytes).
@@ -300,6 +308,7 @@ class FeatureClient:
         in_flight: int = 4,
         retries: int = 3,
         shared_memory: bool = False,
+        load_balancing: bool = False,
         options: Sequence[tuple[str, Any]] = (),
         tls: bool = False,
         tls_ca: PemSource | None = None,
@@ -314,7 +323,10 @@ class FeatureClient:
         self.in_flight = in_flight
         self.retries = retries
         security = ChannelSecurity(tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
-        self._channel = security.channel(address, [*channel_options(max_message_bytes), *options])
+        balancing = retry_channel_options(round_robin=True) if load_balancing else []
+        self._channel = security.channel(
+            address, [*channel_options(max_message_bytes), *balancing, *options]
+        )
         self._stub = pb_grpc.FeatureExtractorStub(self._channel)
         self._extract, self._extract_stream = extract_methods(self._channel)
         self._shared = SharedMemoryTransport(self._stub) if shared_memory else None
@@ -424,26 +436,35 @@ class FeatureClient:
         output_dtype: OutputDType = "float32",
         timeout: float | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Yield each batch's outputs in order, keeping `in_flight` unary requests running."""
-        pending: collections.deque[Any] = collections.deque()
+        """Yield each batch's outputs in order, keeping `in_flight` unary requests running.
+
+        A request refused for now (busy, or UNAVAILABLE: a replica went away before answering)
+        is sent again with the client's retries; gRPC's own retry policy gives up on requests
+        over its 256 KiB retry buffer, so it cannot be relied on for image batches.
+        """
+        pending: collections.deque[tuple[OutgoingExtract, Any]] = collections.deque()
         limit = max(1, in_flight or self.in_flight)
 
-        def result(future: Any) -> dict[str, np.ndarray]:
+        def result(request: OutgoingExtract, future: Any) -> dict[str, np.ndarray]:
             try:
                 return outputs_of(future.result())
             except grpc.RpcError as exc:
-                raise FeatmapRpcError.from_rpc_error(exc) from None
+                if self.retries < 1 or not is_retryable(exc):
+                    raise FeatmapRpcError.from_rpc_error(exc) from None
+            # A load-balanced channel sends the retry to another ready replica.
+            return outputs_of(self._call(self._extract, request, timeout))
 
         try:
             for batch in batches:
                 request = request_for(sendable(batch), pipeline, output_dtype)
-                pending.append(self._extract.future(request, timeout=self._timeout(timeout)))
+                future = self._extract.future(request, timeout=self._timeout(timeout))
+                pending.append((request, future))
                 if len(pending) >= limit:
-                    yield result(pending.popleft())
+                    yield result(*pending.popleft())
             while pending:
-                yield result(pending.popleft())
+                yield result(*pending.popleft())
         finally:
-            for future in pending:
+            for _, future in pending:
                 future.cancel()
 
     def register(
@@ -584,7 +605,7 @@ class SharedMemoryTransport:
 class AsyncFeatureClient:
     """The asyncio twin of FeatureClient (grpc.aio); `async with` it, or `await close()`.
 
-    The tls_* and token arguments are as FeatureClient's.
+    The load_balancing, tls_* and token arguments are as FeatureClient's.
     """
 
     def __init__(
@@ -595,6 +616,7 @@ class AsyncFeatureClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         in_flight: int = 4,
         retries: int = 3,
+        load_balancing: bool = False,
         tls: bool = False,
         tls_ca: PemSource | None = None,
         tls_cert: PemSource | None = None,
@@ -608,7 +630,10 @@ class AsyncFeatureClient:
         self.in_flight = in_flight
         self.retries = retries
         security = ChannelSecurity(tls, tls_ca, tls_cert, tls_key, tls_server_name, token)
-        self._channel = security.aio_channel(address, channel_options(max_message_bytes))
+        balancing = retry_channel_options(round_robin=True) if load_balancing else []
+        self._channel = security.aio_channel(
+            address, [*channel_options(max_message_bytes), *balancing]
+        )
         self._stub = pb_grpc.FeatureExtractorStub(self._channel)
         self._extract, self._extract_stream = extract_methods(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -34,27 +34,13 @@ from featmap.client.outputs import (
     write_npz,
     write_results,
 )
+from featmap.client.retry import retry_channel_options
 from featmap.service.errors import FeatmapError
 from featmap.service.spec import Pipeline, infer_shapes
 
 OnError = Literal["skip", "fail"]
 # Arrays of the .npz layout that an output name must not shadow.
 RESERVED_OUTPUT_NAMES = frozenset({"paths", "outputs", "skipped", "skipped_errors"})
-SERVICE_CONFIG = {
-    "methodConfig": [
-        {
-            "name": [{"service": "featmap.v1.FeatureExtractor"}],
-            # Extract has no side effects: a call that met a server going away is safe to resend.
-            "retryPolicy": {
-                "maxAttempts": 5,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "2s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ]
-}
 
 
 class JobError(Exception):
@@ -134,17 +120,6 @@ def grpc_target(servers: Sequence[str]) -> tuple[str, bool]:
     return f"{schemes.pop()}:{','.join(address for _, address in addresses)}", True
 
 
-def channel_options(load_balanced: bool) -> list[tuple[str, Any]]:
-    """Retries of UNAVAILABLE always; round robin over the target's addresses when balanced."""
-    options: list[tuple[str, Any]] = [
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
-    ]
-    if load_balanced:
-        options.append(("grpc.lb_policy_name", "round_robin"))
-    return options
-
-
 class RemoteRunner:
     """Batches sent through FeatureClient, `in_flight` requests at a time."""
 
@@ -165,7 +140,7 @@ class RemoteRunner:
             target,
             timeout=timeout,
             in_flight=in_flight,
-            options=channel_options(balanced),
+            options=retry_channel_options(round_robin=balanced),
             tls=security.tls,
             tls_ca=security.tls_ca,
             tls_cert=security.tls_cert,

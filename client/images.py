@@ -143,11 +143,12 @@ def _load_array(item: InputItem, spec: InputSpec) -> np.ndarray:
                 if len(archive.files) != 1:
                     raise ValueError(f"holds {len(archive.files)} arrays; expected exactly one")
                 array = archive[archive.files[0]]
+        elif item.row is not None:
+            # One row of a .npy batch: map the file, or each row would read all of it.
+            array = np.array(np.load(item.path, mmap_mode="r", allow_pickle=False)[item.row])
         else:
             array = np.load(item.path, allow_pickle=False)
-        if item.row is not None:
-            array = array[item.row]
-        elif _array_images(array, spec) is not None:
+        if item.row is None and _array_images(array, spec) is not None:
             raise ValueError(f"has shape {list(array.shape)}; expected one image")
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(item.key, f"not a readable array: {exc}") from None

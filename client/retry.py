@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -15,6 +16,37 @@ BASE_DELAY_S = 0.05
 MAX_DELAY_S = 2.0
 
 Result = TypeVar("Result")
+# gRPC's own retry policy (the channel's service config). It resends a call that failed with
+# UNAVAILABLE before the server answered, picking again, so under round robin the retry goes
+# to another replica. Extract has no side effects and RegisterPipeline is content-addressed, so
+# a call that met a server going away is safe to resend. gRPC keeps only 256 KiB of a call for
+# resending (grpc.per_rpc_retry_buffer_size) and commits larger ones at once: for image batches
+# the client's own retries (call_with_retries) are what resends them.
+RETRY_SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": "featmap.v1.FeatureExtractor"}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
+def retry_channel_options(round_robin: bool) -> list[tuple[str, Any]]:
+    """Channel options for gRPC's retries of UNAVAILABLE, and round robin over the addresses."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
+    ]
+    if round_robin:
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    return options
 
 
 def is_retryable(error: grpc.RpcError) -> bool:

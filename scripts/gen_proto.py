@@ -1,4 +1,4 @@
-"""Regenerate the committed gRPC stubs in proto/featmap/v1 from featmap.proto."""
+"""Regenerate the committed gRPC stubs in proto/featmap/{v1,oip} from their .proto files."""
 
 from __future__ import annotations
 
@@ -7,23 +7,26 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent.parent / "proto"
 PROTO_FILE = "featmap/v1/featmap.proto"
+# The Open Inference Protocol (KServe v2), package inference; imported as featmap.oip.
+OIP_PROTO_FILE = "featmap/oip/grpc_predict_v2.proto"
 
 
 def generate(out_dir: Path) -> None:
-    """Run protoc (grpcio-tools) on featmap.proto, writing the stubs under out_dir."""
+    """Run protoc (grpcio-tools) on both protos, writing the stubs under out_dir."""
     from grpc_tools import protoc
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        "protoc",
-        f"-I{PROTO_ROOT}",
-        f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        PROTO_FILE,
-    ]
-    if protoc.main(args) != 0:
-        raise SystemExit(f"protoc failed on {PROTO_ROOT / PROTO_FILE}")
+    for proto_file in (PROTO_FILE, OIP_PROTO_FILE):
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            proto_file,
+        ]
+        if protoc.main(args) != 0:
+            raise SystemExit(f"protoc failed on {PROTO_ROOT / proto_file}")
 
 
 if __name__ == "__main__":

@@ -9,5 +9,6 @@ mkdir -p "$tree/featmap"
 ln -s "$root/service" "$tree/featmap/service"
 ln -s "$root/client" "$tree/featmap/client"
 ln -s "$root/proto/featmap/v1" "$tree/featmap/v1"
+ln -s "$root/proto/featmap/oip" "$tree/featmap/oip"
 cd "$tree"
 MYPYPATH="$tree" mypy --config-file "$root/pyproject.toml" -p featmap.service -p featmap.client

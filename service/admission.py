@@ -108,11 +108,15 @@ class AdmittingHandler(grpc.GenericRpcHandler):
     """Wraps FeatureExtractor's handlers: Extract/ExtractStream go through the Admission."""
 
     def __init__(
-        self, inner: grpc.GenericRpcHandler, admission: Admission, service_name: str
+        self,
+        inner: grpc.GenericRpcHandler,
+        admission: Admission,
+        service_name: str,
+        guarded_methods: tuple[str, ...] = GUARDED_METHODS,
     ) -> None:
         self.inner = inner
         self.admission = admission
-        self.guarded = {f"/{service_name}/{method}" for method in GUARDED_METHODS}
+        self.guarded = {f"/{service_name}/{method}" for method in guarded_methods}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         """The handler for a call: the real one if admitted, else one that refuses at once."""

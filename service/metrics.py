@@ -1,7 +1,8 @@
 """Prometheus metrics of one server, in a registry of its own (several servers share a process
 in tests), served over HTTP when `metrics_port` is set.
 
-    featmap_requests_total{method,code}           calls of featmap.v1.FeatureExtractor
+    featmap_requests_total{method,code}           calls of featmap.v1.FeatureExtractor and
+                                                   inference.GRPCInferenceService
     featmap_request_seconds{stage}                 queue | compute | total, per call
     featmap_batch_size                             images per dynamic-batcher run
     featmap_images_total                           images received in Extract/ExtractStream

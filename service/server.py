@@ -290,8 +290,14 @@ class FeatmapServer:
         self.servicer = FeatureExtractorServicer(self.service)
         self.admission = Admission(settings.max_queued_requests or 4 * settings.grpc_workers)
         self.metrics = Metrics(self.service)
+        # The Open Inference Protocol on the same port (oip.py imports from this module).
+        from featmap.service.oip import OIP_SERVICE_NAME, InferenceServicer, inference_handlers
+
         # Outermost first: the observer also counts and logs the calls that auth refuses.
-        interceptors: list[grpc.ServerInterceptor] = [RequestObserver(self.metrics, SERVICE_NAME)]
+        interceptors: list[grpc.ServerInterceptor] = [
+            RequestObserver(self.metrics, SERVICE_NAME),
+            RequestObserver(self.metrics, OIP_SERVICE_NAME),
+        ]
         if tokens := load_tokens(settings):
             interceptors.append(TokenAuthInterceptor(tokens))
         self.grpc_server = grpc.server(
@@ -315,11 +321,23 @@ class FeatmapServer:
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        self.inference_servicer = InferenceServicer(self.service, self.health)
+        self.grpc_server.add_generic_rpc_handlers(
+            (
+                AdmittingHandler(
+                    inference_handlers(self.inference_servicer),
+                    self.admission,
+                    OIP_SERVICE_NAME,
+                    guarded_methods=("ModelInfer",),
+                ),
+            )
+        )
         if settings.reflection:
             from grpc_reflection.v1alpha import reflection
 
             reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
+                (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                self.grpc_server,
             )
         try:
             self.port = add_port(self.grpc_server, f"{settings.host}:{settings.port}", settings)

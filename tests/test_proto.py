@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STUBS = ["featmap_pb2.py", "featmap_pb2.pyi", "featmap_pb2_grpc.py"]
+OIP_STUBS = ["grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py"]
 
 
 def test_stubs_are_fresh(tmp_path: Path) -> None:
@@ -23,4 +24,8 @@ def test_stubs_are_fresh(tmp_path: Path) -> None:
     for name in STUBS:
         fresh = (tmp_path / "featmap" / "v1" / name).read_text()
         committed = (ROOT / "proto" / "featmap" / "v1" / name).read_text()
+        assert fresh == committed, f"{name} is stale: run python scripts/gen_proto.py"
+    for name in OIP_STUBS:
+        fresh = (tmp_path / "featmap" / "oip" / name).read_text()
+        committed = (ROOT / "proto" / "featmap" / "oip" / name).read_text()
         assert fresh == committed, f"{name} is stale: run python scripts/gen_proto.py"

@@ -1,0 +1,255 @@
+"""The Open Inference Protocol (KServe v2 / Triton gRPC, `inference.GRPCInferenceService`).
+
+A model is a registered pipeline, named by its pipeline id: one input "images" in the
+pipeline's layout and dtype, the pipeline's outputs as FP32. ModelInfer runs through the same
+checks, batcher and error table as featmap.v1's Extract.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2
+
+from featmap.oip import grpc_predict_v2_pb2 as oip
+from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from featmap.service import __version__
+from featmap.service.api import FeatureService
+from featmap.service.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
+from featmap.service.registry import RegisteredPipeline
+from featmap.service.server import _serialize_message, _tolerant, map_errors, still_wanted
+from featmap.service.wire import check_shape
+
+OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "featmap"
+INPUT_NAME = "images"
+MODEL_VERSION = "1"  # a pipeline id names its content, so each model has this one version
+PLATFORM = "onnxruntime_onnx"
+# Pipeline input dtypes as OIP datatype strings, and those strings' wire dtypes.
+DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "FP32": np.dtype("<f4"),
+    "FP16": np.dtype("<f2"),
+    "UINT8": np.dtype("u1"),
+}
+
+
+def _dims(shape: list[int | str]) -> list[int]:
+    """Symbolic dims (N, H, ceil(H/2), ...) as OIP's -1."""
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def input_metadata(registered: RegisteredPipeline) -> oip.ModelMetadataResponse.TensorMetadata:
+    """The one input: "images", [-1, C, -1, -1] (NCHW) or [-1, -1, -1, C] (NHWC)."""
+    spec = registered.compiled.pipeline.input
+    shape = [-1, spec.channels, -1, -1] if spec.layout == "NCHW" else [-1, -1, -1, spec.channels]
+    return oip.ModelMetadataResponse.TensorMetadata(
+        name=INPUT_NAME, datatype=DATATYPES[spec.dtype], shape=shape
+    )
+
+
+def output_metadata(registered: RegisteredPipeline) -> list[Any]:
+    """The pipeline's outputs, FP32, with -1 for every size that depends on the image."""
+    return [
+        oip.ModelMetadataResponse.TensorMetadata(
+            name=name, datatype="FP32", shape=_dims(registered.output_shapes[name])
+        )
+        for name in registered.compiled.pipeline.output_names
+    ]
+
+
+def _contents_array(tensor: Any, datatype: str, count: int) -> np.ndarray:
+    """The typed `contents` of an input tensor (FP32 or UINT8; FP16 travels raw only)."""
+    field = "inputs[0].contents"
+    if datatype == "FP32":
+        values: Any = tensor.contents.fp32_contents
+        name = "fp32_contents"
+    elif datatype == "UINT8":
+        values, name = tensor.contents.uint_contents, "uint_contents"
+    else:
+        raise InvalidTensor(field, f"{datatype} data must be sent in raw_input_contents")
+    if len(values) != count:
+        raise InvalidTensor(
+            f"{field}.{name}",
+            f"has {len(values)} values; shape {list(tensor.shape)} needs {count}",
+        )
+    if datatype == "UINT8":
+        wide = np.asarray(values, dtype=np.uint32)
+        if count and int(wide.max()) > 255:
+            raise InvalidTensor(f"{field}.{name}", f"has {int(wide.max())}, over UINT8's 255")
+        return wide.astype(np.uint8)
+    return np.asarray(values, dtype=np.float32)
+
+
+class InferenceService:
+    """The OIP calls as plain functions over a FeatureService's registry, extractor and batcher."""
+
+    def __init__(self, service: FeatureService, ready: Callable[[], bool]) -> None:
+        self.service = service
+        self.ready = ready
+
+    def model(self, name: str, version: str, field: str = "name") -> RegisteredPipeline:
+        """The registered pipeline a model name (its pipeline id) and version name."""
+        registered = self.service.registry.get(name, field)
+        if version not in ("", MODEL_VERSION):
+            raise NotFound(
+                field.replace("name", "version"),
+                f"model {name!r} has only version {MODEL_VERSION!r}; got {version!r}",
+            )
+        return registered
+
+    def server_metadata(self) -> oip.ServerMetadataResponse:
+        """Name, version, and no protocol extensions."""
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+
+    def model_ready(self, request: oip.ModelReadyRequest) -> oip.ModelReadyResponse:
+        """Ready when registered (a registered pipeline is compiled and warm) and serving."""
+        try:
+            self.model(request.name, request.version)
+        except NotFound:
+            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=self.ready())
+
+    def model_metadata(self, request: oip.ModelMetadataRequest) -> oip.ModelMetadataResponse:
+        """The model's input and outputs (NOT_FOUND for an unknown name)."""
+        registered = self.model(request.name, request.version)
+        return oip.ModelMetadataResponse(
+            name=registered.pipeline_id,
+            versions=[MODEL_VERSION],
+            platform=PLATFORM,
+            inputs=[input_metadata(registered)],
+            outputs=output_metadata(registered),
+        )
+
+    def images(self, request: oip.ModelInferRequest, registered: RegisteredPipeline) -> np.ndarray:
+        """The request's one input as an array, its name, datatype, shape and bytes checked."""
+        if len(request.inputs) != 1:
+            raise InvalidRequest(
+                "inputs", f"has {len(request.inputs)} tensors; the model takes one, {INPUT_NAME!r}"
+            )
+        tensor = request.inputs[0]
+        if tensor.name != INPUT_NAME:
+            raise InvalidTensor("inputs[0].name", f"{tensor.name!r} is not {INPUT_NAME!r}")
+        wanted = DATATYPES[registered.compiled.pipeline.input.dtype]
+        if tensor.datatype != wanted:
+            raise InvalidTensor(
+                "inputs[0].datatype",
+                f"{tensor.datatype or '(empty)'} does not match the model's input, {wanted}",
+            )
+        shape = tuple(tensor.shape)
+        check_shape(shape, "inputs[0]")
+        dtype, count = NUMPY_DTYPES[wanted], math.prod(shape)
+        if not request.raw_input_contents:
+            return _contents_array(tensor, wanted, count).reshape(shape)
+        if len(request.raw_input_contents) != 1:
+            raise InvalidRequest(
+                "raw_input_contents",
+                f"has {len(request.raw_input_contents)} entries; one per input (1) is needed",
+            )
+        if tensor.HasField("contents"):
+            raise InvalidRequest(
+                "inputs[0].contents", "must not be set when raw_input_contents is used"
+            )
+        data = request.raw_input_contents[0]
+        if len(data) != count * dtype.itemsize:
+            raise InvalidTensor(
+                "raw_input_contents[0]",
+                f"has {len(data)} bytes; shape {list(shape)} x {dtype.itemsize} bytes "
+                f"({wanted}) needs {count * dtype.itemsize}",
+            )
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def model_infer(
+        self, request: oip.ModelInferRequest, before_run: Callable[[], None] | None = None
+    ) -> oip.ModelInferResponse:
+        """Run the input through the model; the requested outputs (default all), raw FP32."""
+        registered = self.model(request.model_name, request.model_version, "model_name")
+        pipeline = registered.compiled.pipeline
+        size = request.ByteSize()
+        if size > self.service.settings.max_message_bytes:
+            raise LimitExceeded(
+                "raw_input_contents",
+                f"the request is {size} bytes, over max_message_bytes="
+                f"{self.service.settings.max_message_bytes}: send fewer images per request",
+            )
+        names = [output.name for output in request.outputs] or list(pipeline.output_names)
+        for index, name in enumerate(names):
+            if name not in pipeline.output_names:
+                raise InvalidRequest(
+                    f"outputs[{index}].name",
+                    f"{name!r} is not an output of the model; it has {list(pipeline.output_names)}",
+                )
+        images = self.images(request, registered)
+        extractor = self.service.extractor
+        extractor.check(pipeline, images)
+        if before_run is not None:
+            before_run()
+        outputs = extractor.run(
+            registered.compiled,
+            images,
+            self.service.batcher,
+            registered.batching or self.service.default_batching,
+        )
+        response = oip.ModelInferResponse(
+            model_name=registered.pipeline_id, model_version=MODEL_VERSION, id=request.id
+        )
+        for name in names:
+            array = np.ascontiguousarray(outputs[name], dtype="<f4")
+            response.outputs.add(name=name, datatype="FP32", shape=array.shape)
+            response.raw_output_contents.append(array.tobytes())
+        return response
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService over an InferenceService."""
+
+    def __init__(self, service: FeatureService, health_servicer: health.HealthServicer) -> None:
+        self.health = health_servicer
+        self.inference = InferenceService(service, self._serving)
+
+    def _serving(self) -> bool:
+        # "" is the whole server: SERVING from start until graceful shutdown begins.
+        check = self.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+        return bool(check.status == health_pb2.HealthCheckResponse.SERVING)
+
+    @map_errors
+    def ServerLive(self, request: oip.ServerLiveRequest, context: Any) -> Any:
+        return oip.ServerLiveResponse(live=True)
+
+    @map_errors
+    def ServerReady(self, request: oip.ServerReadyRequest, context: Any) -> Any:
+        return oip.ServerReadyResponse(ready=self._serving())
+
+    @map_errors
+    def ServerMetadata(self, request: oip.ServerMetadataRequest, context: Any) -> Any:
+        return self.inference.server_metadata()
+
+    @map_errors
+    def ModelReady(self, request: oip.ModelReadyRequest, context: Any) -> Any:
+        return self.inference.model_ready(request)
+
+    @map_errors
+    def ModelMetadata(self, request: oip.ModelMetadataRequest, context: Any) -> Any:
+        return self.inference.model_metadata(request)
+
+    @map_errors
+    def ModelInfer(self, request: oip.ModelInferRequest, context: Any) -> Any:
+        return self.inference.model_infer(request, functools.partial(still_wanted, context))
+
+
+def inference_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """GRPCInferenceService's handlers; bad request bytes get INVALID_ARGUMENT, not INTERNAL."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        parse = getattr(oip, method.input_type.name).FromString
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            _tolerant(parse, method.input_type.full_name),
+            _serialize_message,
+        )
+    return grpc.method_handlers_generic_handler(OIP_SERVICE_NAME, handlers)

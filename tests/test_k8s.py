@@ -1,0 +1,185 @@
+"""deploy/k8s/: the Kubernetes manifests, parsed and cross-checked without a cluster.
+
+Labels and selectors agree, ports and probes name the port the server listens on, pods run as
+the image's non-root user with resources set, the headless Service selects the servers, the
+container arguments are a real `featmap serve` command line and the ConfigMap holds only
+settings the server knows.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from featmap.client.cli import build_parser
+from featmap.service.settings import ServerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+GRPC_PORT = 50051
+IMAGE_UID = 10001  # the Dockerfile's `featmap` user
+HEADLESS = "featmap-headless"
+
+
+def documents() -> list[dict[str, Any]]:
+    """Every document of every manifest file."""
+    found = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document is not None:
+                assert isinstance(document, dict), path
+                found.append(document)
+    return found
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[dict[str, Any]]:
+    return documents()
+
+
+def of_kind(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [m for m in manifests if m["kind"] == kind]
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    """The featmap container of a Deployment."""
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, deployment["metadata"]["name"]
+    return dict(containers[0])
+
+
+def serve_args(deployment: dict[str, Any]) -> argparse.Namespace:
+    """The container's arguments as `featmap` parses them (the image's ENTRYPOINT)."""
+    spec = container(deployment)
+    assert "command" not in spec, "keep the image's ENTRYPOINT: featmap"
+    try:
+        return build_parser().parse_args(spec["args"])
+    except SystemExit:
+        pytest.fail(f"`featmap {' '.join(spec['args'])}` does not parse")
+
+
+def deployments(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    found = of_kind(manifests, "Deployment")
+    assert found, "no Deployment in deploy/k8s"
+    return found
+
+
+def test_kinds_and_names(manifests: list[dict[str, Any]]) -> None:
+    kinds = sorted((m["kind"], m["metadata"]["name"]) for m in manifests)
+    assert kinds == [
+        ("ConfigMap", "featmap-config"),
+        ("Deployment", "featmap"),
+        ("Deployment", "featmap-gpu"),
+        ("Service", HEADLESS),
+    ]
+    for manifest in manifests:
+        assert "namespace" not in manifest["metadata"], "the namespace comes from kubectl -n"
+
+
+def test_selectors_match_pod_labels(manifests: list[dict[str, Any]]) -> None:
+    [service] = of_kind(manifests, "Service")
+    for deployment in deployments(manifests):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= labels.items(), deployment["metadata"]["name"]
+        assert service["spec"]["selector"].items() <= labels.items(), "the Service selects it"
+    variants = [d["spec"]["selector"]["matchLabels"] for d in deployments(manifests)]
+    assert len({tuple(sorted(v.items())) for v in variants}) == len(variants), (
+        "two Deployments must not claim each other's pods"
+    )
+
+
+def test_headless_service_for_client_side_balancing(manifests: list[dict[str, Any]]) -> None:
+    [service] = of_kind(manifests, "Service")
+    assert service["metadata"]["name"] == HEADLESS
+    assert service["spec"]["clusterIP"] == "None"
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == GRPC_PORT
+    for deployment in deployments(manifests):
+        declared = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+        for port in ports.values():
+            # a named targetPort must be a port the container declares, with the same number
+            assert port["targetPort"] in declared, port
+            assert declared[port["targetPort"]] == port["port"], port
+
+
+def test_container_serves_featmap_on_the_declared_port(manifests: list[dict[str, Any]]) -> None:
+    [config] = of_kind(manifests, "ConfigMap")
+    for deployment in deployments(manifests):
+        args = serve_args(deployment)
+        assert args.command == "serve"
+        assert (args.host, args.port) == ("0.0.0.0", GRPC_PORT)
+        spec = container(deployment)
+        ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
+        assert ports["grpc"] == GRPC_PORT
+        metrics_port = args.metrics_port or config["data"].get("FEATMAP_METRICS_PORT")
+        assert ports["metrics"] == int(metrics_port)
+        assert [ref["configMapRef"]["name"] for ref in spec["envFrom"]] == ["featmap-config"]
+
+
+def test_probes_are_native_grpc_on_the_container_port(manifests: list[dict[str, Any]]) -> None:
+    for deployment in deployments(manifests):
+        spec = container(deployment)
+        assert {"readinessProbe", "livenessProbe"} <= spec.keys()
+        for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if name in spec:
+                probe = spec[name]
+                assert probe["grpc"]["port"] == GRPC_PORT, name
+                assert probe["grpc"].get("service", "") == "", "the whole server's health"
+                assert not {"httpGet", "tcpSocket", "exec"} & probe.keys(), name
+
+
+def test_pods_run_as_the_image_user_not_root(manifests: list[dict[str, Any]]) -> None:
+    for deployment in deployments(manifests):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == IMAGE_UID
+        spec = container(deployment)["securityContext"]
+        assert spec["allowPrivilegeEscalation"] is False
+        assert spec["capabilities"]["drop"] == ["ALL"]
+        # The server drains for FEATMAP_SHUTDOWN_GRACE_S after SIGTERM; the pod waits longer.
+        assert pod["terminationGracePeriodSeconds"] > 10
+
+
+def test_resources_are_requested_and_limited(manifests: list[dict[str, Any]]) -> None:
+    for deployment in deployments(manifests):
+        resources = container(deployment)["resources"]
+        assert {"cpu", "memory"} <= resources["requests"].keys()
+        assert {"cpu", "memory"} <= resources["limits"].keys()
+
+
+def test_gpu_variant(manifests: list[dict[str, Any]]) -> None:
+    [gpu] = [d for d in deployments(manifests) if d["metadata"]["name"] == "featmap-gpu"]
+    spec = container(gpu)
+    assert spec["image"].endswith(":cuda"), "the Dockerfile's cuda target"
+    assert spec["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu["spec"]["template"]["spec"]["nodeSelector"]
+    env = {e["name"]: e["value"] for e in spec["env"]}
+    providers = ServerSettings.model_validate_json(
+        f'{{"providers": {env["FEATMAP_PROVIDERS"]}}}'
+    ).providers
+    assert providers == ["CUDAExecutionProvider"]
+    [cpu] = [d for d in deployments(manifests) if d["metadata"]["name"] == "featmap"]
+    assert "nvidia.com/gpu" not in container(cpu)["resources"]["limits"]
+
+
+def test_configmap_holds_server_settings(
+    manifests: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [config] = of_kind(manifests, "ConfigMap")
+    data = config["data"]
+    assert all(isinstance(value, str) for value in data.values()), "ConfigMap values are strings"
+    for key in data:
+        assert key.startswith("FEATMAP_"), key
+        assert key.removeprefix("FEATMAP_").lower() in ServerSettings.model_fields, key
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    settings = ServerSettings()  # the values parse as the server will parse them
+    assert settings.log_format == "json"
+    [cpu] = [d for d in deployments(manifests) if d["metadata"]["name"] == "featmap"]
+    # onnxruntime would otherwise start one thread per core of the node, not of the pod
+    assert settings.intra_op_threads == int(container(cpu)["resources"]["limits"]["cpu"])

@@ -1,0 +1,154 @@
+"""Ray Data: FeatureExtractor in map_batches actors gives `featmap extract`'s features, by path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featmap.client.extract import EmbeddedRunner, run_extract
+from featmap.client.images import InputItem, load_item
+from featmap.client.ray import FeatureExtractor, to_pipeline_input
+from featmap.service.server import FeatmapServer
+from featmap.service.spec import Pipeline, parse_pipeline
+from tests.conftest import README_SPEC
+from tests.test_extract import rows, write_images
+
+# The README pipeline in the other layout and dtype: raw uint8 pixels, HWC, scaled in the graph.
+UINT8_NHWC_SPEC: dict[str, Any] = {
+    **README_SPEC,
+    "input": {"channels": 3, "layout": "NHWC", "dtype": "uint8", "scale": 1 / 255},
+}
+
+pytestmark = [
+    # Ray Data's DataContext() sets its own deprecated fields (use_push_based_shuffle,
+    # use_polars) to their defaults while constructing itself: not ours to fix.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
+    # ray.init's notice of a coming change to CUDA_VISIBLE_DEVICES handling (Ray 2.51).
+    pytest.mark.filterwarnings("ignore:Tip. In future versions of Ray:FutureWarning"),
+]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    """A local two-CPU Ray instance for this module, shut down after it."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten images of two sizes and four formats (gray, RGBA and palette among them)."""
+    folder = tmp_path_factory.mktemp("ray-photos")
+    write_images(folder)
+    return folder
+
+
+def extract_file(pipeline: Pipeline, photos: Path, output: Path) -> dict[str, dict[str, Any]]:
+    """`featmap extract`'s embedded job on `photos`: path -> {output: (1, ...) array}."""
+    run_extract(pipeline, [photos], output, EmbeddedRunner(pipeline))
+    with np.load(output, allow_pickle=False) as archive:
+        paths = [str(p) for p in archive["paths"]]
+        return {path: rows(archive, pipeline, i) for i, path in enumerate(paths)}
+
+
+def ray_features(
+    ray: Any, pipeline: Pipeline, photos: Path, **extractor: Any
+) -> dict[str, dict[str, Any]]:
+    """read_images -> to_pipeline_input -> FeatureExtractor on two actors: path -> outputs."""
+    dataset = ray.data.read_images(str(photos), mode="RGB", include_paths=True)
+    dataset = dataset.map_batches(
+        to_pipeline_input, fn_kwargs={"pipeline": pipeline}, batch_format="numpy"
+    )
+    dataset = dataset.map_batches(
+        FeatureExtractor,
+        fn_constructor_args=(pipeline,),
+        fn_constructor_kwargs=extractor,
+        compute=ray.data.ActorPoolStrategy(size=2),
+        num_cpus=0.5,  # two actors and the read tasks share the two CPUs
+        batch_size=4,
+        batch_format="numpy",
+    )
+    return {
+        str(Path(row["path"])): {name: row[name][None] for name in pipeline.output_names}
+        for row in dataset.take_all()
+    }
+
+
+def assert_same_features(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Same paths; per path, same output shapes, dtype, values."""
+    assert sorted(got) == sorted(want)
+    for path, outputs in want.items():
+        for name, array in outputs.items():
+            assert got[path][name].shape == array.shape, (path, name)
+            assert got[path][name].dtype == np.float32, (path, name)
+            np.testing.assert_allclose(got[path][name], array, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- without Ray
+
+
+@pytest.mark.parametrize("spec", [README_SPEC, UINT8_NHWC_SPEC], ids=["float-nchw", "uint8-nhwc"])
+def test_to_pipeline_input_follows_extract_rules(spec: dict[str, Any], photos: Path) -> None:
+    pipeline = parse_pipeline(spec)
+    path = photos / "rgb0.png"
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))  # (20, 24, 3)
+    batch = to_pipeline_input({"image": pixels[None], "path": np.array([str(path)])}, pipeline)
+    want = load_item(InputItem(path), pipeline.input, None)
+    assert batch["image"].shape == (1, *want.shape)
+    assert batch["image"].dtype == want.dtype
+    np.testing.assert_array_equal(batch["image"][0], want)
+    assert batch["path"].tolist() == [str(path)]
+
+
+def test_extractor_rows_of_several_sizes_stay_in_order(readme_pipeline: Pipeline) -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.random((3, h, w), dtype=np.float32) for h, w in ((8, 8), (6, 10), (8, 8))]
+    column = np.empty(3, dtype=object)
+    column[:] = images
+    extractor = FeatureExtractor(readme_pipeline, outputs=["features"])
+    batch = extractor({"image": column, "id": np.arange(3)})
+    # features is (8, 1, 1) for every size, so the column stacks.
+    assert batch["features"].shape == (3, 8, 1, 1)
+    assert "conv1" not in batch
+    for row, image in enumerate(images):
+        alone = extractor({"image": image[None]})["features"][0]
+        np.testing.assert_allclose(batch["features"][row], alone, rtol=1e-6, atol=1e-6)
+    assert batch["id"].tolist() == [0, 1, 2]
+
+
+def test_extractor_refuses_unknown_outputs(readme_pipeline: Pipeline) -> None:
+    with pytest.raises(Exception, match="nope"):
+        FeatureExtractor(readme_pipeline, outputs=["nope"])
+    with pytest.raises(ValueError, match="overwrite the image column"):
+        FeatureExtractor(readme_pipeline, image_column="features")
+
+
+# --------------------------------------------------------------------------- Ray Data
+
+
+def test_embedded_matches_featmap_extract(ray_cluster: Any, photos: Path, tmp_path: Path) -> None:
+    pipeline = parse_pipeline(README_SPEC)
+    want = extract_file(pipeline, photos, tmp_path / "features.npz")
+    assert len(want) == 10
+    assert_same_features(ray_features(ray_cluster, pipeline, photos), want)
+
+
+def test_server_mode_matches_featmap_extract(
+    ray_cluster: Any, photos: Path, tmp_path: Path, server: FeatmapServer
+) -> None:
+    pipeline = parse_pipeline(UINT8_NHWC_SPEC)
+    want = extract_file(pipeline, photos, tmp_path / "features.npz")
+    got = ray_features(
+        ray_cluster, pipeline, photos, server=server.address, client_options={"timeout": 30}
+    )
+    assert_same_features(got, want)
