@@ -116,7 +116,7 @@ class FeatureService:
             ),
         )
         self.registry = PipelineRegistry(self.cache, settings.max_registered_pipelines)
-        self.batcher = DynamicBatcher()
+        self.batcher = DynamicBatcher(settings.concurrent_batches)
         self.shared_memory = SharedMemoryRegistry(
             lease_seconds=settings.shared_memory_lease_s,
             max_regions=settings.max_shared_memory_regions,

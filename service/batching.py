@@ -1,9 +1,10 @@
 """Triton-style dynamic batching: concurrent runs of one pipeline on one image shape share a run.
 
 Leader/follower ("opportunistic") batching, with no thread of its own. Per key — pipeline id,
-image shape without N, dtype and policy — at most one batch is gathered or running at a time:
+image shape without N, dtype and policy — at most `concurrent_batches` batches are gathered or
+running at a time (1 by default; the server uses 2, see settings.concurrent_batches):
 
-- a caller that finds the key idle becomes its leader and runs at once, after waiting up to
+- a caller that finds fewer leaders than that becomes one and runs at once, after waiting up to
   `max_queue_delay_us` for company when that is above zero;
 - callers that arrive while the key is busy queue up and sleep on their own Event;
 - a leader that is done wakes the head of the queue to lead the next batch, or drops the key's
@@ -91,12 +92,12 @@ class _Request:
 
 @dataclass(eq=False)
 class _Queue:
-    """One key's waiting requests; `busy` while a leader gathers or runs a batch."""
+    """One key's waiting requests; `leaders` gathering or running a batch right now."""
 
     arrival: threading.Condition
     waiting: deque[_Request] = field(default_factory=deque)
     images: int = 0
-    busy: bool = False
+    leaders: int = 0
 
 
 _Key = tuple[str, tuple[int, ...], np.dtype, BatchingPolicy]
@@ -105,7 +106,12 @@ _Key = tuple[str, tuple[int, ...], np.dtype, BatchingPolicy]
 class DynamicBatcher:
     """Coalesces concurrent `run` calls for the same key into shared onnxruntime runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, concurrent_batches: int = 1) -> None:
+        # More than one batch per key in flight lets the next batch gather, concatenate and
+        # start while one runs, instead of leaving the cores idle between batches.
+        if concurrent_batches < 1:
+            raise ValueError(f"concurrent_batches={concurrent_batches} must be at least 1")
+        self.concurrent_batches = concurrent_batches
         self._lock = threading.Lock()
         self._queues: dict[_Key, _Queue] = {}
         self._stats = BatchStats()
@@ -154,13 +160,13 @@ class DynamicBatcher:
                 queue = self._queues[key] = _Queue(arrival=threading.Condition(self._lock))
             queue.waiting.append(request)
             queue.images += len(images)
-            leads = not queue.busy
+            leads = queue.leaders < self.concurrent_batches
             if leads:
-                queue.busy = True
+                queue.leaders += 1
                 request.step = _Step.LEAD
             else:
                 # Only the leader waits on `arrival`, and only while gathering company.
-                queue.arrival.notify()
+                queue.arrival.notify_all()
         if not leads:
             request.wake.wait()
         if request.step is _Step.LEAD:
@@ -208,8 +214,9 @@ class DynamicBatcher:
                     head.step = _Step.LEAD
                     head.wake.set()
                 else:
-                    queue.busy = False
-                    del self._queues[key]
+                    queue.leaders -= 1
+                    if not queue.leaders:
+                        del self._queues[key]
 
     def _gather(self, queue: _Queue, policy: BatchingPolicy) -> list[_Request]:
         """Pop the next batch off the head of the queue; call with the lock held."""

@@ -43,6 +43,9 @@ class ServerSettings(BaseSettings):
     batching: bool = True
     max_batch_size: int = Field(default=32, ge=1)
     max_queue_delay_us: int = Field(default=0, ge=0)
+    # Batches of one pipeline and image shape in flight at once: 2 lets the next batch form
+    # while one runs, so the cores do not idle between batches.
+    concurrent_batches: int = Field(default=2, ge=1)
     # Shared memory: a client renews its regions within the lease or they are unmapped.
     shared_memory_lease_s: float = Field(default=30.0, gt=0)
     max_shared_memory_regions: int = Field(default=256, ge=0)
