@@ -26,7 +26,7 @@ from featmap.service.runtime import (
 )
 from featmap.service.settings import ServerSettings
 from featmap.service.shared_memory import SharedMemoryRegistry
-from featmap.service.spec import Pipeline, parse_pipeline
+from featmap.service.spec import Pipeline, parse_pipeline, parse_pipeline_text
 from featmap.service.weights import check_tensors
 from featmap.service.wire import (
     DTYPE_NAMES,
@@ -141,7 +141,7 @@ class FeatureService:
                 registered.batching or self.default_batching,
             )
         if which == "spec_json":
-            pipeline = parse_pipeline(message.spec_json)
+            pipeline = parse_pipeline_text(message.spec_json)
             if pipeline.tensor_names:
                 check_tensors(pipeline, {})  # names the first {"tensor": ...} it cannot have
             return Target(pipeline, None, self.default_batching)

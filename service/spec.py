@@ -6,6 +6,7 @@ The spec speaks the words users know from Keras/PyTorch (`filters`, `kernel_size
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -485,7 +486,7 @@ class Pipeline(SpecModel):
                 channels = layer.filters
         return total
 
-    @property
+    @functools.cached_property
     def pipeline_id(self) -> str:
         """Content hash of the canonical spec."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:32]
@@ -585,6 +586,13 @@ def _describe(error: Any, root: str) -> tuple[str, str]:
     if error["type"] == "union_tag_not_found":
         return f"{location}.op", f"missing; expected one of {sorted(_LAYER_TAGS)}"
     return location or root, message
+
+
+@functools.lru_cache(maxsize=256)
+def parse_pipeline_text(text: str) -> Pipeline:
+    """parse_pipeline for JSON text, remembered: a client that sends the same inline spec with
+    every request pays for its validation once (models are frozen, so sharing is safe)."""
+    return parse_pipeline(text)
 
 
 def parse_pipeline(spec: str | bytes | dict[str, Any] | Pipeline) -> Pipeline:
