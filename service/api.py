@@ -199,8 +199,9 @@ class FeatureService:
         if output_dtype == pb.FLOAT16:
             outputs = {name: to_float16(name, array) for name, array in outputs.items()}
         response = pb.ExtractResponse(pipeline_id=compiled.pipeline_id)
-        needed = sum(array.nbytes for array in outputs.values())
-        if not to_region or needed > message.output_region.byte_size:
+        if not to_region:  # check() already made sure the reply fits in a message
+            return FramedExtractResponse(response, outputs)
+        if sum(array.nbytes for array in outputs.values()) > message.output_region.byte_size:
             # A region too small for this reply is no error: the outputs come inline, and
             # the client sizes its region from them for the next request.
             self.extractor.check_reply(target.pipeline, images)
