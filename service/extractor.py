@@ -11,7 +11,7 @@ from featmap.service.batching import BatchingPolicy, DynamicBatcher
 from featmap.service.errors import InvalidTensor, LimitExceeded, NonFiniteResult
 from featmap.service.limits import check_cost, check_kernel_sizes, request_cost
 from featmap.service.runtime import CompiledPipeline, SessionCache
-from featmap.service.spec import Pipeline, infer_shapes
+from featmap.service.spec import LayerShape, Pipeline, infer_shapes
 
 
 @dataclass(frozen=True)
@@ -107,12 +107,14 @@ class Extractor:
         the reply, not in shared memory) a reply too big to send fails before the work.
         """
         height, width = image_size(pipeline, images, self.limits)
-        cost = request_cost(pipeline, len(images), height, width, images.dtype.itemsize)
+        # Computed once: a too-small image fails here, naming the layer.
+        shapes = infer_shapes(pipeline, height, width)
+        cost = request_cost(
+            pipeline, len(images), height, width, images.dtype.itemsize, shapes=shapes
+        )
         check_cost(cost, self.limits.max_flops, self.limits.max_activation_bytes)
         if reply_limit:
-            self.check_reply(pipeline, images)
-        else:
-            infer_shapes(pipeline, *self._height_width(pipeline, images))
+            self._check_reply_bytes(pipeline, len(images), shapes)
 
     @staticmethod
     def _height_width(pipeline: Pipeline, images: np.ndarray) -> tuple[int, int]:
@@ -122,8 +124,11 @@ class Extractor:
     def check_reply(self, pipeline: Pipeline, images: np.ndarray) -> None:
         """The outputs for `images` fit in one reply message."""
         shapes = infer_shapes(pipeline, *self._height_width(pipeline, images))
+        self._check_reply_bytes(pipeline, len(images), shapes)
+
+    def _check_reply_bytes(self, pipeline: Pipeline, batch: int, shapes: list[LayerShape]) -> None:
         by_name = {shape.name: shape.shape for shape in shapes}
-        reply_bytes = sum(4 * len(images) * math.prod(by_name[n]) for n in pipeline.output_names)
+        reply_bytes = sum(4 * batch * math.prod(by_name[n]) for n in pipeline.output_names)
         if reply_bytes > self.limits.max_message_bytes:
             raise LimitExceeded(
                 "outputs",

@@ -11,6 +11,7 @@ from featmap.service.spec import (
     Conv2d,
     GlobalAvgPool2d,
     GlobalMaxPool2d,
+    LayerShape,
     LeakyRelu,
     Pipeline,
     PoolBase,
@@ -31,7 +32,12 @@ class Cost:
 
 
 def request_cost(
-    pipeline: Pipeline, batch: int, height: int, width: int, input_itemsize: int
+    pipeline: Pipeline,
+    batch: int,
+    height: int,
+    width: int,
+    input_itemsize: int,
+    shapes: list[LayerShape] | None = None,
 ) -> Cost:
     """FLOPs and peak activation bytes for `batch` images of height x width.
 
@@ -41,7 +47,8 @@ def request_cost(
     consecutive layer outputs (float32), since onnxruntime frees a tensor once its consumer ran
     (outputs the caller asked for are kept longer, which this estimate does not model).
     """
-    shapes = infer_shapes(pipeline, height, width)
+    if shapes is None:
+        shapes = infer_shapes(pipeline, height, width)
     in_shape: tuple[int, ...] = (pipeline.input.channels, height, width)
     flops = 0
     sizes: list[int] = []
