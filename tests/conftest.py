@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from featmap.service.reference import reference_outputs
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
 from featmap.service.spec import Pipeline, parse_pipeline
+from featmap.service.weights import NO_TENSORS, WeightTensors
 
 # The README's first example: conv -> relu -> max pool -> global average pool, two taps.
 README_SPEC: dict[str, Any] = {
@@ -46,10 +47,13 @@ def run_onnx(pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def assert_matches_reference(
-    actual: dict[str, np.ndarray], pipeline: Pipeline, images: np.ndarray
+    actual: Mapping[str, np.ndarray],
+    pipeline: Pipeline,
+    images: np.ndarray,
+    tensors: WeightTensors = NO_TENSORS,
 ) -> None:
-    """Shape, then dtype, then values against the float64 NumPy reference."""
-    expected = reference_outputs(pipeline, images)
+    """Shape, then dtype, then values against the float64 NumPy reference (same weights)."""
+    expected = reference_outputs(pipeline, images, tensors)
     assert sorted(actual) == sorted(expected)
     for name, want in expected.items():
         got = actual[name]

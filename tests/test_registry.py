@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
 from types import CodeType
 from typing import Any
 
@@ -25,12 +24,11 @@ from featmap.service.errors import (
     LimitExceeded,
     NotFound,
 )
-from featmap.service.reference import reference_outputs
 from featmap.service.registry import PipelineRegistry, smallest_image, warm_up
 from featmap.service.runtime import CPU, CompiledPipeline, SessionCache
 from featmap.service.spec import Pipeline, infer_shapes, parse_pipeline, symbolic_shapes
 from featmap.service.weights import NO_TENSORS, WeightTensors, check_tensors, content_id
-from tests.conftest import README_SPEC
+from tests.conftest import README_SPEC, assert_matches_reference
 
 # conv1 (3 -> 4, 3x3 same, tensor kernel and bias) -> relu -> conv2 (4 -> 2, 1x1, seeded init)
 TENSOR_SPEC: dict[str, Any] = {
@@ -71,23 +69,6 @@ def make_tensors(seed: int = 0, dtype: type = np.float32) -> dict[str, np.ndarra
 def normal(*shape: int, seed: int = 0) -> np.ndarray:
     """float32 N(0, 1) images."""
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def assert_matches(
-    actual: Mapping[str, np.ndarray],
-    pipeline: Pipeline,
-    images: np.ndarray,
-    tensors: WeightTensors,
-) -> None:
-    """Shape, dtype, then values against the float64 reference run with the same tensors."""
-    expected = reference_outputs(pipeline, images, tensors)
-    assert sorted(actual) == sorted(expected)
-    for name, want in expected.items():
-        got = actual[name]
-        assert got.shape == want.shape, f"{name}: shape {got.shape} != reference {want.shape}"
-        assert got.dtype == np.float32, f"{name}: dtype {got.dtype}"
-        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +192,7 @@ def test_tensor_weights_match_the_reference(
     outputs = registered.compiled.run(images)
     assert outputs["conv1"].shape == (2, 4, 11, 9)  # 'same' keeps 11x9
     assert outputs["conv2"].shape == (2, 2, 11, 9)
-    assert_matches(outputs, tensor_pipeline, images, tensors)
+    assert_matches_reference(outputs, tensor_pipeline, images, tensors)
 
 
 def test_shared_tensor_used_twice_with_one_shape(registry: PipelineRegistry) -> None:
@@ -224,7 +205,7 @@ def test_shared_tensor_used_twice_with_one_shape(registry: PipelineRegistry) -> 
     images = normal(1, 3, 10, 10, seed=5)
     outputs = registered.compiled.run(images)
     assert outputs["conv2d_2"].shape == (1, 3, 6, 6)  # 10 -> 8 -> 6
-    assert_matches(outputs, pipeline, images, tensors)
+    assert_matches_reference(outputs, pipeline, images, tensors)
 
 
 def test_registered_entry_describes_outputs(registry: PipelineRegistry) -> None:
