@@ -22,9 +22,12 @@ import numpy as np
 import onnxruntime as ort
 
 from featmap.client.client import FeatureClient
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.reference import reference_outputs
-from featmap.service.spec import Pipeline, parse_pipeline
 
 
 def standard_spec(dtype: str = "float32") -> dict[str, Any]:

@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from featmap.service.spec import json_schema
+    from featmap.contract.spec import json_schema
 
     json.dump(json_schema(), sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -82,7 +82,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _load_pipeline(path: str) -> Any:
     from featmap.client.specfile import SpecFileError, load_pipeline_file
-    from featmap.service.errors import InvalidSpec
+    from featmap.contract.errors import InvalidSpec
 
     try:
         return load_pipeline_file(path)
@@ -92,7 +92,7 @@ def _load_pipeline(path: str) -> Any:
 
 def _summary(args: argparse.Namespace) -> int:
     from featmap.client.summary import format_summary, parse_input_size
-    from featmap.service.errors import InvalidSpec
+    from featmap.contract.errors import InvalidSpec
 
     pipeline = _load_pipeline(args.pipeline)
     try:
@@ -106,8 +106,9 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from featmap.client.export_onnx import export_onnx, load_weight_tensors
-    from featmap.service.errors import FeatmapError
+    from featmap.client.export_onnx import export_onnx
+    from featmap.client.specfile import load_weight_tensors
+    from featmap.contract.errors import FeatmapError
 
     pipeline = _load_pipeline(args.pipeline)
     try:
@@ -125,9 +126,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _visualize(args: argparse.Namespace) -> int:
-    from featmap.client.export_onnx import load_weight_tensors
+    from featmap.client.specfile import load_weight_tensors
     from featmap.client.visualize import VisualizeError, visualize
-    from featmap.service.errors import FeatmapError
+    from featmap.contract.errors import FeatmapError
 
     pipeline = _load_pipeline(args.pipeline)
     try:
@@ -299,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--timeout", type=float, default=300.0, help="seconds per request (300)")
     add_connection_arguments(extract)
     extract.add_argument("--threads", type=int, default=0, help="onnxruntime threads in-process")
+    extract.add_argument(
+        "--weights",
+        help='.npz of the tensors the spec names as {"tensor": NAME} (registered on the servers '
+        "with --server)",
+    )
     extract.add_argument("--resize", metavar="HxW", help="resize images (bilinear) to HxW")
     extract.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
     extract.add_argument(

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 
+from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors
 from featmap.service.graph import compile_pipeline
-from featmap.service.spec import Pipeline
-from featmap.service.weights import NO_TENSORS, WeightTensors, check_tensors
-
-
-def load_weight_tensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Named weight tensors from a .npz file (the names the spec's {"tensor": NAME} uses)."""
-    with np.load(path, allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+from featmap.service.weights import check_tensors
 
 
 def export_onnx(

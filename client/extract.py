@@ -11,12 +11,13 @@ own row in input order.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import shutil
+import socket
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -34,9 +35,11 @@ from featmap.client.outputs import (
     write_npz,
     write_results,
 )
-from featmap.client.retry import retry_channel_options
-from featmap.service.errors import FeatmapError
-from featmap.service.spec import Pipeline, infer_shapes
+from featmap.client.specfile import load_weight_tensors
+from featmap.contract.errors import FeatmapError
+from featmap.contract.limits import DEFAULT_LIMITS
+from featmap.contract.ops import layer_costs
+from featmap.contract.spec import Pipeline, content_id
 
 OnError = Literal["skip", "fail"]
 # Arrays of the .npz layout that an output name must not shadow.
@@ -67,27 +70,32 @@ class Runner(Protocol):
 
 
 class EmbeddedRunner:
-    """The server's graph builder, session cache and checks, in this process."""
+    """The server's admission, graph builder, session cache and run path, in this process.
 
-    def __init__(self, pipeline: Pipeline, threads: int = 0) -> None:
-        from featmap.service.extractor import Extractor, RequestLimits
+    The limits are the server's defaults (featmap.contract.limits), not FEATMAP_* from the
+    environment: this is no server. `tensors` are the weights a spec names as {"tensor": ...}.
+    """
+
+    def __init__(
+        self, pipeline: Pipeline, threads: int = 0, tensors: Mapping[str, np.ndarray] | None = None
+    ) -> None:
+        # The runtime is imported here, when used: the client alone never loads onnxruntime.
+        from featmap.service.extractor import Extractor, Target
         from featmap.service.runtime import SessionCache, resolve_providers
-        from featmap.service.settings import ServerSettings
+        from featmap.service.weights import check_tensors
 
-        # The server's default limits, not FEATMAP_* from the environment: this is no server.
-        limits = {
-            f.name: ServerSettings.model_fields[f.name].get_default(call_default_factory=True)
-            for f in dataclasses.fields(RequestLimits)
-        }
         self.pipeline = pipeline
-        self.cache = SessionCache(1, resolve_providers(None), threads)
-        self.extractor = Extractor(self.cache, RequestLimits(**limits))
+        self.extractor = Extractor(
+            SessionCache(1, resolve_providers(None), threads, spinning=True), DEFAULT_LIMITS
+        )
+        self.extractor.admit(pipeline)
+        weights = check_tensors(pipeline, tensors or {})
+        self.target = Target(pipeline, self.extractor.cache.get(pipeline, weights), None)
 
     def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """Check, then run each batch (no reply to fit in a message: reply_limit off)."""
+        """Each batch's outputs (no reply to fit in a message: reply_in_message off)."""
         for batch in batches:
-            self.extractor.check(self.pipeline, batch, reply_limit=False)
-            yield self.extractor.run(self.cache.get(self.pipeline), batch)
+            yield self.extractor.extract(self.target, batch, reply_in_message=False).outputs
 
     def close(self) -> None:
         """Nothing to release beyond what the garbage collector does."""
@@ -120,8 +128,32 @@ def grpc_target(servers: Sequence[str]) -> tuple[str, bool]:
     return f"{schemes.pop()}:{','.join(address for _, address in addresses)}", True
 
 
+def target_addresses(servers: Sequence[str]) -> list[str]:
+    """Every host:port the --server values reach (a dns:/// name resolved here, as gRPC would)."""
+    addresses: list[str] = []
+    for server in servers:
+        if not server.startswith("dns:"):
+            addresses.append(server)
+            continue
+        host, _, port = server.removeprefix("dns:").lstrip("/").rpartition(":")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError) as exc:
+            raise JobError(f"--server {server!r}: cannot resolve {host!r}: {exc}") from None
+        for info in infos:
+            ip = str(info[4][0])
+            address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            if address not in addresses:
+                addresses.append(address)
+    return addresses
+
+
 class RemoteRunner:
-    """Batches sent through FeatureClient, `in_flight` requests at a time."""
+    """Batches sent through FeatureClient, `in_flight` requests at a time.
+
+    A spec with {"tensor": NAME} weights is registered, with `tensors`, on every address the
+    servers resolve to (a registered pipeline lives in one server's memory), then run by id.
+    """
 
     def __init__(
         self,
@@ -130,24 +162,27 @@ class RemoteRunner:
         in_flight: int,
         timeout: float,
         security: ChannelSecurity | None = None,
+        tensors: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         from featmap.client.client import FeatureClient
 
         target, balanced = grpc_target(servers)
-        self.pipeline = pipeline
         security = security or ChannelSecurity()
-        self.client = FeatureClient(
-            target,
-            timeout=timeout,
-            in_flight=in_flight,
-            options=retry_channel_options(round_robin=balanced),
-            tls=security.tls,
-            tls_ca=security.tls_ca,
-            tls_cert=security.tls_cert,
-            tls_key=security.tls_key,
-            tls_server_name=security.tls_server_name,
-            token=security.token,
-        )
+        options: dict[str, Any] = {
+            "timeout": timeout,
+            "tls": security.tls,
+            "tls_ca": security.tls_ca,
+            "tls_cert": security.tls_cert,
+            "tls_key": security.tls_key,
+            "tls_server_name": security.tls_server_name,
+            "token": security.token,
+        }
+        self.client = FeatureClient(target, in_flight=in_flight, load_balancing=balanced, **options)
+        self.pipeline: Pipeline | str = pipeline
+        if tensors or pipeline.tensor_names:
+            for address in target_addresses(servers):
+                with FeatureClient(address, **options) as replica:
+                    self.pipeline = replica.register(pipeline, tensors)
 
     def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs from the server(s), in order."""
@@ -205,7 +240,7 @@ class PartsDir:
             if manifest != {**self.identity, "shard": shard.index, "paths": shard.keys}:
                 return None
             return read_npz(results_file)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None  # missing or damaged: compute the shard again
 
     def save(self, shard: Shard, results: Results) -> None:
@@ -216,6 +251,10 @@ class PartsDir:
         manifest = {**self.identity, "shard": shard.index, "paths": shard.keys}
         with atomic_path(manifest_file) as temporary:
             temporary.write_text(json.dumps(manifest), encoding="utf-8")
+
+    def count(self) -> int:
+        """Shards whose manifest was written (finished, unless damaged since)."""
+        return len(list(self.path.glob("shard-*.json"))) if self.path.is_dir() else 0
 
     def clear(self) -> None:
         """Remove the parts folder and everything in it."""
@@ -266,7 +305,7 @@ class Job:
         """Why the pipeline cannot take an image of this size (None if it can)."""
         h, w = (1, 2) if self.pipeline.input.layout == "NCHW" else (0, 1)
         try:
-            infer_shapes(self.pipeline, image.shape[h], image.shape[w])
+            layer_costs(self.pipeline, image.shape[h], image.shape[w])
         except FeatmapError as exc:
             return str(exc)
         return None
@@ -314,11 +353,15 @@ def run_extract(
     on_error: OnError = "fail",
     resume: bool = False,
     progress: bool = False,
+    pipeline_id: str | None = None,
+    notice: Callable[[str], None] = lambda line: None,
 ) -> JobReport:
     """Run `pipeline` over `inputs` into `output`; JobError when the job cannot finish.
 
     Skipped inputs (on_error="skip") are in the report and the output; a failure leaves the
-    finished shards in `<output>.parts/` for resume=True, and no output file.
+    finished shards in `<output>.parts/` for resume=True, and no output file. `pipeline_id`
+    (default: the spec's) names what the shards were computed with: the content id when
+    weight tensors come with the spec. `notice` gets lines worth telling the user.
     """
     from tqdm import tqdm
 
@@ -345,13 +388,20 @@ def run_extract(
         raise JobError(f"no images or arrays found in {', '.join(map(str, inputs))}", 2)
 
     identity = {
-        "pipeline_id": pipeline.pipeline_id,
+        "pipeline_id": pipeline_id or pipeline.pipeline_id,
         "resize": list(resize) if resize else None,
         "shard_size": shard_size,
     }
     parts = PartsDir(output, identity)
     if not resume:
-        parts.clear()  # stale parts of another run must not be merged into this one
+        # Stale parts of another run must not be merged into this one.
+        finished = parts.count()
+        if finished:
+            notice(
+                f"discarding {finished} finished shards in {parts.path}/ of an earlier run "
+                "(rerun with --resume to reuse them)"
+            )
+        parts.clear()
     shards = [
         Shard(i, items[start : start + shard_size])
         for i, start in enumerate(range(0, len(items), shard_size))
@@ -405,18 +455,37 @@ def run_extract(
 def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> int:
     """`featmap extract` after argument parsing; JobError(exit_code=2) is a usage error."""
     progress = not args.quiet and (args.progress or sys.stderr.isatty())
+    tensors = {} if args.weights is None else read_weights(args.weights)
+
+    def notice(line: str) -> None:
+        print(f"featmap extract: {line}", file=sys.stderr)
+
     runner: Runner
-    if args.server:
-        runner = RemoteRunner(
-            pipeline, args.server, args.in_flight, args.timeout, security_from_arguments(args)
-        )
-    else:
-        runner = EmbeddedRunner(pipeline, args.threads)
+    try:
+        if args.server:
+            runner = RemoteRunner(
+                pipeline,
+                args.server,
+                args.in_flight,
+                args.timeout,
+                security_from_arguments(args),
+                tensors,
+            )
+        else:
+            runner = EmbeddedRunner(pipeline, args.threads, tensors)
+    except FeatmapRpcError as exc:  # registering the weights failed on a server
+        notice(f"error: {exc}")
+        return 1
+    except FeatmapError as exc:  # the spec, its weights or the limits, checked here
+        raise JobError(str(exc), exit_code=2) from None
+    output = Path(args.output)
+    parts = output.with_name(output.name + ".parts")
+
     try:
         report = run_extract(
             pipeline,
             [Path(p) for p in args.input],
-            Path(args.output),
+            output,
             runner,
             resize=resize,
             batch_size=args.batch_size,
@@ -424,29 +493,39 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
             on_error=args.on_error,
             resume=args.resume,
             progress=progress,
+            pipeline_id=content_id(pipeline, tensors),
+            notice=notice,
         )
     except JobError as exc:
         if exc.exit_code == 2:
             raise
-        print(f"featmap extract: error: {exc}", file=sys.stderr)
-        if Path(args.output + ".parts").is_dir():
-            print(
-                f"featmap extract: finished shards are kept in {args.output}.parts/; "
-                "rerun with --resume to continue",
-                file=sys.stderr,
-            )
+        notice(f"error: {exc}")
+        if parts.is_dir():
+            notice(f"finished shards are kept in {parts}/; rerun with --resume to continue")
         return exc.exit_code
+    except KeyboardInterrupt:
+        saved = PartsDir(output, {}).count()
+        notice(
+            f"interrupted: {saved} finished shards are saved in {parts}/; "
+            "rerun with --resume to continue"
+        )
+        return 130
     finally:
         runner.close()
     if not args.quiet:
         reused = f", {report.shards_reused} of {report.shards} shards reused" if args.resume else ""
-        print(
-            f"featmap extract: wrote {report.images} images to {report.output}{reused}",
-            file=sys.stderr,
-        )
+        notice(f"wrote {report.images} images to {report.output}{reused}")
     if report.skipped:
-        print(f"featmap extract: skipped {len(report.skipped)} inputs:", file=sys.stderr)
+        notice(f"skipped {len(report.skipped)} inputs:")
         for path, reason in report.skipped:
             print(f"  {path}: {reason}", file=sys.stderr)
         return 3
     return 0
+
+
+def read_weights(path: str) -> dict[str, np.ndarray]:
+    """--weights: the .npz of {"tensor": NAME} weights; JobError (usage) when unreadable."""
+    try:
+        return load_weight_tensors(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise JobError(f"--weights: cannot read {path}: {exc}", exit_code=2) from None

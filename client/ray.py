@@ -28,7 +28,10 @@ from featmap.client.client import FeatureClient
 from featmap.client.extract import EmbeddedRunner
 from featmap.client.images import image_values
 from featmap.client.specfile import load_pipeline_file
-from featmap.service.spec import Pipeline, parse_pipeline
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
 
 PipelineLike = Pipeline | Mapping[str, Any] | str | Path
 Batch = dict[str, np.ndarray]

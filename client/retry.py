@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -11,42 +10,23 @@ from typing import Any, TypeVar
 
 import grpc
 
-RETRYABLE_METADATA_KEY = "featmap-retryable"  # as featmap.service.admission sets it
+from featmap.contract.metadata import RETRYABLE_KEY
+
 BASE_DELAY_S = 0.05
 MAX_DELAY_S = 2.0
 
 Result = TypeVar("Result")
-# gRPC's own retry policy (the channel's service config). It resends a call that failed with
-# UNAVAILABLE before the server answered, picking again, so under round robin the retry goes
-# to another replica. Extract has no side effects and RegisterPipeline is content-addressed, so
-# a call that met a server going away is safe to resend. gRPC keeps only 256 KiB of a call for
-# resending (grpc.per_rpc_retry_buffer_size) and commits larger ones at once: for image batches
-# the client's own retries (call_with_retries) are what resends them.
-RETRY_SERVICE_CONFIG = {
-    "methodConfig": [
-        {
-            "name": [{"service": "featmap.v1.FeatureExtractor"}],
-            "retryPolicy": {
-                "maxAttempts": 5,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "2s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ]
-}
 
 
-def retry_channel_options(round_robin: bool) -> list[tuple[str, Any]]:
-    """Channel options for gRPC's retries of UNAVAILABLE, and round robin over the addresses."""
-    options: list[tuple[str, Any]] = [
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
-    ]
-    if round_robin:
-        options.append(("grpc.lb_policy_name", "round_robin"))
-    return options
+def balancing_options() -> list[tuple[str, Any]]:
+    """Channel options that spread calls over every address a target resolves to.
+
+    Retries are the client's own (call_with_retries), in that one layer: gRPC's retry policy
+    would retry inside them (a dead address then took seconds to report), and it keeps only
+    256 KiB of a call for resending, so it could not resend image batches anyway. A retry on a
+    round-robin channel goes to the next ready replica.
+    """
+    return [("grpc.lb_policy_name", "round_robin")]
 
 
 def is_retryable(error: grpc.RpcError) -> bool:
@@ -62,7 +42,7 @@ def is_retryable(error: grpc.RpcError) -> bool:
     if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return False
     trailers = dict(call.trailing_metadata() or ())
-    return bool(trailers.get(RETRYABLE_METADATA_KEY) == "1")
+    return bool(trailers.get(RETRYABLE_KEY) == "1")
 
 
 def backoff_delays(retries: int, rng: random.Random | None = None) -> Iterator[float]:

@@ -12,14 +12,16 @@ import math
 import mmap
 import secrets
 import threading
+import time
 import weakref
 from multiprocessing.shared_memory import SharedMemory
 from types import TracebackType
 
 import numpy as np
 
-from featmap.service.shared_memory import MAX_NAME_LENGTH, NAME_PATTERN
-from featmap.service.wire import WIRE_DTYPES, decode_tensor, wire_dtype
+from featmap.contract.shared_memory import MAX_NAME_LENGTH, NAME_PATTERN, segment_prefix
+from featmap.contract.tensors import WIRE_DTYPES, wire_dtype
+from featmap.contract.wire import decode_tensor
 from featmap.v1 import featmap_pb2 as pb
 
 # (region, key, byte_size): what RegisterSharedMemory must be told, with the pool's owner.
@@ -56,7 +58,7 @@ class SharedMemoryPool:
 
     def region(self, role: str) -> str:
         """The region name of the IMAGES or OUTPUTS segment (stable while segments grow)."""
-        return f"featmap_{self.owner}_{role}"
+        return f"{segment_prefix(self.owner)}{role}"
 
     def images_ref(self, images: np.ndarray) -> tuple[pb.SharedMemoryRef, list[Registration]]:
         """Copy `images` (a float32, float16 or uint8 array) into the images region.
@@ -66,7 +68,7 @@ class SharedMemoryPool:
             know yet (empty unless the segment was created or grown).
         """
         array = np.asarray(images)
-        dtype = WIRE_DTYPES[wire_dtype(array)]  # ValueError for dtypes the wire does not carry
+        dtype = WIRE_DTYPES[wire_dtype(array)]  # InvalidTensor for dtypes the wire does not carry
         with self.lock:
             segment, registrations = self._ensure(IMAGES, array.nbytes)
             target = np.ndarray(array.shape, dtype=dtype, buffer=_buffer(segment))
@@ -135,7 +137,7 @@ class SharedMemoryPool:
             self._created += 1
             try:
                 return SharedMemory(
-                    name=f"featmap_{self.owner}_{self._created}", create=True, size=size
+                    name=f"{segment_prefix(self.owner)}{self._created}", create=True, size=size
                 )
             except FileExistsError:
                 continue  # left by an earlier process with the same owner
@@ -177,6 +179,81 @@ class SharedMemoryPool:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class SharedMemoryTransport:
+    """Extract through a client's shared-memory regions: what to send, and what came back.
+
+    The clients make the calls (blocking or asyncio) around these steps, holding their lock
+    from `prepare` until `finish` has returned, since every request reuses the same segments.
+    """
+
+    def __init__(self) -> None:
+        self.pool = SharedMemoryPool()
+        self.lease_seconds = 0.0
+        self.renewed = 0.0
+        self.output_bytes_per_image = 0
+
+    def prepare(
+        self, images: np.ndarray, message: pb.ExtractRequest
+    ) -> tuple[list[pb.RegisterSharedMemoryRequest], pb.ExtractRequest]:
+        """Copy `images` into the images region; the registrations to send first, the request."""
+        images_ref, registrations = self.pool.images_ref(images)
+        # Sized from the last reply; a region too small makes the server answer inline.
+        wanted = max(1 << 16, self.output_bytes_per_image * len(images))
+        output_ref, more = self.pool.output_ref(wanted)
+        request = pb.ExtractRequest()
+        request.CopyFrom(message)
+        header = pb.Tensor(dtype=wire_dtype(images), shape=images.shape)  # type: ignore[arg-type]
+        request.images.CopyFrom(header)
+        request.images_region.CopyFrom(images_ref)
+        request.output_region.CopyFrom(output_ref)
+        return self._requests(registrations + more), request
+
+    def _requests(self, registrations: list[Registration]) -> list[pb.RegisterSharedMemoryRequest]:
+        return [
+            pb.RegisterSharedMemoryRequest(
+                region=region, key=key, byte_size=byte_size, owner=self.pool.owner
+            )
+            for region, key, byte_size in registrations
+        ]
+
+    def registered(self, lease_seconds: float) -> None:
+        """Note a registration's lease (it renews every region of the owner)."""
+        self.lease_seconds = lease_seconds
+        self.renewed = time.monotonic()
+
+    def renewal(self) -> pb.RenewSharedMemoryRequest | None:
+        """A renewal to send now, when a third of the lease has passed since the last one."""
+        # Renewed on use; a client idle past its lease re-registers on NOT_FOUND instead.
+        if self.lease_seconds and time.monotonic() - self.renewed > self.lease_seconds / 3:
+            self.renewed = time.monotonic()
+            return pb.RenewSharedMemoryRequest(owner=self.pool.owner)
+        return None
+
+    @staticmethod
+    def lease_lost(code: object, details: str) -> bool:
+        """Whether an Extract failed because the server no longer has a region of ours."""
+        return str(getattr(code, "name", code)) == "NOT_FOUND" and "region" in details
+
+    def reregistrations(self) -> list[pb.RegisterSharedMemoryRequest]:
+        """Every region again, after a lost lease or a server restart."""
+        return self._requests(self.pool.registrations())
+
+    def finish(self, response: pb.ExtractResponse, images: int) -> dict[str, np.ndarray]:
+        """The outputs (copied out of the region, or decoded inline), remembering their size."""
+        outputs = self.pool.read_outputs(response)
+        total = sum(array.nbytes for array in outputs.values())
+        self.output_bytes_per_image = max(self.output_bytes_per_image, -(-total // images))
+        return outputs
+
+    def unregistration(self) -> pb.UnregisterSharedMemoryRequest:
+        """The request that unregisters every region of this client."""
+        return pb.UnregisterSharedMemoryRequest(owner=self.pool.owner)
+
+    def close(self) -> None:
+        """Unlink the segments (after the clients sent `unregistration`, best effort)."""
+        self.pool.close()
 
 
 def _buffer(segment: SharedMemory) -> memoryview:

@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from featmap.service.spec import Pipeline, parse_pipeline
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -38,3 +42,9 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 def load_pipeline_file(path: str | Path) -> Pipeline:
     """A validated Pipeline from a spec file; InvalidSpec names the offending field."""
     return parse_pipeline(read_spec_file(path))
+
+
+def load_weight_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Named weight tensors from a .npz file (the names the spec's {"tensor": NAME} uses)."""
+    with np.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}

@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from featmap.contract.ops import layer_costs, layer_parameters, symbolic_shapes
+from featmap.contract.spec import Pipeline
 
-from featmap.service.spec import (
-    Conv2d,
-    Flatten,
-    GlobalAvgPool2d,
-    GlobalMaxPool2d,
-    LayerBase,
-    Pipeline,
-    PoolBase,
-    infer_shapes,
-    symbolic_shapes,
-)
-
+# The rules themselves are featmap.contract.ops' table; this is how the table prints them.
 FLOP_CONVENTION = (
     "FLOPs per image: conv2d = 2 x multiply-adds (+1 per output with bias);\n"
     "  pooling = 1 per window element; global pooling = 1 per input element;\n"
     "  relu/leaky_relu = 1 per element; flatten and input preprocessing = 0."
 )
 NO_SIZE_NOTE = "FLOPs need an image size: pass --input-size HxW (e.g. 224x224)."
-
-
-@dataclass(frozen=True)
-class LayerCost:
-    """One layer's output shape (C, H, W) or (features,), parameters and FLOPs per image."""
-
-    name: str
-    op: str
-    shape: tuple[int, ...]
-    parameters: int
-    flops: int
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
@@ -45,53 +23,6 @@ def parse_input_size(text: str) -> tuple[int, int]:
     if min(sizes) < 1:
         raise ValueError(f"sizes must be >= 1; got {text!r}")
     return (sizes[0], sizes[-1])
-
-
-def layer_parameters(pipeline: Pipeline) -> list[int]:
-    """Weights plus bias of every layer, in order (0 for layers without parameters)."""
-    counts, channels = [], pipeline.input.channels
-    for layer in pipeline.layers:
-        count = 0
-        if isinstance(layer, Conv2d):
-            kh, kw = layer.kernel_size
-            count = layer.filters * (channels // layer.groups) * kh * kw
-            count += layer.filters if layer.bias is not None else 0
-            channels = layer.filters
-        counts.append(count)
-    return counts
-
-
-def _layer_flops(layer: LayerBase, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
-    if isinstance(layer, Conv2d):
-        kh, kw = layer.kernel_size
-        outputs = math.prod(out_shape)
-        multiply_adds = outputs * (in_shape[0] // layer.groups) * kh * kw
-        return 2 * multiply_adds + (outputs if layer.bias is not None else 0)
-    if isinstance(layer, PoolBase):
-        ph, pw = layer.pool_size
-        return math.prod(out_shape) * ph * pw
-    if isinstance(layer, GlobalAvgPool2d | GlobalMaxPool2d):
-        return math.prod(in_shape)
-    if isinstance(layer, Flatten):
-        return 0  # a reshape: no arithmetic
-    return math.prod(out_shape)  # relu, leaky_relu: elementwise
-
-
-def layer_costs(pipeline: Pipeline, height: int, width: int) -> list[LayerCost]:
-    """Every layer's output shape, parameters and FLOPs for one height x width image.
-
-    InvalidSpec if the image is too small for some layer (as infer_shapes).
-    """
-    shapes = infer_shapes(pipeline, height, width)
-    in_shape: tuple[int, ...] = (pipeline.input.channels, height, width)
-    costs = []
-    for layer, shape, parameters in zip(
-        pipeline.layers, shapes, layer_parameters(pipeline), strict=True
-    ):
-        flops = _layer_flops(layer, in_shape, shape.shape)
-        costs.append(LayerCost(shape.name, shape.op, shape.shape, parameters, flops))
-        in_shape = shape.shape
-    return costs
 
 
 def _shape_text(dims: list[int | str] | tuple[int | str, ...]) -> str:

@@ -10,9 +10,18 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageDraw
 
+from featmap.contract.ops import (
+    LayerCost,
+    layer_costs,
+)
+from featmap.contract.spec import (
+    NO_TENSORS,
+    Pipeline,
+    WeightTensors,
+    parse_pipeline,
+)
 from featmap.service.graph import INPUT_NAME, compile_pipeline
-from featmap.service.spec import LayerShape, Pipeline, infer_shapes, parse_pipeline
-from featmap.service.weights import NO_TENSORS, WeightTensors, check_tensors
+from featmap.service.weights import check_tensors
 
 # Grid geometry in pixels; tests compute the PNG's size from these.
 PADDING = 4
@@ -97,7 +106,7 @@ def load_image(path: str | Path, pipeline: Pipeline) -> np.ndarray:
     return np.ascontiguousarray(values.astype(spec.dtype))
 
 
-def choose_layer(pipeline: Pipeline, shapes: list[LayerShape], layer: str | None) -> LayerShape:
+def choose_layer(pipeline: Pipeline, shapes: list[LayerCost], layer: str | None) -> LayerCost:
     """The named layer, or the last one with spatial maps; it must have maps bigger than 1x1."""
     by_name = {shape.name: shape for shape in shapes}
     if layer is None:
@@ -170,14 +179,14 @@ def visualize(
     columns: int | None = None,
     scale: int | None = None,
     tensors: WeightTensors = NO_TENSORS,
-) -> LayerShape:
+) -> LayerCost:
     """Run the pipeline on one image and write the chosen layer's maps as a PNG grid.
 
     `tensors` are the weights the spec names as {"tensor": NAME}.
     """
     images = load_image(image_path, pipeline)
     h_axis = 2 if pipeline.input.layout == "NCHW" else 1
-    shapes = infer_shapes(pipeline, images.shape[h_axis], images.shape[h_axis + 1])
+    shapes = layer_costs(pipeline, images.shape[h_axis], images.shape[h_axis + 1])
     chosen = choose_layer(pipeline, shapes, layer)
     maps = run_layer(pipeline, images, chosen.name, tensors)[0]
     channels, height, width = chosen.shape

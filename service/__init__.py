@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("featmap")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
-
-# The public API; the modules behind it are free to move. (Imports after __version__: the graph
-# builder stamps it into every model.)
-from featmap.service.errors import (
+# The public API; the modules behind it are free to move.
+from featmap.contract import __version__
+from featmap.contract.errors import (
     Abandoned,
     Cancelled,
     DeadlineExceeded,
@@ -23,14 +16,21 @@ from featmap.service.errors import (
     LimitExceeded,
     NonFiniteResult,
     NotFound,
+    Unavailable,
 )
-from featmap.service.extractor import Extractor, RequestLimits
+from featmap.contract.limits import RequestLimits
+from featmap.contract.ops import layer_costs
+from featmap.contract.spec import (
+    Pipeline,
+    json_schema,
+    parse_pipeline,
+)
+from featmap.service.extractor import Extractor
 from featmap.service.graph import compile_pipeline
 from featmap.service.reference import reference_outputs, run_reference
 from featmap.service.runtime import SessionCache, resolve_providers
 from featmap.service.server import FeatmapServer, create_server, serve
 from featmap.service.settings import ServerSettings
-from featmap.service.spec import Pipeline, infer_shapes, json_schema, parse_pipeline
 
 __all__ = [
     "Abandoned",
@@ -50,11 +50,12 @@ __all__ = [
     "RequestLimits",
     "ServerSettings",
     "SessionCache",
+    "Unavailable",
     "__version__",
     "compile_pipeline",
     "create_server",
-    "infer_shapes",
     "json_schema",
+    "layer_costs",
     "parse_pipeline",
     "reference_outputs",
     "resolve_providers",

@@ -5,48 +5,41 @@ server.py only moves messages between gRPC and a FeatureService.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from featmap.service import __version__
-from featmap.service.batching import BatchingPolicy, DynamicBatcher
-from featmap.service.errors import InvalidRequest, InvalidTensor, LimitExceeded, NonFiniteResult
-from featmap.service.extractor import Extractor, RequestLimits, all_finite
-from featmap.service.graph import OPSET
-from featmap.service.limits import check_kernel_sizes
-from featmap.service.registry import PipelineRegistry, RegisteredPipeline
-from featmap.service.runtime import (
-    CompiledPipeline,
-    SessionCache,
-    available_providers,
-    resolve_providers,
+from featmap.contract import __version__
+from featmap.contract.errors import InvalidRequest, InvalidTensor
+from featmap.contract.limits import check_reply_bytes, check_request_bytes
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
 )
-from featmap.service.settings import ServerSettings
-from featmap.service.shared_memory import SharedMemoryRegistry
-from featmap.service.spec import Pipeline, parse_pipeline, parse_pipeline_text
-from featmap.service.weights import check_tensors
-from featmap.service.wire import (
-    DTYPE_NAMES,
+from featmap.contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, wire_dtype
+from featmap.contract.wire import (
     FramedExtractRequest,
     FramedExtractResponse,
     check_dtype,
     check_shape,
     decode_tensor,
-    wire_dtype,
 )
+from featmap.service.batching import BatchingPolicy, DynamicBatcher
+from featmap.service.extractor import Extractor, Target
+from featmap.service.graph import OPSET
+from featmap.service.registry import PipelineRegistry, RegisteredPipeline
+from featmap.service.runtime import SessionCache, available_providers, resolve_providers
+from featmap.service.settings import ServerSettings
+from featmap.service.shared_memory import SharedMemoryRegistry
+from featmap.service.weights import check_tensors
 from featmap.v1 import featmap_pb2 as pb
 
-
-@dataclass(frozen=True)
-class Target:
-    """What a request runs: the pipeline, its session, and how to batch it."""
-
-    pipeline: Pipeline
-    compiled: CompiledPipeline | None  # None for an inline spec until its images are checked
-    batching: BatchingPolicy
+# Inline specs remembered after admission: a client that sends the same spec text with every
+# request pays for its validation once (models are frozen, so sharing is safe).
+INLINE_SPEC_CACHE_SIZE = 256
+OUTPUT_DTYPE_NAMES = {code: name for name, code in OUTPUT_DTYPES.items()}
 
 
 def policy_from_message(config: pb.BatchingConfig, field: str) -> BatchingPolicy:
@@ -101,22 +94,15 @@ class FeatureService:
             settings.intra_op_threads,
             spinning=settings.intra_op_spinning,
         )
-        self.extractor = Extractor(
-            self.cache,
-            RequestLimits(
-                max_images_per_request=settings.max_images_per_request,
-                max_pixels_per_image=settings.max_pixels_per_image,
-                max_layers=settings.max_layers,
-                max_parameters=settings.max_parameters,
-                max_message_bytes=settings.max_message_bytes,
-                max_kernel_size=settings.max_kernel_size,
-                max_flops=settings.max_flops,
-                max_activation_bytes=settings.max_activation_bytes,
-                allow_non_finite_input=settings.allow_non_finite_input,
-            ),
-        )
-        self.registry = PipelineRegistry(self.cache, settings.max_registered_pipelines)
+        self.limits = settings.request_limits()
         self.batcher = DynamicBatcher(settings.concurrent_batches)
+        self.extractor = Extractor(self.cache, self.limits, self.batcher)
+        self.registry = PipelineRegistry(self.cache, settings.max_registered_pipelines)
+        # Per service: admission depends on this server's limits. Only admitted specs are kept
+        # (lru_cache does not keep a call that raised).
+        self.inline_pipeline = functools.lru_cache(maxsize=INLINE_SPEC_CACHE_SIZE)(
+            self._admit_inline
+        )
         self.shared_memory = SharedMemoryRegistry(
             lease_seconds=settings.shared_memory_lease_s,
             max_regions=settings.max_shared_memory_regions,
@@ -134,20 +120,27 @@ class FeatureService:
         message = request.message
         which = message.WhichOneof("pipeline")
         if which == "pipeline_id":
-            registered = self.registry.get(message.pipeline_id)
-            return Target(
-                registered.compiled.pipeline,
-                registered.compiled,
-                registered.batching or self.default_batching,
-            )
+            return self.registered_target(self.registry.get(message.pipeline_id))
         if which == "spec_json":
-            pipeline = parse_pipeline_text(message.spec_json)
-            if pipeline.tensor_names:
-                check_tensors(pipeline, {})  # names the first {"tensor": ...} it cannot have
-            return Target(pipeline, None, self.default_batching)
+            return Target(self.inline_pipeline(message.spec_json), None, self.default_batching)
         if previous is None:
             raise InvalidRequest("pipeline", "set spec_json or pipeline_id")
         return previous
+
+    def registered_target(self, registered: RegisteredPipeline) -> Target:
+        """What a registered pipeline runs as: its warm session and its batching."""
+        return Target(
+            registered.compiled.pipeline,
+            registered.compiled,
+            registered.batching or self.default_batching,
+        )
+
+    def _admit_inline(self, text: str) -> Pipeline:
+        """An inline spec, parsed and admitted (it cannot name weight tensors)."""
+        pipeline = self.extractor.admit(parse_pipeline(text))
+        if pipeline.tensor_names:
+            check_tensors(pipeline, {})  # names the first {"tensor": ...} it cannot have
+        return pipeline
 
     def images(self, request: FramedExtractRequest) -> np.ndarray:
         """The request's images: a view of the received bytes, or of the client's shared memory."""
@@ -164,13 +157,7 @@ class FeatureService:
             )
         if framed is None:
             raise InvalidTensor("images", "is missing")
-        if request.size > self.settings.max_message_bytes:
-            raise LimitExceeded(
-                "images",
-                f"the request is {request.size} bytes, over max_message_bytes="
-                f"{self.settings.max_message_bytes}: send the batch in chunks with ExtractStream "
-                "(FeatureClient.extract does so by itself)",
-            )
+        check_request_bytes(request.size, self.limits)
         return framed.array("images")
 
     def extract(
@@ -185,26 +172,28 @@ class FeatureService:
         one that raises Abandoned when the caller has gone or its deadline has passed.
         """
         message = request.message
-        output_dtype = message.output_dtype or pb.FLOAT32
-        if output_dtype not in (pb.FLOAT32, pb.FLOAT16):
-            name = DTYPE_NAMES.get(output_dtype, output_dtype)
+        code = message.output_dtype or pb.FLOAT32
+        output_dtype = OUTPUT_DTYPE_NAMES.get(code)
+        if output_dtype is None:
+            name = DTYPE_NAMES.get(code, code)
             raise InvalidRequest("output_dtype", f"{name} is not FLOAT32 or FLOAT16")
         images = self.images(request)
         to_region = message.HasField("output_region")
-        self.extractor.check(target.pipeline, images, reply_limit=not to_region)
-        compiled = target.compiled or self.cache.get(target.pipeline)
-        if before_run is not None:
-            before_run()
-        outputs = self.extractor.run(compiled, images, self.batcher, target.batching)
-        if output_dtype == pb.FLOAT16:
-            outputs = {name: to_float16(name, array) for name, array in outputs.items()}
-        response = pb.ExtractResponse(pipeline_id=compiled.pipeline_id)
-        if not to_region:  # check() already made sure the reply fits in a message
+        result = self.extractor.extract(
+            target,
+            images,
+            output_dtype=output_dtype,
+            reply_in_message=not to_region,
+            before_run=before_run,
+        )
+        outputs = result.outputs
+        response = pb.ExtractResponse(pipeline_id=result.pipeline_id)
+        if not to_region:  # admit_batch already made sure the reply fits in a message
             return FramedExtractResponse(response, outputs)
-        if sum(array.nbytes for array in outputs.values()) > message.output_region.byte_size:
+        if result.plan.reply_bytes > message.output_region.byte_size:
             # A region too small for this reply is no error: the outputs come inline, and
             # the client sizes its region from them for the next request.
-            self.extractor.check_reply(target.pipeline, images)
+            check_reply_bytes(result.plan.reply_bytes, self.limits)
             return FramedExtractResponse(response, outputs)
         written = self.shared_memory.write(
             message.output_region, list(outputs.items()), "output_region"
@@ -251,8 +240,8 @@ class FeatureService:
 
     def register_pipeline(self, request: pb.RegisterPipelineRequest) -> pb.RegisterPipelineResponse:
         """Register a spec with its weight tensors; compile and warm it."""
-        pipeline = parse_pipeline(request.spec_json)
-        check_kernel_sizes(pipeline, self.settings.max_kernel_size)  # before compiling it
+        # Admitted before its tensors are read or anything is compiled.
+        pipeline = self.extractor.admit(parse_pipeline(request.spec_json))
         tensors = {
             name: decode_tensor(tensor, f"weights[{name!r}]")
             for name, tensor in request.weights.items()
@@ -321,17 +310,3 @@ class FeatureService:
             grpc_workers=settings.grpc_workers,
             default_batching=policy_message(self.default_batching),
         )
-
-
-def to_float16(name: str, array: np.ndarray) -> np.ndarray:
-    """float32 -> float16, refusing values float16 cannot hold rather than returning Inf."""
-    with np.errstate(over="ignore"):  # overflow is reported below, as an error
-        half = array.astype(np.float16)
-    # Only values float32 held and float16 cannot: NaN/Inf input (when allowed) stays as is.
-    if not all_finite(half) and bool(np.any(np.isfinite(array) & ~np.isfinite(half))):
-        raise NonFiniteResult(
-            f"outputs.{name}",
-            f"values up to {float(np.abs(array).max())} overflow float16 (max 65504): "
-            "ask for FLOAT32",
-        )
-    return half

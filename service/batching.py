@@ -29,8 +29,8 @@ from typing import Protocol
 
 import numpy as np
 
+from featmap.contract.errors import ExecutionFailed
 from featmap.service import stages
-from featmap.service.errors import ExecutionFailed
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from featmap.service import __version__
-from featmap.service.spec import (
+from featmap.contract import __version__
+from featmap.contract.spec import (
+    NO_TENSORS,
     RESERVED_NAME,
     AvgPool2d,
     Conv2d,
@@ -26,14 +27,10 @@ from featmap.service.spec import (
     Padding,
     Pipeline,
     PoolBase,
-)
-from featmap.service.weights import (
-    NO_TENSORS,
-    ConvParameters,
     WeightTensors,
     content_id,
-    pipeline_parameters,
 )
+from featmap.service.weights import ConvParameters, pipeline_parameters
 
 OPSET = 21
 IR_VERSION = 10

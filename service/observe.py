@@ -10,10 +10,13 @@ from typing import Any
 
 import grpc
 
+from featmap.contract.wire import (
+    FramedExtractRequest,
+    FramedExtractResponse,
+)
 from featmap.service import stages
 from featmap.service.logs import FIELDS_ATTRIBUTE
 from featmap.service.metrics import Metrics
-from featmap.service.wire import FramedExtractRequest, FramedExtractResponse
 
 log = logging.getLogger("featmap.requests")
 

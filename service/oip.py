@@ -16,14 +16,15 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2
 
+from featmap.contract import __version__
+from featmap.contract.errors import InvalidRequest, InvalidTensor, NotFound
+from featmap.contract.limits import check_request_bytes
+from featmap.contract.wire import check_shape
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from featmap.service import __version__
 from featmap.service.api import FeatureService
-from featmap.service.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
 from featmap.service.registry import RegisteredPipeline
 from featmap.service.server import _serialize_message, _tolerant, map_errors, still_wanted
-from featmap.service.wire import check_shape
 
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "featmap"
@@ -170,13 +171,7 @@ class InferenceService:
         """Run the input through the model; the requested outputs (default all), raw FP32."""
         registered = self.model(request.model_name, request.model_version, "model_name")
         pipeline = registered.compiled.pipeline
-        size = request.ByteSize()
-        if size > self.service.settings.max_message_bytes:
-            raise LimitExceeded(
-                "raw_input_contents",
-                f"the request is {size} bytes, over max_message_bytes="
-                f"{self.service.settings.max_message_bytes}: send fewer images per request",
-            )
+        check_request_bytes(request.ByteSize(), self.service.limits, "raw_input_contents")
         names = [output.name for output in request.outputs] or list(pipeline.output_names)
         for index, name in enumerate(names):
             if name not in pipeline.output_names:
@@ -185,16 +180,9 @@ class InferenceService:
                     f"{name!r} is not an output of the model; it has {list(pipeline.output_names)}",
                 )
         images = self.images(request, registered)
-        extractor = self.service.extractor
-        extractor.check(pipeline, images)
-        if before_run is not None:
-            before_run()
-        outputs = extractor.run(
-            registered.compiled,
-            images,
-            self.service.batcher,
-            registered.batching or self.service.default_batching,
-        )
+        outputs = self.service.extractor.extract(
+            self.service.registered_target(registered), images, before_run=before_run
+        ).outputs
         response = oip.ModelInferResponse(
             model_name=registered.pipeline_id, model_version=MODEL_VERSION, id=request.id
         )

@@ -13,22 +13,21 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from featmap.service.spec import (
+from featmap.contract.ops import (
+    resolve_pads,
+    window_geometry,
+    window_output_size,
+)
+from featmap.contract.spec import (
+    NO_TENSORS,
     AvgPool2d,
     Conv2d,
     LeakyRelu,
     Pipeline,
     PoolBase,
-    resolve_pads,
-    window_geometry,
-    window_output_size,
-)
-from featmap.service.weights import (
-    NO_TENSORS,
-    ConvParameters,
     WeightTensors,
-    pipeline_parameters,
 )
+from featmap.service.weights import ConvParameters, pipeline_parameters
 
 
 def sliding_windows(

@@ -7,11 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featmap.contract.errors import InvalidSpec, LimitExceeded, NotFound
+from featmap.contract.ops import (
+    layer_costs,
+    symbolic_shapes,
+)
+from featmap.contract.spec import Pipeline, WeightTensors, content_id
 from featmap.service.batching import BatchingPolicy
-from featmap.service.errors import InvalidSpec, LimitExceeded, NotFound
 from featmap.service.runtime import CompiledPipeline, SessionCache
-from featmap.service.spec import Pipeline, infer_shapes, symbolic_shapes
-from featmap.service.weights import WeightTensors, check_tensors, content_id
+from featmap.service.weights import check_tensors
 
 MAX_WARMUP_SIZE = 4096
 
@@ -44,7 +48,7 @@ def smallest_image(pipeline: Pipeline) -> tuple[int, int]:
 
 def _fits(pipeline: Pipeline, size: int) -> bool:
     try:
-        infer_shapes(pipeline, size, size)
+        layer_costs(pipeline, size, size)
     except InvalidSpec:
         return False
     return True

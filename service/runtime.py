@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from featmap.service.errors import ExecutionFailed
+from featmap.contract.errors import ExecutionFailed
+from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
 from featmap.service.graph import INPUT_NAME, compile_pipeline
-from featmap.service.spec import Pipeline
-from featmap.service.weights import NO_TENSORS, WeightTensors, content_id
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from featmap.service.admission import Admission, AdmissionExecutor, AdmittingHandler
-from featmap.service.api import FeatureService
-from featmap.service.errors import (
+from featmap.contract.errors import (
     Cancelled,
     DeadlineExceeded,
     ExecutionFailed,
@@ -27,16 +25,18 @@ from featmap.service.errors import (
     InvalidRequest,
     status_for,
 )
-from featmap.service.metrics import Metrics
-from featmap.service.observe import RequestObserver
-from featmap.service.security import TokenAuthInterceptor, add_port, load_tokens
-from featmap.service.settings import ServerSettings
-from featmap.service.wire import (
+from featmap.contract.wire import (
     FramedExtractRequest,
     FramedExtractResponse,
     parse_extract_request,
     serialize_extract_response,
 )
+from featmap.service.admission import Admission, AdmissionExecutor, AdmittingHandler
+from featmap.service.api import FeatureService
+from featmap.service.metrics import Metrics
+from featmap.service.observe import RequestObserver
+from featmap.service.security import TokenAuthInterceptor, add_port, load_tokens
+from featmap.service.settings import ServerSettings
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-MIB = 1 << 20
+from featmap.contract.limits import DEFAULT_LIMITS, RequestLimits
 
 
 def default_grpc_workers() -> int:
@@ -51,19 +51,16 @@ class ServerSettings(BaseSettings):
     max_shared_memory_regions: int = Field(default=256, ge=0)
     # ExtractStream: request messages a stream may have received but not yet answered.
     stream_window: int = Field(default=4, ge=1)
-    max_message_bytes: int = Field(default=64 * MIB, ge=1024)
-    max_images_per_request: int = Field(default=4096, ge=1)
-    max_pixels_per_image: int = Field(default=8192 * 8192, ge=1)
-    max_layers: int = Field(default=128, ge=1)
-    # Weights and biases over all conv layers (float32: 4 bytes each).
-    max_parameters: int = Field(default=64 * MIB, ge=1)
-    # Conv kernel_size and pool pool_size, per axis.
-    max_kernel_size: int = Field(default=64, ge=1)
-    # Per request, from the spec and the batch's shape (service/limits.py says how).
-    max_flops: int = Field(default=10**13, ge=1)
-    max_activation_bytes: int = Field(default=16 * 1024 * MIB, ge=1)
-    # Off: NaN/Inf in float input is INVALID_ARGUMENT; on: it runs, and NaN/Inf may come out.
-    allow_non_finite_input: bool = False
+    # The per-request limits; their defaults (and meaning) are featmap.contract.limits'.
+    max_message_bytes: int = Field(default=DEFAULT_LIMITS.max_message_bytes, ge=1024)
+    max_images_per_request: int = Field(default=DEFAULT_LIMITS.max_images_per_request, ge=1)
+    max_pixels_per_image: int = Field(default=DEFAULT_LIMITS.max_pixels_per_image, ge=1)
+    max_layers: int = Field(default=DEFAULT_LIMITS.max_layers, ge=1)
+    max_parameters: int = Field(default=DEFAULT_LIMITS.max_parameters, ge=1)
+    max_kernel_size: int = Field(default=DEFAULT_LIMITS.max_kernel_size, ge=1)
+    max_flops: int = Field(default=DEFAULT_LIMITS.max_flops, ge=1)
+    max_activation_bytes: int = Field(default=DEFAULT_LIMITS.max_activation_bytes, ge=1)
+    allow_non_finite_input: bool = DEFAULT_LIMITS.allow_non_finite_input
     # Extract/ExtractStream calls admitted at once (running or waiting for a handler thread);
     # None: 4 x grpc_workers. Beyond it, RESOURCE_EXHAUSTED at once, marked retryable.
     max_queued_requests: int | None = Field(default=None, ge=1)
@@ -99,3 +96,9 @@ class ServerSettings(BaseSettings):
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         return self
+
+    def request_limits(self) -> RequestLimits:
+        """The per-request limits these settings set."""
+        return RequestLimits(
+            **{name: getattr(self, name) for name in RequestLimits.__dataclass_fields__}
+        )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.service.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
+from featmap.contract.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
 from featmap.v1 import featmap_pb2 as pb
 
 try:

@@ -6,26 +6,22 @@ the meaning of `values`, `init` and `preset`, and its tests pin that meaning by 
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.service.errors import InvalidSpec, InvalidTensor
-from featmap.service.spec import (
+from featmap.contract.errors import InvalidSpec, InvalidTensor
+from featmap.contract.spec import (
+    NO_TENSORS,
     Conv2d,
     InitSource,
     Pipeline,
     PresetSource,
     TensorSource,
     ValuesSource,
+    WeightTensors,
 )
-
-# Weight tensors sent beside a spec (RegisterPipeline), by the name the spec uses.
-WeightTensors = Mapping[str, np.ndarray]
-NO_TENSORS: WeightTensors = {}
 
 SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
 SOBEL_Y = SOBEL_X.T.copy()
@@ -213,15 +209,3 @@ def check_tensors(pipeline: Pipeline, tensors: WeightTensors) -> dict[str, np.nd
             raise InvalidTensor(f"weights[{name!r}].data", "contains NaN or Inf")
         checked[name] = as_float32
     return checked
-
-
-def content_id(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> str:
-    """The pipeline id: the spec's own id, or a hash of the spec and its weight tensors."""
-    if not tensors:
-        return pipeline.pipeline_id
-    digest = hashlib.sha256(pipeline.canonical_json().encode())
-    for name in sorted(tensors):
-        tensor = np.ascontiguousarray(tensors[name], dtype="<f4")
-        digest.update(f"\0{name}\0{list(tensor.shape)}\0".encode())
-        digest.update(tensor.tobytes())
-    return digest.hexdigest()[:32]

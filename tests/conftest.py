@@ -10,12 +10,16 @@ import onnxruntime as ort
 import pytest
 
 from featmap.client import FeatureClient
+from featmap.contract.spec import (
+    NO_TENSORS,
+    Pipeline,
+    WeightTensors,
+    parse_pipeline,
+)
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.reference import reference_outputs
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
-from featmap.service.spec import Pipeline, parse_pipeline
-from featmap.service.weights import NO_TENSORS, WeightTensors
 
 # The README's first example: conv -> relu -> max pool -> global average pool, two taps.
 README_SPEC: dict[str, Any] = {

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from featmap.contract.errors import ExecutionFailed
+from featmap.contract.spec import parse_pipeline
 from featmap.service.batching import BatchingPolicy, BatchStats, DynamicBatcher, PipelineRunner
-from featmap.service.errors import ExecutionFailed
 from featmap.service.runtime import CPU, CompiledPipeline, SessionCache
-from featmap.service.spec import parse_pipeline
 from tests.conftest import README_SPEC, assert_matches_reference
 
 # Generous: a deadlock fails the test after this long instead of hanging the run.

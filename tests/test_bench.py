@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 from featmap.client.bench import run_bench, standard_spec
-from featmap.service.spec import infer_shapes, parse_pipeline
+from featmap.contract.ops import layer_costs
+from featmap.contract.spec import parse_pipeline
 
 
 def test_standard_pipeline_is_the_issues() -> None:
     pipeline = parse_pipeline(standard_spec())
-    shapes = infer_shapes(pipeline, 224, 224)
+    shapes = layer_costs(pipeline, 224, 224)
     # 224 -> conv same 224 -> pool 112 -> conv 112 -> pool 56 -> conv stride 2 -> 28 -> global
     assert [s.shape for s in shapes if s.op == "conv2d"] == [
         (32, 224, 224),

@@ -20,7 +20,10 @@ from typing import get_args
 import numpy as np
 
 from featmap.client import FeatureClient
-from featmap.service.spec import LAYER_TYPES, Pipeline
+from featmap.contract.spec import (
+    LAYER_TYPES,
+    Pipeline,
+)
 from tests.conftest import README_SPEC, assert_matches_reference
 
 FEATMAP = Path(sys.executable).parent / "featmap"

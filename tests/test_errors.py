@@ -6,7 +6,7 @@ import inspect
 
 import grpc
 
-from featmap.service import errors
+from featmap.contract import errors
 
 
 def error_classes() -> list[type[errors.FeatmapError]]:

@@ -9,9 +9,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.reference import reference_outputs
-from featmap.service.spec import Pipeline, parse_pipeline
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import run_featmap
 

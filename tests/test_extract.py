@@ -21,9 +21,12 @@ from featmap.client.extract import (
     run_extract,
 )
 from featmap.client.specfile import load_pipeline_file
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
-from featmap.service.spec import Pipeline, parse_pipeline
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import FEATMAP, clean_env
 
@@ -317,13 +320,13 @@ def count_checks(server: FeatmapServer, monkeypatch: pytest.MonkeyPatch) -> list
     """A list that grows by one for every batch the server checks (one per Extract)."""
     calls: list[int] = []
     extractor = server.service.extractor
-    check = extractor.check
+    extract = extractor.extract
 
-    def counted(*args: Any, **kwargs: Any) -> None:
+    def counted(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        check(*args, **kwargs)
+        return extract(*args, **kwargs)
 
-    monkeypatch.setattr(extractor, "check", counted)
+    monkeypatch.setattr(extractor, "extract", counted)
     return calls
 
 

@@ -9,9 +9,13 @@ import onnx
 import pytest
 from onnx import TensorProto
 
+from featmap.contract.spec import (
+    LAYER_TYPES,
+    Pipeline,
+    parse_pipeline,
+)
 from featmap.service.graph import GRAPH_BUILDERS, INPUT_NAME, IR_VERSION, OPSET, compile_pipeline
 from featmap.service.reference import REFERENCE_OPS
-from featmap.service.spec import LAYER_TYPES, Pipeline, parse_pipeline
 from tests.conftest import README_SPEC, assert_matches_reference, run_onnx
 
 

@@ -18,11 +18,15 @@ import pytest
 from featmap.client import AsyncFeatureClient, FeatureClient
 from featmap.client.client import FeatmapRpcError, extract_methods, request_for
 from featmap.client.retry import backoff_delays, is_retryable
-from featmap.service.errors import LimitExceeded
-from featmap.service.limits import Cost, check_cost, check_kernel_sizes, request_cost
+from featmap.contract.errors import LimitExceeded
+from featmap.contract.limits import RequestLimits, admit_batch, admit_pipeline
+from featmap.contract.ops import batch_cost
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
-from featmap.service.spec import Pipeline, parse_pipeline
 from tests.conftest import README_SPEC, assert_matches_reference
 
 
@@ -49,7 +53,7 @@ def conv(filters: int, kernel_size: Any, **fields: Any) -> dict[str, Any]:
 
 def test_cost_of_the_readme_pipeline(readme_pipeline: Pipeline) -> None:
     # (2, 3, 16, 16) -> conv 8x3x3 same (2, 8, 16, 16) -> relu -> max pool 2 (2, 8, 8, 8) -> gap
-    cost = request_cost(readme_pipeline, 2, 16, 16, input_itemsize=4)
+    cost = batch_cost(readme_pipeline, 2, 16, 16, input_itemsize=4)
     conv_flops = 2 * 2 * 16 * 16 * 8 * 3 * 3 * 3  # 221184: a multiply and an add per tap
     relu_flops = 2 * 8 * 16 * 16  # 4096: one per element
     pool_flops = 2 * 8 * 8 * 8 * 2 * 2  # 4096: one per window element
@@ -63,7 +67,7 @@ def test_cost_of_the_readme_pipeline(readme_pipeline: Pipeline) -> None:
 def test_cost_of_a_grouped_strided_conv() -> None:
     pipeline = parse_pipeline(spec(conv(4, [3, 1], stride=2, groups=2), channels=4, dtype="uint8"))
     # (1, 4, 8, 8) -> (1, 4, 3, 4): floor((8 - 3) / 2) + 1 = 3, floor((8 - 1) / 2) + 1 = 4
-    cost = request_cost(pipeline, 1, 8, 8, input_itemsize=1)
+    cost = batch_cost(pipeline, 1, 8, 8, input_itemsize=1)
     assert cost.flops == 2 * 1 * 3 * 4 * 4 * (4 // 2) * 3 * 1 == 576
     # one layer, so no pair: uint8 input 256 bytes + float32 output 4 * 48
     assert cost.activation_bytes == 256 + 192 == 448
@@ -71,20 +75,26 @@ def test_cost_of_a_grouped_strided_conv() -> None:
 
 def test_kernel_size_limit_names_the_layer_and_axis() -> None:
     pipeline = parse_pipeline(spec(conv(2, [3, 9]), {"op": "max_pool2d", "pool_size": 8}))
-    check_kernel_sizes(pipeline, 9)
+    admit_pipeline(pipeline, RequestLimits(max_kernel_size=9))
     with pytest.raises(LimitExceeded, match=r"kernel_size=\[3, 9\] exceeds max_kernel_size=8"):
-        check_kernel_sizes(pipeline, 8)
+        admit_pipeline(pipeline, RequestLimits(max_kernel_size=8))
+    pool = parse_pipeline(spec({"op": "avg_pool2d", "pool_size": [2, 12]}))
     with pytest.raises(LimitExceeded) as failure:
-        check_kernel_sizes(parse_pipeline(spec({"op": "avg_pool2d", "pool_size": [2, 12]})), 8)
+        admit_pipeline(pool, RequestLimits(max_kernel_size=8))
     assert failure.value.field == "layers[0].pool_size"
 
 
-def test_check_cost_at_the_limit_passes() -> None:
-    check_cost(Cost(flops=10, activation_bytes=20), max_flops=10, max_activation_bytes=20)
-    with pytest.raises(LimitExceeded, match="11 FLOPs, over max_flops=10"):
-        check_cost(Cost(flops=11, activation_bytes=20), max_flops=10, max_activation_bytes=20)
-    with pytest.raises(LimitExceeded, match="21 bytes of activations"):
-        check_cost(Cost(flops=10, activation_bytes=21), max_flops=10, max_activation_bytes=20)
+def test_cost_limits_at_the_limit_pass() -> None:
+    # (1, 1, 2, 2) -> conv 1x1, one filter: 2 * 4 outputs * 1 tap = 8 FLOPs; activations are
+    # the float32 input (16 bytes) plus the one layer's output (16 bytes) = 32
+    pipeline = parse_pipeline(spec(conv(1, 1), channels=1))
+    images = np.ones((1, 1, 2, 2), dtype=np.float32)
+    plan = admit_batch(pipeline, images, RequestLimits(max_flops=8, max_activation_bytes=32))
+    assert (plan.cost.flops, plan.cost.activation_bytes) == (8, 32)
+    with pytest.raises(LimitExceeded, match="8 FLOPs, over max_flops=7"):
+        admit_batch(pipeline, images, RequestLimits(max_flops=7))
+    with pytest.raises(LimitExceeded, match="32 bytes of activations"):
+        admit_batch(pipeline, images, RequestLimits(max_activation_bytes=31))
 
 
 # --------------------------------------------------------------------------- tight limits
@@ -242,7 +252,8 @@ class Held:
         self.release = threading.Event()
         self.entered = threading.Semaphore(0)
         self.calls = 0
-        owner: Any = server.service.extractor if point == "run" else server.service.cache
+        # "run": the dynamic batcher, which every admitted batch passes right before onnxruntime
+        owner: Any = server.service.batcher if point == "run" else server.service.cache
         method = "run" if point == "run" else "get"
         original: Callable[..., Any] = getattr(owner, method)
 
@@ -338,13 +349,13 @@ def test_expired_request_is_dropped_before_running(readme_pipeline: Pipeline) ->
     with FeatmapServer(settings(batching=False)) as server:
         held = Held(server, point="cache")
         runs = []
-        original_run = server.service.extractor.run
+        original_run = server.service.batcher.run
 
         def counting_run(*args: Any, **kwargs: Any) -> Any:
             runs.append(1)
             return original_run(*args, **kwargs)
 
-        server.service.extractor.run = counting_run  # type: ignore[method-assign]
+        server.service.batcher.run = counting_run  # type: ignore[method-assign]
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(raw_extract, server.address, images)
             assert held.entered.acquire(timeout=10)

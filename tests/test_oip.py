@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from featmap.client import FeatureClient
+from featmap.contract import __version__
+from featmap.contract.spec import parse_pipeline
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from featmap.service import __version__
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
-from featmap.service.spec import parse_pipeline
 from tests.conftest import README_SPEC, assert_matches_reference
 
 UINT8_SPEC: dict[str, Any] = {

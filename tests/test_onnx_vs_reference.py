@@ -2,7 +2,7 @@
 
 A parametrized matrix walks every op and every option of it over several image sizes (odd ones
 included, so SAME padding meets both parities), then hypothesis throws random valid pipelines at
-both. A combination `infer_shapes` rejects for an image size is skipped for that size, and
+both. A combination `layer_costs` rejects for an image size is skipped for that size, and
 `test_the_matrix_mostly_runs` checks that the skips stay a small part of the matrix.
 """
 
@@ -17,8 +17,12 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from featmap.service.errors import InvalidSpec
-from featmap.service.spec import Pipeline, infer_shapes, parse_pipeline
+from featmap.contract.errors import InvalidSpec
+from featmap.contract.ops import layer_costs
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
 from tests.conftest import assert_matches_reference, run_onnx
 
 # (height, width): odd and even, square and not, so SAME pads 0, 1 or 2 pixels per side.
@@ -43,7 +47,7 @@ def random_images(pipeline: Pipeline, batch: int, height: int, width: int, seed:
 def fits(pipeline: Pipeline, height: int, width: int) -> bool:
     """Whether every layer's output is non-empty (and pool padding legal) for this image."""
     try:
-        infer_shapes(pipeline, height, width)
+        layer_costs(pipeline, height, width)
     except InvalidSpec:
         return False
     return True
@@ -61,7 +65,7 @@ def check_sizes(spec: dict[str, Any], case_id: str) -> None:
         assert_matches_reference(run_onnx(pipeline, images), pipeline, images)
         ran += 1
     if not ran:
-        pytest.skip(f"infer_shapes rejects every image size in {IMAGE_SIZES}")
+        pytest.skip(f"layer_costs rejects every image size in {IMAGE_SIZES}")
 
 
 def single_layer(layer: dict[str, Any], channels: int) -> dict[str, Any]:

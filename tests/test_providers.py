@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 
 from featmap.client import FeatureClient
+from featmap.contract.spec import Pipeline
 from featmap.service.runtime import CPU, CUDA, SessionCache
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
-from featmap.service.spec import Pipeline
 from tests.conftest import assert_matches_reference
 from tests.test_cli import run_featmap
 

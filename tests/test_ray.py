@@ -14,8 +14,11 @@ from PIL import Image
 from featmap.client.extract import EmbeddedRunner, run_extract
 from featmap.client.images import InputItem, load_item
 from featmap.client.ray import FeatureExtractor, to_pipeline_input
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
 from featmap.service.server import FeatmapServer
-from featmap.service.spec import Pipeline, parse_pipeline
 from tests.conftest import README_SPEC
 from tests.test_extract import rows, write_images
 

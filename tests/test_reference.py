@@ -13,8 +13,13 @@ from typing import Any, get_args
 import numpy as np
 import pytest
 
+from featmap.contract.ops import layer_costs
+from featmap.contract.spec import (
+    LAYER_TYPES,
+    Pipeline,
+    parse_pipeline,
+)
 from featmap.service.reference import REFERENCE_OPS, reference_outputs, run_reference
-from featmap.service.spec import LAYER_TYPES, Pipeline, infer_shapes, parse_pipeline
 from tests.conftest import run_onnx
 
 
@@ -44,7 +49,7 @@ def assert_golden(pipeline: Pipeline, images: np.ndarray, expected: Any) -> None
     assert theirs.shape == want.shape, f"onnxruntime shape {theirs.shape} != hand {want.shape}"
     assert theirs.dtype == np.float32
     np.testing.assert_allclose(theirs, want, rtol=1e-6, atol=1e-6, err_msg="onnxruntime")
-    assert infer_shapes(pipeline, *_spatial_size(pipeline, images))[-1].shape == want.shape[1:]
+    assert layer_costs(pipeline, *_spatial_size(pipeline, images))[-1].shape == want.shape[1:]
 
 
 def _spatial_size(pipeline: Pipeline, images: np.ndarray) -> tuple[int, int]:

@@ -16,18 +16,28 @@ from typing import Any
 import numpy as np
 import pytest
 
-from featmap.service.batching import BatchingPolicy
-from featmap.service.errors import (
+from featmap.contract.errors import (
     FeatmapError,
     InvalidSpec,
     InvalidTensor,
     LimitExceeded,
     NotFound,
 )
+from featmap.contract.ops import (
+    layer_costs,
+    symbolic_shapes,
+)
+from featmap.contract.spec import (
+    NO_TENSORS,
+    Pipeline,
+    WeightTensors,
+    content_id,
+    parse_pipeline,
+)
+from featmap.service.batching import BatchingPolicy
 from featmap.service.registry import PipelineRegistry, smallest_image, warm_up
 from featmap.service.runtime import CPU, CompiledPipeline, SessionCache
-from featmap.service.spec import Pipeline, infer_shapes, parse_pipeline, symbolic_shapes
-from featmap.service.weights import NO_TENSORS, WeightTensors, check_tensors, content_id
+from featmap.service.weights import check_tensors
 from tests.conftest import README_SPEC, assert_matches_reference
 
 # conv1 (3 -> 4, 3x3 same, tensor kernel and bias) -> relu -> conv2 (4 -> 2, 1x1, seeded init)
@@ -147,8 +157,9 @@ def test_ids_agree_between_registries(cache: SessionCache, tensor_pipeline: Pipe
 CHILD_ID = """
 import json, sys
 import numpy as np
-from featmap.service.spec import parse_pipeline
-from featmap.service.weights import check_tensors, content_id
+from featmap.contract.spec import parse_pipeline
+from featmap.service.weights import check_tensors
+from featmap.contract.spec import content_id
 pipeline = parse_pipeline(sys.argv[1])
 rng = np.random.default_rng(0)
 tensors = {
@@ -506,10 +517,10 @@ SMALLEST_IMAGES = [
 def test_smallest_image(layers: list[dict[str, Any]], size: int) -> None:
     pipeline = pipeline_of(*layers)
     assert smallest_image(pipeline) == (size, size)
-    infer_shapes(pipeline, size, size)  # fits
+    layer_costs(pipeline, size, size)  # fits
     if size > 1:
         with pytest.raises(InvalidSpec):
-            infer_shapes(pipeline, size - 1, size - 1)
+            layer_costs(pipeline, size - 1, size - 1)
 
 
 def test_smallest_image_none_fits() -> None:
@@ -628,9 +639,9 @@ def test_symbolic_shapes(
     pipeline = parse_pipeline({"input": {"channels": channels}, "layers": layers})
     shapes = symbolic_shapes(pipeline)
     assert shapes == expected
-    # Each symbol evaluates to infer_shapes' concrete size, for a few image sizes.
+    # Each symbol evaluates to layer_costs' concrete size, for a few image sizes.
     for height, width in ((13, 13), (16, 21), (40, 17)):
-        for concrete in infer_shapes(pipeline, height, width):
+        for concrete in layer_costs(pipeline, height, width):
             symbolic = shapes[concrete.name]
             got = tuple(evaluate(dim, height, width) for dim in symbolic[1:])
             assert got == concrete.shape, (concrete.name, symbolic, height, width)
@@ -647,7 +658,7 @@ def test_check_tensors_and_content_id_are_the_registry_id(
 def test_symbolic_ceil_mode_without_padding_drops_a_window_past_the_input() -> None:
     pipeline = pipeline_of(pool(2, stride=3, ceil_mode=True))
     symbolic = symbolic_shapes(pipeline)["max_pool2d_0"]
-    (concrete,) = infer_shapes(pipeline, 3, 3)
+    (concrete,) = layer_costs(pipeline, 3, 3)
     assert concrete.shape == (1, 1, 1)  # a second window would start at 3, past the 3 pixels
     assert evaluate(symbolic[2], 3, 3) == 1, symbolic
 
@@ -671,7 +682,7 @@ def test_symbolic_shapes_evaluate_to_infer_shapes() -> None:
             shapes = symbolic_shapes(pipeline)
             for size in range(1, 17):
                 try:
-                    concrete = infer_shapes(pipeline, size, size)
+                    concrete = layer_costs(pipeline, size, size)
                 except InvalidSpec:
                     continue
                 for layer in concrete:

@@ -10,16 +10,20 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from featmap.service.errors import (
+from featmap.contract.errors import (
     ExecutionFailed,
     InvalidSpec,
     InvalidTensor,
     LimitExceeded,
     NonFiniteResult,
 )
-from featmap.service.extractor import Extractor, RequestLimits
+from featmap.contract.limits import RequestLimits
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
+from featmap.service.extractor import Extractor, Target
 from featmap.service.runtime import CPU, CUDA, SessionCache, resolve_providers
-from featmap.service.spec import Pipeline, parse_pipeline
 from tests.conftest import assert_matches_reference
 
 LIMITS = RequestLimits(
@@ -100,13 +104,15 @@ def test_failed_build_is_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cache.get(pipeline).session is not None
 
 
-def extractor() -> Extractor:
-    return Extractor(SessionCache(capacity=4, providers=[CPU], intra_op_threads=1), LIMITS)
+def extract(pipeline: Pipeline, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The one run path, as the embedded runner takes it: admit the pipeline, then the batch."""
+    extractor = Extractor(SessionCache(capacity=4, providers=[CPU], intra_op_threads=1), LIMITS)
+    return extractor.extract(Target(extractor.admit(pipeline), None, None), images).outputs
 
 
 def test_extract_matches_reference(readme_pipeline: Pipeline) -> None:
     images = np.random.default_rng(0).standard_normal((2, 3, 20, 24)).astype(np.float32)
-    outputs = extractor().extract(readme_pipeline, images)
+    outputs = extract(readme_pipeline, images)
     assert_matches_reference(outputs, readme_pipeline, images)
 
 
@@ -203,7 +209,7 @@ def test_bad_images_are_named(
     pipeline: Pipeline, images: np.ndarray, error: type[Exception], field: str, message: str
 ) -> None:
     with pytest.raises(error, match=re.escape(message)) as caught:
-        extractor().extract(pipeline, images)
+        extract(pipeline, images)
     assert getattr(caught.value, "field", None) == field
 
 
@@ -223,5 +229,5 @@ def test_overflow_is_not_passed_off_as_a_result() -> None:
         }
     )
     with pytest.raises(NonFiniteResult) as caught:
-        extractor().extract(pipeline, np.full((1, 1, 2, 2), 10.0, np.float32))
+        extract(pipeline, np.full((1, 1, 2, 2), 10.0, np.float32))
     assert caught.value.field == "outputs.huge"

@@ -22,10 +22,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import ValidationError
 
 from featmap.client import AsyncFeatureClient, FeatmapRpcError, FeatureClient
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
 from featmap.service.security import TokenAuthInterceptor
 from featmap.service.server import SERVICE_NAME, FeatmapServer
 from featmap.service.settings import ServerSettings
-from featmap.service.spec import Pipeline, parse_pipeline
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import run_featmap
 

@@ -18,11 +18,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from featmap.client import FeatmapRpcError, FeatureClient
-from featmap.service import __version__
+from featmap.contract import __version__
+from featmap.contract.limits import MIB
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
 from featmap.service.graph import OPSET
 from featmap.service.server import FeatmapServer
-from featmap.service.settings import MIB, ServerSettings
-from featmap.service.spec import Pipeline, parse_pipeline
+from featmap.service.settings import ServerSettings
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 from tests.conftest import README_SPEC, assert_matches_reference

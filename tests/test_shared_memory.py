@@ -20,11 +20,14 @@ import pytest
 
 from featmap.client import FeatureClient
 from featmap.client.shared_memory import IMAGES, OUTPUTS, SharedMemoryPool
-from featmap.service.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
+from featmap.contract.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
+from featmap.contract.spec import Pipeline
+from featmap.contract.tensors import (
+    WIRE_DTYPES,
+    wire_dtype,
+)
 from featmap.service.server import FeatmapServer
 from featmap.service.shared_memory import SharedMemoryRegistry
-from featmap.service.spec import Pipeline
-from featmap.service.wire import WIRE_DTYPES, wire_dtype
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 from tests.conftest import README_SPEC, assert_matches_reference
@@ -520,7 +523,7 @@ def test_pool_owner_must_be_a_safe_name(owner: str) -> None:
 
 
 def test_pool_refuses_dtypes_the_wire_does_not_carry(pool: SharedMemoryPool) -> None:
-    with pytest.raises(ValueError, match="float64"):
+    with pytest.raises(InvalidTensor, match="float64"):
         pool.images_ref(np.zeros(4))
     with pytest.raises(ValueError, match="byte_size"):
         pool.output_ref(-1)

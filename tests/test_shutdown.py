@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from featmap.client import FeatureClient
 from featmap.client.client import FeatmapRpcError
-from featmap.service.spec import parse_pipeline
+from featmap.contract.spec import parse_pipeline
 from tests.conftest import assert_matches_reference
 from tests.test_cli import clean_env, featmap_serve
 

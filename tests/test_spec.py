@@ -8,15 +8,17 @@ from typing import Any
 
 import pytest
 
-from featmap.service.errors import InvalidSpec
-from featmap.service.spec import (
-    LAYER_TYPES,
-    Pipeline,
-    infer_shapes,
-    json_schema,
-    parse_pipeline,
+from featmap.contract.errors import InvalidSpec
+from featmap.contract.ops import (
+    layer_costs,
     resolve_pads,
     window_output_size,
+)
+from featmap.contract.spec import (
+    LAYER_TYPES,
+    Pipeline,
+    json_schema,
+    parse_pipeline,
 )
 from tests.conftest import README_SPEC
 
@@ -189,7 +191,7 @@ def test_window_output_size_floor_and_ceil() -> None:
 
 
 def test_infer_shapes_readme() -> None:
-    shapes = infer_shapes(parse_pipeline(README_SPEC), 64, 48)
+    shapes = layer_costs(parse_pipeline(README_SPEC), 64, 48)
     assert [s.shape for s in shapes] == [(8, 64, 48), (8, 64, 48), (8, 32, 24), (8, 1, 1)]
 
 
@@ -198,13 +200,13 @@ def test_infer_shapes_strides_and_flatten() -> None:
         spec_with(conv(stride=2, padding="same"), conv(padding="valid"), {"op": "flatten"})
     )
     # 9x7 -> same stride 2 -> 5x4 -> valid 3x3 -> 3x2 -> flatten 4*3*2
-    assert [s.shape for s in infer_shapes(pipeline, 9, 7)] == [(4, 5, 4), (4, 3, 2), (24,)]
+    assert [s.shape for s in layer_costs(pipeline, 9, 7)] == [(4, 5, 4), (4, 3, 2), (24,)]
 
 
 def test_empty_output_names_the_layer_and_sizes() -> None:
     pipeline = parse_pipeline(spec_with({"op": "relu"}, conv(kernel_size=9)))
     with pytest.raises(InvalidSpec) as caught:
-        infer_shapes(pipeline, 6, 6)
+        layer_costs(pipeline, 6, 6)
     assert caught.value.field == "layers[1].kernel_size"
     assert "(9, 9)" in str(caught.value) and "(6, 6)" in str(caught.value)
 
@@ -212,7 +214,7 @@ def test_empty_output_names_the_layer_and_sizes() -> None:
 def test_pool_padding_must_be_smaller_than_the_window() -> None:
     pipeline = parse_pipeline(spec_with({"op": "max_pool2d", "pool_size": 2, "padding": 2}))
     with pytest.raises(InvalidSpec) as caught:
-        infer_shapes(pipeline, 8, 8)
+        layer_costs(pipeline, 8, 8)
     assert caught.value.field == "layers[0].padding"
 
 

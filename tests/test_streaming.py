@@ -17,12 +17,16 @@ import onnxruntime as ort
 import pytest
 
 from featmap.client import AsyncFeatureClient, FeatmapRpcError, FeatureClient
+from featmap.contract.limits import MIB
+from featmap.contract.spec import (
+    Pipeline,
+    WeightTensors,
+    parse_pipeline,
+)
 from featmap.service.graph import INPUT_NAME
 from featmap.service.reference import reference_outputs
 from featmap.service.server import FeatmapServer
-from featmap.service.settings import MIB, ServerSettings
-from featmap.service.spec import Pipeline, parse_pipeline
-from featmap.service.weights import WeightTensors
+from featmap.service.settings import ServerSettings
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 from tests.conftest import README_SPEC, assert_matches_reference

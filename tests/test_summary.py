@@ -12,14 +12,12 @@ import yaml
 from featmap.client.summary import (
     FLOP_CONVENTION,
     NO_SIZE_NOTE,
-    LayerCost,
     format_summary,
-    layer_costs,
-    layer_parameters,
     parse_input_size,
 )
-from featmap.service.errors import InvalidSpec
-from featmap.service.spec import parse_pipeline
+from featmap.contract.errors import InvalidSpec
+from featmap.contract.ops import LayerCost, layer_costs, layer_parameters, parameter_count
+from featmap.contract.spec import parse_pipeline
 from tests.conftest import README_SPEC
 from tests.test_cli import run_featmap
 
@@ -78,7 +76,7 @@ def test_global_pool_counts_every_input_element() -> None:
 def test_parameters_agree_with_the_pipeline_total() -> None:
     pipeline = parse_pipeline(COST_SPEC)
     assert layer_parameters(pipeline) == [114, 0, 0, 108, 0]
-    assert sum(layer_parameters(pipeline)) == pipeline.parameter_count()
+    assert sum(layer_parameters(pipeline)) == parameter_count(pipeline)
 
 
 def test_image_too_small_names_the_layer() -> None:

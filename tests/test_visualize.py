@@ -23,8 +23,9 @@ from featmap.client.visualize import (
     render_grid,
     visualize,
 )
+from featmap.contract.ops import layer_costs
+from featmap.contract.spec import parse_pipeline
 from featmap.service.reference import reference_outputs
-from featmap.service.spec import infer_shapes, parse_pipeline
 from tests.test_cli import run_featmap
 
 SOBEL_X = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]
@@ -130,14 +131,14 @@ def test_global_and_flattened_layers_are_refused(
 def test_unknown_layer_lists_the_layers() -> None:
     pipeline = parse_pipeline(EDGES_SPEC)
     with pytest.raises(VisualizeError, match="layers are"):
-        choose_layer(pipeline, infer_shapes(pipeline, 8, 8), "nope")
+        choose_layer(pipeline, layer_costs(pipeline, 8, 8), "nope")
 
 
 def test_no_spatial_layer() -> None:
     spec = {"input": {"channels": 1}, "layers": [{"op": "global_avg_pool2d"}]}
     pipeline = parse_pipeline(spec)
     with pytest.raises(VisualizeError, match="no layer"):
-        choose_layer(pipeline, infer_shapes(pipeline, 8, 8), None)
+        choose_layer(pipeline, layer_costs(pipeline, 8, 8), None)
 
 
 def test_constant_map_is_mid_grey() -> None:

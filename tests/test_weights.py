@@ -8,7 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from featmap.service.spec import Conv2d, InitSource, parse_pipeline
+from featmap.contract.spec import (
+    Conv2d,
+    InitSource,
+    parse_pipeline,
+)
 from featmap.service.weights import (
     conv_parameters,
     gaussian_1d,

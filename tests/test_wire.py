@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featmap.service.errors import InvalidTensor
-from featmap.service.wire import decode_tensor, encode_tensor
+from featmap.contract.errors import InvalidTensor
+from featmap.contract.wire import (
+    decode_tensor,
+    encode_tensor,
+)
 from featmap.v1 import featmap_pb2 as pb
 
 
@@ -27,7 +30,7 @@ def test_bytes_are_little_endian_row_major() -> None:
 
 
 def test_unsendable_dtype() -> None:
-    with pytest.raises(ValueError, match="float64 is not sendable"):
+    with pytest.raises(InvalidTensor, match="float64 is not sendable"):
         encode_tensor(np.zeros(3))
 
 

@@ -9,19 +9,15 @@ from typing import TypeAlias
 
 import numpy as np
 
-from featmap.service.errors import InvalidTensor
+from featmap.contract.errors import InvalidTensor
+from featmap.contract.tensors import DTYPE_NAMES, WIRE_DTYPES, wire_dtype
 from featmap.v1 import featmap_pb2 as pb
 
-WIRE_DTYPES: dict[int, np.dtype] = {
-    pb.FLOAT32: np.dtype("<f4"),
-    pb.FLOAT16: np.dtype("<f2"),
-    pb.UINT8: np.dtype("u1"),
-}
-DTYPE_NAMES: dict[int, str] = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.UINT8: "uint8"}
-WIRE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
 Buffer: TypeAlias = bytes | memoryview
 # No real image or batch comes near; larger values are garbage (and overflow NumPy's shapes).
 MAX_DIMENSION = 2**31 - 1
+# Images and weights are rank 4; NumPy stops at 64 dimensions, with an error of its own.
+MAX_RANK = 8
 
 
 def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -40,6 +36,8 @@ def check_dtype(code: int, field: str) -> np.dtype:
 
 def check_shape(shape: tuple[int, ...], field: str) -> None:
     """Dimensions must be >= 0 and sane; InvalidTensor on `field`.shape otherwise."""
+    if len(shape) > MAX_RANK:
+        raise InvalidTensor(f"{field}.shape", f"has rank {len(shape)}; at most {MAX_RANK}")
     if any(d < 0 for d in shape):
         raise InvalidTensor(f"{field}.shape", f"has a negative dimension: {list(shape)}")
     if any(d > MAX_DIMENSION for d in shape):
@@ -61,14 +59,6 @@ def tensor_view(code: int, shape: tuple[int, ...], data: Buffer, field: str) -> 
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     array.flags.writeable = False
     return array
-
-
-def wire_dtype(array: np.ndarray) -> int:
-    """The wire dtype code of an array; ValueError for dtypes the wire does not carry."""
-    code = WIRE_CODES.get(array.dtype.name)
-    if code is None:
-        raise ValueError(f"dtype {array.dtype} is not sendable; use float32, float16 or uint8")
-    return code
 
 
 def encode_tensor(array: np.ndarray) -> pb.Tensor:

@@ -1,4 +1,4 @@
-"""The pipeline spec: what the user wrote, as pydantic models, plus the shape arithmetic.
+"""The pipeline spec: what the user wrote, as pydantic models.
 
 The spec speaks the words users know from Keras/PyTorch (`filters`, `kernel_size`, `stride`,
 `padding`, `pool_size`); graph.py translates them to ONNX once. Pure: no I/O, no numpy.
@@ -10,10 +10,10 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeAlias
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from featmap.service.errors import InvalidSpec
+from featmap.contract.errors import InvalidSpec
 
 # Strict: JSON `true` is not a count. The upper bounds are sanity bounds on what any conv
 # framework accepts; the server's configurable limits (parameters, pixels) sit below them.
@@ -475,17 +475,6 @@ class Pipeline(SpecModel):
                         names.setdefault(source.tensor, (index, slot))
         return names
 
-    def parameter_count(self) -> int:
-        """Number of weights and biases in all conv layers."""
-        total, channels = 0, self.input.channels
-        for layer in self.layers:
-            if isinstance(layer, Conv2d):
-                kh, kw = layer.kernel_size
-                total += layer.filters * (channels // layer.groups) * kh * kw
-                total += layer.filters if layer.bias is not None else 0
-                channels = layer.filters
-        return total
-
     @functools.cached_property
     def pipeline_id(self) -> str:
         """Content hash of the canonical spec."""
@@ -588,13 +577,6 @@ def _describe(error: Any, root: str) -> tuple[str, str]:
     return location or root, message
 
 
-@functools.lru_cache(maxsize=256)
-def parse_pipeline_text(text: str) -> Pipeline:
-    """parse_pipeline for JSON text, remembered: a client that sends the same inline spec with
-    every request pays for its validation once (models are frozen, so sharing is safe)."""
-    return parse_pipeline(text)
-
-
 def parse_pipeline(spec: str | bytes | dict[str, Any] | Pipeline) -> Pipeline:
     """Validate a spec (JSON text, dict or model); InvalidSpec names the offending field."""
     if isinstance(spec, Pipeline):
@@ -614,182 +596,21 @@ def parse_pipeline(spec: str | bytes | dict[str, Any] | Pipeline) -> Pipeline:
         raise InvalidSpec(field, message, detail=detail) from None
 
 
-# --------------------------------------------------------------------------- shapes
+# Weight tensors sent beside a spec (RegisterPipeline), by the name the spec uses.
+WeightTensors = Mapping[str, np.ndarray]
+NO_TENSORS: WeightTensors = {}
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    """The output of one layer for a concrete input: (C, H, W) or (features,) after flatten."""
-
-    name: str
-    op: str
-    shape: tuple[int, ...]
-
-
-def window_geometry(
-    layer: Conv2d | PoolBase,
-) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """(kernel, stride, dilation) of a sliding-window layer, each as (h, w)."""
-    if isinstance(layer, Conv2d):
-        return layer.kernel_size, layer.stride, layer.dilation
-    return layer.pool_size, layer.stride or layer.pool_size, (1, 1)
-
-
-def resolve_pads(
-    padding: Padding,
-    size: tuple[int, int],
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-) -> tuple[int, int, int, int]:
-    """Padding as (top, left, bottom, right) for an input of `size` (h, w).
-
-    `same` is TF/Keras/ONNX SAME_UPPER: output = ceil(in / stride) and the total padding
-    max(0, (out - 1) * stride + (k - 1) * dilation + 1 - in) is split with the odd pixel at the
-    bottom/right. `valid` pads nothing.
-    """
-    if padding == "valid":
-        return (0, 0, 0, 0)
-    if padding == "same":
-        begin, end = [], []
-        for n, k, s, d in zip(size, kernel, stride, dilation, strict=True):
-            out = -(-n // s)
-            total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
-            begin.append(total // 2)
-            end.append(total - total // 2)
-        return (begin[0], begin[1], end[0], end[1])
-    assert not isinstance(padding, str)
-    return padding
-
-
-def window_output_size(
-    size: int, pad_begin: int, pad_end: int, kernel: int, stride: int, dilation: int, ceil: bool
-) -> int:
-    """Output length along one axis (PyTorch/ONNX formula; ceil_mode drops a window that would
-    start in the end padding, as PyTorch does)."""
-    span = size + pad_begin + pad_end - (kernel - 1) * dilation - 1
-    if span < 0:
-        return 0
-    if not ceil:
-        return span // stride + 1
-    out = -(-span // stride) + 1
-    if (out - 1) * stride >= size + pad_begin:
-        out -= 1
-    return out
-
-
-def infer_shapes(pipeline: Pipeline, height: int, width: int) -> list[LayerShape]:
-    """Every layer's output shape for one (height, width) image; InvalidSpec if one is empty."""
-    shape: tuple[int, ...] = (pipeline.input.channels, height, width)
-    shapes: list[LayerShape] = []
-    for index, (layer, name) in enumerate(zip(pipeline.layers, pipeline.layer_names, strict=True)):
-        if isinstance(layer, Conv2d | PoolBase):
-            channels, h, w = shape
-            kernel, stride, dilation = window_geometry(layer)
-            pads = resolve_pads(layer.padding, (h, w), kernel, stride, dilation)
-            ceil = isinstance(layer, PoolBase) and layer.ceil_mode
-            out = tuple(
-                window_output_size(n, pads[i], pads[i + 2], kernel[i], stride[i], dilation[i], ceil)
-                for i, n in enumerate((h, w))
-            )
-            if min(out) < 1:
-                extent = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True))
-                field = "kernel_size" if isinstance(layer, Conv2d) else "pool_size"
-                raise InvalidSpec(
-                    f"layers[{index}].{field}",
-                    f"{field}={kernel} (dilated extent {extent}) exceeds the padded input "
-                    f"{(h + pads[0] + pads[2], w + pads[1] + pads[3])} for an image of "
-                    f"{height}x{width}",
-                )
-            if isinstance(layer, PoolBase) and any(
-                p >= k for p, k in zip(pads, kernel * 2, strict=True)
-            ):
-                raise InvalidSpec(
-                    f"layers[{index}].padding",
-                    f"padding {pads} must be smaller than pool_size {kernel} on every side",
-                )
-            shape = (layer.filters if isinstance(layer, Conv2d) else channels, *out)
-        elif isinstance(layer, GlobalAvgPool2d | GlobalMaxPool2d):
-            shape = (shape[0], 1, 1)
-        elif isinstance(layer, Flatten):
-            shape = (math.prod(shape),)
-        shapes.append(LayerShape(name=name, op=layer.op, shape=shape))
-    return shapes
-
-
-@dataclass(frozen=True)
-class _Symbol:
-    """expression + offset, kept apart so that constants fold: H-2-2 is H-4."""
-
-    expression: str
-    offset: int = 0
-
-    def __str__(self) -> str:
-        return self.expression if self.offset == 0 else f"{self.expression}{self.offset:+d}"
-
-    def plus(self, constant: int) -> _Symbol:
-        return _Symbol(self.expression, self.offset + constant)
-
-    def over(self, rounding: str, constant: int, stride: int) -> str:
-        numerator = self.plus(constant)
-        text = str(numerator) if numerator.offset == 0 else f"({numerator})"
-        return f"{rounding}({text}/{stride})"
-
-
-def _symbolic_window(
-    size: _Symbol, pads: tuple[int, int], kernel: int, stride: int, dilation: int, mode: str
-) -> _Symbol:
-    extent = (kernel - 1) * dilation + 1
-    if mode == "same":
-        return size if stride == 1 else _Symbol(size.over("ceil", 0, stride))
-    if stride == 1 and mode == "floor":
-        return size.plus(pads[0] + pads[1] - extent + 1)
-    # floor((n + p - e) / s) + 1 == floor((n + p - e + s) / s); likewise ceil
-    rounding = "ceil" if mode == "ceil" else "floor"
-    windows = size.over(rounding, pads[0] + pads[1] - extent + stride, stride)
-    if mode == "ceil" and (pads[1] > 0 or stride > kernel):
-        # PyTorch's rule: no window may start in the end padding (start <= n + pad_begin - 1);
-        # it can only bite with end padding or with windows that skip pixels.
-        windows = f"min({windows}, {size.over('floor', pads[0] - 1 + stride, stride)})"
-    return _Symbol(windows)
-
-
-def symbolic_shapes(pipeline: Pipeline) -> dict[str, list[int | str]]:
-    """Every layer's output shape with symbolic N, H and W, e.g. ["N", 8, "ceil(H/2)", ...].
-
-    For describing outputs; the exact sizes for an image come from infer_shapes.
-    """
-    channels, height, width = pipeline.input.channels, _Symbol("H"), _Symbol("W")
-    flat = False
-    shapes: dict[str, list[int | str]] = {}
-    for layer, name in zip(pipeline.layers, pipeline.layer_names, strict=True):
-        if isinstance(layer, Conv2d | PoolBase):
-            kernel, stride, dilation = window_geometry(layer)
-            padding = layer.padding
-            pads = (0, 0, 0, 0) if isinstance(padding, str) else padding
-            mode = "same" if padding == "same" else "floor"
-            if isinstance(layer, PoolBase) and layer.ceil_mode:
-                mode = "ceil"
-            height, width = (
-                _symbolic_window(
-                    size, (pads[i], pads[i + 2]), kernel[i], stride[i], dilation[i], mode
-                )
-                for i, size in enumerate((height, width))
-            )
-            channels = layer.filters if isinstance(layer, Conv2d) else channels
-        elif isinstance(layer, GlobalAvgPool2d | GlobalMaxPool2d):
-            height = width = _Symbol("1")
-        elif isinstance(layer, Flatten):
-            flat = True
-        spatial: list[int | str] = [
-            int(str(d)) if str(d).isdigit() else str(d) for d in (height, width)
-        ]
-        if flat:
-            features = channels if spatial == [1, 1] else f"{channels}*({height})*({width})"
-            shapes[name] = ["N", features]
-        else:
-            shapes[name] = ["N", channels, *spatial]
-    return shapes
+def content_id(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> str:
+    """The pipeline id: the spec's own id, or a hash of the spec and its weight tensors."""
+    if not tensors:
+        return pipeline.pipeline_id
+    digest = hashlib.sha256(pipeline.canonical_json().encode())
+    for name in sorted(tensors):
+        tensor = np.ascontiguousarray(tensors[name], dtype="<f4")
+        digest.update(f"\0{name}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.tobytes())
+    return digest.hexdigest()[:32]
 
 
 def json_schema() -> dict[str, Any]:

@@ -1,30 +1,45 @@
-"""The exception tree of the service and the one table that maps it to gRPC status codes.
+"""The exception tree, and the one table that maps it to gRPC status codes.
 
     FeatmapError                  base; never raised itself
     ├── InvalidRequest            INVALID_ARGUMENT; names the offending field
     │   ├── InvalidSpec           the pipeline spec (schema, cross-field, shape for an image)
-    │   ├── InvalidTensor         the image tensor on the wire (dtype, shape, bytes, values)
+    │   ├── InvalidTensor         a tensor or array (dtype, shape, bytes, values)
     │   └── NonFiniteResult       the pipeline produced NaN/Inf from finite input (overflow)
     ├── NotFound                  NOT_FOUND; an unknown pipeline id or shared-memory region
     ├── LimitExceeded             RESOURCE_EXHAUSTED; a configured limit, with limit and value
     ├── ExecutionFailed           INTERNAL; onnxruntime failed to build or run a session
+    ├── Unavailable               UNAVAILABLE; the server is shutting down: retry elsewhere
     └── Abandoned                 the caller stopped waiting before the work started
         ├── Cancelled             CANCELLED; the caller went away
         └── DeadlineExceeded      DEADLINE_EXCEEDED; the caller's deadline passed
 
-Every message starts with the field it is about: `layers[2].kernel_size: ...`.
+Every message starts with the field it is about: `layers[2].kernel_size: ...`. Messages and
+fields are capped in length (MAX_MESSAGE_CHARS, MAX_FIELD_CHARS): they may quote what a caller
+sent, and a caller may send megabytes.
 """
 
 from __future__ import annotations
 
 import grpc
 
+MAX_MESSAGE_CHARS = 1024
+MAX_FIELD_CHARS = 128
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text`, or its first `limit` characters and how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 class FeatmapError(Exception):
-    """Base of every error the service raises on purpose."""
+    """Base of every error featmap raises on purpose."""
 
     def __init__(self, field: str, message: str, *, detail: str | None = None) -> None:
-        super().__init__(detail or f"{field}: {message}")
+        field = shorten(field, MAX_FIELD_CHARS)
+        message = shorten(message, MAX_MESSAGE_CHARS)
+        super().__init__(shorten(detail, MAX_MESSAGE_CHARS) if detail else f"{field}: {message}")
         self.field = field
         self.message = message
 
@@ -43,7 +58,7 @@ class InvalidSpec(InvalidRequest):
 
 
 class InvalidTensor(InvalidRequest):
-    """The image tensor does not decode or does not fit the spec's input."""
+    """A tensor or array does not decode, has a dtype featmap does not take, or does not fit."""
 
 
 class NonFiniteResult(InvalidRequest):
@@ -51,15 +66,19 @@ class NonFiniteResult(InvalidRequest):
 
 
 class NotFound(FeatmapError):
-    """The request names a pipeline id or shared-memory region the server does not have."""
+    """The request names a pipeline or shared-memory region the caller cannot see."""
 
 
 class LimitExceeded(FeatmapError):
-    """A configured server limit is exceeded."""
+    """A configured server limit or memory budget is exceeded."""
 
 
 class ExecutionFailed(FeatmapError):
     """onnxruntime failed to build or run a session."""
+
+
+class Unavailable(FeatmapError):
+    """The server is shutting down and stopped this call's work: retry, elsewhere if possible."""
 
 
 class Abandoned(FeatmapError):
@@ -83,6 +102,7 @@ STATUS_CODES: dict[type[FeatmapError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ExecutionFailed: grpc.StatusCode.INTERNAL,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
     Abandoned: grpc.StatusCode.CANCELLED,
     Cancelled: grpc.StatusCode.CANCELLED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

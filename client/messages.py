@@ -1,0 +1,255 @@
+"""Request planning and message building for both clients: no I/O here.
+
+FeatureClient and AsyncFeatureClient differ only in how they wait; what they send, how they
+split a batch and how they read a reply is written once, here, on top of the contract.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from featmap.contract.errors import FeatmapError
+from featmap.contract.metadata import FIELD_KEY
+from featmap.contract.ops import layer_costs
+from featmap.contract.spec import Pipeline, parse_pipeline
+from featmap.contract.tensors import (
+    OUTPUT_DTYPES,
+    OutputDType,
+    image_size,
+    output_itemsize,
+    reply_bytes,
+    sendable,
+)
+from featmap.contract.wire import (
+    FramedTensor,
+    encode_tensor,
+    parse_extract_response,
+    serialize_extract_request,
+)
+from featmap.v1 import featmap_pb2 as pb
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+# Room left in a message for everything but the image bytes (spec text aside).
+ENVELOPE_BYTES = 4096
+SpecLike = Pipeline | Mapping[str, Any] | str
+EXTRACT_METHOD = "/featmap.v1.FeatureExtractor/Extract"
+EXTRACT_STREAM_METHOD = "/featmap.v1.FeatureExtractor/ExtractStream"
+
+
+class FeatmapRpcError(FeatmapError):
+    """A call failed; `code` is the gRPC status, `field` the request field the server blamed."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, field: str | None) -> None:
+        super().__init__(field or "", details, detail=f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.field = field  # type: ignore[assignment]  # None: the server blamed no field
+
+    @property
+    def status_code(self) -> grpc.StatusCode:
+        """The status the server answered with."""
+        return self.code
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> FeatmapRpcError:
+        """Wrap a grpc.RpcError, picking the blamed field out of the trailing metadata."""
+        call: Any = error
+        trailers = dict(call.trailing_metadata() or ())
+        return cls(call.code(), call.details() or "", trailers.get(FIELD_KEY))
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What GetServerInfo reports."""
+
+    version: str
+    onnxruntime_version: str
+    available_providers: list[str]
+    active_providers: list[str]
+    limits: dict[str, int]
+    onnx_opset: int
+    intra_op_threads: int
+    grpc_workers: int
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    """A registered pipeline as GetPipeline/ListPipelines describe it."""
+
+    pipeline_id: str
+    spec: dict[str, Any]
+    outputs: dict[str, list[int | str]]
+    weight_names: list[str]
+    batching: dict[str, Any]
+    onnx_model: bytes
+
+
+def spec_json(spec: SpecLike) -> str:
+    """The JSON text of a spec given as a model, a mapping, or JSON text already."""
+    if isinstance(spec, Pipeline):
+        return spec.model_dump_json()
+    if isinstance(spec, str):
+        return spec
+    return json.dumps(spec)
+
+
+def is_pipeline_id(pipeline: SpecLike) -> bool:
+    """A str that is not JSON text is a registered pipeline's id."""
+    return isinstance(pipeline, str) and not pipeline.lstrip().startswith("{")
+
+
+def local_spec(spec: SpecLike) -> Pipeline | None:
+    """The spec parsed here, for sizing chunks (None if invalid: the server names the field)."""
+    try:
+        return parse_pipeline(spec if isinstance(spec, Pipeline | str) else dict(spec))
+    except FeatmapError:
+        return None
+
+
+@dataclass(frozen=True)
+class OutgoingExtract:
+    """An ExtractRequest still in two parts: serialized by wire.serialize_extract_request."""
+
+    message: pb.ExtractRequest
+    images: np.ndarray | None
+
+    def serialize(self) -> bytes:
+        """The request's wire bytes, pixels copied once."""
+        return serialize_extract_request(self.message, self.images)
+
+
+def request_for(
+    images: np.ndarray | None, pipeline: SpecLike | None, output_dtype: OutputDType
+) -> OutgoingExtract:
+    """An Extract request; pipeline None leaves it unset (later messages of a stream).
+
+    Images are checked here as the server would (sendable dtypes; float64 becomes float32), so a
+    bad array fails before anything is sent, with InvalidTensor naming `images.dtype`.
+    """
+    output_itemsize(output_dtype)  # ValueError for anything but float32/float16
+    message = pb.ExtractRequest(output_dtype=OUTPUT_DTYPES[output_dtype])  # type: ignore[arg-type]
+    if pipeline is not None and is_pipeline_id(pipeline):
+        message.pipeline_id = pipeline  # type: ignore[assignment]
+    elif pipeline is not None:
+        message.spec_json = spec_json(pipeline)
+    return OutgoingExtract(message, None if images is None else sendable(images))
+
+
+def outputs_of(
+    response: tuple[pb.ExtractResponse, dict[str, FramedTensor]],
+) -> dict[str, np.ndarray]:
+    """The response's arrays: read-only views of its bytes, no copy."""
+    _, outputs = response
+    return {name: tensor.array(f"outputs.{name}") for name, tensor in outputs.items()}
+
+
+def extract_methods(channel: Any) -> tuple[Any, Any]:
+    """Extract and ExtractStream on a blocking or grpc.aio channel, framed by the contract's
+    wire module rather than by protobuf."""
+    serialize = OutgoingExtract.serialize
+    extract = channel.unary_unary(
+        EXTRACT_METHOD, request_serializer=serialize, response_deserializer=parse_extract_response
+    )
+    stream = channel.stream_stream(
+        EXTRACT_STREAM_METHOD,
+        request_serializer=serialize,
+        response_deserializer=parse_extract_response,
+    )
+    return extract, stream
+
+
+def reply_bytes_per_image(
+    pipeline: Pipeline | None, images: np.ndarray, output_dtype: OutputDType
+) -> int:
+    """Bytes of outputs one image gives (0 when the spec is unknown or does not fit it)."""
+    if pipeline is None or images.ndim != 4:
+        return 0
+    try:
+        _, height, width = image_size(pipeline.input.layout, images.shape)
+        shapes = {layer.name: layer.shape for layer in layer_costs(pipeline, height, width)}
+    except FeatmapError:
+        return 0  # the server will say what is wrong, naming the field
+    return reply_bytes((shapes[name] for name in pipeline.output_names), 1, output_dtype)
+
+
+def images_per_message(
+    images: np.ndarray, pipeline: SpecLike, max_message_bytes: int, reply_per_image: int = 0
+) -> int:
+    """How many images fit in one request and in its reply (at least 1)."""
+    text = len(pipeline) if isinstance(pipeline, str) else len(spec_json(pipeline))
+    per_image = max(1, math.prod(images.shape[1:]) * images.dtype.itemsize)
+    room = max_message_bytes - text - ENVELOPE_BYTES
+    return max(1, min(room // per_image, room // max(1, reply_per_image)))
+
+
+def chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Consecutive slices of at most `size` images (views, no copy)."""
+    for start in range(0, len(images), size):
+        yield images[start : start + size]
+
+
+def concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-chunk outputs joined back along the batch axis, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def register_request(
+    spec: SpecLike, weights: Mapping[str, np.ndarray] | None, batching: Mapping[str, Any] | None
+) -> pb.RegisterPipelineRequest:
+    """A RegisterPipelineRequest with weight tensors as raw bytes."""
+    request = pb.RegisterPipelineRequest(spec_json=spec_json(spec))
+    for name, array in (weights or {}).items():
+        request.weights[name].CopyFrom(encode_tensor(sendable(array, f"weights[{name!r}]")))
+    if batching is not None:
+        request.batching.CopyFrom(pb.BatchingConfig(**batching))
+    return request
+
+
+def pipeline_info(info: pb.PipelineInfo) -> PipelineInfo:
+    """A PipelineInfo message as a dataclass."""
+    return PipelineInfo(
+        pipeline_id=info.pipeline_id,
+        spec=json.loads(info.spec_json),
+        outputs={
+            o.name: [d.size if d.WhichOneof("value") == "size" else d.symbol for d in o.shape]
+            for o in info.outputs
+        },
+        weight_names=list(info.weight_names),
+        batching={
+            "enabled": info.batching.enabled,
+            "max_batch_size": info.batching.max_batch_size,
+            "max_queue_delay_us": info.batching.max_queue_delay_us,
+        },
+        onnx_model=info.onnx_model,
+    )
+
+
+def server_info(info: pb.GetServerInfoResponse) -> ServerInfo:
+    """A GetServerInfoResponse as a dataclass."""
+    return ServerInfo(
+        version=info.version,
+        onnxruntime_version=info.onnxruntime_version,
+        available_providers=list(info.available_providers),
+        active_providers=list(info.active_providers),
+        limits={field.name: value for field, value in info.limits.ListFields()},
+        onnx_opset=info.onnx_opset,
+        intra_op_threads=info.intra_op_threads,
+        grpc_workers=info.grpc_workers,
+    )
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message limits for a channel; replies are bounded by the server's own limit."""
+    return [
+        ("grpc.max_receive_message_length", 2 * max_message_bytes),
+        ("grpc.max_send_message_length", 2 * max_message_bytes),
+    ]

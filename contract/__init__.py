@@ -1,0 +1,30 @@
+"""featmap's contract: the rules that the server and its clients share, written once.
+
+What belongs here is anything both sides must agree on, with no I/O and light imports
+(NumPy, pydantic, grpc and the generated stubs of proto/ only):
+
+    spec.py           the pipeline spec (pydantic models), its canonical JSON and id
+    ops.py            per-op rules in one table: output shapes, parameters, FLOPs, activations;
+                      the sliding-window arithmetic (padding, output sizes)
+    limits.py         the request limits and the two admission checks (pipeline, batch)
+    tensors.py        which array dtypes travel and how, layout axes, reply sizes
+    wire.py           Tensor messages and the copy-free framing of Extract
+    errors.py         the exception tree and its gRPC status table
+    metadata.py       gRPC metadata keys
+    shared_memory.py  shared-memory naming rules
+
+Who may import what: featmap.contract imports nothing of featmap but the stubs
+(featmap.v1); featmap.service and featmap.client import the contract; the client never
+imports featmap.service at module level (its embedded mode imports the runtime when used).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("featmap")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]

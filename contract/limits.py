@@ -1,0 +1,181 @@
+"""The limits, and the admission checks that apply them: one function per question.
+
+- `admit_pipeline`: may this pipeline run here at all? (RegisterPipeline, an inline spec in
+  Extract/ExtractStream, the embedded runner, Ray): layers, parameters, kernel sizes.
+- `admit_batch`: may this batch run on an admitted pipeline? (Extract, ExtractStream, OIP
+  ModelInfer, the embedded runner, Ray): the images' rank, dtype, channels and sizes, the work
+  (FLOPs, activation memory) and, when the outputs travel in a reply, the reply's size.
+
+Both run before anything is allocated for the request, and raise the contract's errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from featmap.contract.errors import InvalidTensor, LimitExceeded
+from featmap.contract.ops import (
+    Cost,
+    LayerCost,
+    batch_cost,
+    layer_costs,
+    parameter_count,
+    window_field,
+    window_geometry,
+)
+from featmap.contract.spec import Conv2d, Pipeline, PoolBase
+from featmap.contract.tensors import all_finite, first_non_finite, image_size, reply_bytes
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Limits checked before any work starts; the defaults are the server's."""
+
+    max_message_bytes: int = 64 * MIB
+    max_images_per_request: int = 4096
+    max_pixels_per_image: int = 8192 * 8192
+    max_layers: int = 128
+    # Weights and biases over all conv layers (float32: 4 bytes each).
+    max_parameters: int = 64 * MIB
+    # Conv kernel_size and pool pool_size, per axis.
+    max_kernel_size: int = 64
+    # Per request, from the spec and the batch's shape (featmap.contract.ops says how).
+    max_flops: int = 10**13
+    max_activation_bytes: int = 16 * 1024 * MIB
+    # Off: NaN/Inf in float input is INVALID_ARGUMENT; on: it runs, and NaN/Inf may come out.
+    allow_non_finite_input: bool = False
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What admit_batch learned of a batch: its size, each layer's shape and cost, the work."""
+
+    batch: int
+    height: int
+    width: int
+    layers: list[LayerCost]
+    cost: Cost
+    reply_bytes: int
+
+
+def admit_pipeline(pipeline: Pipeline, limits: RequestLimits) -> None:
+    """LimitExceeded when a pipeline is too large to run here, whatever its images."""
+    if len(pipeline.layers) > limits.max_layers:
+        raise LimitExceeded(
+            "layers", f"{len(pipeline.layers)} layers exceed max_layers={limits.max_layers}"
+        )
+    for index, layer in enumerate(pipeline.layers):
+        if isinstance(layer, Conv2d | PoolBase):
+            kernel, _, _ = window_geometry(layer)
+            if max(kernel) > limits.max_kernel_size:
+                field = window_field(layer)
+                raise LimitExceeded(
+                    f"layers[{index}].{field}",
+                    f"{field}={list(kernel)} exceeds max_kernel_size={limits.max_kernel_size} "
+                    "per axis",
+                )
+    parameters = parameter_count(pipeline)
+    if parameters > limits.max_parameters:
+        raise LimitExceeded(
+            "layers", f"{parameters} weights exceed max_parameters={limits.max_parameters}"
+        )
+
+
+def check_request_bytes(size: int, limits: RequestLimits, field: str = "images") -> None:
+    """LimitExceeded when a request message is over max_message_bytes, saying how to stream."""
+    if size > limits.max_message_bytes:
+        raise LimitExceeded(
+            field,
+            f"the request is {size} bytes, over max_message_bytes={limits.max_message_bytes}: "
+            "send fewer images per request, or the batch in chunks with ExtractStream "
+            "(FeatureClient.extract does so by itself)",
+        )
+
+
+def check_reply_bytes(size: int, limits: RequestLimits) -> None:
+    """LimitExceeded when a reply of `size` bytes would be over max_message_bytes."""
+    if size > limits.max_message_bytes:
+        raise LimitExceeded(
+            "outputs",
+            f"the reply would be {size} bytes, over max_message_bytes="
+            f"{limits.max_message_bytes}: send fewer images per request (or stream them with "
+            "ExtractStream) or ask for fewer outputs",
+        )
+
+
+def admit_batch(
+    pipeline: Pipeline,
+    images: np.ndarray,
+    limits: RequestLimits,
+    *,
+    output_dtype: str = "float32",
+    reply_in_message: bool = True,
+) -> BatchPlan:
+    """The plan of a batch that fits the pipeline's input and every limit, else an error.
+
+    `images` is (N, C, H, W) or (N, H, W, C) as input.layout says. A too-small image fails
+    naming the layer; with reply_in_message (the outputs travel in the reply, not in shared
+    memory) a reply too big to send fails here, before the work.
+    """
+    spec = pipeline.input
+    if images.ndim != 4:
+        raise InvalidTensor(
+            "images.shape",
+            f"has rank {images.ndim} {list(images.shape)}; expected 4 ({spec.layout})",
+        )
+    if images.dtype.name != spec.dtype:
+        raise InvalidTensor(
+            "images.dtype", f"{images.dtype.name} does not match input.dtype={spec.dtype}"
+        )
+    n = images.shape[0]
+    channels, height, width = image_size(spec.layout, images.shape)
+    if n == 0:
+        raise InvalidTensor("images.shape", "batch is empty (N = 0)")
+    if channels != spec.channels:
+        axis = 1 if spec.layout == "NCHW" else 3
+        raise InvalidTensor(
+            "images.shape",
+            f"{list(images.shape)} has {channels} channels on axis {axis} ({spec.layout}); "
+            f"input.channels={spec.channels}",
+        )
+    if height == 0 or width == 0:
+        raise InvalidTensor("images.shape", f"{list(images.shape)} has an empty image")
+    if n > limits.max_images_per_request:
+        raise LimitExceeded(
+            "images.shape",
+            f"{n} images exceed max_images_per_request={limits.max_images_per_request}",
+        )
+    if height * width > limits.max_pixels_per_image:
+        raise LimitExceeded(
+            "images.shape",
+            f"{height}x{width} = {height * width} pixels exceed "
+            f"max_pixels_per_image={limits.max_pixels_per_image}",
+        )
+    layers = layer_costs(pipeline, height, width)
+    cost = batch_cost(pipeline, n, height, width, images.dtype.itemsize, layers)
+    if cost.flops > limits.max_flops:
+        raise LimitExceeded(
+            "images.shape",
+            f"the batch needs {cost.flops} FLOPs, over max_flops={limits.max_flops}: "
+            "send fewer or smaller images per request",
+        )
+    if cost.activation_bytes > limits.max_activation_bytes:
+        raise LimitExceeded(
+            "images.shape",
+            f"the batch needs an estimated {cost.activation_bytes} bytes of activations, over "
+            f"max_activation_bytes={limits.max_activation_bytes}: send fewer or smaller images",
+        )
+    by_name = {layer.name: layer.shape for layer in layers}
+    reply = reply_bytes((by_name[name] for name in pipeline.output_names), n, output_dtype)
+    if reply_in_message:
+        check_reply_bytes(reply, limits)
+    if not limits.allow_non_finite_input and not all_finite(images):
+        raise InvalidTensor("images.data", f"contains {first_non_finite(images)}")
+    return BatchPlan(n, height, width, layers, cost, reply)
