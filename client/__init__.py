@@ -1,13 +1,33 @@
-"""featmap client: FeatureClient, AsyncFeatureClient and the `featmap` command line."""
+"""featmap client: FeatureClient, AsyncFeatureClient and the `featmap` command line.
+
+The names below load on first use (PEP 562), so that `featmap --help` and other commands that
+need no client pay nothing for gRPC, asyncio or pydantic.
+"""
 
 from __future__ import annotations
 
-from featmap.client.client import (
-    AsyncFeatureClient,
-    FeatmapRpcError,
-    FeatureClient,
-    PipelineInfo,
-    ServerInfo,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from featmap.client.client import AsyncFeatureClient, FeatureClient
+    from featmap.client.messages import FeatmapRpcError, PipelineInfo, ServerInfo
+
+_HOMES = {
+    "AsyncFeatureClient": "featmap.client.client",
+    "FeatureClient": "featmap.client.client",
+    "FeatmapRpcError": "featmap.client.messages",
+    "PipelineInfo": "featmap.client.messages",
+    "ServerInfo": "featmap.client.messages",
+}
 __all__ = ["AsyncFeatureClient", "FeatmapRpcError", "FeatureClient", "PipelineInfo", "ServerInfo"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'featmap.client' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -3,7 +3,6 @@ bearer token sent with every call."""
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 from collections.abc import Callable, Sequence
@@ -14,9 +13,10 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from featmap.contract.metadata import bearer
+
 # A PEM file's path, or its bytes.
 PemSource = str | os.PathLike[str] | bytes
-AUTHORIZATION_KEY = "authorization"
 
 
 def read_pem(source: PemSource | None) -> bytes | None:
@@ -45,7 +45,7 @@ class BearerToken(
     """Adds `authorization: Bearer <token>` to every call of a blocking channel."""
 
     def __init__(self, token: str) -> None:
-        self.entry = (AUTHORIZATION_KEY, f"Bearer {token}")
+        self.entry = bearer(token)
 
     def _details(self, details: Any) -> _CallDetails:
         return _CallDetails(
@@ -111,7 +111,7 @@ class _AioStreamStream(grpc.aio.StreamStreamClientInterceptor):
 def aio_bearer_token(token: str) -> list[grpc.aio.ClientInterceptor]:
     """Interceptors adding the token to every call of a grpc.aio channel (one per call kind:
     grpc.aio files each interceptor under its first matching kind only)."""
-    entry = (AUTHORIZATION_KEY, f"Bearer {token}")
+    entry = bearer(token)
     kinds: list[Callable[[tuple[str, str]], grpc.aio.ClientInterceptor]] = [
         _AioUnaryUnary,
         _AioUnaryStream,
@@ -179,35 +179,3 @@ class ChannelSecurity:
                 address, self.credentials(), self.options(options), interceptors=interceptors
             )
         return grpc.aio.insecure_channel(address, self.options(options), interceptors=interceptors)
-
-
-TOKEN_ENV = "FEATMAP_TOKEN"
-
-
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """--tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, --token-file for a command."""
-    group = parser.add_argument_group("connection (TLS and token auth)")
-    group.add_argument("--tls", action="store_true", help="TLS, trusting the system's roots")
-    group.add_argument("--tls-ca", help="CA certificate (PEM) to trust; implies --tls")
-    group.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
-    group.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
-    group.add_argument("--tls-server-name", help="name to expect in the server's certificate")
-    group.add_argument(
-        "--token-file",
-        help=f"file holding the bearer token (default: ${TOKEN_ENV}; never on the command line)",
-    )
-
-
-def security_from_arguments(args: argparse.Namespace) -> ChannelSecurity:
-    """The ChannelSecurity add_connection_arguments' flags (and $FEATMAP_TOKEN) describe."""
-    token = os.environ.get(TOKEN_ENV) or None
-    if args.token_file:
-        token = Path(args.token_file).read_text().strip()
-    return ChannelSecurity(
-        tls=args.tls,
-        tls_ca=Path(args.tls_ca) if args.tls_ca else None,
-        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-        tls_key=Path(args.tls_key) if args.tls_key else None,
-        tls_server_name=args.tls_server_name,
-        token=token,
-    )

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from featmap.client.channel import add_connection_arguments
+from featmap.client.arguments import add_connection_arguments
 
 
 class UsageError(Exception):
@@ -148,7 +148,7 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from featmap.client.channel import security_from_arguments
+    from featmap.client.arguments import security_from_arguments
     from featmap.client.health import SERVING_EXIT, check_health
 
     result = check_health(args.server, args.service, args.timeout, security_from_arguments(args))

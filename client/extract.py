@@ -24,7 +24,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from featmap.client.channel import ChannelSecurity, security_from_arguments
+from featmap.client.arguments import security_from_arguments
+from featmap.client.channel import ChannelSecurity
 from featmap.client.client import FeatmapRpcError
 from featmap.client.images import InputError, InputItem, expand, find_files, load_item
 from featmap.client.outputs import (

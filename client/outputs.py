@@ -114,7 +114,8 @@ def write_npz(results: Results, destination: Path) -> None:
 
 def read_npz(source: Path) -> Results:
     """Results back from a .npz this module wrote."""
-    with np.load(source, allow_pickle=False) as archive:
+    # Opened here, not by np.load: np.load leaks its file when the archive is damaged.
+    with source.open("rb") as file, np.load(file, allow_pickle=False) as archive:
         names = [str(name) for name in archive["outputs"]]
         results = Results(names, paths=[str(path) for path in archive["paths"]])
         for name in names:

@@ -6,12 +6,12 @@ import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
-from featmap.contract.errors import ExecutionFailed
+from featmap.contract.errors import ExecutionFailed, Unavailable
 from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 
@@ -42,6 +42,45 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
     return [p for p in requested if p != CPU] + [CPU]
 
 
+class ActiveRuns:
+    """The onnxruntime runs in progress, so that a shutdown can stop them (RunOptions.terminate).
+
+    onnxruntime checks the flag between nodes: a terminated run raises soon after, and the
+    caller gets Unavailable instead of results. Once terminated, new runs are refused at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._options: set[ort.RunOptions] = set()
+        self.terminated = False
+
+    def start(self) -> ort.RunOptions:
+        """RunOptions for one run, registered until `finish`; Unavailable after terminate()."""
+        options = ort.RunOptions()
+        with self._lock:
+            if self.terminated:
+                raise Unavailable("request", "the server is shutting down; retry elsewhere")
+            self._options.add(options)
+        return options
+
+    def finish(self, options: ort.RunOptions) -> None:
+        """The run is over."""
+        with self._lock:
+            self._options.discard(options)
+
+    def terminate(self) -> int:
+        """Stop every run in progress and refuse new ones; how many were stopped."""
+        with self._lock:
+            self.terminated = True
+            for options in self._options:
+                options.terminate = True
+            return len(self._options)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._options)
+
+
 @dataclass(frozen=True, eq=False)
 class CompiledPipeline:
     """A pipeline with its ready onnxruntime session."""
@@ -50,6 +89,7 @@ class CompiledPipeline:
     pipeline_id: str
     session: ort.InferenceSession
     model_bytes: bytes
+    runs: ActiveRuns = field(default_factory=ActiveRuns)
 
     @property
     def providers(self) -> list[str]:
@@ -59,13 +99,20 @@ class CompiledPipeline:
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """The requested outputs for a batch that already passed the extractor's checks."""
         names = self.pipeline.output_names
+        options = self.runs.start()
         try:
-            results = self.session.run(names, {INPUT_NAME: images})
+            results = self.session.run(names, {INPUT_NAME: images}, options)
         except Exception as exc:
+            if options.terminate:
+                raise Unavailable(
+                    "request", "the server is shutting down and stopped this run; retry elsewhere"
+                ) from None
             log.exception("pipeline %s failed on %s", self.pipeline_id, images.shape)
             raise ExecutionFailed(
                 "images", f"onnxruntime failed running pipeline {self.pipeline_id}: {exc}"
             ) from exc
+        finally:
+            self.runs.finish(options)
         return dict(zip(names, results, strict=True))
 
 
@@ -94,6 +141,8 @@ class SessionCache:
         self.intra_op_threads = intra_op_threads
         self.spinning = spinning
         self.stats = CacheStats()
+        # Shared by every session this cache builds: a shutdown stops all their runs.
+        self.runs = ActiveRuns()
         self._sessions: OrderedDict[str, CompiledPipeline] = OrderedDict()
         self._building: dict[str, Future[CompiledPipeline]] = {}
         self._lock = threading.Lock()
@@ -163,5 +212,9 @@ class SessionCache:
                 placed,
             )
         return CompiledPipeline(
-            pipeline=pipeline, pipeline_id=pipeline_id, session=session, model_bytes=model_bytes
+            pipeline=pipeline,
+            pipeline_id=pipeline_id,
+            session=session,
+            model_bytes=model_bytes,
+            runs=self.runs,
         )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import queue
 import signal
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +47,8 @@ FIELD_METADATA_KEY = "featmap-field"
 REQUEST_ID_METADATA_KEY = "featmap-request-id"
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+# After the grace, how long terminated runs get to unwind before the server stops anyway.
+TERMINATE_WAIT_S = 1.0
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
@@ -360,18 +362,33 @@ class FeatmapServer:
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         return self
 
-    def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING at once, then let in-flight calls finish within `grace` seconds."""
+    def stop(self, grace: float | None = None) -> bool:
+        """NOT_SERVING at once, let in-flight calls finish within `grace` seconds, then stop
+        the runs still going; True when every call was answered in time.
+
+        Our handlers refuse new calls with UNAVAILABLE while the admitted ones finish; only then
+        does gRPC stop, which would cancel calls it had received but not yet handed over. Runs
+        that outlast the grace are terminated: their callers get UNAVAILABLE from our handlers,
+        which log and count them as such.
+        """
         self.health.enter_graceful_shutdown()
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        # Our handlers refuse new calls with UNAVAILABLE while the admitted ones finish; only
-        # then does gRPC stop, which would cancel calls it had received but not yet handed over.
         self.admission.close()
-        started = time.monotonic()
-        self.admission.drain(grace)
-        self.grpc_server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
+        drained = self.admission.drain(grace)
+        if not drained:
+            stopped = self.service.cache.runs.terminate()
+            log.warning(
+                "shutdown grace of %gs ended with %d calls in flight: stopped %d onnxruntime "
+                "runs, answering UNAVAILABLE",
+                grace,
+                self.admission.in_flight,
+                stopped,
+            )
+            drained = self.admission.drain(TERMINATE_WAIT_S)
+        self.grpc_server.stop(0).wait()
         self.service.close()
         self.metrics.close()
+        return drained
 
     def __enter__(self) -> FeatmapServer:
         return self.start()
@@ -402,5 +419,11 @@ def serve(settings: ServerSettings) -> None:
     # waking up now and then lets the handler run.
     while not stopping.wait(timeout=0.1):
         pass
-    server.stop()
-    log.info("stopped")
+    if server.stop():
+        log.info("stopped")
+        return
+    # A run inside one long onnxruntime node notices `terminate` only when the node ends; the
+    # interpreter would wait for its thread at exit. Every caller has its answer: leave now.
+    log.warning("stopped; %d calls were still unwinding", server.admission.in_flight)
+    logging.shutdown()
+    os._exit(0)

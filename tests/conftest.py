@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from featmap.client import FeatureClient
 from featmap.contract.spec import (
@@ -90,3 +92,25 @@ def client(server: FeatmapServer) -> Iterator[FeatureClient]:
     with FeatureClient(server.address, timeout=60) as connected:
         connected.wait_ready()
         yield connected
+
+
+def write_images(folder: Path, sizes: Iterable[tuple[int, int]] = ((20, 24), (12, 16))) -> None:
+    """A PNG, JPEG, BMP and TIFF per size, grayscale, RGB, RGBA and palette among them."""
+    rng = np.random.default_rng(0)
+    (folder / "nested").mkdir(parents=True, exist_ok=True)
+    for index, (h, w) in enumerate(sizes):
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(rgb, "RGB").save(folder / f"rgb{index}.png")
+        Image.fromarray(rgb[:, :, 0], "L").save(folder / f"gray{index}.bmp")
+        Image.fromarray(rgb, "RGB").save(folder / "nested" / f"photo{index}.jpg", quality=90)
+        rgba = np.dstack([rgb, rng.integers(0, 256, (h, w), dtype=np.uint8)])
+        Image.fromarray(rgba, "RGBA").save(folder / f"alpha{index}.tiff")
+        Image.fromarray(rgb, "RGB").convert("P").save(folder / "nested" / f"palette{index}.png")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten images of two sizes and four formats, read-only for the tests that share them."""
+    folder = tmp_path_factory.mktemp("photos")
+    write_images(folder)
+    return folder

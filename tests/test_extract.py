@@ -36,20 +36,6 @@ MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 ONE_OUTPUT_SPEC: dict[str, Any] = {**README_SPEC, "outputs": ["features"]}
 
 
-def write_images(folder: Path, sizes: Iterable[tuple[int, int]] = ((20, 24), (12, 16))) -> None:
-    """A PNG, JPEG, BMP and TIFF per size, grayscale, RGB, RGBA and palette among them."""
-    rng = np.random.default_rng(0)
-    (folder / "nested").mkdir(parents=True, exist_ok=True)
-    for index, (h, w) in enumerate(sizes):
-        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(rgb, "RGB").save(folder / f"rgb{index}.png")
-        Image.fromarray(rgb[:, :, 0], "L").save(folder / f"gray{index}.bmp")
-        Image.fromarray(rgb, "RGB").save(folder / "nested" / f"photo{index}.jpg", quality=90)
-        rgba = np.dstack([rgb, rng.integers(0, 256, (h, w), dtype=np.uint8)])
-        Image.fromarray(rgba, "RGBA").save(folder / f"alpha{index}.tiff")
-        Image.fromarray(rgb, "RGB").convert("P").save(folder / "nested" / f"palette{index}.png")
-
-
 def decoded(path: str, pipeline: Pipeline, resize: tuple[int, int] | None = None) -> np.ndarray:
     """The (1, ...) batch extract must have fed the pipeline for an image file."""
     with Image.open(path) as image:
@@ -104,14 +90,6 @@ def spec_file(folder: Path, spec: dict[str, Any], suffix: str = ".yaml") -> Path
     path = folder / f"pipeline{suffix}"
     path.write_text(yaml.safe_dump(spec) if suffix == ".yaml" else json.dumps(spec))
     return path
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Ten images of two sizes and four formats, read-only for the tests that share them."""
-    folder = tmp_path_factory.mktemp("photos")
-    write_images(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from featmap.contract.spec import (
     parse_pipeline,
 )
 from featmap.service.server import FeatmapServer
-from tests.conftest import README_SPEC
-from tests.test_extract import rows, write_images
+from tests.conftest import README_SPEC, write_images
+from tests.test_extract import rows
 
 # The README pipeline in the other layout and dtype: raw uint8 pixels, HWC, scaled in the graph.
 UINT8_NHWC_SPEC: dict[str, Any] = {

@@ -98,3 +98,68 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones() -> None:
             np.testing.assert_array_equal(array, completed[0][name])
     log = serving.stderr()
     assert "received SIGTERM" in log and "stopped" in log
+
+
+# Many layers of modest cost: onnxruntime checks RunOptions.terminate between nodes, so a
+# terminated run ends within one layer (well under a second), while a whole call takes ~10 s.
+LONG_SPEC: dict[str, Any] = {
+    "input": {"channels": 16},
+    "layers": [
+        *(
+            {
+                "op": "conv2d",
+                "filters": 32,
+                "kernel_size": 3,
+                "padding": "same",
+                "weights": {"init": "glorot_normal", "seed": seed},
+            }
+            for seed in range(60)
+        ),
+        {"op": "global_avg_pool2d", "name": "features"},
+    ],
+}
+GRACE_S = 1.0
+
+
+def test_calls_longer_than_the_grace_are_stopped_answered_and_counted() -> None:
+    images = np.random.default_rng(0).standard_normal((8, 16, 256, 256)).astype(np.float32)
+    env = clean_env(
+        FEATMAP_BATCHING="false",
+        FEATMAP_SHUTDOWN_GRACE_S=str(GRACE_S),
+        FEATMAP_INTRA_OP_THREADS="1",
+    )
+    with featmap_serve("--port", "0", env=env) as serving:
+        address = f"127.0.0.1:{serving.wait_listening()}"
+        with FeatureClient(address, timeout=120, retries=0) as client:
+            client.wait_ready()
+            client.extract(images[:1, :, :8, :8], LONG_SPEC)  # compiled before the race
+
+            def one() -> dict[str, np.ndarray] | FeatmapRpcError:
+                try:
+                    return client.extract(images, LONG_SPEC)
+                except FeatmapRpcError as exc:
+                    return exc
+
+            with ThreadPoolExecutor(2) as pool:
+                started = time.monotonic()
+                futures = [pool.submit(one) for _ in range(2)]
+                time.sleep(1.0)  # both are inside onnxruntime now
+                assert not any(f.done() for f in futures), "the calls are too fast to test"
+                signalled = time.monotonic()
+                serving.process.send_signal(signal.SIGTERM)
+                results = [f.result(timeout=60) for f in futures]
+                answered = time.monotonic() - signalled
+            code = serving.process.wait(timeout=30)
+            exited = time.monotonic() - signalled
+    assert code == 0, serving.stderr()
+    for result in results:
+        assert isinstance(result, FeatmapRpcError), "a call outlasting the grace completed"
+        assert result.code == grpc.StatusCode.UNAVAILABLE, result
+    assert answered < GRACE_S + 2, f"callers waited {answered:.1f} s after SIGTERM"
+    assert exited < GRACE_S + 2, f"the process exited {exited:.1f} s after SIGTERM"
+    assert time.monotonic() - started < 30
+    log = serving.stderr()
+    # Logged and counted as what the callers got, never as OK.
+    assert log.count("Extract UNAVAILABLE") == 2, log
+    assert "Extract OK" not in log.split("received SIGTERM")[1]
+    assert "stopped 2 onnxruntime runs" in log

@@ -1,0 +1,224 @@
+"""The batch job's edges: damaged parts, weight tensors, Ctrl-C, discarded parts, dead servers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featmap.client.extract import EmbeddedRunner, JobError, RemoteRunner, run_extract
+from featmap.contract.errors import InvalidSpec
+from featmap.contract.spec import Pipeline, parse_pipeline
+from featmap.service.server import FeatmapServer
+from tests.conftest import README_SPEC, assert_matches_reference
+from tests.test_cli import FEATMAP, clean_env, free_port
+from tests.test_extract import (
+    CountingRunner,
+    assert_npz_matches_reference,
+    decoded,
+    featmap,
+    spec_file,
+)
+
+TENSOR_SPEC: dict[str, Any] = {
+    "input": {"channels": 3},
+    "layers": [
+        {
+            "op": "conv2d",
+            "name": "conv",
+            "filters": 4,
+            "kernel_size": 3,
+            "padding": "same",
+            "weights": {"tensor": "conv.w"},
+            "bias": {"tensor": "conv.b"},
+        },
+        {"op": "global_max_pool2d", "name": "features"},
+    ],
+    "outputs": ["features"],
+}
+TENSORS = {
+    "conv.w": np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32),
+    "conv.b": np.arange(4, dtype=np.float32),
+}
+
+
+def failed_run_with_a_saved_shard(photos: Path, readme_pipeline: Pipeline, tmp_path: Path) -> Path:
+    """Inputs whose first shard ran and whose second failed (a broken file sorted last)."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("alpha0.tiff", "gray0.bmp"):
+        (inputs / name).write_bytes((photos / name).read_bytes())
+    (inputs / "x_broken.png").write_bytes(b"not a png")
+    with pytest.raises(JobError, match="x_broken"):
+        run_extract(
+            readme_pipeline, [inputs], tmp_path / "out.npz", EmbeddedRunner(readme_pipeline),
+            shard_size=2,
+        )  # fmt: skip
+    assert (tmp_path / "out.npz.parts" / "shard-00000.json").exists()
+    (inputs / "x_broken.png").write_bytes((photos / "rgb0.png").read_bytes())
+    return inputs
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # cut short: zipfile's BadZipFile, or EOFError
+        lambda data: b"PK\x03\x04" + b"\0" * 64,  # a zip header and nothing of substance
+        lambda data: b"",  # empty
+        lambda data: data[:-30],  # the central directory cut off
+    ],
+    ids=["half", "header-only", "empty", "no-directory"],
+)
+def test_a_damaged_shard_with_an_intact_manifest_is_recomputed(
+    damage: Any, photos: Path, readme_pipeline: Pipeline, tmp_path: Path
+) -> None:
+    inputs = failed_run_with_a_saved_shard(photos, readme_pipeline, tmp_path)
+    shard = tmp_path / "out.npz.parts" / "shard-00000.npz"
+    shard.write_bytes(damage(shard.read_bytes()))
+    counting = CountingRunner(readme_pipeline)
+    report = run_extract(
+        readme_pipeline, [inputs], tmp_path / "out.npz", counting, shard_size=2, resume=True
+    )
+    assert (report.shards, report.shards_reused, counting.images) == (2, 0, 3)
+    assert_npz_matches_reference(tmp_path / "out.npz", readme_pipeline)
+
+
+def test_weights_for_tensor_specs_embedded_and_remote(
+    photos: Path, server: FeatmapServer, tmp_path: Path
+) -> None:
+    pipeline = parse_pipeline(TENSOR_SPEC)
+    np.savez(tmp_path / "tensors.npz", **TENSORS)
+    spec = spec_file(tmp_path, TENSOR_SPEC)
+    args = ["extract", "--pipeline", spec, "--input", photos / "rgb0.png", photos / "rgb1.png"]
+    embedded = featmap(*args, "--output", tmp_path / "e.npz", "--weights", tmp_path / "tensors.npz")
+    assert embedded.returncode == 0, embedded.stderr
+    remote = featmap(
+        *args, "--output", tmp_path / "r.npz", "--weights", tmp_path / "tensors.npz",
+        "--server", server.address,
+    )  # fmt: skip
+    assert remote.returncode == 0, remote.stderr
+    with np.load(tmp_path / "e.npz") as e, np.load(tmp_path / "r.npz") as r:
+        for index, path in enumerate(e["paths"]):
+            image = decoded(str(path), pipeline)
+            assert_matches_reference(
+                {"features": e["features"][index][None]}, pipeline, image, TENSORS
+            )
+            np.testing.assert_allclose(r["features"][index], e["features"][index], rtol=1e-6)
+
+
+def test_missing_weights_are_a_usage_error_naming_the_tensor(photos: Path, tmp_path: Path) -> None:
+    result = featmap(
+        "extract", "--pipeline", spec_file(tmp_path, TENSOR_SPEC), "--input", photos / "rgb0.png",
+        "--output", tmp_path / "out.npz",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "layers[0].weights.tensor" in result.stderr and "conv.w" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_embedded_runner_checks_the_tensors() -> None:
+    pipeline = parse_pipeline(TENSOR_SPEC)
+    with pytest.raises(InvalidSpec, match=r"conv\.w"):
+        EmbeddedRunner(pipeline)
+
+
+def test_remote_runner_registers_tensors_on_the_server(server: FeatmapServer) -> None:
+    pipeline = parse_pipeline(TENSOR_SPEC)
+    runner = RemoteRunner(pipeline, [server.address], in_flight=2, timeout=30, tensors=TENSORS)
+    try:
+        images = np.random.default_rng(0).random((2, 3, 9, 9)).astype(np.float32)
+        (outputs,) = runner.run([images])
+    finally:
+        runner.close()
+    assert_matches_reference(outputs, pipeline, images, TENSORS)
+
+
+SLOW_SPEC: dict[str, Any] = {
+    "input": {"channels": 3},
+    "layers": [
+        {
+            "op": "conv2d",
+            "filters": 64,
+            "kernel_size": 9,
+            "padding": "same",
+            "weights": {"init": "glorot_uniform", "seed": 0},
+        },
+        {"op": "global_avg_pool2d", "name": "features"},
+    ],
+}
+
+
+def test_ctrl_c_saves_shards_says_how_to_resume_and_exits_130(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(48):
+        pixels = rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)
+        Image.fromarray(pixels, "RGB").save(images / f"{index:03d}.png")
+    spec, output = spec_file(tmp_path, SLOW_SPEC), tmp_path / "out.npz"
+    args = [
+        str(FEATMAP), "extract", "--pipeline", str(spec), "--input", str(images),
+        "--output", str(output), "--shard-size", "4", "--batch-size", "4", "--threads", "1",
+    ]  # fmt: skip
+    parts = tmp_path / "out.npz.parts"
+    with subprocess.Popen(
+        args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=clean_env()
+    ) as process:
+        deadline = time.monotonic() + 60
+        while not (parts / "shard-00000.json").exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "no shard was saved"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if "interrupted" in line]
+    saved = len(list(parts.glob("shard-*.json")))
+    assert f"{saved} finished shards are saved in {parts}" in line and "--resume" in line
+    assert 1 <= saved < 12 and not output.exists()
+
+    rerun = subprocess.run(
+        [*args[:-2], "--threads", "0", "--shard-size", "4"],
+        capture_output=True, text=True, timeout=120, env=clean_env(), check=False,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"discarding {saved} finished shards" in rerun.stderr
+    assert "--resume" in rerun.stderr
+
+
+def test_a_dead_address_fails_within_about_a_second() -> None:
+    pipeline = parse_pipeline(README_SPEC)
+    runner = RemoteRunner(pipeline, [f"127.0.0.1:{free_port()}"], in_flight=2, timeout=30)
+    images = np.zeros((1, 3, 8, 8), np.float32)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="UNAVAILABLE"):
+            list(runner.run([images]))
+    finally:
+        runner.close()
+    assert time.monotonic() - started < 1.5
+
+
+def test_manifests_name_the_weights(photos: Path, tmp_path: Path) -> None:
+    # Shards computed with other weights are not reused: the id covers the tensors.
+    np.savez(tmp_path / "a.npz", **TENSORS)
+    np.savez(tmp_path / "b.npz", **{**TENSORS, "conv.b": TENSORS["conv.b"] + 1})
+    spec = spec_file(tmp_path, TENSOR_SPEC)
+    ids = []
+    for weights in ("a.npz", "b.npz"):
+        inputs = [photos / "rgb0.png", tmp_path / "missing.png"]
+        result = featmap(
+            "extract", "--pipeline", spec, "--input", *inputs, "--output", tmp_path / "o.npz",
+            "--weights", tmp_path / weights, "--shard-size", "1", "--resume",
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        manifest = json.loads((tmp_path / "o.npz.parts" / "shard-00000.json").read_text())
+        ids.append(manifest["pipeline_id"])
+    assert ids[0] != ids[1] and parse_pipeline(TENSOR_SPEC).pipeline_id not in ids
