@@ -19,7 +19,8 @@ from typing import Any
 
 import grpc
 
-RETRYABLE_METADATA_KEY = "featmap-retryable"
+from featmap.contract.metadata import RETRYABLE_KEY
+
 GUARDED_METHODS = ("Extract", "ExtractStream")
 
 _ADMITTED = "admitted"
@@ -81,7 +82,7 @@ def _refuse(admission: Admission, context: grpc.ServicerContext) -> None:
     if admission.closing:
         # UNAVAILABLE is what gRPC itself answers once the server has stopped: retry elsewhere.
         context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; retry with backoff")
-    context.set_trailing_metadata(((RETRYABLE_METADATA_KEY, "1"),))
+    context.set_trailing_metadata(((RETRYABLE_KEY, "1"),))
     context.abort(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         f"server busy: {admission.limit} requests in flight (max_queued_requests); "

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from featmap.contract.metadata import REQUEST_ID_KEY
 from featmap.contract.wire import (
     FramedExtractRequest,
     FramedExtractResponse,
@@ -19,9 +20,6 @@ from featmap.service.logs import FIELDS_ATTRIBUTE
 from featmap.service.metrics import Metrics
 
 log = logging.getLogger("featmap.requests")
-
-# server.REQUEST_ID_METADATA_KEY (server.py imports this module, not the other way round).
-REQUEST_ID_METADATA_KEY = "featmap-request-id"
 
 
 def images_in(request: Any) -> int:
@@ -77,7 +75,7 @@ class _Call:
                 metrics.request_seconds.labels(stage).observe(self.stages[stage])
         # An INTERNAL error already logged its request id and sent it to the client: reuse it.
         trailers = dict(context.trailing_metadata() or ())  # type: ignore[func-returns-value]
-        request_id = str(trailers.get(REQUEST_ID_METADATA_KEY) or uuid.uuid4().hex[:12])
+        request_id = str(trailers.get(REQUEST_ID_KEY) or uuid.uuid4().hex[:12])
         fields = {
             "request_id": request_id,
             "method": self.method,

@@ -9,12 +9,11 @@ from typing import Any
 
 import grpc
 
+from featmap.contract.metadata import AUTHORIZATION_KEY, BEARER_PREFIX
 from featmap.service.settings import ServerSettings
 
 # Health checks (load balancers, orchestrators) and reflection answer without a token.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-AUTHORIZATION_KEY = "authorization"
-BEARER_PREFIX = "Bearer "
 _BEHAVIOURS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 

@@ -25,6 +25,7 @@ from featmap.contract.errors import (
     InvalidRequest,
     status_for,
 )
+from featmap.contract.metadata import FIELD_KEY, REQUEST_ID_KEY
 from featmap.contract.wire import (
     FramedExtractRequest,
     FramedExtractResponse,
@@ -43,8 +44,6 @@ from featmap.v1 import featmap_pb2_grpc as pb_grpc
 log = logging.getLogger("featmap.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureExtractor"].full_name
-FIELD_METADATA_KEY = "featmap-field"
-REQUEST_ID_METADATA_KEY = "featmap-request-id"
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 # After the grace, how long terminated runs get to unwind before the server stops anyway.
@@ -56,16 +55,14 @@ def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
         # The details are in the server log only: the id ties the caller's report to them.
         request_id = uuid.uuid4().hex[:12]
         log.error("request %s: %s failed: %s", request_id, method, exc, exc_info=exc)
-        context.set_trailing_metadata(
-            ((FIELD_METADATA_KEY, exc.field), (REQUEST_ID_METADATA_KEY, request_id))
-        )
+        context.set_trailing_metadata(((FIELD_KEY, exc.field), (REQUEST_ID_KEY, request_id)))
         context.abort(status_for(exc), f"{exc} (request id {request_id})")
     if isinstance(exc, FeatmapError):
-        context.set_trailing_metadata(((FIELD_METADATA_KEY, exc.field),))
+        context.set_trailing_metadata(((FIELD_KEY, exc.field),))
         context.abort(status_for(exc), str(exc))
     request_id = uuid.uuid4().hex[:12]
     log.error("request %s: unexpected error in %s", request_id, method, exc_info=exc)
-    context.set_trailing_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
 

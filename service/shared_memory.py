@@ -14,7 +14,6 @@ import contextlib
 import math
 import mmap
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featmap.contract.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
+from featmap.contract.shared_memory import MAX_NAME_LENGTH, NAME_PATTERN
 from featmap.v1 import featmap_pb2 as pb
 
 try:
@@ -31,10 +31,6 @@ try:
 except ImportError:  # Windows: no POSIX shared memory; register() says so
     _posixshmem = None  # type: ignore[assignment]
 
-# Letters, digits, `_ - .`, starting with a letter, digit or `_`: no slashes (one flat POSIX
-# namespace), and no "." or ".." that would name /dev/shm itself or its parent.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
-MAX_NAME_LENGTH = 200
 # Names of regions whose lease expired, kept so that using one says "expired", not "unknown".
 MAX_EXPIRED_NAMES = 1024
 
