@@ -171,7 +171,8 @@ outputs (by extension):
   .npy      the single output as one (N, ...) array (single-output pipelines only)
   .parquet  a path column and one list<float32> column per output (needs pyarrow)
 
-exit status: 0 done, 1 failed, 2 usage or invalid pipeline, 3 done but inputs were skipped
+exit status: 0 done, 1 failed, 2 usage or invalid pipeline, 3 done but inputs were skipped,
+130 interrupted (the finished shards are kept for --resume)
 """
 
 

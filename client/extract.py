@@ -41,6 +41,7 @@ from featmap.contract.errors import FeatmapError
 from featmap.contract.limits import DEFAULT_LIMITS
 from featmap.contract.ops import layer_costs
 from featmap.contract.spec import Pipeline, content_id
+from featmap.contract.tensors import single_image_size
 
 OnError = Literal["skip", "fail"]
 # Arrays of the .npz layout that an output name must not shadow.
@@ -304,9 +305,9 @@ class Job:
 
     def fits(self, image: np.ndarray) -> str | None:
         """Why the pipeline cannot take an image of this size (None if it can)."""
-        h, w = (1, 2) if self.pipeline.input.layout == "NCHW" else (0, 1)
+        _, height, width = single_image_size(self.pipeline.input.layout, image.shape)
         try:
-            layer_costs(self.pipeline, image.shape[h], image.shape[w])
+            layer_costs(self.pipeline, height, width)
         except FeatmapError as exc:
             return str(exc)
         return None

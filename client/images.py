@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from featmap.contract.spec import InputSpec
+from featmap.contract.tensors import from_hwc, single_image_size
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
@@ -105,7 +106,7 @@ def expand(files: Iterable[Path], spec: InputSpec) -> tuple[list[InputItem], lis
     return items, errors
 
 
-def _decode(path: Path, spec: InputSpec, resize: tuple[int, int] | None) -> np.ndarray:
+def decode_image(path: Path, spec: InputSpec, resize: tuple[int, int] | None) -> np.ndarray:
     """Pixels of an image file as (H, W, C) uint8."""
     mode = PIL_MODES.get(spec.channels)
     if mode is None:
@@ -127,7 +128,7 @@ def _decode(path: Path, spec: InputSpec, resize: tuple[int, int] | None) -> np.n
 
 def image_values(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(H, W, C) uint8 pixels as the pipeline's input: its layout and dtype, the scaling rule."""
-    laid_out = pixels.transpose(2, 0, 1) if spec.layout == "NCHW" else pixels
+    laid_out = from_hwc(pixels, spec.layout)
     if spec.dtype == "uint8":
         return np.ascontiguousarray(laid_out)
     # With input.scale the graph scales, so it must see the raw values (else scaled twice).
@@ -153,8 +154,8 @@ def _load_array(item: InputItem, spec: InputSpec) -> np.ndarray:
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(item.key, f"not a readable array: {exc}") from None
     if array.ndim == 2:
-        array = array[None] if spec.layout == "NCHW" else array[:, :, None]
-    channels = array.shape[0] if spec.layout == "NCHW" else array.shape[2]
+        array = from_hwc(array[:, :, None], spec.layout)  # one channel: where the layout has it
+    channels, _, _ = single_image_size(spec.layout, array.shape)
     if channels != spec.channels:
         raise InputError(
             item.key,
@@ -174,4 +175,4 @@ def load_item(item: InputItem, spec: InputSpec, resize: tuple[int, int] | None) 
         raise InputError(item.key, "no such file")
     if item.path.suffix.lower() in ARRAY_SUFFIXES:
         return _load_array(item, spec)  # arrays are taken as they are: --resize is for images
-    return image_values(_decode(item.path, spec, resize), spec)
+    return image_values(decode_image(item.path, spec, resize), spec)

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageDraw
 
+from featmap.client.images import InputError, decode_image, image_values
 from featmap.contract.ops import (
     LayerCost,
     layer_costs,
@@ -20,6 +21,7 @@ from featmap.contract.spec import (
     WeightTensors,
     parse_pipeline,
 )
+from featmap.contract.tensors import image_size
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.weights import check_tensors
 
@@ -29,7 +31,6 @@ LABEL_HEIGHT = 12
 TITLE_HEIGHT = 20
 # Maps smaller than this (on their longer side) are enlarged by an integer factor.
 MIN_TILE = 64
-IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 BACKGROUND = 255
 INK = 0
 CONSTANT_GREY = 128
@@ -85,25 +86,11 @@ def load_image(path: str | Path, pipeline: Pipeline) -> np.ndarray:
     uint8 pipelines get the raw pixels; float pipelines get pixel / 255 unless the spec sets
     input.scale, which the graph then applies to the raw pixels itself.
     """
-    spec = pipeline.input
-    mode = IMAGE_MODES.get(spec.channels)
-    if mode is None:
-        raise VisualizeError(
-            f"input.channels={spec.channels}: an image file has 1 (L), 3 (RGB) or 4 (RGBA)"
-        )
     try:
-        with Image.open(path) as opened:
-            pixels = np.asarray(opened.convert(mode))
-    except OSError as exc:
-        raise VisualizeError(f"cannot read image {path}: {exc}") from None
-    hwc = pixels.reshape(pixels.shape[0], pixels.shape[1], spec.channels)
-    batch = hwc[np.newaxis] if spec.layout == "NHWC" else hwc.transpose(2, 0, 1)[np.newaxis]
-    if spec.dtype == "uint8":
-        return np.ascontiguousarray(batch)
-    values = batch.astype(np.float32)
-    if spec.scale is None:
-        values /= 255.0
-    return np.ascontiguousarray(values.astype(spec.dtype))
+        pixels = decode_image(Path(path), pipeline.input, None)
+    except InputError as exc:
+        raise VisualizeError(f"cannot read image {path}: {exc.reason}") from None
+    return image_values(pixels, pipeline.input)[np.newaxis]
 
 
 def choose_layer(pipeline: Pipeline, shapes: list[LayerCost], layer: str | None) -> LayerCost:
@@ -185,8 +172,8 @@ def visualize(
     `tensors` are the weights the spec names as {"tensor": NAME}.
     """
     images = load_image(image_path, pipeline)
-    h_axis = 2 if pipeline.input.layout == "NCHW" else 1
-    shapes = layer_costs(pipeline, images.shape[h_axis], images.shape[h_axis + 1])
+    _, height, width = image_size(pipeline.input.layout, images.shape)
+    shapes = layer_costs(pipeline, height, width)
     chosen = choose_layer(pipeline, shapes, layer)
     maps = run_layer(pipeline, images, chosen.name, tensors)[0]
     channels, height, width = chosen.shape

@@ -26,7 +26,13 @@ from featmap.contract.ops import (
     window_geometry,
 )
 from featmap.contract.spec import Conv2d, Pipeline, PoolBase
-from featmap.contract.tensors import all_finite, first_non_finite, image_size, reply_bytes
+from featmap.contract.tensors import (
+    all_finite,
+    first_non_finite,
+    image_axes,
+    image_size,
+    reply_bytes,
+)
 
 MIB = 1 << 20
 
@@ -139,7 +145,7 @@ def admit_batch(
     if n == 0:
         raise InvalidTensor("images.shape", "batch is empty (N = 0)")
     if channels != spec.channels:
-        axis = 1 if spec.layout == "NCHW" else 3
+        axis = image_axes(spec.layout)[0]
         raise InvalidTensor(
             "images.shape",
             f"{list(images.shape)} has {channels} channels on axis {axis} ({spec.layout}); "

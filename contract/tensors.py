@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -72,6 +72,16 @@ def image_size(layout: Layout, shape: tuple[int, ...]) -> tuple[int, int, int]:
 def single_image_size(layout: Layout, shape: tuple[int, ...]) -> tuple[int, int, int]:
     """(channels, height, width) of one image's shape (no batch axis) in `layout`."""
     return image_size(layout, (1, *shape))
+
+
+def batch_shape(layout: Layout, n: Any, channels: Any, height: Any, width: Any) -> tuple[Any, ...]:
+    """A batch's shape in `layout`; the sizes may be numbers or symbols ("N", -1)."""
+    return (n, channels, height, width) if layout == "NCHW" else (n, height, width, channels)
+
+
+def from_hwc(pixels: np.ndarray, layout: Layout) -> np.ndarray:
+    """One (H, W, C) image in `layout`'s order: (C, H, W) for NCHW (a view), as is for NHWC."""
+    return pixels.transpose(2, 0, 1) if layout == "NCHW" else pixels
 
 
 def output_itemsize(output_dtype: str) -> int:

@@ -30,6 +30,7 @@ from featmap.contract.spec import (
     WeightTensors,
     content_id,
 )
+from featmap.contract.tensors import batch_shape
 from featmap.service.weights import ConvParameters, pipeline_parameters
 
 OPSET = 21
@@ -243,12 +244,7 @@ def compile_pipeline(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) ->
     names = pipeline.layer_names
     for index, (layer, name) in enumerate(zip(pipeline.layers, names, strict=True)):
         x = GRAPH_BUILDERS[layer.op](g, layer, x, name, parameters.get(index))
-    channels_axis = [pipeline.input.channels]
-    input_shape: list[str | int | None] = (
-        ["N", *channels_axis, "H", "W"]
-        if pipeline.input.layout == "NCHW"
-        else ["N", "H", "W", *channels_axis]
-    )
+    input_shape = list(batch_shape(pipeline.input.layout, "N", pipeline.input.channels, "H", "W"))
     graph = helper.make_graph(
         g.nodes,
         "featmap",

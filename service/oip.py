@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2
 from featmap.contract import __version__
 from featmap.contract.errors import InvalidRequest, InvalidTensor, NotFound
 from featmap.contract.limits import check_request_bytes
+from featmap.contract.tensors import batch_shape
 from featmap.contract.wire import check_shape
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
@@ -48,7 +49,7 @@ def _dims(shape: list[int | str]) -> list[int]:
 def input_metadata(registered: RegisteredPipeline) -> oip.ModelMetadataResponse.TensorMetadata:
     """The one input: "images", [-1, C, -1, -1] (NCHW) or [-1, -1, -1, C] (NHWC)."""
     spec = registered.compiled.pipeline.input
-    shape = [-1, spec.channels, -1, -1] if spec.layout == "NCHW" else [-1, -1, -1, spec.channels]
+    shape = list(batch_shape(spec.layout, -1, spec.channels, -1, -1))
     return oip.ModelMetadataResponse.TensorMetadata(
         name=INPUT_NAME, datatype=DATATYPES[spec.dtype], shape=shape
     )

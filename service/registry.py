@@ -13,6 +13,7 @@ from featmap.contract.ops import (
     symbolic_shapes,
 )
 from featmap.contract.spec import Pipeline, WeightTensors, content_id
+from featmap.contract.tensors import batch_shape
 from featmap.service.batching import BatchingPolicy
 from featmap.service.runtime import CompiledPipeline, SessionCache
 from featmap.service.weights import check_tensors
@@ -58,12 +59,7 @@ def warm_up(compiled: CompiledPipeline) -> None:
     """Run once on the smallest valid image so the first real request pays no start-up."""
     pipeline = compiled.pipeline
     height, width = smallest_image(pipeline)
-    channels = pipeline.input.channels
-    shape = (
-        (1, channels, height, width)
-        if pipeline.input.layout == "NCHW"
-        else (1, height, width, channels)
-    )
+    shape = batch_shape(pipeline.input.layout, 1, pipeline.input.channels, height, width)
     compiled.run(np.zeros(shape, dtype=pipeline.input.dtype))
 
 
