@@ -15,6 +15,63 @@ class UsageError(Exception):
     """A command cannot run as asked; printed without a traceback, exit status 2."""
 
 
+class VersionAction(argparse.Action):
+    """--version: featmap's version (the distribution's, as the server reports it)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from featmap.contract import __version__
+
+        print(f"featmap {__version__}")
+        parser.exit()
+
+
+# `featmap serve` flag -> the ServerSettings field it sets.
+SERVE_FLAGS = {
+    "--host": "host",
+    "--port": "port",
+    "--providers": "providers",
+    "--threads": "intra_op_threads",
+    "--workers": "grpc_workers",
+    "--cache-size": "session_cache_size",
+    "--max-message-bytes": "max_message_bytes",
+    "--log-level": "log_level",
+    "--log-format": "log_format",
+    "--metrics-port": "metrics_port",
+}
+
+
+class ServeHelpAction(argparse.Action):
+    """`featmap serve --help`, with each flag's default read from ServerSettings itself.
+
+    The settings are imported only here, so that `featmap --help` and every other command stay
+    free of the server's modules.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from featmap.service.settings import ServerSettings, default_grpc_workers
+
+        fields = ServerSettings.model_fields
+        for action in parser._actions:
+            name = next((SERVE_FLAGS[o] for o in action.option_strings if o in SERVE_FLAGS), None)
+            if name is None:
+                continue
+            if name == "grpc_workers":
+                default: Any = f"max(64, 8 x cores) = {default_grpc_workers()} here"
+            elif name == "providers":
+                default = "CUDA if onnxruntime has it, then CPU"
+            else:
+                default = fields[name].get_default(call_default_factory=True)
+            action.help = f"{action.help} (default: {default})"
+        parser.print_help()
+        parser.exit()
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -151,7 +208,9 @@ def _health(args: argparse.Namespace) -> int:
     from featmap.client.arguments import security_from_arguments
     from featmap.client.health import SERVING_EXIT, check_health
 
-    result = check_health(args.server, args.service, args.timeout, security_from_arguments(args))
+    result = check_health(
+        args.server, args.service, args.timeout, security_from_arguments(args), wait=args.wait
+    )
     print(result.message, file=sys.stdout if result.exit_code == SERVING_EXIT else sys.stderr)
     return result.exit_code
 
@@ -191,24 +250,34 @@ def _extract(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `featmap` command."""
     parser = argparse.ArgumentParser(prog="featmap", description=__doc__)
+    parser.add_argument("--version", action=VersionAction, help="print featmap's version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gRPC server (settings also from FEATMAP_*)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 50051)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC server (settings also from FEATMAP_*)",
+        description="Run the gRPC server. Every flag is also a FEATMAP_<SETTING> variable; "
+        "flags win. Defaults shown are the settings' own.",
+        add_help=False,
+    )
+    serve.add_argument("-h", "--help", action=ServeHelpAction, help="show this help and exit")
+    serve.add_argument("--host", help="address to bind")
+    serve.add_argument("--port", type=int, help="port to bind; 0 picks a free one")
     serve.add_argument(
         "--providers",
         type=lambda s: [p.strip() for p in s.split(",") if p.strip()],
-        help="comma-separated onnxruntime execution providers (default: CUDA if present, CPU)",
+        help="comma-separated onnxruntime execution providers, in priority order",
     )
-    serve.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0: auto)")
+    serve.add_argument(
+        "--threads", type=int, help="onnxruntime intra-op threads (0: one per physical core)"
+    )
     serve.add_argument("--workers", type=int, help="gRPC handler threads")
     serve.add_argument("--cache-size", type=int, help="compiled sessions kept (LRU)")
     serve.add_argument("--max-message-bytes", type=int, help="largest gRPC message")
     serve.add_argument(
         "--reflection", action="store_true", default=None, help="enable gRPC server reflection"
     )
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     serve.add_argument(
         "--log-format", choices=["text", "json"], help="text, or one JSON object per line"
     )
@@ -274,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_arguments(health)
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     health.add_argument("--service", default="", help="service name (default: the server)")
+    health.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="keep asking for up to S seconds until SERVING (for a server that is starting)",
+    )
     health.set_defaults(run=_health)
 
     extract = commands.add_parser(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -27,8 +28,28 @@ def check_health(
     service: str = "",
     timeout: float = 5.0,
     security: ChannelSecurity | None = None,
+    wait: float = 0.0,
 ) -> HealthResult:
-    """One Health.Check: 0 SERVING, 1 any other answer, 2 when the server cannot be reached."""
+    """Health.Check: 0 SERVING, 1 any other answer, 2 when the server cannot be reached.
+
+    With `wait` > 0, asks again (every 0.1 s, a little more each time) until SERVING or until
+    `wait` seconds have passed, and reports the last answer: for scripts that start a server
+    and must not race it.
+    """
+    deadline = time.monotonic() + wait
+    pause = 0.1
+    while True:
+        result = _check_once(address, service, timeout, security)
+        left = deadline - time.monotonic()
+        if result.exit_code == SERVING_EXIT or left <= 0:
+            return result
+        time.sleep(min(pause, left))
+        pause = min(1.0, pause * 1.5)
+
+
+def _check_once(
+    address: str, service: str, timeout: float, security: ChannelSecurity | None
+) -> HealthResult:
     with (security or ChannelSecurity()).channel(address, []) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:

@@ -67,8 +67,12 @@ def find_files(paths: Iterable[Path]) -> list[Path]:
     for path in paths:
         if path.is_dir():
             found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
+        elif not path.exists():
+            # A path given on the command line that is not there is a mistake in the command,
+            # file or folder alike: said before any work starts.
+            raise ValueError(f"{path}: no such file or folder")
         elif path.suffix.lower() in known:
-            found.add(path)  # a missing file is reported when read, by path, like a corrupt one
+            found.add(path)
         else:
             raise ValueError(f"{path}: not a folder nor a {'/'.join(sorted(known))} file")
     return sorted(found)

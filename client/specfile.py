@@ -24,6 +24,10 @@ class SpecFileError(ValueError):
 def read_spec_file(path: str | Path) -> dict[str, Any]:
     """The spec in a .yaml/.yml or .json file, as a dict (not yet validated)."""
     path = Path(path)
+    if path.suffix.lower() not in (*YAML_SUFFIXES, ".json"):
+        raise SpecFileError(
+            f"{path}: a pipeline file is .yaml, .yml or .json (the extension picks the parser)"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

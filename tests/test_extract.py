@@ -385,10 +385,11 @@ def test_resume_ignores_shards_of_another_pipeline(
     output = tmp_path / "features.npz"
     other = parse_pipeline(ONE_OUTPUT_SPEC)
     files = sorted(photos.glob("*.png"))
-    # Leave finished parts behind by failing on a missing file in the last shard.
-    missing = tmp_path / "zz_missing.png"
-    with pytest.raises(JobError, match="no such file"):
-        run_extract(other, [*files, missing], output, EmbeddedRunner(other), shard_size=2)
+    # Leave finished parts behind by failing on a broken file in the last shard.
+    broken = tmp_path / "zz_broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(JobError, match="cannot decode"):
+        run_extract(other, [*files, broken], output, EmbeddedRunner(other), shard_size=2)
     assert (tmp_path / "features.npz.parts" / "shard-00000.json").exists()
     counting = CountingRunner(readme)
     report = run_extract(readme, files, output, counting, shard_size=2, resume=True)

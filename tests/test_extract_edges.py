@@ -212,8 +212,9 @@ def test_manifests_name_the_weights(photos: Path, tmp_path: Path) -> None:
     np.savez(tmp_path / "b.npz", **{**TENSORS, "conv.b": TENSORS["conv.b"] + 1})
     spec = spec_file(tmp_path, TENSOR_SPEC)
     ids = []
+    (tmp_path / "broken.png").write_bytes(b"not a png")
     for weights in ("a.npz", "b.npz"):
-        inputs = [photos / "rgb0.png", tmp_path / "missing.png"]
+        inputs = [photos / "rgb0.png", tmp_path / "broken.png"]
         result = featmap(
             "extract", "--pipeline", spec, "--input", *inputs, "--output", tmp_path / "o.npz",
             "--weights", tmp_path / weights, "--shard-size", "1", "--resume",
