@@ -331,12 +331,12 @@ class FeatmapServer:
                 ),
             )
         )
+        self.health_services = ("", SERVICE_NAME, OIP_SERVICE_NAME)
         if settings.reflection:
-            from grpc_reflection.v1alpha import reflection
+            from featmap.service.reflection import enable_reflection
 
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                self.grpc_server,
+            enable_reflection(
+                (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME), self.grpc_server
             )
         try:
             self.port = add_port(self.grpc_server, f"{settings.host}:{settings.port}", settings)
@@ -352,7 +352,7 @@ class FeatmapServer:
     def start(self) -> FeatmapServer:
         """Start serving and report SERVING on the health service."""
         self.grpc_server.start()
-        for service in ("", SERVICE_NAME):
+        for service in self.health_services:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("listening on %s", self.address)
         if self.metrics_port is not None:
