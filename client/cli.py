@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -115,10 +114,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from featmap.contract.spec import json_schema
+    from featmap.contract.spec import json_schema_text
 
-    json.dump(json_schema(), sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    sys.stdout.write(json_schema_text())  # the text of proto/featmap/v1/pipeline.schema.json
     return 0
 
 

@@ -616,3 +616,9 @@ def content_id(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> str:
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a pipeline spec."""
     return Pipeline.model_json_schema()
+
+
+def json_schema_text() -> str:
+    """The JSON Schema as text, as committed in proto/featmap/v1/pipeline.schema.json and sent
+    in GetServerInfo: indented, keys sorted, ending in a newline."""
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"

@@ -14,10 +14,7 @@ import onnxruntime as ort
 from featmap.contract import __version__
 from featmap.contract.errors import InvalidRequest, InvalidTensor
 from featmap.contract.limits import check_reply_bytes, check_request_bytes
-from featmap.contract.spec import (
-    Pipeline,
-    parse_pipeline,
-)
+from featmap.contract.spec import Pipeline, json_schema_text, parse_pipeline
 from featmap.contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, wire_dtype
 from featmap.contract.wire import (
     FramedExtractRequest,
@@ -40,6 +37,7 @@ from featmap.v1 import featmap_pb2 as pb
 # request pays for its validation once (models are frozen, so sharing is safe).
 INLINE_SPEC_CACHE_SIZE = 256
 OUTPUT_DTYPE_NAMES = {code: name for name, code in OUTPUT_DTYPES.items()}
+SPEC_SCHEMA_JSON = json_schema_text()
 
 
 def policy_from_message(config: pb.BatchingConfig, field: str) -> BatchingPolicy:
@@ -309,4 +307,5 @@ class FeatureService:
             intra_op_threads=settings.intra_op_threads,
             grpc_workers=settings.grpc_workers,
             default_batching=policy_message(self.default_batching),
+            spec_schema_json=SPEC_SCHEMA_JSON,
         )

@@ -24,6 +24,8 @@ from featmap.contract.spec import (
     LAYER_TYPES,
     Pipeline,
 )
+from featmap.v1 import featmap_pb2 as pb
+from featmap.v1 import featmap_pb2_grpc as pb_grpc
 from tests.conftest import README_SPEC, assert_matches_reference
 
 FEATMAP = Path(sys.executable).parent / "featmap"
@@ -183,3 +185,11 @@ def test_no_subcommand_prints_usage() -> None:
     assert result.stderr.startswith("usage: featmap")
     assert "serve" in result.stderr and "schema" in result.stderr
     assert result.stdout == ""
+
+
+def test_the_schema_is_one_text_everywhere(client: FeatureClient) -> None:
+    # featmap schema, the file beside the proto, and GetServerInfo all give the same bytes.
+    committed = (Path(__file__).parent.parent / "proto/featmap/v1/pipeline.schema.json").read_text()
+    assert run_featmap("schema").stdout == committed
+    stub = pb_grpc.FeatureExtractorStub(client._channel)
+    assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).spec_schema_json == committed

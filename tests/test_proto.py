@@ -25,6 +25,10 @@ def test_stubs_are_fresh(tmp_path: Path) -> None:
         fresh = (tmp_path / "featmap" / "v1" / name).read_text()
         committed = (ROOT / "proto" / "featmap" / "v1" / name).read_text()
         assert fresh == committed, f"{name} is stale: run python scripts/gen_proto.py"
+    gen_proto.write_schema(tmp_path)
+    fresh_schema = (tmp_path / "featmap" / "v1" / "pipeline.schema.json").read_text()
+    committed_schema = (ROOT / "proto" / "featmap" / "v1" / "pipeline.schema.json").read_text()
+    assert fresh_schema == committed_schema, "pipeline.schema.json is stale: run gen_proto.py"
     for name in OIP_STUBS:
         fresh = (tmp_path / "featmap" / "oip" / name).read_text()
         committed = (ROOT / "proto" / "featmap" / "oip" / name).read_text()
