@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,3 +166,37 @@ def test_server_mode_matches_featmap_extract(
         ray_cluster, pipeline, photos, server=server.address, client_options={"timeout": 30}
     )
     assert_same_features(got, want)
+
+
+def readme_ray_example() -> str:
+    """The Python block of the README's Ray Data section."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Ray Data") :]
+    return section[
+        section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))
+    ]
+
+
+def test_the_readme_example_runs_as_written(photos: Path, tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    pipeline = parse_pipeline({**README_SPEC, "outputs": ["features"]})
+    (tmp_path / "pipeline.yaml").write_text(json.dumps(pipeline.model_dump(mode="json")))
+    (tmp_path / "photos").symlink_to(photos)
+    code = readme_ray_example()
+    assert '"photos/"' in code and '"pipeline.yaml"' in code and '"features/"' in code
+    # A fresh interpreter on a two-CPU Ray, as a user's machine here would have.
+    program = "import ray\nray.init(num_cpus=2, include_dashboard=False)\n" + code
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pq.read_table(tmp_path / "features").to_pydict()
+    expected = extract_file(pipeline, photos, tmp_path / "expected.npz")
+    assert sorted(Path(p).name for p in table["path"]) == sorted(Path(p).name for p in expected)
+    by_name = {Path(path).name: outputs for path, outputs in expected.items()}
+    for path, features in zip(table["path"], table["features"], strict=True):
+        want = by_name[Path(path).name]["features"][0]
+        np.testing.assert_allclose(
+            np.array(features).reshape(want.shape), want, rtol=1e-5, atol=1e-6
+        )
