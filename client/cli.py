@@ -145,6 +145,15 @@ def _load_pipeline(path: str) -> Any:
         raise UsageError(str(exc)) from None
 
 
+def _load_weights(path: str | None) -> dict[str, Any]:
+    from featmap.client.specfile import SpecFileError, load_weight_tensors
+
+    try:
+        return {} if path is None else load_weight_tensors(path)
+    except SpecFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _summary(args: argparse.Namespace) -> int:
     from featmap.client.summary import format_summary, parse_input_size
     from featmap.contract.errors import InvalidSpec
@@ -162,14 +171,10 @@ def _summary(args: argparse.Namespace) -> int:
 
 def _export_onnx(args: argparse.Namespace) -> int:
     from featmap.client.export_onnx import export_onnx
-    from featmap.client.specfile import load_weight_tensors
     from featmap.contract.errors import FeatmapError
 
     pipeline = _load_pipeline(args.pipeline)
-    try:
-        tensors = {} if args.weights is None else load_weight_tensors(args.weights)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--weights: cannot read {args.weights}: {exc}") from None
+    tensors = _load_weights(args.weights)
     try:
         export_onnx(pipeline, args.output, tensors)
     except FeatmapError as exc:  # e.g. weights named as tensors that only RegisterPipeline has
@@ -181,15 +186,11 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _visualize(args: argparse.Namespace) -> int:
-    from featmap.client.specfile import load_weight_tensors
     from featmap.client.visualize import VisualizeError, visualize
     from featmap.contract.errors import FeatmapError
 
     pipeline = _load_pipeline(args.pipeline)
-    try:
-        tensors = {} if args.weights is None else load_weight_tensors(args.weights)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--weights: cannot read {args.weights}: {exc}") from None
+    tensors = _load_weights(args.weights)
     try:
         chosen = visualize(
             pipeline, args.image, args.output, args.layer, args.columns, args.scale, tensors

@@ -36,7 +36,7 @@ from featmap.client.outputs import (
     write_npz,
     write_results,
 )
-from featmap.client.specfile import load_weight_tensors
+from featmap.client.specfile import SpecFileError, load_weight_tensors
 from featmap.contract.errors import FeatmapError
 from featmap.contract.limits import DEFAULT_LIMITS
 from featmap.contract.ops import layer_costs
@@ -457,7 +457,10 @@ def run_extract(
 def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> int:
     """`featmap extract` after argument parsing; JobError(exit_code=2) is a usage error."""
     progress = not args.quiet and (args.progress or sys.stderr.isatty())
-    tensors = {} if args.weights is None else read_weights(args.weights)
+    try:
+        tensors = {} if args.weights is None else load_weight_tensors(args.weights)
+    except SpecFileError as exc:
+        raise JobError(str(exc), exit_code=2) from None
 
     def notice(line: str) -> None:
         print(f"featmap extract: {line}", file=sys.stderr)
@@ -523,11 +526,3 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
             print(f"  {path}: {reason}", file=sys.stderr)
         return 3
     return 0
-
-
-def read_weights(path: str) -> dict[str, np.ndarray]:
-    """--weights: the .npz of {"tensor": NAME} weights; JobError (usage) when unreadable."""
-    try:
-        return load_weight_tensors(path)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise JobError(f"--weights: cannot read {path}: {exc}", exit_code=2) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ def load_pipeline_file(path: str | Path) -> Pipeline:
 
 
 def load_weight_tensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Named weight tensors from a .npz file (the names the spec's {"tensor": NAME} uses)."""
-    with np.load(path, allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+    """Named weight tensors from a .npz file (the names the spec's {"tensor": NAME} uses).
+
+    SpecFileError, saying `--weights` and why, when the file cannot be read as one.
+    """
+    try:
+        with Path(path).open("rb") as file, np.load(file, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SpecFileError(f"--weights: cannot read {path}: {exc}") from None
