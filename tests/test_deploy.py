@@ -113,8 +113,11 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_stages_cpu_default_and_cuda(stages: dict[str, Stage]) -> None:
-    assert list(stages) == ["cuda-build", "cuda", "cpu-build", "cpu"]
-    # The last stage is what a plain `docker build .` gives.
+    # The classic builder (docker-compose v1) builds every stage up to its target: the CPU
+    # stages come first, so that `target: cpu` never pulls the CUDA base.
+    assert list(stages) == ["cpu-build", "cpu", "cuda-build", "cuda", "default"]
+    # The last stage is what a plain `docker build .` gives: the CPU image as it is.
+    assert (stages["default"].base, stages["default"].instructions) == ("cpu", [])
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, flags=re.MULTILINE)
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-\S+$", text, flags=re.MULTILINE)
