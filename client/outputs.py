@@ -19,7 +19,7 @@ import contextlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,15 +66,26 @@ class Results:
         return np.stack(arrays)
 
 
+def _new_file_beside(destination: Path) -> Path:
+    """A new empty file beside `destination`, with the mode open() gives (0o666 less the umask)."""
+    # Not tempfile.mkstemp: its files are 0600 whatever the umask, so a result written in a
+    # container (or for another user) would be unreadable to everyone but its writer.
+    for _ in range(100):
+        candidate = destination.parent / f".{destination.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            handle = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(handle)
+        return candidate
+    raise FileExistsError(f"no free temporary name beside {destination}")
+
+
 @contextlib.contextmanager
 def atomic_path(destination: Path) -> Iterator[Path]:
     """A temporary path beside `destination` that replaces it on success, vanishes on error."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
-    )
-    os.close(handle)
-    temporary = Path(name)
+    temporary = _new_file_beside(destination)
     try:
         yield temporary
         os.replace(temporary, destination)
