@@ -1,0 +1,257 @@
+"""int8 against float32 in this process, for the standard bench pipeline, variant by variant.
+
+    python scripts/int8_speed.py                    # every variant, 2 threads, 32 x 3 x 224 x 224
+    python scripts/int8_speed.py --variants chosen  # just the chosen settings
+    python scripts/int8_speed.py --calibration      # error on photo-like images by calibration set
+
+Each variant is timed against float32 in alternating rounds (float32, variant, float32, ...),
+and the table shows medians: of img/s, and of each round's ratio to the float32 run beside it,
+which cancels most of what other processes on a shared machine do to both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from PIL import Image, ImageDraw, ImageFilter
+
+from featmap.client.bench import standard_spec
+from featmap.service.graph import INPUT_NAME, compile_pipeline
+from featmap.service.quantize import (
+    DEFAULT_SETTINGS,
+    Int8Settings,
+    cpu_int8_support,
+    measure_error,
+    quantize_int8,
+    run_model,
+    synthetic_calibration,
+)
+from featmap.service.spec import parse_pipeline
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way to quantize and run: quantization settings and session options."""
+
+    settings: Int8Settings | None  # None: the float32 model itself
+    spinning: bool = False
+    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+VARIANTS: dict[str, Variant] = {
+    "chosen": Variant(DEFAULT_SETTINGS),
+    "no channel alignment (plain ORT)": Variant(
+        dataclasses.replace(DEFAULT_SETTINGS, align_channels=False)
+    ),
+    "first conv float": Variant(
+        dataclasses.replace(DEFAULT_SETTINGS, align_channels=False, keep_float=("conv2d_0",))
+    ),
+    "int8 activations": Variant(dataclasses.replace(DEFAULT_SETTINGS, activation_type="int8")),
+    "int8 symmetric activations": Variant(
+        dataclasses.replace(DEFAULT_SETTINGS, activation_type="int8", symmetric_activations=True)
+    ),
+    "reduce_range (7-bit weights)": Variant(
+        dataclasses.replace(DEFAULT_SETTINGS, reduce_range=True)
+    ),
+    "per-tensor weights": Variant(dataclasses.replace(DEFAULT_SETTINGS, per_channel=False)),
+    "QOperator format": Variant(dataclasses.replace(DEFAULT_SETTINGS, quant_format="qoperator")),
+    "chosen, spinning threads": Variant(DEFAULT_SETTINGS, spinning=True),
+    "float32, spinning threads": Variant(None, spinning=True),
+    "chosen, optimization EXTENDED": Variant(
+        DEFAULT_SETTINGS, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ),
+}
+
+
+def session(model: onnx.ModelProto, threads: int, variant: Variant) -> ort.InferenceSession:
+    """A CPU session as the server builds one: fixed intra-op threads, one inter-op thread."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = variant.level
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if variant.spinning else "0"
+    )
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def rate(run: Callable[[], object], images: int, seconds: float) -> float:
+    """images/s of `run` over about `seconds`, after one warm-up call."""
+    run()
+    done, start = 0, time.perf_counter()
+    while True:
+        run()
+        done += images
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return done / elapsed
+
+
+def photo_like(count: int, size: int, seed: int) -> np.ndarray:
+    """(count, 3, size, size) float32 in [0, 1]: drawn scenes with soft edges and texture.
+
+    Not 1/f noise (synthetic_calibration's recipe), so calibrating on one and measuring on
+    the other is a fair test: a sky-like gradient, overlapping coloured shapes, blur, grain,
+    and the README's three example images scaled up.
+    """
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        examples = sorted((EXAMPLES / "images").glob("*.png"))
+        if index < len(examples) and seed == 0:
+            picture = Image.open(examples[index]).convert("RGB").resize((size, size))
+        else:
+            top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+            ramp = np.linspace(0, 1, size)[:, None, None]
+            sky = (top * (1 - ramp) + bottom * ramp).astype(np.uint8)
+            picture = Image.fromarray(np.broadcast_to(sky, (size, size, 3)).copy())
+            draw = ImageDraw.Draw(picture)
+            for _ in range(int(rng.integers(5, 25))):
+                x0, y0 = rng.integers(-size // 4, size, 2)
+                w, h = rng.integers(size // 16, size // 2, 2)
+                colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+                box = (int(x0), int(y0), int(x0 + w), int(y0 + h))
+                shape = rng.integers(0, 3)
+                if shape == 0:
+                    draw.ellipse(box, fill=colour)
+                elif shape == 1:
+                    draw.rectangle(box, fill=colour)
+                else:
+                    points = [tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(3)]
+                    draw.polygon(points, fill=colour)
+            picture = picture.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 2.0))))
+        pixels = np.asarray(picture, dtype=np.float32)
+        grain = rng.normal(0.0, float(rng.uniform(0, 6)), pixels.shape)
+        images.append(np.clip(pixels + grain, 0, 255).transpose(2, 0, 1) / 255.0)
+    return np.stack(images).astype(np.float32)
+
+
+def speed_table(args: argparse.Namespace) -> None:
+    """Time every selected variant against float32, alternating, and print the table."""
+    pipeline = parse_pipeline(standard_spec())
+    model = compile_pipeline(pipeline)
+    rng = np.random.default_rng(0)
+    # The bench's images, and 16 more like them to calibrate on, as `--calibrate 16` would.
+    images = rng.random((args.batch, 3, args.size, args.size), dtype=np.float32)
+    calibration = rng.random((16, 3, args.size, args.size), dtype=np.float32)
+    float_session = session(model, args.threads, Variant(None))
+    float_outputs = {"features": float_session.run(None, {INPUT_NAME: images})[0]}
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    runs: dict[str, Callable[[], object]] = {}
+    notes: dict[str, str] = {}
+    for name in names:
+        variant = VARIANTS[name]
+        quantized = (
+            model
+            if variant.settings is None
+            else quantize_int8(model, calibration, settings=variant.settings)
+        )
+        variant_session = session(quantized, args.threads, variant)
+        outputs = {"features": variant_session.run(None, {INPUT_NAME: images})[0]}
+        error = measure_error(float_outputs, outputs)["features"]
+        notes[name] = f"cosine {error.cosine:.6f}, max error {error.max_error:.2%}"
+        runs[name] = lambda s=variant_session: s.run(None, {INPUT_NAME: images})
+
+    def float_run() -> object:
+        return float_session.run(None, {INPUT_NAME: images})
+
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    float_rates: list[float] = []
+    for _ in range(args.rounds):
+        for name in names:
+            base = rate(float_run, args.batch, args.seconds)
+            measured = rate(runs[name], args.batch, args.seconds)
+            float_rates.append(base)
+            rates[name].append(measured)
+            ratios[name].append(measured / base)
+
+    print(
+        f"standard pipeline, batch {args.batch} x 3 x {args.size}^2, intra-op threads "
+        f"{args.threads}, onnxruntime {ort.__version__}, CPU int8: {cpu_int8_support()}"
+    )
+    print(
+        f"medians of {args.rounds} alternating rounds of {args.seconds:g} s "
+        "(ratio: median of each round's variant / float32 beside it)"
+    )
+    print(f"{'variant':<34} {'img/s':>8} {'ratio':>7}  error vs float32 on the batch")
+    print(f"{'float32 (baseline)':<34} {statistics.median(float_rates):>8.1f} {1:>7.3f}")
+    for name in names:
+        print(
+            f"{name:<34} {statistics.median(rates[name]):>8.1f} "
+            f"{statistics.median(ratios[name]):>7.3f}  {notes[name]}"
+        )
+
+
+def calibration_study(args: argparse.Namespace) -> None:
+    """Error on photo-like images, by what the int8 model was calibrated on."""
+    specs = {"standard (bench)": standard_spec()}
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        import yaml
+
+        specs[path.stem] = yaml.safe_load(path.read_text())
+    size = args.size
+    test = photo_like(32, size, seed=1)
+    sets = {
+        "photo-like, 16 others (user's)": photo_like(16, size, seed=2),
+        "synthetic default (1/f noise), 16": None,
+        "uniform noise, 16": np.random.default_rng(3).random((16, 3, size, size), np.float32),
+    }
+    print(f"error on 32 photo-like {size}^2 images, by calibration set (max error | min cosine)")
+    print(f"{'pipeline':<20}" + "".join(f" {name:>36}" for name in sets))
+    for spec_name, spec in specs.items():
+        pipeline = parse_pipeline(spec)
+        model = compile_pipeline(pipeline)
+        channels = pipeline.input.channels
+        raw = pipeline.input.dtype == "uint8"
+        images = test[:, :channels]
+        if raw:
+            images = np.round(images * 255).astype(np.uint8)
+        expected = run_model(model, images)
+        cells = []
+        for calibration in sets.values():
+            if calibration is None:
+                calibration = synthetic_calibration(model, size=(size, size))
+            else:
+                calibration = calibration[:, :channels]
+                if raw:
+                    calibration = np.round(calibration * 255).astype(np.uint8)
+            quantized = quantize_int8(model, calibration)
+            errors = measure_error(expected, run_model(quantized, images)).values()
+            worst = max(e.max_error for e in errors)
+            cosine = min(e.cosine for e in errors)
+            cells.append(f"{worst:>8.2%} | {cosine:.6f}")
+        print(f"{spec_name:<20}" + "".join(f" {cell:>36}" for cell in cells))
+
+
+def main() -> None:
+    """Parse arguments; print the speed table or the calibration study."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--seconds", type=float, default=1.0, help="per timing, per side")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--variants", default="all", help=f"comma list of: {', '.join(VARIANTS)}")
+    parser.add_argument("--calibration", action="store_true", help="the calibration study")
+    args = parser.parse_args()
+    if args.calibration:
+        calibration_study(args)
+    else:
+        speed_table(args)
+
+
+if __name__ == "__main__":
+    main()
