@@ -68,8 +68,8 @@ DEFAULT_MAX_ERROR = 0.05
 # Calibrated ranges are widened by this factor: without it, images slightly beyond the
 # calibration set clip, and the error on them is many times the measured one (README, int8).
 HEADROOM = 1.25
-# ... and rounded up to this many mantissa bits (at most 1/128 wider).
-RANGE_BITS = 7
+# ... and rounded up to this many significant bits (at most 1/128 wider).
+RANGE_BITS = 8
 # Images per calibration run: min/max does not depend on how the images are batched, and small
 # batches bound the calibration session's memory whatever the number of images.
 CALIBRATION_BATCH = 8
@@ -337,7 +337,7 @@ def _shapes_from_quantized(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _round_up(value: float, bits: int) -> float:
-    """`value` rounded away from zero to `bits` mantissa bits."""
+    """`value` rounded away from zero to `bits` significant bits."""
     if value == 0 or not math.isfinite(value):
         return value
     mantissa, exponent = math.frexp(abs(value))
