@@ -6,7 +6,7 @@ images int8 must be within the reported error plus that tolerance of the referen
 for every op and option, and by hypothesis over random pipelines. On other images of the same
 kind the error is close to the reported one (the calibrated ranges have headroom), which a
 fixed test pins with a stated factor; it is not a property of every pipeline and every image
-(README, int8).
+(scripts/int8_speed.py --calibration measures how far it goes).
 """
 
 from __future__ import annotations
