@@ -140,7 +140,7 @@ def report_with(**errors: float) -> QuantizationReport:
     return QuantizationReport(
         errors={name: OutputError(0.999, value, value) for name, value in errors.items()},
         calibration_images=4,
-        synthetic_calibration=False,
+        synthetic_images=16,
         cpu="none",
     )
 
@@ -258,8 +258,9 @@ def test_standard_pipeline_against_reference() -> None:
     quantized = quantize_with_report(model, synthetic_calibration(model, count=8, size=(32, 32)))
     assert model.SerializeToString() == before  # the caller's model is left alone
     report = quantized.report
-    assert report.calibration_images == 8 and not report.synthetic_calibration
+    assert (report.calibration_images, report.synthetic_images) == (8, 16)
     assert report.cpu == cpu_int8_support()
+    assert report.describe().startswith("int8 vs float32 on 8 calibration images: features ")
     props = {p.key: p.value for p in quantized.model.metadata_props}
     assert props[PRECISION_PROPERTY] == "int8"
     # What this pipeline measures (about 1.5 %), with room for other CPUs' kernels.
@@ -287,8 +288,28 @@ def test_synthetic_calibration_is_the_default() -> None:
     model = compile_pipeline(parse_pipeline({"input": {"channels": 3}, "layers": layers}))
     implicit = quantize_with_report(model)
     explicit = quantize_int8(model, synthetic_calibration(model))
-    assert implicit.report.synthetic_calibration and implicit.report.calibration_images == 16
+    assert (implicit.report.calibration_images, implicit.report.synthetic_images) == (0, 16)
+    assert implicit.report.measured_on == "16 synthetic images"
     assert implicit.model.SerializeToString() == explicit.SerializeToString()
+
+
+def test_synthetic_images_keep_other_images_from_clipping() -> None:
+    # Calibrated on dark images only, a full-range image clips, whatever it was measured to be;
+    # the synthetic images added to the ranges cover it.
+    pipeline = parse_pipeline(SMALL_STANDARD)
+    model = compile_pipeline(pipeline)
+    dark = (synthetic_calibration(model, count=16, size=(32, 32), seed=2)[2:] * 0.3).astype(
+        np.float32
+    )
+    bright = synthetic_calibration(model, count=16, size=(32, 32), seed=3)[2:]
+    expected = run_model(model, bright)
+    alone = quantize_with_report(model, dark, add_synthetic=False)
+    widened = quantize_with_report(model, dark)
+    assert (alone.report.synthetic_images, widened.report.synthetic_images) == (0, 16)
+    alone_error = measure_error(expected, run_model(alone.model, bright))["features"]
+    widened_error = measure_error(expected, run_model(widened.model, bright))["features"]
+    assert alone_error.max_error > 5 * alone.report.max_error
+    assert widened_error.max_error <= 1.5 * widened.report.max_error
 
 
 def test_the_same_calibration_gives_the_same_bytes() -> None:
