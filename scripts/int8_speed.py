@@ -4,11 +4,11 @@
     python scripts/int8_speed.py --variants chosen  # just the chosen settings
     python scripts/int8_speed.py --calibration      # error on photo-like images by calibration set
 
-Each variant is timed against float32 in alternating rounds (float32, variant, float32, ...),
-and the table shows medians: of img/s, and of each round's ratio to the float32 run beside it,
-which cancels most of what other processes on a shared machine do to both. The CPU column
-is the same ratio in images per CPU-second of this process: it hardly moves when other
-processes compete for the cores (but counts spinning threads' idle spins as work).
+Each variant is timed against float32 call by call in turn (float32, variant, float32, ...),
+so that both see the same load from other processes on a shared machine, in rounds of
+--seconds; the table shows medians over the rounds: of img/s, and of each round's ratio
+(float32's time / the variant's). The CPU column is that ratio in CPU-seconds of this process,
+which other processes disturb less (but it counts spinning threads' idle spins as work).
 """
 
 from __future__ import annotations
@@ -94,16 +94,40 @@ def runner(session: ort.InferenceSession, images: np.ndarray) -> Callable[[], ob
     return lambda: session.run(None, {INPUT_NAME: images})
 
 
-def rate(run: Callable[[], object], images: int, seconds: float) -> tuple[float, float]:
-    """(images per second, images per CPU-second) of `run` over about `seconds`, warmed up."""
+@dataclasses.dataclass
+class Pairing:
+    """Seconds and CPU-seconds of float32 and of a variant, run call by call in turn."""
+
+    float_wall: float = 0.0
+    float_cpu: float = 0.0
+    variant_wall: float = 0.0
+    variant_cpu: float = 0.0
+    calls: int = 0
+
+
+def timed(run: Callable[[], object]) -> tuple[float, float]:
+    """(seconds, CPU-seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     run()
-    done, start, cpu_start = 0, time.perf_counter(), time.process_time()
-    while True:
-        run()
-        done += images
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return done / elapsed, done / (time.process_time() - cpu_start)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def paired(
+    float_run: Callable[[], object], variant_run: Callable[[], object], seconds: float
+) -> Pairing:
+    """Alternate single calls of both for about `seconds`: they see the same machine load."""
+    float_run()
+    variant_run()
+    pairing, start = Pairing(), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        wall, cpu = timed(float_run)
+        pairing.float_wall += wall
+        pairing.float_cpu += cpu
+        wall, cpu = timed(variant_run)
+        pairing.variant_wall += wall
+        pairing.variant_cpu += cpu
+        pairing.calls += 1
+    return pairing
 
 
 def photo_like(count: int, size: int, seed: int) -> np.ndarray:
@@ -178,20 +202,20 @@ def speed_table(args: argparse.Namespace) -> None:
     float_rates: list[float] = []
     for _ in range(args.rounds):
         for name in names:
-            base, base_cpu = rate(float_run, args.batch, args.seconds)
-            measured, measured_cpu = rate(runs[name], args.batch, args.seconds)
-            float_rates.append(base)
-            rates[name].append(measured)
-            ratios[name].append(measured / base)
-            cpu_ratios[name].append(measured_cpu / base_cpu)
+            pairing = paired(float_run, runs[name], args.seconds)
+            images = args.batch * pairing.calls
+            float_rates.append(images / pairing.float_wall)
+            rates[name].append(images / pairing.variant_wall)
+            ratios[name].append(pairing.float_wall / pairing.variant_wall)
+            cpu_ratios[name].append(pairing.float_cpu / pairing.variant_cpu)
 
     print(
         f"standard pipeline, batch {args.batch} x 3 x {args.size}^2, intra-op threads "
         f"{args.threads}, onnxruntime {ort.__version__}, CPU int8: {cpu_int8_support()}"
     )
     print(
-        f"medians of {args.rounds} alternating rounds of {args.seconds:g} s "
-        "(ratio: median of each round's variant / float32 beside it)"
+        f"medians of {args.rounds} rounds of {args.seconds:g} s, float32 and the variant called "
+        "in turn (ratio: float32 time / variant time, per round)"
     )
     print(f"{'variant':<34} {'img/s':>8} {'ratio':>7} {'CPU':>7}  error vs float32 on the batch")
     print(f"{'float32 (baseline)':<34} {statistics.median(float_rates):>8.1f} {1:>7.3f} {1:>7.3f}")

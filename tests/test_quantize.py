@@ -353,6 +353,13 @@ OP_CASES: dict[str, tuple[list[dict[str, Any]], list[str] | None, set[str], set[
     # SAME with dilation and stride: a Pad node computed from the input's Shape.
     "conv_dilated_same": ([conv(16, stride=2, dilation=2)], None, {"QLinearConv"}, {"Pad"}),
     "conv_groups": ([conv(16, groups=4)], None, {"QLinearConv"}, set()),
+    # 6 input channels: aligned to 8 with a uint8 Pad between two quantized convs.
+    "conv_aligned_in_the_middle": (
+        [conv(6), {"op": "relu"}, conv(16)],
+        None,
+        {"QLinearConv", "Pad"},
+        set(),
+    ),
     "conv_depthwise": ([conv(16, groups=16)], None, {"QLinearConv"}, set()),
     "conv_bias_explicit_pads": (
         [conv(16, padding=[0, 1, 2, 1], bias={"init": "glorot_uniform", "seed": 3})],
