@@ -27,6 +27,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFilter
 
 from featmap.client.bench import standard_spec
+from featmap.contract.spec import parse_pipeline
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.quantize import (
     DEFAULT_SETTINGS,
@@ -36,7 +37,6 @@ from featmap.service.quantize import (
     quantize_with_report,
     run_model,
 )
-from featmap.service.spec import parse_pipeline
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -45,7 +45,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from featmap.service.errors import InvalidSpec, InvalidTensor
+from featmap.contract.errors import InvalidSpec, InvalidTensor
 from featmap.service.weights import uniform
 
 # Ops quantized to int8/uint8; every other op keeps float32 (see the module docstring).

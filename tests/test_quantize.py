@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
-from featmap.service.errors import InvalidSpec, InvalidTensor
+from featmap.contract.errors import InvalidSpec, InvalidTensor
+from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.service.graph import compile_pipeline
 from featmap.service.quantize import (
     DEFAULT_SETTINGS,
@@ -44,7 +45,6 @@ from featmap.service.quantize import (
     synthetic_calibration,
 )
 from featmap.service.reference import reference_outputs
-from featmap.service.spec import Pipeline, parse_pipeline
 from tests.test_onnx_vs_reference import cases, random_images
 
 SIZE = (16, 16)
