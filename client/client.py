@@ -54,7 +54,7 @@ from featmap.client.retry import (
     call_with_retries_async,
     is_retryable,
 )
-from featmap.client.shared_memory import SharedMemoryTransport
+from featmap.client.shared_memory import UNIX_TARGET_PREFIX, SharedMemoryTransport
 from featmap.contract.errors import FeatmapError
 from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.contract.tensors import OutputDType, sendable
@@ -80,8 +80,10 @@ class _ClientBase:
             the server is busy (RESOURCE_EXHAUSTED marked retryable) or UNAVAILABLE. The
             client's retries are the only ones: gRPC's own retry policy is not used.
         shared_memory: pass images and outputs through POSIX shared memory instead of the
-            socket (the server must run on this host, as the same user). Requests of one
-            client then run one at a time.
+            socket. The server must run on this host, as the same user, with --unix-socket
+            and --shared-memory, and `address` must be that socket ("unix:/path"): shared
+            memory is offered to callers proven local only. Requests of one client then run
+            one at a time.
         load_balancing: spread calls over every address the target resolves to (gRPC's
             round_robin: "dns:///name:port", or "ipv4:10.0.0.1:50051,10.0.0.2:50051"); a
             retried call goes to another replica. A stream stays on the replica it started on.
@@ -124,6 +126,12 @@ class _ClientBase:
             *(balancing_options() if load_balancing else []),
             *options,
         ]
+        if shared_memory and not address.startswith(UNIX_TARGET_PREFIX):
+            raise ValueError(
+                f"shared_memory needs the server's Unix socket as the address "
+                f"('{UNIX_TARGET_PREFIX}/path/featmap.sock'), not {address!r}: the server "
+                "offers shared memory only to callers proven local"
+            )
         self._shared = SharedMemoryTransport() if shared_memory else None
         # Registered pipelines' specs, for sizing chunks; fetched once per id.
         self._specs: dict[str, Pipeline] = {}

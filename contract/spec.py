@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from featmap.contract.errors import InvalidSpec
+from featmap.contract.errors import InvalidSpec, listing
 
 # Strict: JSON `true` is not a count. The upper bounds are sanity bounds on what any conv
 # framework accepts; the server's configurable limits (parameters, pixels) sit below them.
@@ -160,7 +160,8 @@ class PresetSource(SpecModel):
 
     preset: Literal["sobel_x", "sobel_y", "laplacian", "gaussian", "box", "identity"]
     # Gaussian only; default follows OpenCV: 0.3 * ((k - 1) / 2 - 1) + 0.8 per axis.
-    sigma: Annotated[float, Field(gt=0)] | None = None
+    # Finite; whether the kernel it gives is finite too depends on the size (admission checks).
+    sigma: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
     @model_validator(mode="after")
     def _sigma_only_for_gaussian(self) -> PresetSource:
@@ -421,7 +422,8 @@ class Pipeline(SpecModel):
         for index, name in enumerate(self.outputs or []):
             if name not in names:
                 raise SpecFieldError(
-                    f"outputs[{index}]", f"{name!r} is not a layer name; layers are {names}"
+                    f"outputs[{index}]",
+                    f"{name!r} is not a layer name; layers are {listing(names)}",
                 )
         if self.outputs is not None and len(set(self.outputs)) != len(self.outputs):
             raise SpecFieldError("outputs", "names a layer twice")

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from featmap.contract.errors import shorten
 from featmap.contract.metadata import REQUEST_ID_KEY
 from featmap.contract.wire import (
     FramedExtractRequest,
@@ -20,34 +21,33 @@ from featmap.service.logs import FIELDS_ATTRIBUTE
 from featmap.service.metrics import Metrics
 
 log = logging.getLogger("featmap.requests")
-
-
-def images_in(request: Any) -> int:
-    """Images in an Extract request (inline or in shared memory); 0 for anything else."""
-    if not isinstance(request, FramedExtractRequest):
-        return 0
-    shape = request.images.shape if request.images is not None else ()
-    return int(shape[0]) if shape else 0
+MAX_LOGGED_ID_CHARS = 64  # ids are 32 hex digits
 
 
 def pipeline_id_of(request: Any, response: Any) -> str:
-    """The pipeline a call was about, from its response or else its request ("" if none)."""
+    """The pipeline a call was about, from its response or else its request ("" if none).
+
+    Shortened: a request's id is whatever the caller sent, a megabyte if it liked.
+    """
     for message in (response, request):
         if isinstance(message, FramedExtractRequest | FramedExtractResponse):
             message = message.message
         pipeline_id = getattr(message, "pipeline_id", "")
         if isinstance(pipeline_id, str) and pipeline_id:
-            return pipeline_id
+            return shorten(pipeline_id, MAX_LOGGED_ID_CHARS)
     return ""
 
 
 class _Call:
-    """One call being observed, from its handler's start to its end."""
+    """One call being observed, from its handler's start to its end.
+
+    Nothing a request says is counted before the service has checked it: images are those the
+    extractor admitted (stages.note_images), so no header can drive a metric wrong.
+    """
 
     def __init__(self, metrics: Metrics, method: str) -> None:
         self.metrics = metrics
         self.method = method
-        self.images = 0
         self.request: Any = None
         self.response: Any = None
         self.started = time.monotonic()
@@ -55,18 +55,23 @@ class _Call:
         metrics.in_flight.inc()
 
     def received(self, request: Any) -> None:
-        count = images_in(request)
-        self.images += count
-        if count:
-            self.metrics.images.inc(count)
         if self.request is None:
             self.request = request
 
     def finish(self, context: grpc.ServicerContext, code: grpc.StatusCode | None = None) -> None:
-        stages.end()
+        """Record the call's end; the in-flight gauge comes down whatever else fails."""
+        try:
+            self._record(context, code)
+        finally:
+            stages.end()
+            self.metrics.in_flight.dec()
+
+    def _record(self, context: grpc.ServicerContext, code: grpc.StatusCode | None) -> None:
         seconds = time.monotonic() - self.started
         metrics = self.metrics
-        metrics.in_flight.dec()
+        images = int(self.stages.get(stages.IMAGES, 0))
+        if images:
+            metrics.images.inc(images)
         code = code or context.code() or grpc.StatusCode.OK  # type: ignore[func-returns-value]
         metrics.requests.labels(self.method, code.name).inc()
         metrics.request_seconds.labels("total").observe(seconds)
@@ -80,7 +85,7 @@ class _Call:
             "request_id": request_id,
             "method": self.method,
             "pipeline_id": pipeline_id_of(self.request, self.response),
-            "images": self.images,
+            "images": images,
             "status": code.name,
             "duration_ms": round(seconds * 1000, 3),
         }
@@ -90,7 +95,7 @@ class _Call:
             self.method,
             code.name,
             fields["pipeline_id"] or "-",
-            self.images,
+            images,
             seconds * 1000,
             extra={FIELDS_ATTRIBUTE: fields},
         )
@@ -115,13 +120,15 @@ class RequestObserver(grpc.ServerInterceptor):
     def _unary(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(self.metrics, method)
-            call.received(request)
+            code: grpc.StatusCode | None = None
             try:
+                call.received(request)
                 call.response = behaviour(request, context)
             except BaseException:
-                call.finish(context, context.code() or grpc.StatusCode.UNKNOWN)  # type: ignore[func-returns-value]
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[func-returns-value]
                 raise
-            call.finish(context)
+            finally:
+                call.finish(context, code)
             return call.response
 
         return observed
