@@ -52,6 +52,7 @@ class _Call:
         self.response: Any = None
         self.started = time.monotonic()
         self.stages = stages.begin()
+        metrics.calls = next(metrics.calls_started) + 1
         metrics.in_flight.inc()
 
     def received(self, request: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from featmap.contract.errors import StreamIdle
+from featmap.contract.errors import Cancelled, StreamIdle
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ class ReadAhead:
             for request in requests:
                 if not self._put(request, getattr(request, "size", 0), wait=True):
                     return  # the handler ended (an error, a timeout): stop reading
-        except Exception as exc:  # the client went away or cancelled: end the stream
-            self._put(exc, 0, wait=False)
+        except Exception:  # gRPC's own error: the client went away, or the call was cancelled
+            gone = Cancelled("stream", "the client went away or the stream was cancelled")
+            self._put(gone, 0, wait=False)
             return
         self._put(_END, 0, wait=False)
 

@@ -26,7 +26,7 @@ from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
 )
-from featmap.service.security import TokenAuthInterceptor
+from featmap.service.security import Tenants, TokenAuthInterceptor
 from featmap.service.server import SERVICE_NAME, FeatmapServer
 from featmap.service.settings import ServerSettings
 from tests.conftest import README_SPEC, assert_matches_reference
@@ -400,7 +400,7 @@ def test_empty_tokens_file_refuses_to_start(tmp_path: Path) -> None:
 
 
 def test_token_check_messages() -> None:
-    auth = TokenAuthInterceptor([TOKEN.encode()])
+    auth = TokenAuthInterceptor(Tenants([("", TOKEN.encode())]))
     assert auth.problem([]) is not None and "missing" in auth.problem([])  # type: ignore[operator]
     assert auth.problem([("authorization", f"Basic {TOKEN}")]) == (
         "invalid authorization metadata: expected 'Bearer <token>'"
