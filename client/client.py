@@ -227,10 +227,16 @@ class FeatureClient(_ClientBase):
         if len(images) <= per_message:
             request = request_for(images, pipeline, output_dtype)
             return outputs_of(self._call(self._extract, request, timeout))
-        stream = self.extract_stream(
-            chunks(images, per_message), pipeline, output_dtype=output_dtype, timeout=timeout
-        )
-        return concatenate(list(stream))
+
+        def streamed(left: float | None) -> dict[str, np.ndarray]:
+            parts = self._stream(chunks(images, per_message), pipeline, output_dtype, left)
+            return concatenate(list(parts))
+
+        # The batch is ours to send again: a stream refused as busy (max_streams) is retried.
+        try:
+            return call_with_retries(streamed, self.retries, self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
 
     def _extract_shared(
         self,
@@ -278,6 +284,19 @@ class FeatureClient(_ClientBase):
         At most `in_flight` batches are sent ahead of the results handed to the caller, so
         memory stays a few batches on both sides however long the job is.
         """
+        try:
+            yield from self._stream(batches, pipeline, output_dtype, timeout)
+        except grpc.RpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
+
+    def _stream(
+        self,
+        batches: Iterable[np.ndarray],
+        pipeline: SpecLike,
+        output_dtype: OutputDType,
+        timeout: float | None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """extract_stream, with gRPC's errors as they come (for retries)."""
         ahead = threading.Semaphore(self.in_flight)
         finished = threading.Event()
 
@@ -293,8 +312,6 @@ class FeatureClient(_ClientBase):
             for response in call:
                 ahead.release()
                 yield outputs_of(response)
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
         finally:
             finished.set()
             call.cancel()  # a consumer that stops early must not leave the stream open
@@ -455,10 +472,16 @@ class AsyncFeatureClient(_ClientBase):
         if len(images) <= per_message:
             request = request_for(images, pipeline, output_dtype)
             return outputs_of(await self._call(self._extract, request, timeout))
-        stream = self.extract_stream(
-            chunks(images, per_message), pipeline, output_dtype=output_dtype, timeout=timeout
-        )
-        return concatenate([part async for part in stream])
+
+        async def streamed(left: float | None) -> dict[str, np.ndarray]:
+            parts = self._stream(chunks(images, per_message), pipeline, output_dtype, left)
+            return concatenate([part async for part in parts])
+
+        # The batch is ours to send again: a stream refused as busy (max_streams) is retried.
+        try:
+            return await call_with_retries_async(streamed, self.retries, self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
 
     async def _extract_shared(
         self,
@@ -502,6 +525,20 @@ class AsyncFeatureClient(_ClientBase):
     ) -> AsyncIterator[dict[str, np.ndarray]]:
         """As FeatureClient.extract_stream (`in_flight` batches ahead); `batches` may be an
         async iterable."""
+        try:
+            async for outputs in self._stream(batches, pipeline, output_dtype, timeout):
+                yield outputs
+        except grpc.RpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
+
+    async def _stream(
+        self,
+        batches: Iterable[np.ndarray] | AsyncIterable[np.ndarray],
+        pipeline: SpecLike,
+        output_dtype: OutputDType,
+        timeout: float | None,
+    ) -> AsyncIterator[dict[str, np.ndarray]]:
+        """extract_stream, with gRPC's errors as they come (for retries)."""
         ahead = asyncio.Semaphore(self.in_flight)
 
         async def each_batch() -> AsyncIterator[np.ndarray]:
@@ -524,8 +561,6 @@ class AsyncFeatureClient(_ClientBase):
             async for response in call:
                 ahead.release()
                 yield outputs_of(response)
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
         finally:
             call.cancel()
 

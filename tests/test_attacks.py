@@ -40,7 +40,7 @@ from featmap.service.settings import ServerSettings
 from featmap.service.streams import ReadAhead
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
-from tests.conftest import README_SPEC
+from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import clean_env, featmap_serve
 
 DEV_SHM = "/dev/shm"
@@ -519,6 +519,20 @@ def test_finding_5_idle_and_stalled_streams_are_ended() -> None:
         # The slots are free again: a well-behaved stream runs.
         with FeatureClient(server.address, timeout=30) as client:
             assert len(list(client.extract_stream([images()] * 3, README_SPEC))) == 3
+
+
+def test_finding_5_a_batch_refused_a_stream_is_streamed_again(readme_pipeline: Any) -> None:
+    # One stream at a time, and an attacker holds it for a moment.
+    with FeatmapServer(settings(max_streams=1)) as server:
+        streams = Streams(server.address)
+        streams.open(1)
+        wait_for(lambda: server.stream_admission.in_flight == 1)
+        threading.Timer(0.3, streams.close).start()
+        batch = images(8, 32)  # 96 KiB: streamed in chunks of 64 KiB messages
+        with FeatureClient(server.address, max_message_bytes=64 << 10, retries=10) as client:
+            outputs = client.extract(batch, README_SPEC)
+        assert server.stream_admission.refused >= 1
+    assert_matches_reference(outputs, readme_pipeline, batch)
 
 
 class Message:
