@@ -6,6 +6,7 @@ server.py only moves messages between gRPC and a FeatureService.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -316,6 +317,19 @@ class FeatureService:
 
     # ------------------------------------------------------------------ about the server
 
+    def limits_message(self) -> pb.Limits:
+        """The Limits message: every field is the setting of its name, or derived from one."""
+        settings = self.settings
+        derived = {
+            "max_queued_requests": settings.max_queued_requests or 4 * settings.grpc_workers,
+            "max_streams": settings.stream_limit,
+        }
+        fields: dict[str, Any] = {
+            field.name: derived.get(field.name, getattr(settings, field.name))
+            for field in pb.Limits.DESCRIPTOR.fields
+        }
+        return pb.Limits(**fields)
+
     def server_info(self) -> pb.GetServerInfoResponse:
         """What this server runs on and the limits it enforces."""
         settings = self.settings
@@ -324,27 +338,7 @@ class FeatureService:
             onnxruntime_version=ort.__version__,
             available_providers=available_providers(),
             active_providers=self.cache.providers,
-            limits=pb.Limits(
-                max_message_bytes=settings.max_message_bytes,
-                max_images_per_request=settings.max_images_per_request,
-                max_pixels_per_image=settings.max_pixels_per_image,
-                max_layers=settings.max_layers,
-                session_cache_size=settings.session_cache_size,
-                max_parameters=settings.max_parameters,
-                max_registered_pipelines=settings.max_registered_pipelines,
-                max_kernel_size=settings.max_kernel_size,
-                max_flops=settings.max_flops,
-                max_activation_bytes=settings.max_activation_bytes,
-                allow_non_finite_input=settings.allow_non_finite_input,
-                max_queued_requests=settings.max_queued_requests or 4 * settings.grpc_workers,
-                max_streams=settings.stream_limit,
-                stream_idle_timeout_s=settings.stream_idle_timeout_s,
-                max_spec_bytes=settings.max_spec_bytes,
-                spec_cache_bytes=settings.spec_cache_bytes,
-                session_cache_bytes=settings.session_cache_bytes,
-                registry_bytes=settings.registry_bytes,
-                shared_memory=settings.shared_memory,
-            ),
+            limits=self.limits_message(),
             onnx_opset=OPSET,
             intra_op_threads=settings.intra_op_threads,
             grpc_workers=settings.grpc_workers,

@@ -42,23 +42,13 @@ from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import clean_env, featmap_serve
+from tests.test_hardening import settings
 
 DEV_SHM = "/dev/shm"
 needs_dev_shm = pytest.mark.skipif(not os.path.isdir(DEV_SHM), reason="no /dev/shm")
 README_JSON = json.dumps(README_SPEC)
 # Status messages must stay short whatever was sent: the cap, plus "field: " and the marker.
 SHORT = MAX_MESSAGE_CHARS + 200
-
-
-def settings(**overrides: Any) -> ServerSettings:
-    fields: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "intra_op_threads": 1,
-        "grpc_workers": 4,
-        **overrides,
-    }
-    return ServerSettings(**fields)
 
 
 def images(n: int = 1, size: int = 16, seed: int = 0) -> np.ndarray:
