@@ -24,17 +24,16 @@ log = logging.getLogger("featmap.requests")
 MAX_LOGGED_ID_CHARS = 64  # ids are 32 hex digits
 
 
-def pipeline_id_of(request: Any, response: Any) -> str:
-    """The pipeline a call was about, from its response or else its request ("" if none).
+def pipeline_id_of(message: Any) -> str:
+    """The pipeline a request or response is about ("" if none).
 
     Shortened: a request's id is whatever the caller sent, a megabyte if it liked.
     """
-    for message in (response, request):
-        if isinstance(message, FramedExtractRequest | FramedExtractResponse):
-            message = message.message
-        pipeline_id = getattr(message, "pipeline_id", "")
-        if isinstance(pipeline_id, str) and pipeline_id:
-            return shorten(pipeline_id, MAX_LOGGED_ID_CHARS)
+    if isinstance(message, FramedExtractRequest | FramedExtractResponse):
+        message = message.message
+    pipeline_id = getattr(message, "pipeline_id", "")
+    if isinstance(pipeline_id, str) and pipeline_id:
+        return shorten(pipeline_id, MAX_LOGGED_ID_CHARS)
     return ""
 
 
@@ -48,16 +47,20 @@ class _Call:
     def __init__(self, metrics: Metrics, method: str) -> None:
         self.metrics = metrics
         self.method = method
-        self.request: Any = None
-        self.response: Any = None
+        # Ids only: a stream's messages and replies must go as soon as they are answered.
+        self.requested_id = ""
+        self.answered_id = ""
         self.started = time.monotonic()
         self.stages = stages.begin()
         metrics.calls = next(metrics.calls_started) + 1
         metrics.in_flight.inc()
 
     def received(self, request: Any) -> None:
-        if self.request is None:
-            self.request = request
+        if not self.requested_id:
+            self.requested_id = pipeline_id_of(request)
+
+    def answered(self, response: Any) -> None:
+        self.answered_id = pipeline_id_of(response) or self.answered_id
 
     def finish(self, context: grpc.ServicerContext, code: grpc.StatusCode | None = None) -> None:
         """Record the call's end; the in-flight gauge comes down whatever else fails."""
@@ -85,7 +88,7 @@ class _Call:
         fields = {
             "request_id": request_id,
             "method": self.method,
-            "pipeline_id": pipeline_id_of(self.request, self.response),
+            "pipeline_id": self.answered_id or self.requested_id,
             "images": images,
             "status": code.name,
             "duration_ms": round(seconds * 1000, 3),
@@ -124,13 +127,14 @@ class RequestObserver(grpc.ServerInterceptor):
             code: grpc.StatusCode | None = None
             try:
                 call.received(request)
-                call.response = behaviour(request, context)
+                response = behaviour(request, context)
+                call.answered(response)
             except BaseException:
                 code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[func-returns-value]
                 raise
             finally:
                 call.finish(context, code)
-            return call.response
+            return response
 
         return observed
 
@@ -142,12 +146,14 @@ class RequestObserver(grpc.ServerInterceptor):
                 for request in requests:
                     call.received(request)
                     yield request
+                    del request  # not held while the next one is awaited
 
             code: grpc.StatusCode | None = None
             try:
                 for response in behaviour(counted(), context):
-                    call.response = response
+                    call.answered(response)
                     yield response
+                    del response  # sent: not held while the next one is computed
             except GeneratorExit:  # the client went away mid-stream
                 code = grpc.StatusCode.CANCELLED
                 raise

@@ -75,6 +75,7 @@ class ReadAhead:
             for request in requests:
                 if not self._put(request, getattr(request, "size", 0), wait=True):
                     return  # the handler ended (an error, a timeout): stop reading
+                del request  # queued: not held here while the next one arrives
         except Exception:  # gRPC's own error: the client went away, or the call was cancelled
             gone = Cancelled("stream", "the client went away or the stream was cancelled")
             self._put(gone, 0, wait=False)
