@@ -11,6 +11,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -141,10 +142,11 @@ def compare(
 
 
 @contextmanager
-def server_process(threads: int, extra: list[str]) -> Iterator[str]:
-    """A `featmap serve --port 0` child; yields its address."""
+def server_process(threads: int, socket_path: str) -> Iterator[str]:
+    """A `featmap serve --port 0` child, with shared memory on its Unix socket at
+    `socket_path`; yields its TCP address."""
     command = [sys.executable, "-m", "featmap.client.cli", "serve", "--port", "0"]
-    command += ["--threads", str(threads), *extra]
+    command += ["--threads", str(threads), "--unix-socket", socket_path, "--shared-memory"]
     child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert child.stderr is not None
     log = child.stderr
@@ -233,7 +235,11 @@ def run_bench(
     base_u8 = rate(batch, in_process_u8, seconds)
     report.rows.append(Row("onnxruntime in-process uint8", base_u8, 1.0, f"batch {batch}"))
 
-    with server_process(threads, []) as address, FeatureClient(address) as fc:
+    with (
+        tempfile.TemporaryDirectory(prefix="featmap-bench-") as socket_dir,
+        server_process(threads, socket_path := os.path.join(socket_dir, "featmap.sock")) as address,
+        FeatureClient(address) as fc,
+    ):
         fc.wait_ready(30)
         float_id = fc.register(float_pipeline)
         uint8_id = fc.register(uint8_pipeline)
@@ -259,7 +265,7 @@ def run_bench(
         )
         uint8 = compare(batch, lambda: fc.extract(images_u8, uint8_id), in_process_u8, seconds)
         report.rows.append(Row("featmap unary uint8", *uint8, "vs in-process uint8"))
-        with FeatureClient(address, shared_memory=True) as shared:
+        with FeatureClient(f"unix:{socket_path}", shared_memory=True) as shared:
             shm = compare(batch, lambda: shared.extract(images, float_id), in_process, seconds)
         report.rows.append(Row("featmap shared memory float32", *shm))
 

@@ -95,6 +95,8 @@ def _serve(args: argparse.Namespace) -> int:
             "tls_client_ca": args.tls_client_ca,
             "auth_tokens_file": args.auth_tokens_file,
             "metrics_port": args.metrics_port,
+            "unix_socket": args.unix_socket,
+            "shared_memory": args.shared_memory,
         }.items()
         if value is not None
     }
@@ -292,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)"
+    )
+    serve.add_argument(
+        "--unix-socket",
+        help="also serve on this Unix domain socket (mode 0600: the server's user only)",
+    )
+    serve.add_argument(
+        "--shared-memory",
+        action="store_true",
+        default=None,
+        help="offer shared memory to callers on --unix-socket (off by default)",
     )
     serve.set_defaults(run=_serve)
 

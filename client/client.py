@@ -54,7 +54,7 @@ from featmap.client.retry import (
     call_with_retries_async,
     is_retryable,
 )
-from featmap.client.shared_memory import SharedMemoryTransport
+from featmap.client.shared_memory import UNIX_TARGET_PREFIX, SharedMemoryTransport
 from featmap.contract.errors import FeatmapError
 from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.contract.tensors import OutputDType, sendable
@@ -80,8 +80,10 @@ class _ClientBase:
             the server is busy (RESOURCE_EXHAUSTED marked retryable) or UNAVAILABLE. The
             client's retries are the only ones: gRPC's own retry policy is not used.
         shared_memory: pass images and outputs through POSIX shared memory instead of the
-            socket (the server must run on this host, as the same user). Requests of one
-            client then run one at a time.
+            socket. The server must run on this host, as the same user, with --unix-socket
+            and --shared-memory, and `address` must be that socket ("unix:/path"): shared
+            memory is offered to callers proven local only. Requests of one client then run
+            one at a time.
         load_balancing: spread calls over every address the target resolves to (gRPC's
             round_robin: "dns:///name:port", or "ipv4:10.0.0.1:50051,10.0.0.2:50051"); a
             retried call goes to another replica. A stream stays on the replica it started on.
@@ -124,6 +126,12 @@ class _ClientBase:
             *(balancing_options() if load_balancing else []),
             *options,
         ]
+        if shared_memory and not address.startswith(UNIX_TARGET_PREFIX):
+            raise ValueError(
+                f"shared_memory needs the server's Unix socket as the address "
+                f"('{UNIX_TARGET_PREFIX}/path/featmap.sock'), not {address!r}: the server "
+                "offers shared memory only to callers proven local"
+            )
         self._shared = SharedMemoryTransport() if shared_memory else None
         # Registered pipelines' specs, for sizing chunks; fetched once per id.
         self._specs: dict[str, Pipeline] = {}
@@ -219,10 +227,16 @@ class FeatureClient(_ClientBase):
         if len(images) <= per_message:
             request = request_for(images, pipeline, output_dtype)
             return outputs_of(self._call(self._extract, request, timeout))
-        stream = self.extract_stream(
-            chunks(images, per_message), pipeline, output_dtype=output_dtype, timeout=timeout
-        )
-        return concatenate(list(stream))
+
+        def streamed(left: float | None) -> dict[str, np.ndarray]:
+            parts = self._stream(chunks(images, per_message), pipeline, output_dtype, left)
+            return concatenate(list(parts))
+
+        # The batch is ours to send again: a stream refused as busy (max_streams) is retried.
+        try:
+            return call_with_retries(streamed, self.retries, self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
 
     def _extract_shared(
         self,
@@ -270,6 +284,19 @@ class FeatureClient(_ClientBase):
         At most `in_flight` batches are sent ahead of the results handed to the caller, so
         memory stays a few batches on both sides however long the job is.
         """
+        try:
+            yield from self._stream(batches, pipeline, output_dtype, timeout)
+        except grpc.RpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
+
+    def _stream(
+        self,
+        batches: Iterable[np.ndarray],
+        pipeline: SpecLike,
+        output_dtype: OutputDType,
+        timeout: float | None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """extract_stream, with gRPC's errors as they come (for retries)."""
         ahead = threading.Semaphore(self.in_flight)
         finished = threading.Event()
 
@@ -285,8 +312,6 @@ class FeatureClient(_ClientBase):
             for response in call:
                 ahead.release()
                 yield outputs_of(response)
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
         finally:
             finished.set()
             call.cancel()  # a consumer that stops early must not leave the stream open
@@ -447,10 +472,16 @@ class AsyncFeatureClient(_ClientBase):
         if len(images) <= per_message:
             request = request_for(images, pipeline, output_dtype)
             return outputs_of(await self._call(self._extract, request, timeout))
-        stream = self.extract_stream(
-            chunks(images, per_message), pipeline, output_dtype=output_dtype, timeout=timeout
-        )
-        return concatenate([part async for part in stream])
+
+        async def streamed(left: float | None) -> dict[str, np.ndarray]:
+            parts = self._stream(chunks(images, per_message), pipeline, output_dtype, left)
+            return concatenate([part async for part in parts])
+
+        # The batch is ours to send again: a stream refused as busy (max_streams) is retried.
+        try:
+            return await call_with_retries_async(streamed, self.retries, self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
 
     async def _extract_shared(
         self,
@@ -494,6 +525,20 @@ class AsyncFeatureClient(_ClientBase):
     ) -> AsyncIterator[dict[str, np.ndarray]]:
         """As FeatureClient.extract_stream (`in_flight` batches ahead); `batches` may be an
         async iterable."""
+        try:
+            async for outputs in self._stream(batches, pipeline, output_dtype, timeout):
+                yield outputs
+        except grpc.RpcError as exc:
+            raise FeatmapRpcError.from_rpc_error(exc) from None
+
+    async def _stream(
+        self,
+        batches: Iterable[np.ndarray] | AsyncIterable[np.ndarray],
+        pipeline: SpecLike,
+        output_dtype: OutputDType,
+        timeout: float | None,
+    ) -> AsyncIterator[dict[str, np.ndarray]]:
+        """extract_stream, with gRPC's errors as they come (for retries)."""
         ahead = asyncio.Semaphore(self.in_flight)
 
         async def each_batch() -> AsyncIterator[np.ndarray]:
@@ -516,8 +561,6 @@ class AsyncFeatureClient(_ClientBase):
             async for response in call:
                 ahead.release()
                 yield outputs_of(response)
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
         finally:
             call.cancel()
 

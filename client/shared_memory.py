@@ -1,8 +1,10 @@
 """The client side of system shared memory: one images and one outputs segment per pool.
 
-For a server on the same host: the images are copied into a POSIX shared-memory segment
+For a server on the same host, reached on its Unix socket (`unix:<path>`, a server started with
+--unix-socket and --shared-memory): the images are copied into a POSIX shared-memory segment
 instead of the request, and the server writes the outputs into another, so neither travels
-through gRPC. The pool creates and unlinks the segments; the server only maps them.
+through gRPC. The pool creates and unlinks the segments; the server only reads and writes them.
+The pool's owner secret goes with every call and never into a name: names carry its hash.
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ from types import TracebackType
 
 import numpy as np
 
-from featmap.contract.shared_memory import MAX_NAME_LENGTH, NAME_PATTERN, segment_prefix
+from featmap.contract.shared_memory import SECRET_PATTERN, owner_id, segment_prefix
 from featmap.contract.tensors import WIRE_DTYPES, wire_dtype
 from featmap.contract.wire import decode_tensor
 from featmap.v1 import featmap_pb2 as pb
 
-# (region, key, byte_size): what RegisterSharedMemory must be told, with the pool's owner.
+# (region, key, byte_size): what RegisterSharedMemory must be told, with the pool's secret.
 Registration = tuple[str, str, int]
 IMAGES = "images"
 OUTPUTS = "outputs"
+# gRPC targets of Unix domain sockets ("unix:/path" or "unix:///path"): where shared memory is.
+UNIX_TARGET_PREFIX = "unix:"
 
 
 class SharedMemoryPool:
-    """Reused shared-memory segments for one client, named `featmap_{owner}_{n}`.
+    """Reused shared-memory segments for one client, named `featmap_{owner_id}_{n}`.
 
     One images segment and one outputs segment, each replaced by a bigger one when a request
     needs more. Every request therefore uses the same bytes: hold `lock` from images_ref until
@@ -39,16 +43,19 @@ class SharedMemoryPool:
     (for parallel requests, use one pool per thread). Each method also takes `lock` itself.
 
     Args:
-        owner: the owner id for RegisterSharedMemory and RenewSharedMemory; random if None.
+        secret: the owner secret sent with every shared-memory call (RegisterSharedMemory's
+            `owner`, SharedMemoryRef.owner); random (128 bits) if None. Keep it private:
+            whoever holds it may use this pool's regions on the server.
     """
 
-    def __init__(self, owner: str | None = None) -> None:
-        self.owner = secrets.token_hex(8) if owner is None else owner
-        if NAME_PATTERN.fullmatch(self.owner) is None or len(self.owner) > MAX_NAME_LENGTH - 32:
+    def __init__(self, secret: str | None = None) -> None:
+        self.secret = secrets.token_hex(16) if secret is None else secret
+        if SECRET_PATTERN.fullmatch(self.secret) is None:
             raise ValueError(
-                f"owner {self.owner!r} must be letters, digits, '_', '-' or '.', starting with "
-                f"a letter, digit or '_', and at most {MAX_NAME_LENGTH - 32} characters"
+                "the owner secret must be 16 to 128 letters, digits, '_' or '-' (it is sent, "
+                "never shown in names)"
             )
+        self.owner_id = owner_id(self.secret)  # public: what names in /dev/shm show
         # Reentrant so that a caller holding it for a whole request can call the methods.
         self.lock = threading.RLock()
         self._segments: dict[str, SharedMemory] = {}  # IMAGES / OUTPUTS -> segment
@@ -58,7 +65,7 @@ class SharedMemoryPool:
 
     def region(self, role: str) -> str:
         """The region name of the IMAGES or OUTPUTS segment (stable while segments grow)."""
-        return f"{segment_prefix(self.owner)}{role}"
+        return f"{segment_prefix(self.secret)}{role}"
 
     def images_ref(self, images: np.ndarray) -> tuple[pb.SharedMemoryRef, list[Registration]]:
         """Copy `images` (a float32, float16 or uint8 array) into the images region.
@@ -75,7 +82,9 @@ class SharedMemoryPool:
             target[...] = array  # C order, little-endian, whatever `images` was
             # Drop the view now: a live export would make the segment's close() fail.
             del target
-            ref = pb.SharedMemoryRef(region=self.region(IMAGES), offset=0, byte_size=array.nbytes)
+            ref = pb.SharedMemoryRef(
+                region=self.region(IMAGES), offset=0, byte_size=array.nbytes, owner=self.secret
+            )
         return ref, registrations
 
     def output_ref(self, byte_size: int) -> tuple[pb.SharedMemoryRef, list[Registration]]:
@@ -84,7 +93,9 @@ class SharedMemoryPool:
             raise ValueError(f"byte_size must not be negative, got {byte_size}")
         with self.lock:
             _, registrations = self._ensure(OUTPUTS, byte_size)
-            ref = pb.SharedMemoryRef(region=self.region(OUTPUTS), offset=0, byte_size=byte_size)
+            ref = pb.SharedMemoryRef(
+                region=self.region(OUTPUTS), offset=0, byte_size=byte_size, owner=self.secret
+            )
         return ref, registrations
 
     def read_outputs(self, response: pb.ExtractResponse) -> dict[str, np.ndarray]:
@@ -137,7 +148,7 @@ class SharedMemoryPool:
             self._created += 1
             try:
                 return SharedMemory(
-                    name=f"{segment_prefix(self.owner)}{self._created}", create=True, size=size
+                    name=f"{segment_prefix(self.secret)}{self._created}", create=True, size=size
                 )
             except FileExistsError:
                 continue  # left by an earlier process with the same owner
@@ -213,7 +224,7 @@ class SharedMemoryTransport:
     def _requests(self, registrations: list[Registration]) -> list[pb.RegisterSharedMemoryRequest]:
         return [
             pb.RegisterSharedMemoryRequest(
-                region=region, key=key, byte_size=byte_size, owner=self.pool.owner
+                region=region, key=key, byte_size=byte_size, owner=self.pool.secret
             )
             for region, key, byte_size in registrations
         ]
@@ -228,7 +239,7 @@ class SharedMemoryTransport:
         # Renewed on use; a client idle past its lease re-registers on NOT_FOUND instead.
         if self.lease_seconds and time.monotonic() - self.renewed > self.lease_seconds / 3:
             self.renewed = time.monotonic()
-            return pb.RenewSharedMemoryRequest(owner=self.pool.owner)
+            return pb.RenewSharedMemoryRequest(owner=self.pool.secret)
         return None
 
     @staticmethod
@@ -249,7 +260,7 @@ class SharedMemoryTransport:
 
     def unregistration(self) -> pb.UnregisterSharedMemoryRequest:
         """The request that unregisters every region of this client."""
-        return pb.UnregisterSharedMemoryRequest(owner=self.pool.owner)
+        return pb.UnregisterSharedMemoryRequest(owner=self.pool.secret)
 
     def close(self) -> None:
         """Unlink the segments (after the clients sent `unregistration`, best effort)."""

@@ -6,7 +6,10 @@
     │   ├── InvalidTensor         a tensor or array (dtype, shape, bytes, values)
     │   └── NonFiniteResult       the pipeline produced NaN/Inf from finite input (overflow)
     ├── NotFound                  NOT_FOUND; an unknown pipeline id or shared-memory region
+    ├── NotPermitted              PERMISSION_DENIED; shared memory off, or not on the Unix socket
     ├── LimitExceeded             RESOURCE_EXHAUSTED; a configured limit, with limit and value
+    │   └── Busy                  RESOURCE_EXHAUSTED, retryable; a budget held by work in flight
+    ├── StreamIdle                DEADLINE_EXCEEDED; no stream message within the idle timeout
     ├── ExecutionFailed           INTERNAL; onnxruntime failed to build or run a session
     ├── Unavailable               UNAVAILABLE; the server is shutting down: retry elsewhere
     └── Abandoned                 the caller stopped waiting before the work started
@@ -15,15 +18,19 @@
 
 Every message starts with the field it is about: `layers[2].kernel_size: ...`. Messages and
 fields are capped in length (MAX_MESSAGE_CHARS, MAX_FIELD_CHARS): they may quote what a caller
-sent, and a caller may send megabytes.
+sent, and a caller may send megabytes. Lists quoted in messages go through `listing`, which
+stops after a few items, so that no message is built from a million layer names either.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import grpc
 
 MAX_MESSAGE_CHARS = 1024
 MAX_FIELD_CHARS = 128
+MAX_LISTED_ITEMS = 16
 
 
 def shorten(text: str, limit: int) -> str:
@@ -33,8 +40,23 @@ def shorten(text: str, limit: int) -> str:
     return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
+def listing(items: Iterable[object], limit: int = MAX_LISTED_ITEMS) -> str:
+    """`[a, b, ...]` of the first `limit` items (repr, each shortened), and how many more."""
+    shown: list[str] = []
+    more = 0
+    for item in items:
+        if len(shown) < limit:
+            shown.append(shorten(repr(item), MAX_FIELD_CHARS))
+        else:
+            more += 1
+    return f"[{', '.join(shown)}{f', ... ({more} more)' if more else ''}]"
+
+
 class FeatmapError(Exception):
     """Base of every error featmap raises on purpose."""
+
+    # Whether the same call may succeed later unchanged (the server marks it featmap-retryable).
+    retryable = False
 
     def __init__(self, field: str, message: str, *, detail: str | None = None) -> None:
         field = shorten(field, MAX_FIELD_CHARS)
@@ -69,8 +91,22 @@ class NotFound(FeatmapError):
     """The request names a pipeline or shared-memory region the caller cannot see."""
 
 
+class NotPermitted(FeatmapError):
+    """The caller may not use this here: shared memory is off, or the call is not local."""
+
+
 class LimitExceeded(FeatmapError):
     """A configured server limit or memory budget is exceeded."""
+
+
+class Busy(LimitExceeded):
+    """A budget is held by work in flight; the same call may fit once that work is done."""
+
+    retryable = True
+
+
+class StreamIdle(FeatmapError):
+    """A stream sent no message within the server's idle timeout, so the server ended it."""
 
 
 class ExecutionFailed(FeatmapError):
@@ -100,7 +136,10 @@ STATUS_CODES: dict[type[FeatmapError], grpc.StatusCode] = {
     InvalidTensor: grpc.StatusCode.INVALID_ARGUMENT,
     NonFiniteResult: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    NotPermitted: grpc.StatusCode.PERMISSION_DENIED,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
     ExecutionFailed: grpc.StatusCode.INTERNAL,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Abandoned: grpc.StatusCode.CANCELLED,

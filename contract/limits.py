@@ -1,5 +1,7 @@
 """The limits, and the admission checks that apply them: one function per question.
 
+- `check_spec_bytes`: may this spec text be parsed at all? (an inline spec, RegisterPipeline),
+  before a byte of it is parsed.
 - `admit_pipeline`: may this pipeline run here at all? (RegisterPipeline, an inline spec in
   Extract/ExtractStream, the embedded runner, Ray): layers, parameters, kernel sizes.
 - `admit_batch`: may this batch run on an admitted pipeline? (Extract, ExtractStream, OIP
@@ -7,10 +9,14 @@
   (FLOPs, activation memory) and, when the outputs travel in a reply, the reply's size.
 
 Both run before anything is allocated for the request, and raise the contract's errors.
+
+And the memory estimates the server's budgets charge before allocating (`spec_memory`,
+`session_memory`): pure arithmetic over measured bytes per unit, README "Memory budgets".
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,12 +42,25 @@ from featmap.contract.tensors import (
 
 MIB = 1 << 20
 
+# Measured with onnxruntime 1.32 on CPU (tests/test_attacks.py keeps them honest): a compiled
+# session holds its model's bytes (4 a weight, kept for GetPipeline) and onnxruntime's own copy
+# of the initializers (4 a weight): 8.2 bytes a weight. Building it peaks at 32 bytes a weight:
+# the float64 initializer, its float32 copy, the ModelProto, its serialization and the session.
+SESSION_BYTES_PER_PARAMETER = 8
+COMPILE_BYTES_PER_PARAMETER = 32
+SESSION_OVERHEAD_BYTES = MIB  # a small session measured 0.6 MiB
+# A parsed spec's Python objects per byte of its JSON text: ~56 for numbers in `values`
+# (about 600 bytes a number), ~40 for layers.
+SPEC_BYTES_PER_TEXT_BYTE = 64
+
 
 @dataclass(frozen=True)
 class RequestLimits:
     """Limits checked before any work starts; the defaults are the server's."""
 
     max_message_bytes: int = 64 * MIB
+    # The JSON text of a spec, checked before parsing (parsing costs ~64 bytes a byte).
+    max_spec_bytes: int = MIB
     max_images_per_request: int = 4096
     max_pixels_per_image: int = 8192 * 8192
     max_layers: int = 128
@@ -69,6 +88,41 @@ class BatchPlan:
     layers: list[LayerCost]
     cost: Cost
     reply_bytes: int
+
+
+@dataclass(frozen=True)
+class SessionMemory:
+    """Estimated bytes of a compiled session: while cached, and while being built."""
+
+    steady: int
+    peak: int
+
+
+def session_memory(pipeline: Pipeline) -> SessionMemory:
+    """What compiling and keeping `pipeline`'s session costs, from its parameter count."""
+    parameters = parameter_count(pipeline)
+    return SessionMemory(
+        steady=SESSION_OVERHEAD_BYTES + SESSION_BYTES_PER_PARAMETER * parameters,
+        peak=SESSION_OVERHEAD_BYTES + COMPILE_BYTES_PER_PARAMETER * parameters,
+    )
+
+
+def spec_memory(text_bytes: int) -> int:
+    """Estimated bytes of a parsed spec (and of parsing it) from its text's length."""
+    return SPEC_BYTES_PER_TEXT_BYTE * text_bytes
+
+
+def check_spec_bytes(text: str | bytes, limits: RequestLimits, field: str = "spec_json") -> int:
+    """The spec text's length in bytes; LimitExceeded over max_spec_bytes, before parsing."""
+    # An ASCII str (nearly every spec) is as long in UTF-8: no copy just to measure it.
+    size = len(text) if isinstance(text, bytes) or text.isascii() else len(text.encode())
+    if size > limits.max_spec_bytes:
+        raise LimitExceeded(
+            field,
+            f"is {size} bytes, over max_spec_bytes={limits.max_spec_bytes}: send big weights "
+            'as tensors with RegisterPipeline ({"tensor": NAME}), not as JSON values',
+        )
+    return size
 
 
 def admit_pipeline(pipeline: Pipeline, limits: RequestLimits) -> None:
@@ -116,9 +170,28 @@ def check_reply_bytes(size: int, limits: RequestLimits) -> None:
         )
 
 
+@dataclass(frozen=True)
+class DeferredBatch:
+    """A batch known by shape and dtype whose bytes are read only once it is admitted.
+
+    What shared memory gives: the header travels in the request, the pixels are copied out of
+    the client's segment only after admit_batch has accepted their shape (so a 100 GB region
+    costs nothing until a batch that size would be admitted anyway).
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        """The rank, as ndarray.ndim."""
+        return len(self.shape)
+
+
 def admit_batch(
     pipeline: Pipeline,
-    images: np.ndarray,
+    images: np.ndarray | DeferredBatch,
     limits: RequestLimits,
     *,
     output_dtype: str = "float32",
@@ -128,7 +201,8 @@ def admit_batch(
 
     `images` is (N, C, H, W) or (N, H, W, C) as input.layout says. A too-small image fails
     naming the layer; with reply_in_message (the outputs travel in the reply, not in shared
-    memory) a reply too big to send fails here, before the work.
+    memory) a reply too big to send fails here, before the work. A DeferredBatch is admitted by
+    its shape and dtype; its values are checked by admit_values once read.
     """
     spec = pipeline.input
     if images.ndim != 4:
@@ -182,6 +256,12 @@ def admit_batch(
     reply = reply_bytes((by_name[name] for name in pipeline.output_names), n, output_dtype)
     if reply_in_message:
         check_reply_bytes(reply, limits)
+    if isinstance(images, np.ndarray):
+        admit_values(images, limits)
+    return BatchPlan(n, height, width, layers, cost, reply)
+
+
+def admit_values(images: np.ndarray, limits: RequestLimits) -> None:
+    """InvalidTensor for NaN/Inf in the images, unless allow_non_finite_input."""
     if not limits.allow_non_finite_input and not all_finite(images):
         raise InvalidTensor("images.data", f"contains {first_non_finite(images)}")
-    return BatchPlan(n, height, width, layers, cost, reply)

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from featmap.contract.errors import InvalidSpec
+from featmap.contract.errors import InvalidSpec, listing
 
 # Strict: JSON `true` is not a count. The upper bounds are sanity bounds on what any conv
 # framework accepts; the server's configurable limits (parameters, pixels) sit below them.
@@ -108,6 +108,8 @@ Padding = Annotated[
 ]
 # Layer names become ONNX tensor names; graph-internal tensors use ":" to stay out of their way.
 RESERVED_NAME = "images"
+# Validation errors described in one message (a spec may have a million).
+MAX_LISTED_ERRORS = 16
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,127}$"
 
 
@@ -160,7 +162,8 @@ class PresetSource(SpecModel):
 
     preset: Literal["sobel_x", "sobel_y", "laplacian", "gaussian", "box", "identity"]
     # Gaussian only; default follows OpenCV: 0.3 * ((k - 1) / 2 - 1) + 0.8 per axis.
-    sigma: Annotated[float, Field(gt=0)] | None = None
+    # Finite; whether the kernel it gives is finite too depends on the size (admission checks).
+    sigma: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
     @model_validator(mode="after")
     def _sigma_only_for_gaussian(self) -> PresetSource:
@@ -421,7 +424,8 @@ class Pipeline(SpecModel):
         for index, name in enumerate(self.outputs or []):
             if name not in names:
                 raise SpecFieldError(
-                    f"outputs[{index}]", f"{name!r} is not a layer name; layers are {names}"
+                    f"outputs[{index}]",
+                    f"{name!r} is not a layer name; layers are {listing(names)}",
                 )
         if self.outputs is not None and len(set(self.outputs)) != len(self.outputs):
             raise SpecFieldError("outputs", "names a layer twice")
@@ -587,13 +591,23 @@ def parse_pipeline(spec: str | bytes | dict[str, Any] | Pipeline) -> Pipeline:
             return Pipeline.model_validate_json(spec)
         return Pipeline.model_validate(spec)
     except ValidationError as exc:
-        errors = exc.errors()
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise InvalidSpec("spec_json", f"is not valid JSON: {errors[0]['msg']}") from None
-        described = [_describe(e, "spec_json" if is_text else "spec") for e in errors]
-        field, message = described[0]
-        detail = "; ".join(f"{f}: {m}" for f, m in described)
-        raise InvalidSpec(field, message, detail=detail) from None
+        problem = _invalid_spec(exc, "spec_json" if is_text else "spec")
+    # Raised out here, the error keeps no __context__: pydantic's error holds the whole input
+    # (megabytes, if a caller sent megabytes), which should go now, not at the next GC.
+    raise problem
+
+
+def _invalid_spec(exc: ValidationError, root: str) -> InvalidSpec:
+    """The InvalidSpec for pydantic's errors: the first names the field, the detail lists a few."""
+    errors = exc.errors()
+    if any(e["type"] == "json_invalid" for e in errors):
+        return InvalidSpec("spec_json", f"is not valid JSON: {errors[0]['msg']}")
+    described = [_describe(e, root) for e in errors[:MAX_LISTED_ERRORS]]
+    field, message = described[0]
+    detail = "; ".join(f"{f}: {m}" for f, m in described)
+    if len(errors) > MAX_LISTED_ERRORS:
+        detail += f"; ... ({len(errors) - MAX_LISTED_ERRORS} more errors)"
+    return InvalidSpec(field, message, detail=detail)
 
 
 # Weight tensors sent beside a spec (RegisterPipeline), by the name the spec uses.

@@ -1,4 +1,9 @@
-"""Backpressure: a bound on Extract/ExtractStream calls admitted at once, refused at once beyond it.
+"""Backpressure: bounds on calls admitted at once, refused at once beyond them.
+
+Two gates, so that neither kind of call can starve the other: unary Extract (and OIP
+ModelInfer) calls count against `max_queued_requests`, ExtractStream calls against `max_streams`.
+A stream holds a handler thread for its whole life, so `max_streams` stays below the number of
+handler threads: however many streams sit idle, threads are left for unary calls.
 
 A call counts from the moment gRPC looks up its handler (on gRPC's polling thread, before the
 call waits for a handler thread) until its handler is done. Counting inside the handler alone
@@ -21,23 +26,45 @@ import grpc
 
 from featmap.contract.metadata import RETRYABLE_KEY
 
-GUARDED_METHODS = ("Extract", "ExtractStream")
+GUARDED_METHODS = ("Extract",)
+STREAM_METHODS = ("ExtractStream",)
 
-_ADMITTED = "admitted"
 _REFUSED = "refused"
+
+
+class Decisions:
+    """What the last handler lookup on this thread decided, for the submit that follows it."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def decide(self, decision: Admission | str | None) -> None:
+        """Record this lookup's decision: the gate that admitted it, _REFUSED, or None."""
+        previous = getattr(self._local, "value", None)
+        if isinstance(previous, Admission):
+            previous.leave()  # a lookup whose task was never submitted: do not leak its slot
+        self._local.value = decision
+
+    def take(self) -> Admission | str | None:
+        """This thread's pending decision, cleared."""
+        value: Admission | str | None = getattr(self._local, "value", None)
+        self._local.value = None
+        return value
 
 
 class Admission:
     """A counting gate: `try_enter` takes a slot if one is free; `leave` gives it back."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self, limit: int, setting: str = "max_queued_requests", what: str = "requests"
+    ) -> None:
         self.limit = limit
+        self.setting = setting
+        self.what = what
         self.in_flight = 0
         self.refused = 0
         self.closing = False
         self._lock = threading.Condition()
-        # Set by the handler lookup, consumed by the submit that follows it on the same thread.
-        self.decision = threading.local()
 
     def try_enter(self) -> bool:
         """Take a slot; False (and counted as refused) when all are taken or we are closing."""
@@ -65,18 +92,6 @@ class Admission:
         with self._lock:
             return self._lock.wait_for(lambda: self.in_flight == 0, timeout=timeout)
 
-    def decide(self, decision: str | None) -> None:
-        """Record this lookup's decision for the submit that follows."""
-        if getattr(self.decision, "value", None) == _ADMITTED:
-            self.leave()  # a lookup whose task was never submitted: do not leak its slot
-        self.decision.value = decision
-
-    def take_decision(self) -> str | None:
-        """This thread's pending decision, cleared."""
-        value: str | None = getattr(self.decision, "value", None)
-        self.decision.value = None
-        return value
-
 
 def _refuse(admission: Admission, context: grpc.ServicerContext) -> None:
     if admission.closing:
@@ -85,7 +100,7 @@ def _refuse(admission: Admission, context: grpc.ServicerContext) -> None:
     context.set_trailing_metadata(((RETRYABLE_KEY, "1"),))
     context.abort(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"server busy: {admission.limit} requests in flight (max_queued_requests); "
+        f"server busy: {admission.limit} {admission.what} in flight ({admission.setting}); "
         "retry with backoff",
     )
 
@@ -106,65 +121,71 @@ def _refusal_handler(admission: Admission, streaming: bool) -> grpc.RpcMethodHan
 
 
 class AdmittingHandler(grpc.GenericRpcHandler):
-    """Wraps FeatureExtractor's handlers: Extract/ExtractStream go through the Admission."""
+    """Wraps a service's handlers: the guarded methods go through their gate.
+
+    `gates` maps method names (e.g. "Extract") to the Admission that counts them; `gate` is
+    the one every method's shutdown refusal follows.
+    """
 
     def __init__(
         self,
         inner: grpc.GenericRpcHandler,
-        admission: Admission,
+        decisions: Decisions,
+        gates: dict[str, Admission],
         service_name: str,
-        guarded_methods: tuple[str, ...] = GUARDED_METHODS,
     ) -> None:
         self.inner = inner
-        self.admission = admission
-        self.guarded = {f"/{service_name}/{method}" for method in guarded_methods}
+        self.decisions = decisions
+        self.gates = {f"/{service_name}/{method}": gate for method, gate in gates.items()}
+        self.any_gate = next(iter(gates.values()))
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         """The handler for a call: the real one if admitted, else one that refuses at once."""
         handler = self.inner.service(handler_call_details)
         if handler is None:
             return handler
-        if handler_call_details.method not in self.guarded:  # type: ignore[attr-defined]
-            if self.admission.closing:
-                self.admission.decide(_REFUSED)
-                return _refusal_handler(self.admission, streaming=handler.request_streaming)
+        gate = self.gates.get(handler_call_details.method)  # type: ignore[attr-defined]
+        if gate is None:
+            if self.any_gate.closing:
+                self.decisions.decide(_REFUSED)
+                return _refusal_handler(self.any_gate, streaming=handler.request_streaming)
             return handler
-        if self.admission.try_enter():
-            self.admission.decide(_ADMITTED)
+        if gate.try_enter():
+            self.decisions.decide(gate)
             return handler
-        self.admission.decide(_REFUSED)
-        return _refusal_handler(self.admission, streaming=handler.request_streaming)
+        self.decisions.decide(_REFUSED)
+        return _refusal_handler(gate, streaming=handler.request_streaming)
 
 
 class AdmissionExecutor(futures.ThreadPoolExecutor):
     """gRPC's handler pool: releases admitted calls' slots, runs refusals on a side pool."""
 
-    def __init__(self, admission: Admission, max_workers: int, thread_name_prefix: str) -> None:
+    def __init__(self, decisions: Decisions, max_workers: int, thread_name_prefix: str) -> None:
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
-        self.admission = admission
+        self.decisions = decisions
         self.refusals = futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix=f"{thread_name_prefix}-refusal"
         )
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
         """Run `fn` as the preceding handler lookup decided."""
-        decision = self.admission.take_decision()
+        decision = self.decisions.take()
         if decision == _REFUSED:
             return self.refusals.submit(fn, *args, **kwargs)
-        if decision != _ADMITTED:
+        if not isinstance(decision, Admission):
             return super().submit(fn, *args, **kwargs)
-        admission = self.admission
+        gate = decision
 
         def admitted() -> Any:
             try:
                 return fn(*args, **kwargs)
             finally:
-                admission.leave()
+                gate.leave()
 
         try:
             return super().submit(admitted)
         except BaseException:
-            admission.leave()  # never queued (the pool is shut down)
+            gate.leave()  # never queued (the pool is shut down)
             raise
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -5,16 +5,16 @@ server.py only moves messages between gRPC and a FeatureService.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from featmap.contract import __version__
-from featmap.contract.errors import InvalidRequest, InvalidTensor
-from featmap.contract.limits import check_reply_bytes, check_request_bytes
-from featmap.contract.spec import Pipeline, json_schema_text, parse_pipeline
+from featmap.contract.errors import InvalidRequest, InvalidTensor, NotPermitted
+from featmap.contract.limits import DeferredBatch, check_reply_bytes, check_request_bytes
+from featmap.contract.spec import Pipeline, json_schema_text
 from featmap.contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, wire_dtype
 from featmap.contract.wire import (
     FramedExtractRequest,
@@ -28,14 +28,13 @@ from featmap.service.extractor import Extractor, Target
 from featmap.service.graph import OPSET
 from featmap.service.registry import PipelineRegistry, RegisteredPipeline
 from featmap.service.runtime import SessionCache, available_providers, resolve_providers
+from featmap.service.security import Caller
 from featmap.service.settings import ServerSettings
 from featmap.service.shared_memory import SharedMemoryRegistry
+from featmap.service.specs import SpecCache
 from featmap.service.weights import check_tensors
 from featmap.v1 import featmap_pb2 as pb
 
-# Inline specs remembered after admission: a client that sends the same spec text with every
-# request pays for its validation once (models are frozen, so sharing is safe).
-INLINE_SPEC_CACHE_SIZE = 256
 OUTPUT_DTYPE_NAMES = {code: name for name, code in OUTPUT_DTYPES.items()}
 SPEC_SCHEMA_JSON = json_schema_text()
 
@@ -91,16 +90,19 @@ class FeatureService:
             resolve_providers(settings.providers),
             settings.intra_op_threads,
             spinning=settings.intra_op_spinning,
+            budget_bytes=settings.session_cache_bytes,
         )
         self.limits = settings.request_limits()
         self.batcher = DynamicBatcher(settings.concurrent_batches)
         self.extractor = Extractor(self.cache, self.limits, self.batcher)
-        self.registry = PipelineRegistry(self.cache, settings.max_registered_pipelines)
-        # Per service: admission depends on this server's limits. Only admitted specs are kept
-        # (lru_cache does not keep a call that raised).
-        self.inline_pipeline = functools.lru_cache(maxsize=INLINE_SPEC_CACHE_SIZE)(
-            self._admit_inline
+        self.registry = PipelineRegistry(
+            self.cache, settings.max_registered_pipelines, settings.registry_bytes
         )
+        # Per service: admission depends on this server's limits. Inline specs are kept once
+        # admitted (a client sending the same text with every request pays for it once; models
+        # are frozen, so sharing them is safe); specs to register are parsed, not kept.
+        self.inline_specs = SpecCache(self._admit_inline, self.limits, settings.spec_cache_bytes)
+        self.specs = SpecCache(self.extractor.admit, self.limits, settings.spec_cache_bytes)
         self.shared_memory = SharedMemoryRegistry(
             lease_seconds=settings.shared_memory_lease_s,
             max_regions=settings.max_shared_memory_regions,
@@ -113,14 +115,17 @@ class FeatureService:
 
     # ------------------------------------------------------------------ extraction
 
-    def target(self, request: FramedExtractRequest, previous: Target | None = None) -> Target:
+    def target(
+        self, request: FramedExtractRequest, caller: Caller, previous: Target | None = None
+    ) -> Target:
         """The pipeline a request names (or, in a stream, the one before it named)."""
         message = request.message
         which = message.WhichOneof("pipeline")
         if which == "pipeline_id":
-            return self.registered_target(self.registry.get(message.pipeline_id))
+            registered = self.registry.get(message.pipeline_id, tenant=caller.tenant)
+            return self.registered_target(registered)
         if which == "spec_json":
-            return Target(self.inline_pipeline(message.spec_json), None, self.default_batching)
+            return Target(self.inline_specs.get(message.spec_json), None, self.default_batching)
         if previous is None:
             raise InvalidRequest("pipeline", "set spec_json or pipeline_id")
         return previous
@@ -133,25 +138,27 @@ class FeatureService:
             registered.batching or self.default_batching,
         )
 
-    def _admit_inline(self, text: str) -> Pipeline:
-        """An inline spec, parsed and admitted (it cannot name weight tensors)."""
-        pipeline = self.extractor.admit(parse_pipeline(text))
+    def _admit_inline(self, pipeline: Pipeline) -> Pipeline:
+        """An inline spec, admitted (it cannot name weight tensors)."""
+        pipeline = self.extractor.admit(pipeline)
         if pipeline.tensor_names:
             check_tensors(pipeline, {})  # names the first {"tensor": ...} it cannot have
         return pipeline
 
-    def images(self, request: FramedExtractRequest) -> np.ndarray:
-        """The request's images: a view of the received bytes, or of the client's shared memory."""
+    def images(self, request: FramedExtractRequest, caller: Caller) -> np.ndarray | DeferredBatch:
+        """The request's images: a view of the received bytes, or a batch to read from the
+        client's shared memory once admitted."""
         message, framed = request.message, request.images
         if message.HasField("images_region"):
+            self.check_shared_memory(caller, "images_region")
             if framed is None:
                 raise InvalidTensor("images", "is missing: dtype and shape are still needed")
             if framed.data.nbytes:
                 raise InvalidTensor("images.data", "must be empty when images_region is set")
             dtype = check_dtype(framed.dtype, "images")
             check_shape(framed.shape, "images")
-            return self.shared_memory.read(
-                message.images_region, dtype, framed.shape, "images_region"
+            return self.shared_memory.images(
+                caller.tenant, message.images_region, dtype, framed.shape, "images_region"
             )
         if framed is None:
             raise InvalidTensor("images", "is missing")
@@ -162,6 +169,7 @@ class FeatureService:
         self,
         request: FramedExtractRequest,
         target: Target,
+        caller: Caller,
         before_run: Callable[[], None] | None = None,
     ) -> FramedExtractResponse:
         """Run one request's images through its target.
@@ -175,8 +183,10 @@ class FeatureService:
         if output_dtype is None:
             name = DTYPE_NAMES.get(code, code)
             raise InvalidRequest("output_dtype", f"{name} is not FLOAT32 or FLOAT16")
-        images = self.images(request)
         to_region = message.HasField("output_region")
+        if to_region:
+            self.check_shared_memory(caller, "output_region")
+        images = self.images(request, caller)
         result = self.extractor.extract(
             target,
             images,
@@ -194,7 +204,7 @@ class FeatureService:
             check_reply_bytes(result.plan.reply_bytes, self.limits)
             return FramedExtractResponse(response, outputs)
         written = self.shared_memory.write(
-            message.output_region, list(outputs.items()), "output_region"
+            caller.tenant, message.output_region, list(outputs.items()), "output_region"
         )
         for name, array in outputs.items():
             response.outputs[name].CopyFrom(
@@ -205,41 +215,59 @@ class FeatureService:
 
     # ------------------------------------------------------------------ shared memory
 
+    def check_shared_memory(self, caller: Caller, field: str) -> None:
+        """NotPermitted unless shared memory is on and the caller is on the Unix socket."""
+        if not self.settings.shared_memory:
+            raise NotPermitted(
+                field, "shared memory is off on this server (featmap serve --shared-memory)"
+            )
+        if not caller.local:
+            raise NotPermitted(
+                field,
+                "shared memory is offered only on the server's Unix socket "
+                "(connect to unix:<unix_socket>)",
+            )
+
     def register_shared_memory(
-        self, request: pb.RegisterSharedMemoryRequest
+        self, request: pb.RegisterSharedMemoryRequest, caller: Caller
     ) -> pb.RegisterSharedMemoryResponse:
-        """Map a client's shared-memory object as a region (a lease)."""
+        """Open a client's shared-memory object as a region (a lease)."""
+        self.check_shared_memory(caller, "region")
         lease = self.shared_memory.register(
-            request.region, request.key, request.byte_size, request.owner
+            caller.tenant, request.owner, request.region, request.key, request.byte_size
         )
         return pb.RegisterSharedMemoryResponse(lease_seconds=lease)
 
     def unregister_shared_memory(
-        self, request: pb.UnregisterSharedMemoryRequest
+        self, request: pb.UnregisterSharedMemoryRequest, caller: Caller
     ) -> pb.UnregisterSharedMemoryResponse:
-        """Unmap one region of an owner, or all of them."""
-        count = self.shared_memory.unregister(request.owner, request.region)
+        """Forget one region of an owner, or all of them."""
+        self.check_shared_memory(caller, "region")
+        count = self.shared_memory.unregister(caller.tenant, request.owner, request.region)
         return pb.UnregisterSharedMemoryResponse(unregistered=count)
 
     def renew_shared_memory(
-        self, request: pb.RenewSharedMemoryRequest
+        self, request: pb.RenewSharedMemoryRequest, caller: Caller
     ) -> pb.RenewSharedMemoryResponse:
         """Extend an owner's leases."""
-        regions = self.shared_memory.renew(request.owner)
+        self.check_shared_memory(caller, "owner")
+        regions = self.shared_memory.renew(caller.tenant, request.owner)
         return pb.RenewSharedMemoryResponse(
             regions=regions, lease_seconds=self.shared_memory.lease_seconds
         )
 
     def close(self) -> None:
-        """Unmap every shared-memory region."""
+        """Forget every shared-memory region."""
         self.shared_memory.close()
 
     # ------------------------------------------------------------------ registered pipelines
 
-    def register_pipeline(self, request: pb.RegisterPipelineRequest) -> pb.RegisterPipelineResponse:
-        """Register a spec with its weight tensors; compile and warm it."""
+    def register_pipeline(
+        self, request: pb.RegisterPipelineRequest, caller: Caller
+    ) -> pb.RegisterPipelineResponse:
+        """Register a spec with its weight tensors for the caller's tenant; compile and warm it."""
         # Admitted before its tensors are read or anything is compiled.
-        pipeline = self.extractor.admit(parse_pipeline(request.spec_json))
+        pipeline = self.specs.parse(request.spec_json)
         tensors = {
             name: decode_tensor(tensor, f"weights[{name!r}]")
             for name, tensor in request.weights.items()
@@ -249,7 +277,7 @@ class FeatureService:
             if request.HasField("batching")
             else None
         )
-        registered = self.registry.register(pipeline, tensors, batching)
+        registered = self.registry.register(pipeline, tensors, batching, caller.tenant)
         return pb.RegisterPipelineResponse(
             pipeline_id=registered.pipeline_id, outputs=output_infos(registered)
         )
@@ -265,21 +293,43 @@ class FeatureService:
             onnx_model=registered.compiled.model_bytes if include_model else b"",
         )
 
-    def get_pipeline(self, request: pb.GetPipelineRequest) -> pb.PipelineInfo:
-        """One registered pipeline (NOT_FOUND for an unknown id)."""
-        return self.pipeline_info(self.registry.get(request.pipeline_id), request.include_model)
+    def get_pipeline(self, request: pb.GetPipelineRequest, caller: Caller) -> pb.PipelineInfo:
+        """One of the tenant's registered pipelines (NOT_FOUND for any other id)."""
+        registered = self.registry.get(request.pipeline_id, tenant=caller.tenant)
+        return self.pipeline_info(registered, request.include_model)
 
-    def list_pipelines(self, request: pb.ListPipelinesRequest) -> pb.ListPipelinesResponse:
-        """Every registered pipeline, without model bytes."""
+    def list_pipelines(
+        self, request: pb.ListPipelinesRequest, caller: Caller
+    ) -> pb.ListPipelinesResponse:
+        """The tenant's registered pipelines, without model bytes."""
         return pb.ListPipelinesResponse(
-            pipelines=[self.pipeline_info(r, include_model=False) for r in self.registry.list()]
+            pipelines=[
+                self.pipeline_info(r, include_model=False)
+                for r in self.registry.list(caller.tenant)
+            ]
         )
 
-    def delete_pipeline(self, request: pb.DeletePipelineRequest) -> pb.DeletePipelineResponse:
-        """Forget a registered pipeline."""
-        return pb.DeletePipelineResponse(deleted=self.registry.delete(request.pipeline_id))
+    def delete_pipeline(
+        self, request: pb.DeletePipelineRequest, caller: Caller
+    ) -> pb.DeletePipelineResponse:
+        """Forget one of the tenant's registered pipelines."""
+        deleted = self.registry.delete(request.pipeline_id, caller.tenant)
+        return pb.DeletePipelineResponse(deleted=deleted)
 
     # ------------------------------------------------------------------ about the server
+
+    def limits_message(self) -> pb.Limits:
+        """The Limits message: every field is the setting of its name, or derived from one."""
+        settings = self.settings
+        derived = {
+            "max_queued_requests": settings.max_queued_requests or 4 * settings.grpc_workers,
+            "max_streams": settings.stream_limit,
+        }
+        fields: dict[str, Any] = {
+            field.name: derived.get(field.name, getattr(settings, field.name))
+            for field in pb.Limits.DESCRIPTOR.fields
+        }
+        return pb.Limits(**fields)
 
     def server_info(self) -> pb.GetServerInfoResponse:
         """What this server runs on and the limits it enforces."""
@@ -289,20 +339,7 @@ class FeatureService:
             onnxruntime_version=ort.__version__,
             available_providers=available_providers(),
             active_providers=self.cache.providers,
-            limits=pb.Limits(
-                max_message_bytes=settings.max_message_bytes,
-                max_images_per_request=settings.max_images_per_request,
-                max_pixels_per_image=settings.max_pixels_per_image,
-                max_layers=settings.max_layers,
-                session_cache_size=settings.session_cache_size,
-                max_parameters=settings.max_parameters,
-                max_registered_pipelines=settings.max_registered_pipelines,
-                max_kernel_size=settings.max_kernel_size,
-                max_flops=settings.max_flops,
-                max_activation_bytes=settings.max_activation_bytes,
-                allow_non_finite_input=settings.allow_non_finite_input,
-                max_queued_requests=settings.max_queued_requests or 4 * settings.grpc_workers,
-            ),
+            limits=self.limits_message(),
             onnx_opset=OPSET,
             intra_op_threads=settings.intra_op_threads,
             grpc_workers=settings.grpc_workers,

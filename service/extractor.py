@@ -13,11 +13,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from featmap.contract.errors import NonFiniteResult
-from featmap.contract.limits import BatchPlan, RequestLimits, admit_batch, admit_pipeline
+from featmap.contract.limits import (
+    BatchPlan,
+    DeferredBatch,
+    RequestLimits,
+    admit_batch,
+    admit_pipeline,
+    admit_values,
+)
 from featmap.contract.spec import Pipeline
 from featmap.contract.tensors import all_finite, first_non_finite
+from featmap.service import stages
 from featmap.service.batching import BatchingPolicy, DynamicBatcher
 from featmap.service.runtime import CompiledPipeline, SessionCache
+from featmap.service.weights import check_presets
 
 
 @dataclass(frozen=True)
@@ -52,14 +61,15 @@ class Extractor:
         self.batcher = batcher
 
     def admit(self, pipeline: Pipeline) -> Pipeline:
-        """The pipeline, if it may run here at all (LimitExceeded otherwise)."""
+        """The pipeline, if it may run here at all (LimitExceeded, InvalidSpec otherwise)."""
         admit_pipeline(pipeline, self.limits)
+        check_presets(pipeline)  # a kernel float64 cannot compute is the spec's fault
         return pipeline
 
     def extract(
         self,
         target: Target,
-        images: np.ndarray,
+        images: np.ndarray | DeferredBatch,
         *,
         output_dtype: str = "float32",
         reply_in_message: bool = True,
@@ -80,6 +90,10 @@ class Extractor:
             output_dtype=output_dtype,
             reply_in_message=reply_in_message,
         )
+        if isinstance(images, DeferredBatch):
+            images = images.read()  # only now: its shape passed every limit
+            admit_values(images, self.limits)
+        stages.note_images(plan.batch)
         compiled = target.compiled or self.cache.get(target.pipeline)
         if before_run is not None:
             before_run()

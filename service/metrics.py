@@ -5,7 +5,7 @@ in tests), served over HTTP when `metrics_port` is set.
                                                    inference.GRPCInferenceService
     featmap_request_seconds{stage}                 queue | compute | total, per call
     featmap_batch_size                             images per dynamic-batcher run
-    featmap_images_total                           images received in Extract/ExtractStream
+    featmap_images_total                           images admitted (Extract, stream, ModelInfer)
     featmap_bytes_received_total                   request bytes received
     featmap_session_cache_events_total{event}      hit | miss | eviction
     featmap_in_flight_requests                     calls being handled now
@@ -13,6 +13,7 @@ in tests), served over HTTP when `metrics_port` is set.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -84,7 +85,7 @@ class Metrics:
         )
         self.images = Counter(
             "featmap_images",
-            "Images received in Extract and ExtractStream requests.",
+            "Images admitted in Extract, ExtractStream and ModelInfer requests.",
             registry=self.registry,
         )
         self.bytes_received = Counter(
@@ -98,6 +99,9 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(ServiceCollector(service))
+        # Calls started (not exported): what the allocator's Trimmer watches for activity.
+        self.calls_started = itertools.count()
+        self.calls = 0
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

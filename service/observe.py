@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from featmap.contract.errors import shorten
 from featmap.contract.metadata import REQUEST_ID_KEY
 from featmap.contract.wire import (
     FramedExtractRequest,
@@ -20,53 +21,61 @@ from featmap.service.logs import FIELDS_ATTRIBUTE
 from featmap.service.metrics import Metrics
 
 log = logging.getLogger("featmap.requests")
+MAX_LOGGED_ID_CHARS = 64  # ids are 32 hex digits
 
 
-def images_in(request: Any) -> int:
-    """Images in an Extract request (inline or in shared memory); 0 for anything else."""
-    if not isinstance(request, FramedExtractRequest):
-        return 0
-    shape = request.images.shape if request.images is not None else ()
-    return int(shape[0]) if shape else 0
+def pipeline_id_of(message: Any) -> str:
+    """The pipeline a request or response is about ("" if none).
 
-
-def pipeline_id_of(request: Any, response: Any) -> str:
-    """The pipeline a call was about, from its response or else its request ("" if none)."""
-    for message in (response, request):
-        if isinstance(message, FramedExtractRequest | FramedExtractResponse):
-            message = message.message
-        pipeline_id = getattr(message, "pipeline_id", "")
-        if isinstance(pipeline_id, str) and pipeline_id:
-            return pipeline_id
+    Shortened: a request's id is whatever the caller sent, a megabyte if it liked.
+    """
+    if isinstance(message, FramedExtractRequest | FramedExtractResponse):
+        message = message.message
+    pipeline_id = getattr(message, "pipeline_id", "")
+    if isinstance(pipeline_id, str) and pipeline_id:
+        return shorten(pipeline_id, MAX_LOGGED_ID_CHARS)
     return ""
 
 
 class _Call:
-    """One call being observed, from its handler's start to its end."""
+    """One call being observed, from its handler's start to its end.
+
+    Nothing a request says is counted before the service has checked it: images are those the
+    extractor admitted (stages.note_images), so no header can drive a metric wrong.
+    """
 
     def __init__(self, metrics: Metrics, method: str) -> None:
         self.metrics = metrics
         self.method = method
-        self.images = 0
-        self.request: Any = None
-        self.response: Any = None
+        # Ids only: a stream's messages and replies must go as soon as they are answered.
+        self.requested_id = ""
+        self.answered_id = ""
         self.started = time.monotonic()
         self.stages = stages.begin()
+        metrics.calls = next(metrics.calls_started) + 1
         metrics.in_flight.inc()
 
     def received(self, request: Any) -> None:
-        count = images_in(request)
-        self.images += count
-        if count:
-            self.metrics.images.inc(count)
-        if self.request is None:
-            self.request = request
+        if not self.requested_id:
+            self.requested_id = pipeline_id_of(request)
+
+    def answered(self, response: Any) -> None:
+        self.answered_id = pipeline_id_of(response) or self.answered_id
 
     def finish(self, context: grpc.ServicerContext, code: grpc.StatusCode | None = None) -> None:
-        stages.end()
+        """Record the call's end; the in-flight gauge comes down whatever else fails."""
+        try:
+            self._record(context, code)
+        finally:
+            stages.end()
+            self.metrics.in_flight.dec()
+
+    def _record(self, context: grpc.ServicerContext, code: grpc.StatusCode | None) -> None:
         seconds = time.monotonic() - self.started
         metrics = self.metrics
-        metrics.in_flight.dec()
+        images = int(self.stages.get(stages.IMAGES, 0))
+        if images:
+            metrics.images.inc(images)
         code = code or context.code() or grpc.StatusCode.OK  # type: ignore[func-returns-value]
         metrics.requests.labels(self.method, code.name).inc()
         metrics.request_seconds.labels("total").observe(seconds)
@@ -79,8 +88,8 @@ class _Call:
         fields = {
             "request_id": request_id,
             "method": self.method,
-            "pipeline_id": pipeline_id_of(self.request, self.response),
-            "images": self.images,
+            "pipeline_id": self.answered_id or self.requested_id,
+            "images": images,
             "status": code.name,
             "duration_ms": round(seconds * 1000, 3),
         }
@@ -90,7 +99,7 @@ class _Call:
             self.method,
             code.name,
             fields["pipeline_id"] or "-",
-            self.images,
+            images,
             seconds * 1000,
             extra={FIELDS_ATTRIBUTE: fields},
         )
@@ -115,14 +124,17 @@ class RequestObserver(grpc.ServerInterceptor):
     def _unary(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             call = _Call(self.metrics, method)
-            call.received(request)
+            code: grpc.StatusCode | None = None
             try:
-                call.response = behaviour(request, context)
+                call.received(request)
+                response = behaviour(request, context)
+                call.answered(response)
             except BaseException:
-                call.finish(context, context.code() or grpc.StatusCode.UNKNOWN)  # type: ignore[func-returns-value]
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[func-returns-value]
                 raise
-            call.finish(context)
-            return call.response
+            finally:
+                call.finish(context, code)
+            return response
 
         return observed
 
@@ -134,12 +146,14 @@ class RequestObserver(grpc.ServerInterceptor):
                 for request in requests:
                     call.received(request)
                     yield request
+                    del request  # not held while the next one is awaited
 
             code: grpc.StatusCode | None = None
             try:
                 for response in behaviour(counted(), context):
-                    call.response = response
+                    call.answered(response)
                     yield response
+                    del response  # sent: not held while the next one is computed
             except GeneratorExit:  # the client went away mid-stream
                 code = grpc.StatusCode.CANCELLED
                 raise

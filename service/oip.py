@@ -17,7 +17,14 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2
 
 from featmap.contract import __version__
-from featmap.contract.errors import InvalidRequest, InvalidTensor, NotFound
+from featmap.contract.errors import (
+    MAX_FIELD_CHARS,
+    InvalidRequest,
+    InvalidTensor,
+    NotFound,
+    listing,
+    shorten,
+)
 from featmap.contract.limits import check_request_bytes
 from featmap.contract.tensors import batch_shape
 from featmap.contract.wire import check_shape
@@ -25,6 +32,7 @@ from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from featmap.service.api import FeatureService
 from featmap.service.registry import RegisteredPipeline
+from featmap.service.security import Caller, Tenants, caller_of
 from featmap.service.server import _serialize_message, _tolerant, map_errors, still_wanted
 
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -88,6 +96,24 @@ def _contents_array(tensor: Any, datatype: str, count: int) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
+def check_no_parameters(request: oip.ModelInferRequest) -> None:
+    """InvalidRequest naming the first parameter sent: featmap takes none.
+
+    Ignoring one silently would answer a different question than the one asked (e.g.
+    `shared_memory_region`, which Triton reads the input from, would be left unread).
+    """
+    where: list[tuple[str, Any]] = [("parameters", request.parameters)]
+    where += [(f"inputs[{i}].parameters", t.parameters) for i, t in enumerate(request.inputs)]
+    where += [(f"outputs[{i}].parameters", t.parameters) for i, t in enumerate(request.outputs)]
+    for field, parameters in where:
+        for name in parameters:
+            raise InvalidRequest(
+                f"{field}[{shorten(repr(name), MAX_FIELD_CHARS // 2)}]",
+                "featmap takes no OIP parameters (no shared memory, sequences, priorities or "
+                "classification): leave it out",
+            )
+
+
 class InferenceService:
     """The OIP calls as plain functions over a FeatureService's registry, extractor and batcher."""
 
@@ -95,9 +121,11 @@ class InferenceService:
         self.service = service
         self.ready = ready
 
-    def model(self, name: str, version: str, field: str = "name") -> RegisteredPipeline:
-        """The registered pipeline a model name (its pipeline id) and version name."""
-        registered = self.service.registry.get(name, field)
+    def model(
+        self, name: str, version: str, caller: Caller, field: str = "name"
+    ) -> RegisteredPipeline:
+        """The caller's tenant's registered pipeline a model name (its id) and version name."""
+        registered = self.service.registry.get(name, field, caller.tenant)
         if version not in ("", MODEL_VERSION):
             raise NotFound(
                 field.replace("name", "version"),
@@ -109,17 +137,19 @@ class InferenceService:
         """Name, version, and no protocol extensions."""
         return oip.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
 
-    def model_ready(self, request: oip.ModelReadyRequest) -> oip.ModelReadyResponse:
+    def model_ready(self, request: oip.ModelReadyRequest, caller: Caller) -> oip.ModelReadyResponse:
         """Ready when registered (a registered pipeline is compiled and warm) and serving."""
         try:
-            self.model(request.name, request.version)
+            self.model(request.name, request.version, caller)
         except NotFound:
             return oip.ModelReadyResponse(ready=False)
         return oip.ModelReadyResponse(ready=self.ready())
 
-    def model_metadata(self, request: oip.ModelMetadataRequest) -> oip.ModelMetadataResponse:
+    def model_metadata(
+        self, request: oip.ModelMetadataRequest, caller: Caller
+    ) -> oip.ModelMetadataResponse:
         """The model's input and outputs (NOT_FOUND for an unknown name)."""
-        registered = self.model(request.name, request.version)
+        registered = self.model(request.name, request.version, caller)
         return oip.ModelMetadataResponse(
             name=registered.pipeline_id,
             versions=[MODEL_VERSION],
@@ -167,18 +197,23 @@ class InferenceService:
         return np.frombuffer(data, dtype=dtype).reshape(shape)
 
     def model_infer(
-        self, request: oip.ModelInferRequest, before_run: Callable[[], None] | None = None
+        self,
+        request: oip.ModelInferRequest,
+        caller: Caller,
+        before_run: Callable[[], None] | None = None,
     ) -> oip.ModelInferResponse:
         """Run the input through the model; the requested outputs (default all), raw FP32."""
-        registered = self.model(request.model_name, request.model_version, "model_name")
+        registered = self.model(request.model_name, request.model_version, caller, "model_name")
         pipeline = registered.compiled.pipeline
         check_request_bytes(request.ByteSize(), self.service.limits, "raw_input_contents")
+        check_no_parameters(request)
         names = [output.name for output in request.outputs] or list(pipeline.output_names)
         for index, name in enumerate(names):
             if name not in pipeline.output_names:
                 raise InvalidRequest(
                     f"outputs[{index}].name",
-                    f"{name!r} is not an output of the model; it has {list(pipeline.output_names)}",
+                    f"{name!r} is not an output of the model; it has "
+                    f"{listing(pipeline.output_names)}",
                 )
         images = self.images(request, registered)
         outputs = self.service.extractor.extract(
@@ -197,8 +232,14 @@ class InferenceService:
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over an InferenceService."""
 
-    def __init__(self, service: FeatureService, health_servicer: health.HealthServicer) -> None:
+    def __init__(
+        self,
+        service: FeatureService,
+        health_servicer: health.HealthServicer,
+        tenants: Tenants | None = None,
+    ) -> None:
         self.health = health_servicer
+        self.tenants = tenants
         self.inference = InferenceService(service, self._serving)
 
     def _serving(self) -> bool:
@@ -220,15 +261,16 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     @map_errors
     def ModelReady(self, request: oip.ModelReadyRequest, context: Any) -> Any:
-        return self.inference.model_ready(request)
+        return self.inference.model_ready(request, caller_of(context, self.tenants))
 
     @map_errors
     def ModelMetadata(self, request: oip.ModelMetadataRequest, context: Any) -> Any:
-        return self.inference.model_metadata(request)
+        return self.inference.model_metadata(request, caller_of(context, self.tenants))
 
     @map_errors
     def ModelInfer(self, request: oip.ModelInferRequest, context: Any) -> Any:
-        return self.inference.model_infer(request, functools.partial(still_wanted, context))
+        caller = caller_of(context, self.tenants)
+        return self.inference.model_infer(request, caller, functools.partial(still_wanted, context))
 
 
 def inference_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:

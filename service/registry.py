@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from featmap.contract.errors import InvalidSpec, LimitExceeded, NotFound
+from featmap.contract.limits import session_memory
 from featmap.contract.ops import (
     layer_costs,
     symbolic_shapes,
@@ -15,7 +17,9 @@ from featmap.contract.ops import (
 from featmap.contract.spec import Pipeline, WeightTensors, content_id
 from featmap.contract.tensors import batch_shape
 from featmap.service.batching import BatchingPolicy
+from featmap.service.budget import UNBOUNDED, MemoryBudget
 from featmap.service.runtime import CompiledPipeline, SessionCache
+from featmap.service.security import DEFAULT_TENANT
 from featmap.service.weights import check_tensors
 
 MAX_WARMUP_SIZE = 4096
@@ -64,39 +68,62 @@ def warm_up(compiled: CompiledPipeline) -> None:
 
 
 class PipelineRegistry:
-    """Registered pipelines by id; registering the same spec and weights again is a no-op."""
+    """Registered pipelines by tenant and id; registering the same thing again is a no-op.
 
-    def __init__(self, cache: SessionCache, max_pipelines: int) -> None:
+    Each tenant sees only its own entries: another tenant's id reads as unknown. Tenants that
+    register the same content share one compiled session (each entry keeps its own batching),
+    and deleting one tenant's entry leaves the others'. Bounded by a count of entries
+    (`max_pipelines`) and by bytes (`budget_bytes`, the `registry_bytes` setting) over all
+    tenants: a build reserves its estimated peak first, and each distinct session is charged
+    its steady estimate once, however many tenants share it.
+    """
+
+    def __init__(
+        self, cache: SessionCache, max_pipelines: int, budget_bytes: int = UNBOUNDED
+    ) -> None:
         self.cache = cache
         self.max_pipelines = max_pipelines
-        self._pipelines: dict[str, RegisteredPipeline] = {}
-        self._compiling: set[str] = set()  # ids holding a slot while their session builds
+        self.budget = MemoryBudget("registry_bytes", budget_bytes)
+        self._pipelines: dict[tuple[str, str], RegisteredPipeline] = {}
+        self._compiling: set[tuple[str, str]] = set()  # entries holding a slot while building
         self._lock = threading.Lock()
 
     def register(
-        self, pipeline: Pipeline, tensors: WeightTensors, batching: BatchingPolicy | None
+        self,
+        pipeline: Pipeline,
+        tensors: WeightTensors,
+        batching: BatchingPolicy | None,
+        tenant: str = DEFAULT_TENANT,
     ) -> RegisteredPipeline:
         """Check the weights, compile and warm the session, and keep it under its content id."""
         weights = check_tensors(pipeline, tensors)
         pipeline_id = content_id(pipeline, weights)
+        key = (tenant, pipeline_id)
+        memory = session_memory(pipeline)
         with self._lock:
-            known = self._pipelines.get(pipeline_id)
+            known = self._pipelines.get(key)
             if known is not None and known.batching == batching:
                 return known
-            taken = len(self._pipelines) + len(self._compiling - {pipeline_id})
+            shared = known or self._shared_locked(pipeline_id)
+            taken = len(self._pipelines) + len(self._compiling - {key})
             if known is None and taken >= self.max_pipelines:
                 raise LimitExceeded(
                     "pipeline",
                     f"{len(self._pipelines)} pipelines are registered, the most "
                     f"max_registered_pipelines={self.max_pipelines} allows: delete some first",
                 )
-            self._compiling.add(pipeline_id)
+            reserved = 0 if shared else memory.peak
+            if reserved:
+                self.budget.reserve(reserved, "layers", "registering this pipeline")
+            self._compiling.add(key)
         try:
-            compiled = known.compiled if known else self.cache.compile(pipeline, weights)
+            compiled = shared.compiled if shared else self.cache.compile(pipeline, weights)
             warm_up(compiled)
-        finally:
+        except BaseException:
             with self._lock:
-                self._compiling.discard(pipeline_id)
+                self._compiling.discard(key)
+                self.budget.cancel(reserved)
+            raise
         registered = RegisteredPipeline(
             compiled=compiled,
             weight_names=tuple(sorted(weights)),
@@ -108,26 +135,44 @@ class PipelineRegistry:
             },
         )
         with self._lock:
-            self._pipelines[pipeline_id] = registered
+            self._compiling.discard(key)
+            meanwhile = self._shared_locked(pipeline_id) if reserved else None
+            if meanwhile is not None:
+                # Another tenant registered the same content meanwhile: share its session,
+                # so that the budget's one charge stays true.
+                self.budget.cancel(reserved)
+                registered = dataclasses.replace(registered, compiled=meanwhile.compiled)
+            elif reserved:
+                self.budget.keep(reserved, memory.steady)
+            self._pipelines[key] = registered
         return registered
 
-    def get(self, pipeline_id: str, field: str = "pipeline_id") -> RegisteredPipeline:
-        """The registered pipeline, or NotFound naming `field`."""
+    def get(
+        self, pipeline_id: str, field: str = "pipeline_id", tenant: str = DEFAULT_TENANT
+    ) -> RegisteredPipeline:
+        """The tenant's registered pipeline, or NotFound naming `field`."""
         with self._lock:
-            registered = self._pipelines.get(pipeline_id)
+            registered = self._pipelines.get((tenant, pipeline_id))
         if registered is None:
             raise NotFound(field, f"no pipeline {pipeline_id!r} is registered")
         return registered
 
-    def list(self) -> list[RegisteredPipeline]:
-        """All registered pipelines, by id."""
+    def list(self, tenant: str = DEFAULT_TENANT) -> list[RegisteredPipeline]:
+        """The tenant's registered pipelines, by id."""
         with self._lock:
-            return [self._pipelines[key] for key in sorted(self._pipelines)]
+            return [r for (owner, _), r in sorted(self._pipelines.items()) if owner == tenant]
 
-    def delete(self, pipeline_id: str) -> bool:
-        """Forget a pipeline; False if it was not registered."""
+    def delete(self, pipeline_id: str, tenant: str = DEFAULT_TENANT) -> bool:
+        """Forget the tenant's pipeline; False if it had none by that id."""
         with self._lock:
-            return self._pipelines.pop(pipeline_id, None) is not None
+            removed = self._pipelines.pop((tenant, pipeline_id), None)
+            if removed is not None and self._shared_locked(pipeline_id) is None:
+                self.budget.free(session_memory(removed.compiled.pipeline).steady)
+            return removed is not None
+
+    def _shared_locked(self, pipeline_id: str) -> RegisteredPipeline | None:
+        """Any tenant's entry for `pipeline_id` (they share its session)."""
+        return next((r for (_, i), r in self._pipelines.items() if i == pipeline_id), None)
 
     def __len__(self) -> int:
         with self._lock:

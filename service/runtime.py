@@ -12,7 +12,9 @@ import numpy as np
 import onnxruntime as ort
 
 from featmap.contract.errors import ExecutionFailed, Unavailable
+from featmap.contract.limits import session_memory
 from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
+from featmap.service.budget import UNBOUNDED, MemoryBudget
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 
 log = logging.getLogger(__name__)
@@ -126,7 +128,13 @@ class CacheStats:
 
 
 class SessionCache:
-    """LRU cache of compiled sessions keyed by pipeline id; one build per id at a time."""
+    """LRU cache of compiled sessions keyed by pipeline id; one build per id at a time.
+
+    Bounded by a count (`capacity`) and by bytes (`budget_bytes`, the `session_cache_bytes`
+    setting): a build reserves its estimated peak (contract.limits.session_memory) before it
+    starts, evicting the least recently used sessions to make room, and keeps its steady
+    estimate once built.
+    """
 
     def __init__(
         self,
@@ -135,15 +143,18 @@ class SessionCache:
         intra_op_threads: int = 0,
         *,
         spinning: bool = False,
+        budget_bytes: int = UNBOUNDED,
     ) -> None:
         self.capacity = capacity
         self.providers = providers
         self.intra_op_threads = intra_op_threads
         self.spinning = spinning
         self.stats = CacheStats()
+        self.budget = MemoryBudget("session_cache_bytes", budget_bytes)
         # Shared by every session this cache builds: a shutdown stops all their runs.
         self.runs = ActiveRuns()
         self._sessions: OrderedDict[str, CompiledPipeline] = OrderedDict()
+        self._charges: dict[str, int] = {}  # id -> steady bytes kept in the budget
         self._building: dict[str, Future[CompiledPipeline]] = {}
         self._lock = threading.Lock()
 
@@ -154,6 +165,7 @@ class SessionCache:
     def get(self, pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> CompiledPipeline:
         """The compiled session for `pipeline`, building it on a miss."""
         key = content_id(pipeline, tensors)
+        memory = session_memory(pipeline)
         with self._lock:
             compiled = self._sessions.get(key)
             if compiled is not None:
@@ -162,6 +174,9 @@ class SessionCache:
                 return compiled
             pending = self._building.get(key)
             if pending is None:
+                self.budget.reserve(
+                    memory.peak, "layers", "compiling this pipeline", self._evict_locked
+                )
                 self.stats.misses += 1
                 self._building[key] = pending = Future()
                 owner = True
@@ -175,16 +190,28 @@ class SessionCache:
             # A failed build is not cached: the next request for this spec tries again.
             with self._lock:
                 del self._building[key]
+                self.budget.cancel(memory.peak)
             pending.set_exception(exc)
             raise
         with self._lock:
             self._sessions[key] = compiled
+            self._charges[key] = memory.steady
+            self.budget.keep(memory.peak, memory.steady)
             del self._building[key]
             while len(self._sessions) > self.capacity:
-                self._sessions.popitem(last=False)
-                self.stats.evictions += 1
+                self._evict_locked()
         pending.set_result(compiled)
         return compiled
+
+    def _evict_locked(self) -> int:
+        """Drop the least recently used session; the bytes freed (0 when none is left)."""
+        if not self._sessions:
+            return 0
+        key, _ = self._sessions.popitem(last=False)
+        freed = self._charges.pop(key)
+        self.budget.free(freed)
+        self.stats.evictions += 1
+        return freed
 
     def compile(self, pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> CompiledPipeline:
         """Build a session with this cache's providers and threads, without caching it."""

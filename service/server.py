@@ -6,9 +6,9 @@ import functools
 import inspect
 import logging
 import os
-import queue
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,19 +25,36 @@ from featmap.contract.errors import (
     InvalidRequest,
     status_for,
 )
-from featmap.contract.metadata import FIELD_KEY, REQUEST_ID_KEY
+from featmap.contract.metadata import FIELD_KEY, REQUEST_ID_KEY, RETRYABLE_KEY
 from featmap.contract.wire import (
     FramedExtractRequest,
     FramedExtractResponse,
     parse_extract_request,
     serialize_extract_response,
 )
-from featmap.service.admission import Admission, AdmissionExecutor, AdmittingHandler
+from featmap.service.admission import (
+    GUARDED_METHODS,
+    STREAM_METHODS,
+    Admission,
+    AdmissionExecutor,
+    AdmittingHandler,
+    Decisions,
+)
+from featmap.service.allocator import Trimmer, tune_allocator
 from featmap.service.api import FeatureService
 from featmap.service.metrics import Metrics
 from featmap.service.observe import RequestObserver
-from featmap.service.security import TokenAuthInterceptor, add_port, load_tokens
+from featmap.service.security import (
+    Caller,
+    Tenants,
+    TokenAuthInterceptor,
+    add_port,
+    add_unix_socket,
+    caller_of,
+    load_tenants,
+)
 from featmap.service.settings import ServerSettings
+from featmap.service.streams import ReadAhead, StreamWatchdog
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 
@@ -56,14 +73,32 @@ def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
         request_id = uuid.uuid4().hex[:12]
         log.error("request %s: %s failed: %s", request_id, method, exc, exc_info=exc)
         context.set_trailing_metadata(((FIELD_KEY, exc.field), (REQUEST_ID_KEY, request_id)))
+        _detach(exc)
         context.abort(status_for(exc), f"{exc} (request id {request_id})")
     if isinstance(exc, FeatmapError):
-        context.set_trailing_metadata(((FIELD_KEY, exc.field),))
+        trailers = [(FIELD_KEY, exc.field)]
+        if exc.retryable:
+            trailers.append((RETRYABLE_KEY, "1"))
+        context.set_trailing_metadata(tuple(trailers))
+        _detach(exc)
         context.abort(status_for(exc), str(exc))
     request_id = uuid.uuid4().hex[:12]
     log.error("request %s: unexpected error in %s", request_id, method, exc_info=exc)
     context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+    _detach(exc)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+
+
+def _detach(exc: BaseException) -> None:
+    """Drop what an answered error still refers to: its frames (and through them the request).
+
+    gRPC keeps the exception context.abort raises until the call's state goes, and that one's
+    __context__ is `exc`; exc's traceback reaches the handler's frames, which reach the context:
+    a cycle that held every refused request, megabytes of it, until the next garbage collection.
+    """
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
 
 
 def map_errors(method: Handler) -> Handler:
@@ -104,92 +139,58 @@ def still_wanted(context: grpc.ServicerContext) -> None:
         raise Cancelled("request", "the caller went away before the work started")
 
 
-_END = object()
-
-
-class _Prefetch:
-    """Reads a request stream on its own thread, at most `window` messages ahead.
-
-    The handler computes chunk i while chunk i+1 arrives; the bounded queue is what keeps
-    server memory to a few chunks (a full queue stops reading, and HTTP/2 flow control then
-    stops the client).
-    """
-
-    def __init__(self, requests: Iterator[Any], window: int) -> None:
-        self.queue: queue.Queue[object] = queue.Queue(maxsize=window)
-        self.peak = 0
-        self._closed = threading.Event()
-        self._thread = threading.Thread(
-            target=self._read, args=(requests,), name="featmap-stream-reader", daemon=True
-        )
-        self._thread.start()
-
-    def _put(self, item: object) -> bool:
-        while not self._closed.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-            except queue.Full:
-                continue
-            self.peak = max(self.peak, self.queue.qsize())
-            return True
-        return False
-
-    def _read(self, requests: Iterator[Any]) -> None:
-        try:
-            for request in requests:
-                if not self._put(request):
-                    return  # the handler ended (an error): stop reading
-        except Exception as exc:  # the client went away or cancelled: end the stream
-            self._put(exc)
-        self._put(_END)
-
-    def close(self) -> None:
-        """Stop the reader thread (the handler is done with this stream)."""
-        self._closed.set()
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            item = self.queue.get()
-            if item is _END:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item  # type: ignore[misc]
-
-
 class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
     """featmap.v1.FeatureExtractor over a FeatureService."""
 
-    def __init__(self, service: FeatureService) -> None:
+    def __init__(self, service: FeatureService, tenants: Tenants | None = None) -> None:
         self.service = service
+        self.tenants = tenants
         self.stream_peak_backlog = 0
+        self.watchdog = StreamWatchdog(service.settings.stream_idle_timeout_s)
+
+    def caller(self, context: Any) -> Caller:
+        """Who is calling (tenant, local), from the call's metadata and peer."""
+        return caller_of(context, self.tenants)
 
     @map_errors
     def Extract(self, request: FramedExtractRequest, context: Any) -> FramedExtractResponse:
-        target = self.service.target(request)
-        return self.service.extract(request, target, functools.partial(still_wanted, context))
+        caller = self.caller(context)
+        target = self.service.target(request, caller)
+        return self.service.extract(
+            request, target, caller, functools.partial(still_wanted, context)
+        )
 
     @map_errors
     def ExtractStream(
         self, requests: Iterator[Any], context: Any
     ) -> Iterator[FramedExtractResponse]:
-        prefetch = _Prefetch(requests, self.service.settings.stream_window)
+        settings = self.service.settings
+        caller = self.caller(context)
+        read_ahead = ReadAhead(
+            requests,
+            settings.stream_window,
+            settings.max_message_bytes,
+            settings.stream_idle_timeout_s,
+        )
         target = None
         try:
-            for sequence, request in enumerate(prefetch):
+            for sequence, request in enumerate(read_ahead):
                 try:
-                    target = self.service.target(unframed(request), target)
+                    target = self.service.target(unframed(request), caller, target)
                     response = self.service.extract(
-                        request, target, functools.partial(still_wanted, context)
+                        request, target, caller, functools.partial(still_wanted, context)
                     )
                 except FeatmapError as exc:
                     exc.args = (f"stream message {sequence}: {exc}",)
                     raise
+                del request  # what was received goes as soon as it is answered
                 response.message.sequence = sequence
-                self.stream_peak_backlog = max(self.stream_peak_backlog, prefetch.peak)
-                yield response
+                self.stream_peak_backlog = max(self.stream_peak_backlog, read_ahead.peak)
+                with self.watchdog.sending(context):
+                    yield response
+                del response
         finally:
-            prefetch.close()
+            read_ahead.close()
 
     @map_errors
     def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Any) -> Any:
@@ -197,31 +198,31 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
 
     @map_errors
     def RegisterPipeline(self, request: pb.RegisterPipelineRequest, context: Any) -> Any:
-        return self.service.register_pipeline(request)
+        return self.service.register_pipeline(request, self.caller(context))
 
     @map_errors
     def GetPipeline(self, request: pb.GetPipelineRequest, context: Any) -> Any:
-        return self.service.get_pipeline(request)
+        return self.service.get_pipeline(request, self.caller(context))
 
     @map_errors
     def ListPipelines(self, request: pb.ListPipelinesRequest, context: Any) -> Any:
-        return self.service.list_pipelines(request)
+        return self.service.list_pipelines(request, self.caller(context))
 
     @map_errors
     def DeletePipeline(self, request: pb.DeletePipelineRequest, context: Any) -> Any:
-        return self.service.delete_pipeline(request)
+        return self.service.delete_pipeline(request, self.caller(context))
 
     @map_errors
     def RegisterSharedMemory(self, request: Any, context: Any) -> Any:
-        return self.service.register_shared_memory(request)
+        return self.service.register_shared_memory(request, self.caller(context))
 
     @map_errors
     def UnregisterSharedMemory(self, request: Any, context: Any) -> Any:
-        return self.service.unregister_shared_memory(request)
+        return self.service.unregister_shared_memory(request, self.caller(context))
 
     @map_errors
     def RenewSharedMemory(self, request: Any, context: Any) -> Any:
-        return self.service.renew_shared_memory(request)
+        return self.service.renew_shared_memory(request, self.caller(context))
 
 
 @dataclass(frozen=True)
@@ -286,8 +287,12 @@ class FeatmapServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.service = FeatureService(settings)
-        self.servicer = FeatureExtractorServicer(self.service)
+        tenants = load_tenants(settings)
+        self.servicer = FeatureExtractorServicer(self.service, tenants)
+        # Unary calls and streams each have their own gate (admission.py says why).
+        decisions = Decisions()
         self.admission = Admission(settings.max_queued_requests or 4 * settings.grpc_workers)
+        self.stream_admission = Admission(settings.stream_limit, "max_streams", "streams")
         self.metrics = Metrics(self.service)
         # The Open Inference Protocol on the same port (oip.py imports from this module).
         from featmap.service.oip import OIP_SERVICE_NAME, InferenceServicer, inference_handlers
@@ -297,11 +302,11 @@ class FeatmapServer:
             RequestObserver(self.metrics, SERVICE_NAME),
             RequestObserver(self.metrics, OIP_SERVICE_NAME),
         ]
-        if tokens := load_tokens(settings):
-            interceptors.append(TokenAuthInterceptor(tokens))
+        if tenants is not None:
+            interceptors.append(TokenAuthInterceptor(tenants))
         self.grpc_server = grpc.server(
             AdmissionExecutor(
-                self.admission,
+                decisions,
                 max_workers=settings.grpc_workers,
                 thread_name_prefix="featmap-grpc",
             ),
@@ -315,19 +320,21 @@ class FeatmapServer:
             ],
             interceptors=interceptors,
         )
+        gates = {method: self.admission for method in GUARDED_METHODS}
+        gates.update({method: self.stream_admission for method in STREAM_METHODS})
         self.grpc_server.add_generic_rpc_handlers(
-            (AdmittingHandler(method_handlers(self.servicer), self.admission, SERVICE_NAME),)
+            (AdmittingHandler(method_handlers(self.servicer), decisions, gates, SERVICE_NAME),)
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        self.inference_servicer = InferenceServicer(self.service, self.health)
+        self.inference_servicer = InferenceServicer(self.service, self.health, tenants)
         self.grpc_server.add_generic_rpc_handlers(
             (
                 AdmittingHandler(
                     inference_handlers(self.inference_servicer),
-                    self.admission,
+                    decisions,
+                    {"ModelInfer": self.admission},
                     OIP_SERVICE_NAME,
-                    guarded_methods=("ModelInfer",),
                 ),
             )
         )
@@ -345,16 +352,27 @@ class FeatmapServer:
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
         self.address = f"{settings.host}:{self.port}"
+        # The Unix socket: where callers are proven local (and offered shared memory).
+        self.unix_address: str | None = None
+        if settings.unix_socket is not None:
+            self.unix_address = add_unix_socket(self.grpc_server, settings.unix_socket)
         self.metrics_port: int | None = None
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(settings.host, settings.metrics_port)
+        self.trimmer: Trimmer | None = None
 
     def start(self) -> FeatmapServer:
         """Start serving and report SERVING on the health service."""
         self.grpc_server.start()
+        self.trimmer = Trimmer(
+            lambda: self.metrics.calls,
+            lambda: bool(self.admission.in_flight or self.stream_admission.in_flight),
+        )
         for service in self.health_services:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("listening on %s", self.address)
+        if self.unix_address is not None:
+            log.info("listening on %s", self.unix_address)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         return self
@@ -370,21 +388,29 @@ class FeatmapServer:
         """
         self.health.enter_graceful_shutdown()
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        self.admission.close()
-        drained = self.admission.drain(grace)
+        deadline = time.monotonic() + grace
+        gates = (self.admission, self.stream_admission)
+        for gate in gates:
+            gate.close()
+        drained = all(gate.drain(max(0.0, deadline - time.monotonic())) for gate in gates)
         if not drained:
             stopped = self.service.cache.runs.terminate()
             log.warning(
                 "shutdown grace of %gs ended with %d calls in flight: stopped %d onnxruntime "
                 "runs, answering UNAVAILABLE",
                 grace,
-                self.admission.in_flight,
+                sum(gate.in_flight for gate in gates),
                 stopped,
             )
-            drained = self.admission.drain(TERMINATE_WAIT_S)
+            drained = all(gate.drain(TERMINATE_WAIT_S) for gate in gates)
         self.grpc_server.stop(0).wait()
+        self.servicer.watchdog.close()
+        if self.trimmer is not None:
+            self.trimmer.close()
         self.service.close()
         self.metrics.close()
+        if self.settings.unix_socket is not None:
+            self.settings.unix_socket.unlink(missing_ok=True)
         return drained
 
     def __enter__(self) -> FeatmapServer:
@@ -402,6 +428,7 @@ def create_server(settings: ServerSettings) -> tuple[FeatmapServer, int]:
 
 def serve(settings: ServerSettings) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+    tune_allocator()  # this process is the server's: freed request memory goes back (allocator.py)
     server, _ = create_server(settings)
     stopping = threading.Event()
 
@@ -421,6 +448,7 @@ def serve(settings: ServerSettings) -> None:
         return
     # A run inside one long onnxruntime node notices `terminate` only when the node ends; the
     # interpreter would wait for its thread at exit. Every caller has its answer: leave now.
-    log.warning("stopped; %d calls were still unwinding", server.admission.in_flight)
+    unwinding = server.admission.in_flight + server.stream_admission.in_flight
+    log.warning("stopped; %d calls were still unwinding", unwinding)
     logging.shutdown()
     os._exit(0)

@@ -9,7 +9,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from featmap.contract.limits import DEFAULT_LIMITS, RequestLimits
+from featmap.contract.limits import DEFAULT_LIMITS, MIB, RequestLimits
+
+GIB = 1024 * MIB
 
 
 def default_grpc_workers() -> int:
@@ -39,6 +41,12 @@ class ServerSettings(BaseSettings):
     intra_op_spinning: bool = False
     session_cache_size: int = Field(default=32, ge=1)
     max_registered_pipelines: int = Field(default=256, ge=1)
+    # Memory budgets in bytes, estimated before allocating (contract.limits: spec_memory,
+    # session_memory): parsed inline specs (and parses in flight), compiled sessions of inline
+    # specs (and builds in flight, at their peak), registered pipelines (over all tenants).
+    spec_cache_bytes: int = Field(default=256 * MIB, ge=MIB)
+    session_cache_bytes: int = Field(default=4 * GIB, ge=MIB)
+    registry_bytes: int = Field(default=4 * GIB, ge=MIB)
     # Dynamic batching defaults (RegisterPipeline may override them per pipeline).
     batching: bool = True
     max_batch_size: int = Field(default=32, ge=1)
@@ -46,13 +54,25 @@ class ServerSettings(BaseSettings):
     # Batches of one pipeline and image shape in flight at once: 2 lets the next batch form
     # while one runs, so the cores do not idle between batches.
     concurrent_batches: int = Field(default=2, ge=1)
-    # Shared memory: a client renews its regions within the lease or they are unmapped.
+    # Also serve on this Unix domain socket (mode 0600: only the server's user can connect).
+    unix_socket: Path | None = None
+    # Offer shared memory to callers on unix_socket (never over TCP); off by default.
+    shared_memory: bool = False
+    # Shared memory: a client renews its regions within the lease or they are forgotten.
     shared_memory_lease_s: float = Field(default=30.0, gt=0)
     max_shared_memory_regions: int = Field(default=256, ge=0)
-    # ExtractStream: request messages a stream may have received but not yet answered.
+    # ExtractStream: request messages a stream may have received but not yet answered (and at
+    # most max_message_bytes of them, beyond the one in hand).
     stream_window: int = Field(default=4, ge=1)
+    # ExtractStream calls at once; None: grpc_workers // 2, so that streams (each holding a
+    # handler thread for its life) always leave threads to unary calls.
+    max_streams: int | None = Field(default=None, ge=1)
+    # A stream that keeps the server waiting this long (no message, or a response it does not
+    # take) is ended.
+    stream_idle_timeout_s: float = Field(default=30.0, gt=0)
     # The per-request limits; their defaults (and meaning) are featmap.contract.limits'.
     max_message_bytes: int = Field(default=DEFAULT_LIMITS.max_message_bytes, ge=1024)
+    max_spec_bytes: int = Field(default=DEFAULT_LIMITS.max_spec_bytes, ge=1024)
     max_images_per_request: int = Field(default=DEFAULT_LIMITS.max_images_per_request, ge=1)
     max_pixels_per_image: int = Field(default=DEFAULT_LIMITS.max_pixels_per_image, ge=1)
     max_layers: int = Field(default=DEFAULT_LIMITS.max_layers, ge=1)
@@ -96,6 +116,24 @@ class ServerSettings(BaseSettings):
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         return self
+
+    @model_validator(mode="after")
+    def _check_local_features(self) -> ServerSettings:
+        if self.shared_memory and self.unix_socket is None:
+            raise ValueError(
+                "shared_memory needs unix_socket: it is offered only to callers proven local"
+            )
+        if self.max_streams is not None and 1 < self.grpc_workers <= self.max_streams:
+            raise ValueError(
+                f"max_streams={self.max_streams} must be below grpc_workers={self.grpc_workers}, "
+                "so that streams leave handler threads to unary calls"
+            )
+        return self
+
+    @property
+    def stream_limit(self) -> int:
+        """ExtractStream calls admitted at once (max_streams, or half the handler threads)."""
+        return self.max_streams or max(1, self.grpc_workers // 2)
 
     def request_limits(self) -> RequestLimits:
         """The per-request limits these settings set."""

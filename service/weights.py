@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.contract.errors import InvalidSpec, InvalidTensor
+from featmap.contract.errors import InvalidSpec, InvalidTensor, listing
 from featmap.contract.spec import (
     NO_TENSORS,
     Conv2d,
@@ -77,12 +77,24 @@ def initializer(
 
 
 def gaussian_1d(size: int, sigma: float | None) -> np.ndarray:
-    """Normalized 1D Gaussian; default sigma as OpenCV's getGaussianKernel."""
+    """Normalized 1D Gaussian; default sigma as OpenCV's getGaussianKernel.
+
+    ValueError when float64 cannot compute it: 2·sigma² overflows or underflows to 0, or every
+    tap underflows (a tiny sigma with an even size, whose centre is between two taps).
+    """
     if sigma is None:
         sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
+    with np.errstate(over="ignore", under="ignore"):
+        denominator = 2 * np.float64(sigma) ** 2
+    if not 0 < denominator < np.inf:
+        raise ValueError(f"2·sigma² {'overflows' if denominator else 'underflows'} float64")
     offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2
-    g = np.exp(-(offsets**2) / (2 * sigma**2))
-    return g / g.sum()
+    with np.errstate(under="ignore"):  # far taps of a narrow kernel are 0, as they should be
+        g = np.exp(-(offsets**2) / denominator)
+    total = g.sum()
+    if not total > 0:
+        raise ValueError(f"every one of its {size} taps underflows to 0 in float64")
+    return g / total
 
 
 def preset_kernel(source: PresetSource, kernel_size: tuple[int, int]) -> np.ndarray:
@@ -103,6 +115,23 @@ def preset_kernel(source: PresetSource, kernel_size: tuple[int, int]) -> np.ndar
             kernel = np.zeros((kh, kw))
             kernel[kh // 2, kw // 2] = 1.0
             return kernel
+
+
+def check_presets(pipeline: Pipeline) -> None:
+    """InvalidSpec naming `layers[i].weights.sigma` for a gaussian float64 cannot compute."""
+    for index, layer in enumerate(pipeline.layers):
+        if not isinstance(layer, Conv2d) or not isinstance(layer.weights, PresetSource):
+            continue
+        if layer.weights.preset != "gaussian":
+            continue
+        for size in set(layer.kernel_size):
+            try:
+                gaussian_1d(size, layer.weights.sigma)
+            except ValueError as exc:
+                raise InvalidSpec(
+                    f"layers[{index}].weights.sigma",
+                    f"{layer.weights.sigma} gives no finite {size}-tap gaussian: {exc}",
+                ) from None
 
 
 def conv_parameters(
@@ -187,7 +216,7 @@ def check_tensors(pipeline: Pipeline, tensors: WeightTensors) -> dict[str, np.nd
         if name not in expected:
             raise InvalidTensor(
                 f"weights[{name!r}]",
-                f"is not referenced by the spec (it references {sorted(expected)})",
+                f"is not referenced by the spec (it references {listing(sorted(expected))})",
             )
     checked: dict[str, np.ndarray] = {}
     for name, (shape, field) in expected.items():
@@ -195,7 +224,7 @@ def check_tensors(pipeline: Pipeline, tensors: WeightTensors) -> dict[str, np.nd
         if tensor is None:
             raise InvalidSpec(
                 field,
-                f"{name!r} is not among the weight tensors sent ({sorted(tensors)}); "
+                f"{name!r} is not among the weight tensors sent ({listing(sorted(tensors))}); "
                 "tensor weights are sent with RegisterPipeline",
             )
         if tensor.dtype.kind != "f":

@@ -87,6 +87,28 @@ def server() -> Iterator[FeatmapServer]:
 
 
 @pytest.fixture(scope="session")
+def shm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FeatmapServer]:
+    """A real server that also serves its Unix socket and offers shared memory there."""
+    socket = tmp_path_factory.mktemp("socket") / "featmap.sock"
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        intra_op_threads=1,
+        grpc_workers=4,
+        unix_socket=socket,
+        shared_memory=True,
+    )
+    with FeatmapServer(settings) as running:
+        yield running
+
+
+def local(server: FeatmapServer) -> str:
+    """A server's Unix socket as a gRPC target (where shared memory is offered)."""
+    assert server.unix_address is not None
+    return server.unix_address
+
+
+@pytest.fixture(scope="session")
 def client(server: FeatmapServer) -> Iterator[FeatureClient]:
     """A FeatureClient connected to the session's server, ready."""
     with FeatureClient(server.address, timeout=60) as connected:

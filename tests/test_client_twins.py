@@ -17,7 +17,7 @@ from featmap.client import AsyncFeatureClient, FeatureClient
 from featmap.contract.errors import FeatmapError, InvalidTensor
 from featmap.contract.spec import Pipeline
 from featmap.service.server import FeatmapServer
-from tests.conftest import README_SPEC, assert_matches_reference
+from tests.conftest import README_SPEC, assert_matches_reference, local
 from tests.test_cli import free_port
 
 CONTEXT_METHODS = {"__enter__", "__exit__", "__aenter__", "__aexit__"}
@@ -81,22 +81,24 @@ def test_client_errors_share_the_contract_base(server: FeatmapServer) -> None:
 
 
 def test_async_client_through_shared_memory(
-    server: FeatmapServer, readme_pipeline: Pipeline
+    shm_server: FeatmapServer, readme_pipeline: Pipeline
 ) -> None:
     images = np.random.default_rng(3).random((3, 3, 20, 24), dtype=np.float32)
+    regions = shm_server.service.shared_memory
 
     async def run() -> tuple[list[dict[str, np.ndarray]], str]:
-        async with AsyncFeatureClient(server.address, shared_memory=True, timeout=30) as client:
+        address = local(shm_server)
+        async with AsyncFeatureClient(address, shared_memory=True, timeout=30) as client:
             results = [await client.extract(images, README_SPEC) for _ in range(2)]
             assert client._shared is not None
-            owner = client._shared.pool.owner
-            assert server.service.shared_memory.renew(owner) == 2  # images and outputs
-            return results, owner
+            secret = client._shared.pool.secret
+            assert regions.renew("", secret) == 2  # images and outputs
+            return results, secret
 
-    results, owner = asyncio.run(run())
+    results, secret = asyncio.run(run())
     for outputs in results:
         assert_matches_reference(outputs, readme_pipeline, images)
-    assert server.service.shared_memory.renew(owner) == 0  # unregistered on close
+    assert regions.renew("", secret) == 0  # unregistered on close
 
 
 def test_async_stream_sends_at_most_in_flight_ahead(server: FeatmapServer) -> None:

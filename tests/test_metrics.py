@@ -81,8 +81,9 @@ def test_counters_move_by_the_calls_made(metered: FeatmapServer) -> None:
     assert moved(before, after, requests, method="Extract", code="INVALID_ARGUMENT") == 1
     assert moved(before, after, requests, method="ExtractStream", code="OK") == 1
     assert moved(before, after, requests, method="GetServerInfo", code="OK") == 1
-    # Received: 3 good + 1 bad Extract of 2 images, and a stream of 2 + 1.
-    assert moved(before, after, "featmap_images_total") == 3 * 2 + 2 + 3
+    # Admitted: 3 good Extract of 2 images, and a stream of 2 + 1 (the bad spec's images were
+    # never admitted, so they do not count).
+    assert moved(before, after, "featmap_images_total") == 3 * 2 + 3
     assert moved(before, after, "featmap_bytes_received_total") > 4 * images.nbytes
     assert moved(before, after, "featmap_request_seconds_count", stage="total") == 6
     # Queue and compute are timed for the calls that ran the pipeline (a stream once).

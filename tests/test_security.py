@@ -1,4 +1,5 @@
-"""TLS, mutual TLS and bearer tokens, against real servers with throwaway certificates."""
+"""TLS, mutual TLS, bearer tokens and the Unix socket, against real servers with throwaway
+certificates."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import datetime
 import ipaddress
 import json
 import logging
+import socket
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,7 @@ from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
 )
-from featmap.service.security import TokenAuthInterceptor
+from featmap.service.security import Tenants, TokenAuthInterceptor
 from featmap.service.server import SERVICE_NAME, FeatmapServer
 from featmap.service.settings import ServerSettings
 from tests.conftest import README_SPEC, assert_matches_reference
@@ -400,7 +403,7 @@ def test_empty_tokens_file_refuses_to_start(tmp_path: Path) -> None:
 
 
 def test_token_check_messages() -> None:
-    auth = TokenAuthInterceptor([TOKEN.encode()])
+    auth = TokenAuthInterceptor(Tenants([("", TOKEN.encode())]))
     assert auth.problem([]) is not None and "missing" in auth.problem([])  # type: ignore[operator]
     assert auth.problem([("authorization", f"Basic {TOKEN}")]) == (
         "invalid authorization metadata: expected 'Bearer <token>'"
@@ -457,3 +460,42 @@ def test_extract_command_sends_tls_and_token(
     with np.load(tmp_path / "a.npz", allow_pickle=False) as saved:
         outputs = {name: saved[name] for name in ("conv1", "features")}
     assert_matches_reference(outputs, parse_pipeline(README_SPEC), images)
+
+
+# --------------------------------------------------------------------------- the Unix socket
+
+
+def test_unix_socket_is_private_and_local(tmp_path: Path) -> None:
+    path = tmp_path / "featmap.sock"
+    with FeatmapServer(_settings(unix_socket=path, auth_tokens=[TOKEN])) as running:
+        assert running.unix_address == f"unix:{path}"
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o600  # only the server's user connects
+        # Tokens apply on the socket as on the port.
+        with FeatureClient(f"unix:{path}", timeout=30) as anonymous:
+            assert _refused(anonymous).code == grpc.StatusCode.UNAUTHENTICATED
+        with FeatureClient(f"unix:{path}", timeout=30, token=TOKEN) as client:
+            client.extract(_images(), README_SPEC)
+        # A second server cannot take over a socket that is in use.
+        with pytest.raises(OSError, match="in use"):
+            FeatmapServer(_settings(unix_socket=path))
+    assert not path.exists()  # removed at stop
+
+
+def test_a_stale_socket_is_replaced_and_other_files_are_left(tmp_path: Path) -> None:
+    path = tmp_path / "featmap.sock"
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))  # bound, never listening: what a killed server leaves
+    with FeatmapServer(_settings(unix_socket=path)) as running:
+        assert running.unix_address is not None
+    path.write_text("not a socket")
+    with pytest.raises(OSError, match="not a socket"):
+        FeatmapServer(_settings(unix_socket=path))
+    assert path.read_text() == "not a socket"
+
+
+def test_max_streams_must_leave_threads_to_unary_calls() -> None:
+    with pytest.raises(ValidationError, match="below grpc_workers"):
+        ServerSettings(grpc_workers=8, max_streams=8)
+    assert ServerSettings(grpc_workers=8).stream_limit == 4
+    assert ServerSettings(grpc_workers=1).stream_limit == 1

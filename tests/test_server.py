@@ -275,8 +275,14 @@ def test_server_info(client: FeatureClient, server: FeatmapServer) -> None:
         "max_kernel_size": settings.max_kernel_size,
         "max_flops": settings.max_flops,
         "max_activation_bytes": settings.max_activation_bytes,
-        # allow_non_finite_input is False, proto3's default, so it is not listed
+        # allow_non_finite_input and shared_memory are False, proto3's default: not listed
         "max_queued_requests": 4 * settings.grpc_workers,
+        "max_streams": settings.grpc_workers // 2,
+        "stream_idle_timeout_s": settings.stream_idle_timeout_s,
+        "max_spec_bytes": settings.max_spec_bytes,
+        "spec_cache_bytes": settings.spec_cache_bytes,
+        "session_cache_bytes": settings.session_cache_bytes,
+        "registry_bytes": settings.registry_bytes,
     }
 
 

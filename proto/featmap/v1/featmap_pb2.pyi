@@ -29,14 +29,16 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SharedMemoryRef(_message.Message):
-    __slots__ = ("region", "offset", "byte_size")
+    __slots__ = ("region", "offset", "byte_size", "owner")
     REGION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     region: str
     offset: int
     byte_size: int
-    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
     __slots__ = ("spec_json", "pipeline_id", "images", "output_dtype", "images_region", "output_region")
@@ -230,7 +232,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters", "max_registered_pipelines", "max_kernel_size", "max_flops", "max_activation_bytes", "allow_non_finite_input", "max_queued_requests")
+    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters", "max_registered_pipelines", "max_kernel_size", "max_flops", "max_activation_bytes", "allow_non_finite_input", "max_queued_requests", "max_streams", "stream_idle_timeout_s", "max_spec_bytes", "spec_cache_bytes", "session_cache_bytes", "registry_bytes", "shared_memory")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +245,13 @@ class Limits(_message.Message):
     MAX_ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
     ALLOW_NON_FINITE_INPUT_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPEC_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPEC_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_images_per_request: int
     max_pixels_per_image: int
@@ -255,7 +264,14 @@ class Limits(_message.Message):
     max_activation_bytes: int
     allow_non_finite_input: bool
     max_queued_requests: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_registered_pipelines: _Optional[int] = ..., max_kernel_size: _Optional[int] = ..., max_flops: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., allow_non_finite_input: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ...) -> None: ...
+    max_streams: int
+    stream_idle_timeout_s: float
+    max_spec_bytes: int
+    spec_cache_bytes: int
+    session_cache_bytes: int
+    registry_bytes: int
+    shared_memory: bool
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_registered_pipelines: _Optional[int] = ..., max_kernel_size: _Optional[int] = ..., max_flops: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., allow_non_finite_input: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_spec_bytes: _Optional[int] = ..., spec_cache_bytes: _Optional[int] = ..., session_cache_bytes: _Optional[int] = ..., registry_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "onnxruntime_version", "available_providers", "active_providers", "limits", "onnx_opset", "intra_op_threads", "grpc_workers", "default_batching", "spec_schema_json")
