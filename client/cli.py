@@ -385,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument(
         "--in-flight", type=int, default=4, help="requests in flight with --server (4)"
     )
+    extract.add_argument(
+        "--name",
+        help="with --server: register the pipeline under this name on every server (OIP "
+        "clients and others can then use the name); a name of another pipeline is an error",
+    )
+    extract.add_argument(
+        "--replace-name",
+        action="store_true",
+        help="with --name: move the name to this pipeline if it names another one",
+    )
     extract.add_argument("--timeout", type=float, default=300.0, help="seconds per request (300)")
     add_connection_arguments(extract)
     extract.add_argument("--threads", type=int, default=0, help="onnxruntime threads in-process")

@@ -360,15 +360,20 @@ class FeatureClient(_ClientBase):
         spec: SpecLike,
         weights: Mapping[str, np.ndarray] | None = None,
         *,
+        name: str | None = None,
+        replace: bool = False,
         batching: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> str:
         """Register a spec with its weight tensors (referenced as {"tensor": name}); its id.
 
-        `batching` overrides the server's dynamic batching for this pipeline:
+        `name` also registers it under a name of yours, usable wherever the id is (extract,
+        get_pipeline, delete_pipeline, OIP model names); a name that names another pipeline is
+        an error (ALREADY_EXISTS) unless `replace`, which moves it here. `batching` overrides
+        the server's dynamic batching for this pipeline:
         {"enabled": bool, "max_batch_size": int, "max_queue_delay_us": int}.
         """
-        request = register_request(spec, weights, batching)
+        request = register_request(spec, weights, batching, name, replace)
         return str(self._call(self._stub.RegisterPipeline, request, timeout).pipeline_id)
 
     def get_pipeline(
@@ -596,11 +601,13 @@ class AsyncFeatureClient(_ClientBase):
         spec: SpecLike,
         weights: Mapping[str, np.ndarray] | None = None,
         *,
+        name: str | None = None,
+        replace: bool = False,
         batching: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> str:
         """As FeatureClient.register."""
-        request = register_request(spec, weights, batching)
+        request = register_request(spec, weights, batching, name, replace)
         return str((await self._call(self._stub.RegisterPipeline, request, timeout)).pipeline_id)
 
     async def get_pipeline(

@@ -153,8 +153,9 @@ def target_addresses(servers: Sequence[str]) -> list[str]:
 class RemoteRunner:
     """Batches sent through FeatureClient, `in_flight` requests at a time.
 
-    A spec with {"tensor": NAME} weights is registered, with `tensors`, on every address the
-    servers resolve to (a registered pipeline lives in one server's memory), then run by id.
+    A spec with {"tensor": NAME} weights, or given a `name`, is registered (with `tensors`,
+    under `name`) on every address the servers resolve to (a registered pipeline lives in one
+    server's memory), then run by id.
     """
 
     def __init__(
@@ -165,6 +166,8 @@ class RemoteRunner:
         timeout: float,
         security: ChannelSecurity | None = None,
         tensors: Mapping[str, np.ndarray] | None = None,
+        name: str | None = None,
+        replace_name: bool = False,
     ) -> None:
         from featmap.client.client import FeatureClient
 
@@ -181,10 +184,12 @@ class RemoteRunner:
         }
         self.client = FeatureClient(target, in_flight=in_flight, load_balancing=balanced, **options)
         self.pipeline: Pipeline | str = pipeline
-        if tensors or pipeline.tensor_names:
+        if tensors or pipeline.tensor_names or name:
             for address in target_addresses(servers):
                 with FeatureClient(address, **options) as replica:
-                    self.pipeline = replica.register(pipeline, tensors)
+                    self.pipeline = replica.register(
+                        pipeline, tensors, name=name, replace=replace_name
+                    )
 
     def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs from the server(s), in order."""
@@ -466,6 +471,8 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
         print(f"featmap extract: {line}", file=sys.stderr)
 
     runner: Runner
+    if args.name and not args.server:
+        raise JobError("--name registers the pipeline on servers: it needs --server", 2)
     try:
         if args.server:
             runner = RemoteRunner(
@@ -475,6 +482,8 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
                 args.timeout,
                 security_from_arguments(args),
                 tensors,
+                args.name,
+                args.replace_name,
             )
         else:
             runner = EmbeddedRunner(pipeline, args.threads, tensors)

@@ -18,7 +18,7 @@ import numpy as np
 from featmap.contract.errors import FeatmapError
 from featmap.contract.metadata import FIELD_KEY
 from featmap.contract.ops import layer_costs
-from featmap.contract.spec import Pipeline, parse_pipeline
+from featmap.contract.spec import Pipeline, check_pipeline_name, parse_pipeline
 from featmap.contract.tensors import (
     OUTPUT_DTYPES,
     OutputDType,
@@ -89,6 +89,7 @@ class PipelineInfo:
     weight_names: list[str]
     batching: dict[str, Any]
     onnx_model: bytes
+    names: list[str]
 
 
 def spec_json(spec: SpecLike) -> str:
@@ -203,10 +204,16 @@ def concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def register_request(
-    spec: SpecLike, weights: Mapping[str, np.ndarray] | None, batching: Mapping[str, Any] | None
+    spec: SpecLike,
+    weights: Mapping[str, np.ndarray] | None,
+    batching: Mapping[str, Any] | None,
+    name: str | None = None,
+    replace: bool = False,
 ) -> pb.RegisterPipelineRequest:
-    """A RegisterPipelineRequest with weight tensors as raw bytes."""
-    request = pb.RegisterPipelineRequest(spec_json=spec_json(spec))
+    """A RegisterPipelineRequest with weight tensors as raw bytes (and a checked name)."""
+    request = pb.RegisterPipelineRequest(spec_json=spec_json(spec), replace=replace)
+    if name is not None:
+        request.name = check_pipeline_name(name)
     for name, array in (weights or {}).items():
         request.weights[name].CopyFrom(encode_tensor(sendable(array, f"weights[{name!r}]")))
     if batching is not None:
@@ -230,6 +237,7 @@ def pipeline_info(info: pb.PipelineInfo) -> PipelineInfo:
             "max_queue_delay_us": info.batching.max_queue_delay_us,
         },
         onnx_model=info.onnx_model,
+        names=list(info.names),
     )
 
 

@@ -6,6 +6,7 @@
     │   ├── InvalidTensor         a tensor or array (dtype, shape, bytes, values)
     │   └── NonFiniteResult       the pipeline produced NaN/Inf from finite input (overflow)
     ├── NotFound                  NOT_FOUND; an unknown pipeline id or shared-memory region
+    ├── AlreadyExists             ALREADY_EXISTS; a pipeline name that names another pipeline
     ├── NotPermitted              PERMISSION_DENIED; shared memory off, or not on the Unix socket
     ├── LimitExceeded             RESOURCE_EXHAUSTED; a configured limit, with limit and value
     │   └── Busy                  RESOURCE_EXHAUSTED, retryable; a budget held by work in flight
@@ -91,6 +92,10 @@ class NotFound(FeatmapError):
     """The request names a pipeline or shared-memory region the caller cannot see."""
 
 
+class AlreadyExists(FeatmapError):
+    """A pipeline name is taken by another pipeline (re-register with replace to move it)."""
+
+
 class NotPermitted(FeatmapError):
     """The caller may not use this here: shared memory is off, or the call is not local."""
 
@@ -131,6 +136,7 @@ class DeadlineExceeded(Abandoned):
 
 STATUS_CODES: dict[type[FeatmapError], grpc.StatusCode] = {
     FeatmapError: grpc.StatusCode.UNKNOWN,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidSpec: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidTensor: grpc.StatusCode.INVALID_ARGUMENT,

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -636,3 +637,22 @@ def json_schema_text() -> str:
     """The JSON Schema as text, as committed in proto/featmap/v1/pipeline.schema.json and sent
     in GetServerInfo: indented, keys sorted, ending in a newline."""
     return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+# A pipeline name: what a person calls a registered pipeline (and what OIP clients address it
+# by). Never 32 lowercase hex digits, which is what a pipeline id looks like: a name can be used
+# wherever an id is, so the two must not be confusable.
+PIPELINE_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
+PIPELINE_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+
+def check_pipeline_name(name: str, field: str = "name") -> str:
+    """`name` if it may name a pipeline; InvalidSpec naming `field` otherwise."""
+    if PIPELINE_NAME_PATTERN.fullmatch(name) is None:
+        raise InvalidSpec(
+            field,
+            f"{name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter",
+        )
+    if PIPELINE_ID_PATTERN.fullmatch(name) is not None:
+        raise InvalidSpec(field, f"{name!r} looks like a pipeline id; choose another name")
+    return name

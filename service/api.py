@@ -14,7 +14,7 @@ import onnxruntime as ort
 from featmap.contract import __version__
 from featmap.contract.errors import InvalidRequest, InvalidTensor, NotPermitted
 from featmap.contract.limits import DeferredBatch, check_reply_bytes, check_request_bytes
-from featmap.contract.spec import Pipeline, json_schema_text
+from featmap.contract.spec import Pipeline, check_pipeline_name, json_schema_text
 from featmap.contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, wire_dtype
 from featmap.contract.wire import (
     FramedExtractRequest,
@@ -277,15 +277,21 @@ class FeatureService:
             if request.HasField("batching")
             else None
         )
-        registered = self.registry.register(pipeline, tensors, batching, caller.tenant)
+        name = check_pipeline_name(request.name) if request.name else None
+        registered = self.registry.register(
+            pipeline, tensors, batching, caller.tenant, name=name, replace=request.replace
+        )
         return pb.RegisterPipelineResponse(
-            pipeline_id=registered.pipeline_id, outputs=output_infos(registered)
+            pipeline_id=registered.pipeline_id, outputs=output_infos(registered), name=name or ""
         )
 
-    def pipeline_info(self, registered: RegisteredPipeline, include_model: bool) -> pb.PipelineInfo:
+    def pipeline_info(
+        self, registered: RegisteredPipeline, include_model: bool, caller: Caller
+    ) -> pb.PipelineInfo:
         """What GetPipeline and ListPipelines say of one pipeline."""
         return pb.PipelineInfo(
             pipeline_id=registered.pipeline_id,
+            names=self.registry.names(registered.pipeline_id, caller.tenant),
             spec_json=registered.compiled.pipeline.canonical_json(),
             outputs=output_infos(registered),
             weight_names=registered.weight_names,
@@ -296,7 +302,7 @@ class FeatureService:
     def get_pipeline(self, request: pb.GetPipelineRequest, caller: Caller) -> pb.PipelineInfo:
         """One of the tenant's registered pipelines (NOT_FOUND for any other id)."""
         registered = self.registry.get(request.pipeline_id, tenant=caller.tenant)
-        return self.pipeline_info(registered, request.include_model)
+        return self.pipeline_info(registered, request.include_model, caller)
 
     def list_pipelines(
         self, request: pb.ListPipelinesRequest, caller: Caller
@@ -304,7 +310,7 @@ class FeatureService:
         """The tenant's registered pipelines, without model bytes."""
         return pb.ListPipelinesResponse(
             pipelines=[
-                self.pipeline_info(r, include_model=False)
+                self.pipeline_info(r, include_model=False, caller=caller)
                 for r in self.registry.list(caller.tenant)
             ]
         )

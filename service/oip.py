@@ -124,7 +124,8 @@ class InferenceService:
     def model(
         self, name: str, version: str, caller: Caller, field: str = "name"
     ) -> RegisteredPipeline:
-        """The caller's tenant's registered pipeline a model name (its id) and version name."""
+        """The caller's tenant's registered pipeline that a model name (its id, or a name it was
+        registered under) and version name address."""
         registered = self.service.registry.get(name, field, caller.tenant)
         if version not in ("", MODEL_VERSION):
             raise NotFound(
@@ -151,7 +152,7 @@ class InferenceService:
         """The model's input and outputs (NOT_FOUND for an unknown name)."""
         registered = self.model(request.name, request.version, caller)
         return oip.ModelMetadataResponse(
-            name=registered.pipeline_id,
+            name=request.name,
             versions=[MODEL_VERSION],
             platform=PLATFORM,
             inputs=[input_metadata(registered)],
@@ -220,7 +221,7 @@ class InferenceService:
             self.service.registered_target(registered), images, before_run=before_run
         ).outputs
         response = oip.ModelInferResponse(
-            model_name=registered.pipeline_id, model_version=MODEL_VERSION, id=request.id
+            model_name=request.model_name, model_version=MODEL_VERSION, id=request.id
         )
         for name in names:
             array = np.ascontiguousarray(outputs[name], dtype="<f4")

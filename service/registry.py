@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.contract.errors import InvalidSpec, LimitExceeded, NotFound
+from featmap.contract.errors import AlreadyExists, InvalidSpec, LimitExceeded, NotFound
 from featmap.contract.limits import session_memory
 from featmap.contract.ops import (
     layer_costs,
@@ -70,6 +70,10 @@ def warm_up(compiled: CompiledPipeline) -> None:
 class PipelineRegistry:
     """Registered pipelines by tenant and id; registering the same thing again is a no-op.
 
+    Names are aliases within a tenant: a name addresses exactly one pipeline (`resolve` turns a
+    name or an id into the id), a pipeline may have several, and a name moves to another
+    pipeline only when the registration says `replace`.
+
     Each tenant sees only its own entries: another tenant's id reads as unknown. Tenants that
     register the same content share one compiled session (each entry keeps its own batching),
     and deleting one tenant's entry leaves the others'. Bounded by a count of entries
@@ -86,6 +90,7 @@ class PipelineRegistry:
         self.budget = MemoryBudget("registry_bytes", budget_bytes)
         self._pipelines: dict[tuple[str, str], RegisteredPipeline] = {}
         self._compiling: set[tuple[str, str]] = set()  # entries holding a slot while building
+        self._names: dict[tuple[str, str], str] = {}  # (tenant, name) -> pipeline id
         self._lock = threading.Lock()
 
     def register(
@@ -94,15 +99,22 @@ class PipelineRegistry:
         tensors: WeightTensors,
         batching: BatchingPolicy | None,
         tenant: str = DEFAULT_TENANT,
+        name: str | None = None,
+        replace: bool = False,
     ) -> RegisteredPipeline:
-        """Check the weights, compile and warm the session, and keep it under its content id."""
+        """Check the weights, compile and warm the session, and keep it under its content id
+        (and `name`, if given: see the class docstring for what `replace` does)."""
         weights = check_tensors(pipeline, tensors)
         pipeline_id = content_id(pipeline, weights)
         key = (tenant, pipeline_id)
         memory = session_memory(pipeline)
         with self._lock:
+            if name is not None:
+                self._check_name_locked(tenant, name, pipeline_id, replace)
             known = self._pipelines.get(key)
             if known is not None and known.batching == batching:
+                if name is not None:
+                    self._names[(tenant, name)] = pipeline_id
                 return known
             shared = known or self._shared_locked(pipeline_id)
             taken = len(self._pipelines) + len(self._compiling - {key})
@@ -145,13 +157,39 @@ class PipelineRegistry:
             elif reserved:
                 self.budget.keep(reserved, memory.steady)
             self._pipelines[key] = registered
+            if name is not None:
+                # Checked again: another registration may have taken the name meanwhile.
+                self._check_name_locked(tenant, name, pipeline_id, replace)
+                self._names[(tenant, name)] = pipeline_id
         return registered
+
+    def _check_name_locked(self, tenant: str, name: str, pipeline_id: str, replace: bool) -> None:
+        current = self._names.get((tenant, name))
+        if current is not None and current != pipeline_id and not replace:
+            raise AlreadyExists(
+                "name",
+                f"{name!r} names pipeline {current}, not this one ({pipeline_id}): choose "
+                "another name, or register with replace to move the name to this pipeline",
+            )
+
+    def resolve(self, key: str, tenant: str = DEFAULT_TENANT) -> str:
+        """The pipeline id `key` (an id or a name) stands for in the tenant."""
+        with self._lock:
+            return self._names.get((tenant, key), key)
+
+    def names(self, pipeline_id: str, tenant: str = DEFAULT_TENANT) -> list[str]:
+        """The tenant's names of a pipeline, sorted."""
+        with self._lock:
+            return sorted(
+                n for (t, n), i in self._names.items() if t == tenant and i == pipeline_id
+            )
 
     def get(
         self, pipeline_id: str, field: str = "pipeline_id", tenant: str = DEFAULT_TENANT
     ) -> RegisteredPipeline:
-        """The tenant's registered pipeline, or NotFound naming `field`."""
+        """The tenant's registered pipeline by id or name, or NotFound naming `field`."""
         with self._lock:
+            pipeline_id = self._names.get((tenant, pipeline_id), pipeline_id)
             registered = self._pipelines.get((tenant, pipeline_id))
         if registered is None:
             raise NotFound(field, f"no pipeline {pipeline_id!r} is registered")
@@ -163,9 +201,12 @@ class PipelineRegistry:
             return [r for (owner, _), r in sorted(self._pipelines.items()) if owner == tenant]
 
     def delete(self, pipeline_id: str, tenant: str = DEFAULT_TENANT) -> bool:
-        """Forget the tenant's pipeline; False if it had none by that id."""
+        """Forget the tenant's pipeline (by id or name) and its names; False if it had none."""
         with self._lock:
+            pipeline_id = self._names.get((tenant, pipeline_id), pipeline_id)
             removed = self._pipelines.pop((tenant, pipeline_id), None)
+            for alias in [k for k, i in self._names.items() if k[0] == tenant and i == pipeline_id]:
+                del self._names[alias]
             if removed is not None and self._shared_locked(pipeline_id) is None:
                 self.budget.free(session_memory(removed.compiled.pipeline).steady)
             return removed is not None

@@ -111,7 +111,7 @@ class OutputInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[_Union[Dim, _Mapping]]] = ...) -> None: ...
 
 class RegisterPipelineRequest(_message.Message):
-    __slots__ = ("spec_json", "weights", "batching")
+    __slots__ = ("spec_json", "weights", "batching", "name", "replace")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,18 +122,24 @@ class RegisterPipelineRequest(_message.Message):
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
     weights: _containers.MessageMap[str, Tensor]
     batching: BatchingConfig
-    def __init__(self, spec_json: _Optional[str] = ..., weights: _Optional[_Mapping[str, Tensor]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ...) -> None: ...
+    name: str
+    replace: bool
+    def __init__(self, spec_json: _Optional[str] = ..., weights: _Optional[_Mapping[str, Tensor]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., name: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class RegisterPipelineResponse(_message.Message):
-    __slots__ = ("pipeline_id", "outputs")
+    __slots__ = ("pipeline_id", "outputs", "name")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     outputs: _containers.RepeatedCompositeFieldContainer[OutputInfo]
-    def __init__(self, pipeline_id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ...) -> None: ...
+    name: str
+    def __init__(self, pipeline_id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., name: _Optional[str] = ...) -> None: ...
 
 class GetPipelineRequest(_message.Message):
     __slots__ = ("pipeline_id", "include_model")
@@ -144,20 +150,22 @@ class GetPipelineRequest(_message.Message):
     def __init__(self, pipeline_id: _Optional[str] = ..., include_model: _Optional[bool] = ...) -> None: ...
 
 class PipelineInfo(_message.Message):
-    __slots__ = ("pipeline_id", "spec_json", "outputs", "weight_names", "batching", "onnx_model")
+    __slots__ = ("pipeline_id", "spec_json", "outputs", "weight_names", "batching", "onnx_model", "names")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_NAMES_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     ONNX_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     spec_json: str
     outputs: _containers.RepeatedCompositeFieldContainer[OutputInfo]
     weight_names: _containers.RepeatedScalarFieldContainer[str]
     batching: BatchingConfig
     onnx_model: bytes
-    def __init__(self, pipeline_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., weight_names: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., onnx_model: _Optional[bytes] = ...) -> None: ...
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pipeline_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., weight_names: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., onnx_model: _Optional[bytes] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListPipelinesRequest(_message.Message):
     __slots__ = ()
