@@ -164,6 +164,8 @@ inputs:
   .npy files hold one image or a batch (N, ...), .npz files one image (one array), in the
   pipeline's layout and dtype, taken as they are (--resize is for image files only).
   Without --resize, images of different sizes run in batches of one size each.
+  Image files travel as uint8 pixels (a quarter of float32's bytes): the pipeline's pixel
+  variant takes them and divides by 255 in the graph (featmap.contract.pixels).
 
 outputs (by extension):
   .npz      paths, outputs, one (N, ...) array per output -- or <name>__<i> per image when
@@ -307,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
         "with --server)",
     )
     extract.add_argument("--resize", metavar="HxW", help="resize images (bilinear) to HxW")
+    extract.add_argument(
+        "--jpeg-draft",
+        action="store_true",
+        help="with --resize: decode JPEGs at 1/2, 1/4 or 1/8 scale (at least HxW) first; "
+        "several times faster for large photos, pixels differ slightly from a full decode",
+    )
+    extract.add_argument(
+        "--decode-threads",
+        type=int,
+        help="threads decoding images ahead of the pipeline (default: one per core; 0: none)",
+    )
     extract.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
     extract.add_argument(
         "--shard-size", type=int, default=256, help="images per resumable shard (256)"

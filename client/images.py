@@ -3,8 +3,8 @@
 Rules, also in `featmap extract --help` and the README:
 - Image files (PNG, JPEG, BMP, TIFF) are decoded with Pillow and converted to the pipeline's
   channel count (1 -> "L", 3 -> "RGB", 4 -> "RGBA"; other counts cannot come from an image).
-  uint8 pipelines get the raw 0..255 pixels; float pipelines get pixel / 255 in the input dtype,
-  unless `input.scale` is set: then the raw 0..255 values, since the graph does the scaling.
+  They stay uint8 pixels, in the pipeline's layout: the job runs them through the pipeline's
+  pixel variant (featmap.contract.pixels), which gives the values the pipeline's own rule does.
 - `.npy` holds one image, or a batch (N, ...) of them; `.npz` holds exactly one array, one image.
   Arrays are taken as they are: the pipeline's layout ((C, H, W) or (H, W, C); (H, W) when
   channels is 1) and its dtype (float64 is accepted for float32 pipelines, as NumPy's default).
@@ -106,8 +106,15 @@ def expand(files: Iterable[Path], spec: InputSpec) -> tuple[list[InputItem], lis
     return items, errors
 
 
-def decode_image(path: Path, spec: InputSpec, resize: tuple[int, int] | None) -> np.ndarray:
-    """Pixels of an image file as (H, W, C) uint8."""
+def decode_image(
+    path: Path, spec: InputSpec, resize: tuple[int, int] | None, *, draft: bool = False
+) -> np.ndarray:
+    """Pixels of an image file as (H, W, C) uint8.
+
+    `draft` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (the smallest still at least `resize`)
+    before the bilinear resize: several times faster for large photos, but the pixels differ
+    a little from a full decode's, so it is the caller's choice.
+    """
     mode = PIL_MODES.get(spec.channels)
     if mode is None:
         raise InputError(
@@ -115,6 +122,8 @@ def decode_image(path: Path, spec: InputSpec, resize: tuple[int, int] | None) ->
         )
     try:
         with Image.open(path) as image:
+            if draft and resize is not None:
+                image.draft(mode, (resize[1], resize[0]))  # a no-op for anything but JPEG
             image.load()  # Pillow decodes lazily: a truncated file must fail here
             converted = image.convert(mode)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
@@ -124,16 +133,6 @@ def decode_image(path: Path, spec: InputSpec, resize: tuple[int, int] | None) ->
         converted = converted.resize((width, height), Image.Resampling.BILINEAR)
     pixels = np.asarray(converted, dtype=np.uint8)
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
-
-
-def image_values(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """(H, W, C) uint8 pixels as the pipeline's input: its layout and dtype, the scaling rule."""
-    laid_out = from_hwc(pixels, spec.layout)
-    if spec.dtype == "uint8":
-        return np.ascontiguousarray(laid_out)
-    # With input.scale the graph scales, so it must see the raw values (else scaled twice).
-    values = laid_out.astype(np.float32) if spec.scale is not None else laid_out / np.float32(255)
-    return np.ascontiguousarray(values, dtype=spec.dtype)
 
 
 def _load_array(item: InputItem, spec: InputSpec) -> np.ndarray:
@@ -169,10 +168,16 @@ def _load_array(item: InputItem, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def load_item(item: InputItem, spec: InputSpec, resize: tuple[int, int] | None) -> np.ndarray:
-    """One image, without the batch axis, ready to stack with others of its size."""
+def load_item(
+    item: InputItem, spec: InputSpec, resize: tuple[int, int] | None, *, draft: bool = False
+) -> np.ndarray:
+    """One image without the batch axis, ready to stack with others of its size and dtype.
+
+    An array file gives the pipeline's input as it is; an image file gives its uint8 pixels in
+    the pipeline's layout (a view), for the pipeline's pixel variant.
+    """
     if not item.path.is_file():
         raise InputError(item.key, "no such file")
     if item.path.suffix.lower() in ARRAY_SUFFIXES:
         return _load_array(item, spec)  # arrays are taken as they are: --resize is for images
-    return image_values(decode_image(item.path, spec, resize), spec)
+    return from_hwc(decode_image(item.path, spec, resize, draft=draft), spec.layout)
