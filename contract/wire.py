@@ -1,4 +1,8 @@
-"""ndarray <-> featmap.v1.Tensor: raw little-endian row-major bytes, decoded without copies."""
+"""ndarray <-> wire bytes without copies: featmap.v1's Extract, and the OIP's ModelInfer.
+
+Tensors travel as raw little-endian row-major bytes; the messages carrying them are framed
+here so that those bytes are copied once on each side (see "zero-copy framing" below).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import numpy as np
 
 from featmap.contract.errors import InvalidTensor
 from featmap.contract.tensors import DTYPE_NAMES, WIRE_DTYPES, wire_dtype
+from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.v1 import featmap_pb2 as pb
 
 Buffer: TypeAlias = bytes | memoryview
@@ -264,3 +269,44 @@ def parse_extract_response(raw: bytes) -> tuple[pb.ExtractResponse, dict[str, Fr
                 payloads.append(entry[field.value : field.end])
         outputs[name] = _parse_tensor(buffer, payloads)
     return pb.ExtractResponse.FromString(rest), outputs
+
+
+# --------------------------------------------------------------------------- OIP ModelInfer
+#
+# The Open Inference Protocol carries tensors as `repeated bytes raw_input_contents` (request)
+# and `raw_output_contents` (response): the same framing, one length-delimited field each.
+
+RAW_INPUT_CONTENTS = oip.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+RAW_OUTPUT_CONTENTS = oip.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+
+
+@dataclass(frozen=True)
+class FramedInferRequest:
+    """A ModelInferRequest whose raw_input_contents stay where they arrived."""
+
+    message: oip.ModelInferRequest  # every field but raw_input_contents
+    raw_input_contents: list[memoryview]
+    size: int  # bytes on the wire
+
+
+def parse_infer_request(raw: bytes) -> FramedInferRequest:
+    """Parse a ModelInferRequest from any protobuf peer without copying its raw contents."""
+    rest, contents = _split(raw, RAW_INPUT_CONTENTS)
+    return FramedInferRequest(oip.ModelInferRequest.FromString(rest), contents, len(raw))
+
+
+@dataclass(frozen=True)
+class FramedInferResponse:
+    """A ModelInferResponse whose raw_output_contents are serialized from NumPy memory."""
+
+    message: oip.ModelInferResponse  # every field but raw_output_contents
+    raw_output_contents: list[np.ndarray]
+
+
+def serialize_infer_response(response: FramedInferResponse) -> bytes:
+    """The response in protobuf wire format, each array's bytes copied once."""
+    frames: list[Buffer] = [response.message.SerializeToString()]
+    for array in response.raw_output_contents:
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        frames += [_key(RAW_OUTPUT_CONTENTS, _LEN) + _varint(data.nbytes), data.data]
+    return b"".join(frames)
