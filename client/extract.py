@@ -109,9 +109,11 @@ class EmbeddedRunner:
 
         self.pipeline = pipeline
         self.pipelines = pipelines_by_dtype(pipeline)
-        # Spinning: onnxruntime has the cores to itself here (no gRPC threads to leave them to),
-        # and waking idle pool threads costs more than their spinning between a job's runs.
-        cache = SessionCache(len(self.pipelines), resolve_providers(None), threads, spinning=True)
+        # Spinning off: the job decodes images on threads beside onnxruntime, and pool threads
+        # spinning between parallel sections take the cores the decoders need. Measured on 2
+        # cores (1,536 JPEGs, 224x224): spinning on, 7.3 CPU ms per image and a quarter fewer
+        # images/s; off, 6.4 ms. Waking a pool thread costs microseconds per batch of 32.
+        cache = SessionCache(len(self.pipelines), resolve_providers(None), threads, spinning=False)
         self.extractor = Extractor(cache, DEFAULT_LIMITS)
         for each in self.pipelines.values():
             self.extractor.admit(each)
