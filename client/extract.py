@@ -368,18 +368,15 @@ class Job:
         self.prefetch = prefetch or 2 * batch_size
         self.draft = draft
         self.images_computed = 0
-        self._too_small: dict[tuple[int, int], str | None] = {}
 
     def fits(self, image: np.ndarray) -> str | None:
         """Why the pipeline cannot take an image of this size (None if it can)."""
         _, height, width = single_image_size(self.pipeline.input.layout, image.shape)
-        if (height, width) not in self._too_small:  # the same few sizes, image after image
-            try:
-                layer_costs(self.pipeline, height, width)
-                self._too_small[height, width] = None
-            except FeatmapError as exc:
-                self._too_small[height, width] = str(exc)
-        return self._too_small[height, width]
+        try:
+            layer_costs(self.pipeline, height, width)
+        except FeatmapError as exc:
+            return str(exc)
+        return None
 
     def load(self, item: InputItem) -> np.ndarray | InputError:
         """One input as the runner takes it, or why it cannot be used (on a decode thread)."""

@@ -118,6 +118,10 @@ class AdmittingHandler(grpc.GenericRpcHandler):
         self.inner = inner
         self.admission = admission
         self.guarded = {f"/{service_name}/{method}" for method in guarded_methods}
+        # One refusal handler of each kind, reused: the observer remembers handlers by identity.
+        self.refusals = {
+            streaming: _refusal_handler(admission, streaming) for streaming in (False, True)
+        }
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         """The handler for a call: the real one if admitted, else one that refuses at once."""
@@ -127,13 +131,13 @@ class AdmittingHandler(grpc.GenericRpcHandler):
         if handler_call_details.method not in self.guarded:  # type: ignore[attr-defined]
             if self.admission.closing:
                 self.admission.decide(_REFUSED)
-                return _refusal_handler(self.admission, streaming=handler.request_streaming)
+                return self.refusals[handler.request_streaming]
             return handler
         if self.admission.try_enter():
             self.admission.decide(_ADMITTED)
             return handler
         self.admission.decide(_REFUSED)
-        return _refusal_handler(self.admission, streaming=handler.request_streaming)
+        return self.refusals[handler.request_streaming]
 
 
 class AdmissionExecutor(futures.ThreadPoolExecutor):

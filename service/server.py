@@ -9,7 +9,6 @@ import os
 import queue
 import signal
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,7 +34,7 @@ from featmap.contract.wire import (
 from featmap.service.admission import Admission, AdmissionExecutor, AdmittingHandler
 from featmap.service.api import FeatureService
 from featmap.service.metrics import Metrics
-from featmap.service.observe import RequestObserver
+from featmap.service.observe import RequestObserver, new_request_id
 from featmap.service.security import TokenAuthInterceptor, add_port, load_tokens
 from featmap.service.settings import ServerSettings
 from featmap.v1 import featmap_pb2 as pb
@@ -53,14 +52,14 @@ TERMINATE_WAIT_S = 1.0
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, ExecutionFailed):
         # The details are in the server log only: the id ties the caller's report to them.
-        request_id = uuid.uuid4().hex[:12]
+        request_id = new_request_id()
         log.error("request %s: %s failed: %s", request_id, method, exc, exc_info=exc)
         context.set_trailing_metadata(((FIELD_KEY, exc.field), (REQUEST_ID_KEY, request_id)))
         context.abort(status_for(exc), f"{exc} (request id {request_id})")
     if isinstance(exc, FeatmapError):
         context.set_trailing_metadata(((FIELD_KEY, exc.field),))
         context.abort(status_for(exc), str(exc))
-    request_id = uuid.uuid4().hex[:12]
+    request_id = new_request_id()
     log.error("request %s: unexpected error in %s", request_id, method, exc_info=exc)
     context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
@@ -294,8 +293,7 @@ class FeatmapServer:
 
         # Outermost first: the observer also counts and logs the calls that auth refuses.
         interceptors: list[grpc.ServerInterceptor] = [
-            RequestObserver(self.metrics, SERVICE_NAME),
-            RequestObserver(self.metrics, OIP_SERVICE_NAME),
+            RequestObserver(self.metrics, SERVICE_NAME, OIP_SERVICE_NAME)
         ]
         if tokens := load_tokens(settings):
             interceptors.append(TokenAuthInterceptor(tokens))
