@@ -192,12 +192,12 @@ class JobBench:
 
 
 def job_folders(folder: Path | None, images: int, size: int, where: Path) -> JobFolders:
-    """The job's images (a given folder, or `images` generated JPEGs) and its first third."""
+    """The job's images (a given folder, or `images` generated JPEGs) and its first quarter."""
     source = folder if folder is not None else generated_jpegs(images, size)
     files = find_files([source])
     if len(files) < 6:
         raise ValueError(f"{source}: {len(files)} image files; the job bench needs 6 or more")
-    small = len(files) // 3
+    small = len(files) // 4
     return JobFolders(source, len(files), first_files(files, small, where / "first"), small)
 
 
@@ -270,14 +270,13 @@ def run_job_bench(
         rows = []
         for path, values in measured.items():
             note = f"peak RSS {peak[path] / 2**20:.0f} MiB" if path in peak else "in this process"
-            rows.append(
-                (
-                    labels[path],
-                    statistics.median(rate for rate, _ in values),
-                    statistics.median(ratio for _, ratio in values),
-                    note,
-                )
-            )
+            # A round whose difference drowned in noise measured nothing: left out.
+            kept = [(rate, ratio) for rate, ratio in values if math.isfinite(rate)]
+            if len(kept) < len(values):
+                note += f"; {len(values) - len(kept)} of {len(values)} rounds lost in noise"
+            rate = statistics.median(rate for rate, _ in kept) if kept else math.nan
+            ratio = statistics.median(ratio for _, ratio in kept) if kept else math.nan
+            rows.append((labels[path], rate, ratio, note))
         rss = []
         if rss_images:
             log(f"peak RSS of the embedded job on {rss_images} {rss_size}x{rss_size} JPEGs...")

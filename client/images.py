@@ -125,13 +125,15 @@ def decode_image(
             if draft and resize is not None:
                 image.draft(mode, (resize[1], resize[0]))  # a no-op for anything but JPEG
             image.load()  # Pillow decodes lazily: a truncated file must fail here
-            converted = image.convert(mode)
+            # convert() copies even to the same mode: most photos are RGB already.
+            converted = image if image.mode == mode else image.convert(mode)
+            if resize is not None:
+                height, width = resize
+                converted = converted.resize((width, height), Image.Resampling.BILINEAR)
+            # Read out before the file closes (closing releases a loaded image's memory).
+            pixels = np.asarray(converted, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise InputError(str(path), f"cannot decode image: {exc}") from None
-    if resize is not None:
-        height, width = resize
-        converted = converted.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(converted, dtype=np.uint8)
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
