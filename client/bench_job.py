@@ -57,13 +57,13 @@ def generated_jpegs(count: int, size: int) -> Path:
     return folder
 
 
-def first_files(files: Sequence[Path], count: int, where: Path) -> Path:
+def first_files(files: Sequence[str], count: int, where: Path) -> Path:
     """A folder of links to the first `count` files (the smaller job of a difference)."""
     where.mkdir(parents=True, exist_ok=True)
     for index, file in enumerate(files[:count]):
-        link = where / f"{index:06d}{file.suffix}"
+        link = where / f"{index:06d}{Path(file).suffix}"
         if not link.exists():
-            link.symlink_to(file.resolve())
+            link.symlink_to(Path(file).resolve())
     return where
 
 
@@ -136,7 +136,7 @@ def ceiling_sessions(pipeline: Pipeline, threads: int) -> list[ort.InferenceSess
     return sessions
 
 
-def decode_batch(files: Sequence[Path], size: int | None) -> np.ndarray:
+def decode_batch(files: Sequence[str], size: int | None) -> np.ndarray:
     """What a user writes: Pillow decode, (resize), stack, NCHW, / 255 as float32."""
     pixels = []
     for file in files:
@@ -149,7 +149,7 @@ def decode_batch(files: Sequence[Path], size: int | None) -> np.ndarray:
     return np.ascontiguousarray(stacked / np.float32(255), dtype=np.float32)
 
 
-def batches_of(files: Sequence[Path], batch: int) -> Iterator[Sequence[Path]]:
+def batches_of(files: Sequence[str], batch: int) -> Iterator[Sequence[str]]:
     """Consecutive slices of `batch` files."""
     for start in range(0, len(files), batch):
         yield files[start : start + batch]
@@ -173,7 +173,7 @@ def ceiling_rate(
 
 
 def hand_loop_rate(
-    session: ort.InferenceSession, files: Sequence[Path], batch: int, size: int | None
+    session: ort.InferenceSession, files: Sequence[str], batch: int, size: int | None
 ) -> float:
     """images/s of decoding and running batch after batch, as a user would write it."""
     started = time.perf_counter()

@@ -435,7 +435,9 @@ class Job:
         def finished() -> Iterator[tuple[Shard, Results]]:
             while waiting and waiting[0].fed and not waiting[0].out:
                 done = waiting.popleft()
-                yield done.shard, done.results(names)
+                results = done.results(names)
+                done.outputs, done.rejected = {}, {}  # the job keeps no shard's outputs
+                yield done.shard, results
 
         outputs = self.runner.run(self._feed(runs, sent))
         try:

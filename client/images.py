@@ -12,7 +12,8 @@ Rules, also in `featmap extract --help` and the README:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,17 +37,26 @@ class InputError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InputItem:
-    """One image to extract: a file, or row `row` of a batch in a .npy file."""
+    """One image to extract: a file, or row `row` of a batch in a .npy file.
 
-    path: Path
+    The file is kept as text, not as a Path: a job holds one item per image, and a Path costs
+    several times the bytes of its text.
+    """
+
+    file: str
     row: int | None = None
+
+    @property
+    def path(self) -> Path:
+        """The file."""
+        return Path(self.file)
 
     @property
     def key(self) -> str:
         """The name the outputs use for this image: its path, plus [row] inside a batch."""
-        return str(self.path) if self.row is None else f"{self.path}[{self.row}]"
+        return self.file if self.row is None else f"{self.file}[{self.row}]"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -60,18 +70,33 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def find_files(paths: Iterable[Path]) -> list[Path]:
-    """Input files, sorted: folders searched recursively for known suffixes, files as given."""
-    found: set[Path] = set()
+def find_files(paths: Iterable[Path]) -> list[str]:
+    """Input files, sorted as paths: folders searched recursively for known suffixes, files
+    as given. Kept as text (see InputItem)."""
+    found: set[str] = set()
     known = IMAGE_SUFFIXES | ARRAY_SUFFIXES
     for path in paths:
         if path.is_dir():
-            found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
+            found.update(_files_under(str(path), known))
         elif path.suffix.lower() in known:
-            found.add(path)  # a missing file is reported when read, by path, like a corrupt one
+            found.add(str(path))  # a missing file is reported when read, by path
         else:
             raise ValueError(f"{path}: not a folder nor a {'/'.join(sorted(known))} file")
-    return sorted(found)
+    # Path order, part by part, as sorting Paths gives, without a Path (or a list of parts)
+    # for each file: with the separator as "\0", below every character, the text compares so.
+    return sorted(found, key=lambda file: file.replace(os.sep, "\0"))
+
+
+def _files_under(folder: str, suffixes: frozenset[str]) -> Iterator[str]:
+    """Files with these suffixes under a folder, recursively, as Path.rglob finds them (into
+    symlinked folders not) but one entry at a time: rglob holds a folder's entries, and a
+    Path for each, at once -- tens of MB for a folder of many thousand images."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                yield from _files_under(entry.path, suffixes)
+            elif os.path.splitext(entry.name)[1].lower() in suffixes and entry.is_file():
+                yield entry.path
 
 
 def _array_images(array: np.ndarray, spec: InputSpec) -> int | None:
@@ -85,19 +110,19 @@ def _array_images(array: np.ndarray, spec: InputSpec) -> int | None:
     raise ValueError(f"has shape {list(array.shape)}; expected one image or a batch (N, ...)")
 
 
-def expand(files: Iterable[Path], spec: InputSpec) -> tuple[list[InputItem], list[InputError]]:
+def expand(files: Iterable[str], spec: InputSpec) -> tuple[list[InputItem], list[InputError]]:
     """One item per image: a .npy batch gives one per row (its header is read, not its data)."""
     items: list[InputItem] = []
     errors: list[InputError] = []
     for path in files:
-        if path.suffix.lower() != ".npy":
+        if not path.lower().endswith(".npy"):
             items.append(InputItem(path))
             continue
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
             rows = _array_images(array, spec)
         except (OSError, ValueError) as exc:
-            errors.append(InputError(str(path), f"not a readable array: {exc}"))
+            errors.append(InputError(path, f"not a readable array: {exc}"))
             continue
         if rows is None:
             items.append(InputItem(path))
