@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 
 from featmap.client.client import FeatureClient
+from featmap.client.messages import request_for
 from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
@@ -229,6 +231,39 @@ def compare(
         rates.append(measured)
         ratios.append(measured / base)
     return statistics.median(rates), statistics.median(ratios)
+
+
+ECHO_METHOD = "/featmap.bench.Echo/Echo"
+# A gRPC Python server in its own process that answers every call with a few bytes and does
+# nothing else: the floor under any Python gRPC service's latency on this machine.
+ECHO_SERVER = """
+import sys, threading
+from concurrent import futures
+import grpc
+handler = grpc.method_handlers_generic_handler(
+    "featmap.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda r, c: r[:64])}
+)
+server = grpc.server(futures.ThreadPoolExecutor(8))
+server.add_generic_rpc_handlers((handler,))
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def echo_server() -> Iterator[str]:
+    """The echo server as a child process (it stops when its stdin closes); its address."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert child.stdout is not None and child.stdin is not None
+    try:
+        yield f"127.0.0.1:{int(child.stdout.readline())}"
+    finally:
+        child.stdin.close()
+        child.stdout.close()
+        child.wait(timeout=30)
 
 
 @contextmanager
@@ -500,18 +535,26 @@ def service_rows(
 
         log("small-request latency...")
         small = rng.random((1, 3, 64, 64), dtype=np.float32)
-        in_process_ms, service_ms = [], []
-        for _ in range(20):
-            session.run(None, {INPUT_NAME: small})
-            fc.extract(small, float_id)
-        for _ in range(latency_requests):
-            start = time.perf_counter()
-            session.run(None, {INPUT_NAME: small})
-            in_process_ms.append((time.perf_counter() - start) * 1e3)
-            start = time.perf_counter()
-            fc.extract(small, float_id)
-            service_ms.append((time.perf_counter() - start) * 1e3)
+        in_process_ms, service_ms, echo_ms = [], [], []
+        with echo_server() as echo_address, grpc.insecure_channel(echo_address) as channel:
+            echo = channel.unary_unary(ECHO_METHOD)
+            payload = request_for(small, float_id, "float32").serialize()
+            for _ in range(20):
+                session.run(None, {INPUT_NAME: small})
+                fc.extract(small, float_id)
+                echo(payload)
+            for _ in range(latency_requests):
+                start = time.perf_counter()
+                session.run(None, {INPUT_NAME: small})
+                in_process_ms.append((time.perf_counter() - start) * 1e3)
+                start = time.perf_counter()
+                fc.extract(small, float_id)
+                service_ms.append((time.perf_counter() - start) * 1e3)
+                start = time.perf_counter()
+                echo(payload)
+                echo_ms.append((time.perf_counter() - start) * 1e3)
         report.latency = {
+            "gRPC floor p50 (echo server, same request)": percentile(echo_ms, 50),
             "in-process p50": percentile(in_process_ms, 50),
             "in-process p99": percentile(in_process_ms, 99),
             "featmap p50": percentile(service_ms, 50),
