@@ -40,7 +40,8 @@ TRITON_ROW = "stock tritonclient"
 STREAM_ROW = "featmap stream float32"
 CLIENTS_ROW = "x 1 image, batching on"
 OVERHEAD_P50 = "overhead p50 (featmap - in-process)"
-# "Flat" peak RSS: at most this much more for 20 times the images (the paths alone grow).
+# "Flat" peak RSS: at most this much more for 20 times the images. The list of input names
+# grows with the job (under 1 KB an image); everything else is set by batch and shard sizes.
 RSS_FLAT_MIB = 16
 TRITONCLIENT_ENV = "FEATMAP_TRITONCLIENT_PYTHON"
 DEFAULT_TRITONCLIENT_PYTHON = "/tmp/tc/bin/python"
