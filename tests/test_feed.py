@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featmap.client.extract import EmbeddedRunner, Job, JobError, run_extract
+from featmap.client.extract import EmbeddedRunner, Job, JobError, RemoteRunner, Runner, run_extract
 from featmap.client.feed import SizeGroups, load_ahead
 from featmap.client.images import decode_image
 from featmap.contract.spec import Pipeline, parse_pipeline
-from tests.conftest import README_SPEC
-from tests.test_extract import featmap, spec_file
+from featmap.service.server import FeatmapServer
+from tests.conftest import README_SPEC, assert_matches_reference
+from tests.test_extract import decoded, featmap, rows, spec_file
 
 
 def test_load_ahead_keeps_order_and_stays_within_depth() -> None:
@@ -191,3 +192,35 @@ def test_progress_shows_images_per_second(
     )  # fmt: skip
     err = capsys.readouterr().err
     assert "5/5" in err and "img/s" in err
+
+
+@pytest.mark.parametrize("where", ["embedded", "remote"])
+def test_arrays_and_image_files_of_one_size_in_one_job(
+    where: str, readme_pipeline: Pipeline, server: FeatmapServer, tmp_path: Path
+) -> None:
+    # Pixels (uint8, the pixel variant) and arrays (float32, the pipeline) of the same size go
+    # in batches of their own dtype, each through its pipeline, rows in input order.
+    write_pngs(tmp_path / "in", 3)
+    rng = np.random.default_rng(2)
+    arrays = rng.random((2, 3, 12, 10), dtype=np.float32)
+    np.save(tmp_path / "in" / "001a.npy", arrays)
+    runner: Runner = (
+        EmbeddedRunner(readme_pipeline)
+        if where == "embedded"
+        else RemoteRunner(readme_pipeline, [server.address], in_flight=2, timeout=60)
+    )
+    try:
+        run_extract(readme_pipeline, [tmp_path / "in"], tmp_path / "out.npz", runner, batch_size=2)
+    finally:
+        runner.close()
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as archive:
+        paths = [str(path) for path in archive["paths"]]
+        assert [Path(path).name for path in paths] == [
+            "000.png", "001.png", "001a.npy[0]", "001a.npy[1]", "002.png",
+        ]  # fmt: skip
+        for index, path in enumerate(paths):
+            if path.endswith("]"):
+                images = arrays[int(path[-2])][None]
+            else:
+                images = decoded(path, readme_pipeline)
+            assert_matches_reference(rows(archive, readme_pipeline, index), readme_pipeline, images)
