@@ -6,6 +6,7 @@ clients in this process, and the in-process baseline (the same ONNX model, the s
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import statistics
@@ -17,18 +18,34 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 
 from featmap.client.client import FeatureClient
+from featmap.client.messages import request_for
 from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
 )
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.reference import reference_outputs
+
+# Rows the goals table reads.
+JOB_EMBEDDED = "featmap extract, embedded"
+JOB_REMOTE = "featmap extract --server"
+TRITON_ROW = "stock tritonclient"
+STREAM_ROW = "featmap stream float32"
+CLIENTS_ROW = "x 1 image, batching on"
+OVERHEAD_P50 = "overhead p50 (featmap - in-process)"
+# "Flat" peak RSS: at most this much more for 20 times the images. The list of input names
+# grows with the job (under 1 KB an image); everything else is set by batch and shard sizes.
+RSS_FLAT_MIB = 16
+TRITONCLIENT_ENV = "FEATMAP_TRITONCLIENT_PYTHON"
+DEFAULT_TRITONCLIENT_PYTHON = "/tmp/tc/bin/python"
 
 
 def standard_spec(dtype: str = "float32") -> dict[str, Any]:
@@ -66,12 +83,32 @@ def standard_spec(dtype: str = "float32") -> dict[str, Any]:
 
 @dataclass
 class Row:
-    """One line of the table: throughput, and its ratio to the in-process baseline."""
+    """One line of the table: throughput, and its ratio to the baseline it was measured with."""
 
     path: str
     images_per_s: float
     ratio: float
     note: str = ""
+    baseline: str = ""  # the row the ratio divides by; "" for a baseline itself
+
+
+@dataclass
+class Goal:
+    """One line of the issue's goals table: a figure of this run against its goal."""
+
+    path: str
+    now: str
+    goal: str
+    met: bool | None  # None: not measured in this run
+
+
+RATIO_FOOTNOTE = (
+    "ratio: this row's images/s divided by the images/s of its baseline (the row named under\n"
+    "'vs') measured in the same round, seconds apart; the median over alternating rounds. It is\n"
+    "not images/s divided by the baseline row's images/s, which is the median of all rounds:\n"
+    "on a shared machine the baseline drifts between rounds, and only neighbours compare.\n"
+    "The job rows' baseline is the ceiling: onnxruntime on the images already decoded."
+)
 
 
 @dataclass
@@ -80,17 +117,74 @@ class Report:
 
     rows: list[Row] = field(default_factory=list)
     latency: dict[str, float] = field(default_factory=dict)
+    rss: list[tuple[int, int]] = field(default_factory=list)  # (images, peak RSS bytes)
+    skipped: list[str] = field(default_factory=list)  # rows not measured, and why
+
+    def row(self, part: str) -> Row | None:
+        """The first row whose path has `part` in it."""
+        return next((row for row in self.rows if part in row.path), None)
+
+    def goals(self) -> list[Goal]:
+        """The issue's goals table, filled in from this run."""
+
+        def ratio(label: str, part: str, goal: float) -> Goal:
+            row = self.row(part)
+            if row is None or not math.isfinite(row.ratio):
+                return Goal(label, "not measured", f">= {goal:.2f}", None)
+            return Goal(label, f"{row.ratio:.2f}", f">= {goal:.2f}", row.ratio >= goal)
+
+        goals = [
+            ratio("featmap extract embedded, folder of JPEGs / ceiling", JOB_EMBEDDED, 0.92),
+            ratio("featmap extract --server on 127.0.0.1 / ceiling", JOB_REMOTE, 0.85),
+            ratio("stock tritonclient -> our OIP endpoint / in-process", TRITON_ROW, 0.75),
+            ratio("stream float32 / in-process", STREAM_ROW, 0.92),
+            ratio("single-image clients / in-process batch", CLIENTS_ROW, 0.85),
+        ]
+        overhead = self.latency.get(OVERHEAD_P50)
+        goals.append(
+            Goal(
+                "small request p50 overhead",
+                "not measured" if overhead is None else f"{overhead:.2f} ms",
+                "<= 0.60 ms",
+                None if overhead is None else overhead <= 0.6,
+            )
+        )
+        if len(self.rss) == 2:
+            (few, low), (many, high) = self.rss
+            growth = (high - low) / 2**20
+            goals.append(
+                Goal(
+                    f"featmap extract peak RSS, {few} vs {many} images",
+                    f"{low / 2**20:.0f} vs {high / 2**20:.0f} MiB",
+                    "flat",
+                    growth <= RSS_FLAT_MIB,
+                )
+            )
+        else:
+            goals.append(Goal("featmap extract peak RSS", "not measured", "flat", None))
+        return goals
 
     def table(self) -> str:
-        """The report as a plain-text table."""
-        lines = [f"{'path':<44} {'images/s':>10} {'ratio':>7}  note"]
+        """The report as plain-text tables: every row, latency, peak RSS, then the goals."""
+        lines = [f"{'path':<58} {'images/s':>9} {'ratio':>6}  {'vs':<30} note"]
         for row in self.rows:
-            lines.append(f"{row.path:<44} {row.images_per_s:>10.1f} {row.ratio:>7.3f}  {row.note}")
+            lines.append(
+                f"{row.path:<58} {row.images_per_s:>9.1f} {row.ratio:>6.3f}  "
+                f"{row.baseline or '(baseline)':<30} {row.note}"
+            )
+        lines += ["", RATIO_FOOTNOTE]
         if self.latency:
-            lines.append("")
-            lines.append("small requests (1x3x64x64), milliseconds:")
-            for key, value in self.latency.items():
-                lines.append(f"  {key:<40} {value:>8.3f}")
+            lines += ["", "small requests (1x3x64x64), milliseconds:"]
+            lines += [f"  {key:<40} {value:>8.3f}" for key, value in self.latency.items()]
+        if self.rss:
+            lines += ["", "peak RSS of featmap extract (embedded, 64x64 JPEGs):"]
+            lines += [f"  {n:>7} images  {rss / 2**20:>8.1f} MiB" for n, rss in self.rss]
+        if self.skipped:
+            lines += ["", "not measured:"] + [f"  {reason}" for reason in self.skipped]
+        lines += ["", f"{'goal':<58} {'now':>16} {'goal':>10}  met"]
+        for goal in self.goals():
+            met = "-" if goal.met is None else ("yes" if goal.met else "NO")
+            lines.append(f"{goal.path:<58} {goal.now:>16} {goal.goal:>10}  {met}")
         return "\n".join(lines)
 
 
@@ -141,12 +235,47 @@ def compare(
     return statistics.median(rates), statistics.median(ratios)
 
 
+ECHO_METHOD = "/featmap.bench.Echo/Echo"
+# A gRPC Python server in its own process that answers every call with a few bytes and does
+# nothing else: the floor under any Python gRPC service's latency on this machine.
+ECHO_SERVER = """
+import sys, threading
+from concurrent import futures
+import grpc
+handler = grpc.method_handlers_generic_handler(
+    "featmap.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda r, c: r[:64])}
+)
+server = grpc.server(futures.ThreadPoolExecutor(8))
+server.add_generic_rpc_handlers((handler,))
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+sys.stdin.read()
+"""
+
+
 @contextmanager
-def server_process(threads: int, socket_path: str) -> Iterator[str]:
-    """A `featmap serve --port 0` child, with shared memory on its Unix socket at
-    `socket_path`; yields its TCP address."""
+def echo_server() -> Iterator[str]:
+    """The echo server as a child process (it stops when its stdin closes); its address."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert child.stdout is not None and child.stdin is not None
+    try:
+        yield f"127.0.0.1:{int(child.stdout.readline())}"
+    finally:
+        child.stdin.close()
+        child.stdout.close()
+        child.wait(timeout=30)
+
+
+@contextmanager
+def server_process(threads: int, socket_path: str | None = None) -> Iterator[str]:
+    """A `featmap serve --port 0` child (with shared memory on its Unix socket at
+    `socket_path`, if given); yields its TCP address."""
     command = [sys.executable, "-m", "featmap.client.cli", "serve", "--port", "0"]
-    command += ["--threads", str(threads), "--unix-socket", socket_path, "--shared-memory"]
+    command += ["--threads", str(threads)]
+    if socket_path is not None:
+        command += ["--unix-socket", socket_path, "--shared-memory"]
     child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert child.stderr is not None
     log = child.stderr
@@ -182,9 +311,11 @@ def concurrent_rate(
         with FeatureClient(address) as fc:
             fc.extract(image, pipeline_id)  # connect and warm up
             barrier.wait()
-            while time.perf_counter() < stop:
+            while True:  # at least one request each, however short `seconds`
                 fc.extract(image, pipeline_id)
                 counts[index] += 1
+                if time.perf_counter() >= stop:
+                    break
 
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -202,6 +333,58 @@ def percentile(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples), q))
 
 
+TRITON_SCRIPT = """
+import sys, time
+import numpy as np
+import tritonclient.grpc as tc
+
+url, model, batch, size, seconds = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:])
+batch, size = int(batch), int(size)
+client = tc.InferenceServerClient(url)
+images = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+
+def infer():
+    # As a user does for each batch: the data set anew, then the call.
+    tensor = tc.InferInput("images", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    return client.infer(model, [tensor]).as_numpy("features")
+
+infer()
+done, start = 0, time.perf_counter()
+while True:
+    infer()
+    done += batch
+    if time.perf_counter() - start >= seconds:
+        break
+print(done / (time.perf_counter() - start))
+"""
+
+
+def tritonclient_python() -> Path | None:
+    """A Python with tritonclient[grpc] (FEATMAP_TRITONCLIENT_PYTHON, else /tmp/tc), if any."""
+    python = Path(os.environ.get(TRITONCLIENT_ENV, DEFAULT_TRITONCLIENT_PYTHON))
+    if not python.exists():
+        return None
+    probe = subprocess.run([str(python), "-c", "import tritonclient.grpc"], capture_output=True)
+    return python if probe.returncode == 0 else None
+
+
+def tritonclient_rate(
+    python: Path, address: str, model: str, batch: int, size: int, seconds: float
+) -> float:
+    """images/s of the stock tritonclient.grpc client, in its own venv and process."""
+    done = subprocess.run(
+        [str(python), "-c", TRITON_SCRIPT, address, model, str(batch), str(size), str(seconds)],
+        capture_output=True,
+        text=True,
+        timeout=120 + 10 * seconds,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"tritonclient failed: {done.stderr.strip()[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def run_bench(
     *,
     threads: int,
@@ -210,10 +393,55 @@ def run_bench(
     seconds: float = 5.0,
     clients: int = 32,
     latency_requests: int = 300,
+    rounds: int = 3,
+    service: bool = True,
+    job: bool = True,
+    job_folder: Path | None = None,
+    job_images: int = 1536,
+    rss_images: tuple[int, int] | None = (1000, 20000),
     log: Callable[[str], None] = print,
 ) -> Report:
-    """Measure every path; see the module docstring."""
+    """Measure every path; see the module docstring. `service` and `job` choose sections."""
     report = Report()
+    if service:
+        service_rows(report, threads, batch, size, seconds, clients, latency_requests, rounds, log)
+    if job:
+        from featmap.client.bench_job import run_job_bench
+
+        pipeline = parse_pipeline(standard_spec("float32"))
+        measured = run_job_bench(
+            pipeline,
+            threads=threads,
+            batch=batch,
+            size=size,
+            folder=job_folder,
+            images=job_images,
+            rounds=rounds,
+            rss_images=rss_images,
+            server=lambda: server_process(threads),
+            log=log,
+        )
+        ceiling = f"onnxruntime in-process, decoded {size}x{size} (ceiling)"
+        note = f"batch {batch}, {threads} threads, best of spinning on/off"
+        report.rows.append(Row(ceiling, measured.ceiling, 1.0, note))
+        for path, images_per_s, ratio, note in measured.rows:
+            report.rows.append(Row(path, images_per_s, ratio, note, "ceiling"))
+        report.rss = measured.rss
+    return report
+
+
+def service_rows(
+    report: Report,
+    threads: int,
+    batch: int,
+    size: int,
+    seconds: float,
+    clients: int,
+    latency_requests: int,
+    rounds: int,
+    log: Callable[[str], None],
+) -> None:
+    """The service's paths against onnxruntime in-process with the server's thread settings."""
     rng = np.random.default_rng(0)
     float_pipeline = parse_pipeline(standard_spec("float32"))
     uint8_pipeline = parse_pipeline(standard_spec("uint8"))
@@ -230,10 +458,14 @@ def run_bench(
     def in_process_u8() -> Any:
         return session_u8.run(None, {INPUT_NAME: images_u8})
 
+    float_base, uint8_base = "in-process float32", "in-process uint8"
     base = rate(batch, in_process, seconds)
-    report.rows.append(Row("onnxruntime in-process float32", base, 1.0, f"batch {batch}"))
+    report.rows.append(Row(f"onnxruntime {float_base}", base, 1.0, f"batch {batch}"))
     base_u8 = rate(batch, in_process_u8, seconds)
-    report.rows.append(Row("onnxruntime in-process uint8", base_u8, 1.0, f"batch {batch}"))
+    report.rows.append(Row(f"onnxruntime {uint8_base}", base_u8, 1.0, f"batch {batch}"))
+
+    def add(path: str, measured: tuple[float, float], baseline: str, note: str = "") -> None:
+        report.rows.append(Row(path, *measured, note, baseline))
 
     with (
         tempfile.TemporaryDirectory(prefix="featmap-bench-") as socket_dir,
@@ -245,12 +477,8 @@ def run_bench(
         uint8_id = fc.register(uint8_pipeline)
 
         log("unary, stream, uint8, shared memory...")
-        report.rows.append(
-            Row(
-                "featmap unary float32",
-                *compare(batch, lambda: fc.extract(images, float_id), in_process, seconds),
-            )
-        )
+        unary = compare(batch, lambda: fc.extract(images, float_id), in_process, seconds, rounds)
+        add("featmap unary float32", unary, float_base)
         chunks_per_job = 8
 
         def stream_job() -> None:
@@ -258,16 +486,42 @@ def run_bench(
                 pass
 
         stream = compare(
-            batch * chunks_per_job, stream_job, in_process, seconds, baseline_images=batch
+            batch * chunks_per_job, stream_job, in_process, seconds, rounds, baseline_images=batch
         )
-        report.rows.append(
-            Row("featmap stream float32", *stream, f"{chunks_per_job} chunks a stream")
+        add(STREAM_ROW, stream, float_base, f"{chunks_per_job} chunks a stream")
+        uint8 = compare(
+            batch, lambda: fc.extract(images_u8, uint8_id), in_process_u8, seconds, rounds
         )
-        uint8 = compare(batch, lambda: fc.extract(images_u8, uint8_id), in_process_u8, seconds)
-        report.rows.append(Row("featmap unary uint8", *uint8, "vs in-process uint8"))
+        add("featmap unary uint8", uint8, uint8_base)
         with FeatureClient(f"unix:{socket_path}", shared_memory=True) as shared:
-            shm = compare(batch, lambda: shared.extract(images, float_id), in_process, seconds)
-        report.rows.append(Row("featmap shared memory float32", *shm))
+            shm = compare(
+                batch, lambda: shared.extract(images, float_id), in_process, seconds, rounds
+            )
+        add("featmap shared memory float32", shm, float_base)
+
+        python = tritonclient_python()
+        if python is None:
+            report.skipped.append(
+                f"{TRITON_ROW}: no Python with tritonclient[grpc] at ${TRITONCLIENT_ENV} or "
+                f"{DEFAULT_TRITONCLIENT_PYTHON} (python3 -m venv /tmp/tc && "
+                "/tmp/tc/bin/pip install 'tritonclient[grpc]')"
+            )
+        else:
+            log("stock tritonclient against the OIP endpoint...")
+            triton_rates, triton_ratios = [], []
+            for _ in range(rounds):
+                baseline = rate(batch, in_process, seconds / (2 * rounds))
+                measured = tritonclient_rate(
+                    python, address, float_id, batch, size, seconds / (2 * rounds)
+                )
+                triton_rates.append(measured)
+                triton_ratios.append(measured / baseline)
+            add(
+                f"{TRITON_ROW} (OIP ModelInfer)",
+                (statistics.median(triton_rates), statistics.median(triton_ratios)),
+                float_base,
+                "tritonclient.grpc in its own venv",
+            )
 
         log(f"{clients} concurrent single-image clients...")
         one = images[:1]
@@ -277,41 +531,44 @@ def run_bench(
                 batching={"enabled": enabled, "max_batch_size": clients, "max_queue_delay_us": 0},
             )
             concurrent, ratios = [], []
-            for _ in range(2):
+            for _ in range(max(2, rounds - 1)):
                 baseline = rate(batch, in_process, seconds / 4)
                 concurrent.append(concurrent_rate(address, pipeline_id, one, clients, seconds / 4))
                 ratios.append(concurrent[-1] / baseline)
             label = "on" if enabled else "off"
-            report.rows.append(
-                Row(
-                    f"featmap {clients} clients x 1 image, batching {label}",
-                    statistics.median(concurrent),
-                    statistics.median(ratios),
-                    f"vs in-process batch {batch}",
-                )
+            add(
+                f"featmap {clients} clients {CLIENTS_ROW.removesuffix(' on')} {label}",
+                (statistics.median(concurrent), statistics.median(ratios)),
+                f"{float_base} batch {batch}",
             )
 
         log("small-request latency...")
         small = rng.random((1, 3, 64, 64), dtype=np.float32)
-        small_session = session
-        in_process_ms, service_ms = [], []
-        for _ in range(20):
-            small_session.run(None, {INPUT_NAME: small})
-            fc.extract(small, float_id)
-        for _ in range(latency_requests):
-            start = time.perf_counter()
-            small_session.run(None, {INPUT_NAME: small})
-            in_process_ms.append((time.perf_counter() - start) * 1e3)
-            start = time.perf_counter()
-            fc.extract(small, float_id)
-            service_ms.append((time.perf_counter() - start) * 1e3)
+        in_process_ms, service_ms, echo_ms = [], [], []
+        with echo_server() as echo_address, grpc.insecure_channel(echo_address) as channel:
+            echo = channel.unary_unary(ECHO_METHOD)
+            payload = request_for(small, float_id, "float32").serialize()
+            for _ in range(20):
+                session.run(None, {INPUT_NAME: small})
+                fc.extract(small, float_id)
+                echo(payload)
+            for _ in range(latency_requests):
+                start = time.perf_counter()
+                session.run(None, {INPUT_NAME: small})
+                in_process_ms.append((time.perf_counter() - start) * 1e3)
+                start = time.perf_counter()
+                fc.extract(small, float_id)
+                service_ms.append((time.perf_counter() - start) * 1e3)
+                start = time.perf_counter()
+                echo(payload)
+                echo_ms.append((time.perf_counter() - start) * 1e3)
         report.latency = {
+            "gRPC floor p50 (echo server, same request)": percentile(echo_ms, 50),
             "in-process p50": percentile(in_process_ms, 50),
             "in-process p99": percentile(in_process_ms, 99),
             "featmap p50": percentile(service_ms, 50),
             "featmap p99": percentile(service_ms, 99),
-            "overhead p50 (featmap - in-process)": percentile(service_ms, 50)
-            - percentile(in_process_ms, 50),
+            OVERHEAD_P50: percentile(service_ms, 50) - percentile(in_process_ms, 50),
             "overhead p99 (featmap - in-process)": percentile(service_ms, 99)
             - percentile(in_process_ms, 99),
         }
@@ -320,9 +577,8 @@ def run_bench(
     few = images[:2]
     numpy_rate = rate(len(few), lambda: reference_outputs(float_pipeline, few), 0, warmup=0)
     report.rows.append(
-        Row("NumPy reference (for scale)", numpy_rate, numpy_rate / base, "2 images")
+        Row("NumPy reference (for scale)", numpy_rate, numpy_rate / base, "2 images", float_base)
     )
-    return report
 
 
 def default_threads() -> int:

@@ -123,14 +123,26 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from featmap.client.bench import default_threads, run_bench
 
+    only_job = args.job is not None
+    counts = args.rss_images.split(",") if args.rss_images else []
+    if counts and (len(counts) != 2 or not all(n.strip().isdigit() for n in counts)):
+        raise UsageError(f"--rss-images expects two counts, e.g. 1000,20000: {args.rss_images}")
+    rss = [int(n) for n in counts]
     report = run_bench(
         threads=args.threads or default_threads(),
         batch=args.batch,
         size=args.size,
         seconds=args.seconds,
         clients=args.clients,
+        rounds=args.rounds,
+        service=not only_job,
+        job_folder=Path(args.job) if args.job else None,
+        job_images=args.job_images,
+        rss_images=(rss[0], rss[1]) if rss else None,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(report.table())
@@ -224,6 +236,8 @@ inputs:
   .npy files hold one image or a batch (N, ...), .npz files one image (one array), in the
   pipeline's layout and dtype, taken as they are (--resize is for image files only).
   Without --resize, images of different sizes run in batches of one size each.
+  Image files travel as uint8 pixels (a quarter of float32's bytes): the pipeline's pixel
+  variant takes them and divides by 255 in the graph (featmap.contract.pixels).
 
 outputs (by extension):
   .npz      paths, outputs, one (N, ...) array per output -- or <name>__<i> per image when
@@ -308,13 +322,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     bench = commands.add_parser(
-        "bench", help="throughput and latency as ratios against onnxruntime in-process"
+        "bench",
+        help="throughput and latency as ratios against onnxruntime in-process; the batch job",
+        description="Every path of the service and of `featmap extract`, as images/s and ratios "
+        "against onnxruntime in this process, then the goals table. --job runs the batch job's "
+        "section alone.",
     )
     bench.add_argument("--threads", type=int, help="intra-op threads, both sides (default: cores)")
     bench.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
     bench.add_argument("--size", type=int, default=224, help="image height and width (224)")
     bench.add_argument("--seconds", type=float, default=5.0, help="time per measurement (5)")
     bench.add_argument("--clients", type=int, default=32, help="concurrent clients (32)")
+    bench.add_argument("--rounds", type=int, default=3, help="alternating rounds per ratio (3)")
+    bench.add_argument(
+        "--job",
+        nargs="?",
+        const="",
+        metavar="FOLDER",
+        help="only the batch job: over FOLDER's images (resized to --size), or generated JPEGs",
+    )
+    bench.add_argument(
+        "--job-images", type=int, default=1536, help="generated JPEGs for the job (1536)"
+    )
+    bench.add_argument(
+        "--rss-images",
+        default="1000,20000",
+        help="peak RSS of the job for these two counts of 64x64 JPEGs ('' to skip; 1000,20000)",
+    )
     bench.set_defaults(run=_bench)
 
     schema = commands.add_parser("schema", help="print the pipeline spec's JSON Schema")
@@ -404,6 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
         "with --server)",
     )
     extract.add_argument("--resize", metavar="HxW", help="resize images (bilinear) to HxW")
+    extract.add_argument(
+        "--jpeg-draft",
+        action="store_true",
+        help="with --resize: decode JPEGs at 1/2, 1/4 or 1/8 scale (at least HxW) first; "
+        "several times faster for large photos, pixels differ slightly from a full decode",
+    )
+    extract.add_argument(
+        "--decode-threads",
+        type=int,
+        help="threads decoding images ahead of the pipeline (default: one per core; 0: none)",
+    )
     extract.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
     extract.add_argument(
         "--shard-size", type=int, default=256, help="images per resumable shard (256)"

@@ -20,7 +20,8 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +29,7 @@ from typing import IO, Any
 import numpy as np
 
 OUTPUT_SUFFIXES = (".npz", ".npy", ".parquet")
+OUTPUT_DTYPE = "<f4"  # every pipeline output is float32
 
 
 @dataclass
@@ -144,70 +146,199 @@ def read_npz(source: Path) -> Results:
     return results
 
 
-def write_npy(results: Results, destination: Path) -> None:
-    """The single output as one (N, ...) array."""
-    (name,) = results.output_names
-    stacked = results.stacked(name)
-    if stacked is None:
-        shapes = sorted({str(array.shape) for array in results.outputs[name]})
-        raise ValueError(
-            f"output {name!r} has different shapes per image ({', '.join(shapes)}): "
-            "a .npy holds one array; use --resize or write .npz/.parquet"
-        )
-    _write_with(destination, lambda file: np.save(file, stacked, allow_pickle=False))
+@dataclass
+class _ShardContents:
+    paths: list[str]
+    skipped: list[tuple[str, str]]
+    shapes: dict[str, set[tuple[int, ...]]]
 
 
-def write_parquet(results: Results, destination: Path, metadata: dict[str, Any]) -> None:
+@dataclass
+class Contents:
+    """What the merged output will hold, noted shard by shard without the arrays themselves.
+
+    The writers below read the arrays back from the shards' part files one part at a time, so
+    that memory stays one shard's outputs whatever the job's size; only the paths are kept.
+    """
+
+    output_names: list[str]
+    skipped_first: list[tuple[str, str]] = field(default_factory=list)
+    shards: dict[int, _ShardContents] = field(default_factory=dict)
+
+    def add(self, index: int, results: Results) -> None:
+        """Note shard `index`'s rows, skipped inputs and output shapes."""
+        shapes = {name: {a.shape for a in results.outputs[name]} for name in self.output_names}
+        self.shards[index] = _ShardContents(list(results.paths), list(results.skipped), shapes)
+
+    def _ordered(self) -> list[_ShardContents]:
+        return [self.shards[index] for index in sorted(self.shards)]
+
+    @property
+    def paths(self) -> list[str]:
+        """Every row's input, in order."""
+        return [path for shard in self._ordered() for path in shard.paths]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Skipped inputs and why, in order."""
+        return [*self.skipped_first, *(s for shard in self._ordered() for s in shard.skipped)]
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The one per-image shape of an output, when it has rows and they all share it."""
+        shapes = set().union(*(shard.shapes[name] for shard in self.shards.values()))
+        return shapes.pop() if len(shapes) == 1 else None
+
+    def shapes(self, name: str) -> list[str]:
+        """An output's distinct shapes, for an error message."""
+        shapes = set().union(*(shard.shapes[name] for shard in self.shards.values()))
+        return sorted(str(shape) for shape in shapes)
+
+
+def part_rows(part: Path, name: str) -> np.ndarray | list[np.ndarray]:
+    """One output's rows from a part file: (n, ...) stacked, or one array per row."""
+    with part.open("rb") as file, np.load(file, allow_pickle=False) as archive:
+        if name in archive.files:
+            return np.asarray(archive[name], dtype=OUTPUT_DTYPE)
+        return [archive[f"{name}__{i}"] for i in range(len(archive["paths"]))]
+
+
+def part_paths(part: Path) -> list[str]:
+    """The rows' inputs of a part file."""
+    with part.open("rb") as file, np.load(file, allow_pickle=False) as archive:
+        return [str(path) for path in archive["paths"]]
+
+
+def _write_rows(out: IO[bytes], rows: np.ndarray | list[np.ndarray]) -> None:
+    """Rows of one shape straight into an open .npy whose header promised them."""
+    stacked = np.ascontiguousarray(rows if isinstance(rows, np.ndarray) else np.stack(rows))
+    if stacked.size:
+        out.write(stacked.astype(OUTPUT_DTYPE, copy=False).reshape(-1).view(np.uint8).data)
+
+
+def _npy_header(out: IO[bytes], shape: tuple[int, ...]) -> None:
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(OUTPUT_DTYPE)),
+        "fortran_order": False,
+        "shape": shape,
+    }
+    np.lib.format.write_array_header_1_0(out, header)
+
+
+def _merge_npz(contents: Contents, parts: Sequence[Path], file: IO[bytes]) -> None:
+    """The .npz layout of this module's docstring, each output written part after part."""
+    skipped = contents.skipped
+    paths = contents.paths
+    small = {
+        "paths": np.array(paths, dtype=str),
+        "outputs": np.array(contents.output_names, dtype=str),
+        "skipped": np.array([path for path, _ in skipped], dtype=str),
+        "skipped_errors": np.array([reason for _, reason in skipped], dtype=str),
+    }
+    # What np.savez writes: stored (uncompressed) members named <array>.npy, zip64 allowed.
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+
+        def member(name: str) -> IO[bytes]:
+            return archive.open(f"{name}.npy", "w", force_zip64=True)
+
+        for name, array in small.items():
+            with member(name) as out:
+                np.lib.format.write_array(out, array, allow_pickle=False)
+        for name in contents.output_names:
+            shape = contents.shape(name)
+            if shape is not None or not paths:
+                with member(name) as out:
+                    _npy_header(out, (len(paths), *shape) if shape is not None else (0,))
+                    for part in parts:
+                        _write_rows(out, part_rows(part, name))
+                continue
+            index = 0
+            for part in parts:
+                for row in part_rows(part, name):
+                    with member(f"{name}__{index}") as out:
+                        np.lib.format.write_array(out, np.asarray(row), allow_pickle=False)
+                    index += 1
+
+
+def _merge_npy(contents: Contents, parts: Sequence[Path], file: IO[bytes]) -> None:
+    """The single output as one (N, ...) array, written part after part."""
+    (name,) = contents.output_names
+    shape = contents.shape(name)
+    paths = contents.paths
+    _npy_header(file, (len(paths), *shape) if shape is not None else (0,))
+    for part in parts:
+        _write_rows(file, part_rows(part, name))
+
+
+def _merge_parquet(
+    contents: Contents, parts: Sequence[Path], destination: Path, metadata: dict[str, Any]
+) -> None:
     """One row per image: `path`, then one list<float32> column per output, flattened.
 
     Columns are fixed-size lists when every image gave the same shape; the per-image shape is
     in the schema metadata (`featmap.shapes`), or, when shapes differ, in a `<name>__shape`
-    column beside a variable-size list column.
+    column beside a variable-size list column. One row group per part.
     """
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError("writing .parquet needs pyarrow: pip install 'featmap[parquet]'") from None
-    columns: dict[str, Any] = {"path": pa.array(results.paths, type=pa.string())}
+    fields = [pa.field("path", pa.string())]
     shapes: dict[str, list[int] | None] = {}
-    for name in results.output_names:
-        arrays = results.outputs[name]
-        stacked = results.stacked(name)
-        if stacked is not None and arrays:
-            shape = list(arrays[0].shape)
-            flat = pa.array(stacked.reshape(-1).astype(np.float32, copy=False))
-            columns[name] = pa.FixedSizeListArray.from_arrays(flat, math.prod(shape))
-            shapes[name] = shape
+    for name in contents.output_names:
+        shape = contents.shape(name)
+        if shape is not None:
+            fields.append(pa.field(name, pa.list_(pa.float32(), math.prod(shape))))
+            shapes[name] = list(shape)
         else:
-            columns[name] = pa.array(
-                [a.reshape(-1).astype(np.float32, copy=False) for a in arrays],
-                type=pa.list_(pa.float32()),
-            )
-            columns[f"{name}__shape"] = pa.array(
-                [list(a.shape) for a in arrays], type=pa.list_(pa.int32())
-            )
+            fields.append(pa.field(name, pa.list_(pa.float32())))
+            fields.append(pa.field(f"{name}__shape", pa.list_(pa.int32())))
             shapes[name] = None
-    table = pa.table(columns)
-    table = table.replace_schema_metadata(
+    schema = pa.schema(fields).with_metadata(
         {
             "featmap.shapes": json.dumps(shapes),
-            "featmap.skipped": json.dumps([{"path": p, "error": r} for p, r in results.skipped]),
+            "featmap.skipped": json.dumps([{"path": p, "error": r} for p, r in contents.skipped]),
             **{f"featmap.{key}": json.dumps(value) for key, value in metadata.items()},
         }
     )
-    with atomic_path(destination) as temporary:
-        pq.write_table(table, temporary)
+    with atomic_path(destination) as temporary, pq.ParquetWriter(temporary, schema) as writer:
+        for part in parts:
+            columns: dict[str, Any] = {"path": pa.array(part_paths(part), type=pa.string())}
+            for name in contents.output_names:
+                rows = part_rows(part, name)
+                if shapes[name] is not None:
+                    flat = np.ascontiguousarray(rows, dtype=OUTPUT_DTYPE).reshape(-1)
+                    columns[name] = pa.FixedSizeListArray.from_arrays(
+                        pa.array(flat), math.prod(shapes[name] or [])
+                    )
+                    continue
+                columns[name] = pa.array(
+                    [np.asarray(a, dtype=OUTPUT_DTYPE).reshape(-1) for a in rows],
+                    type=pa.list_(pa.float32()),
+                )
+                columns[f"{name}__shape"] = pa.array(
+                    [list(np.shape(a)) for a in rows], type=pa.list_(pa.int32())
+                )
+            writer.write_table(pa.table(columns, schema=schema))
 
 
-def write_results(results: Results, destination: Path, metadata: dict[str, Any]) -> None:
-    """Results in the format the destination's extension names."""
+def write_merged(
+    contents: Contents, parts: Sequence[Path], destination: Path, metadata: dict[str, Any]
+) -> None:
+    """The parts merged into the format the destination's extension names, atomically."""
     suffix = destination.suffix.lower()
     if suffix == ".npz":
-        write_npz(results, destination)
+        _write_with(destination, lambda file: _merge_npz(contents, parts, file))
     elif suffix == ".npy":
-        write_npy(results, destination)
+        (name,) = contents.output_names
+        if contents.paths and contents.shape(name) is None:
+            raise ValueError(
+                f"output {name!r} has different shapes per image "
+                f"({', '.join(contents.shapes(name))}): "
+                "a .npy holds one array; use --resize or write .npz/.parquet"
+            )
+        _write_with(destination, lambda file: _merge_npy(contents, parts, file))
     elif suffix == ".parquet":
-        write_parquet(results, destination, metadata)
+        _merge_parquet(contents, parts, destination, metadata)
     else:
         raise ValueError(f"{destination}: output must end in {', '.join(OUTPUT_SUFFIXES)}")

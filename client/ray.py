@@ -26,8 +26,8 @@ import numpy as np
 
 from featmap.client.client import FeatureClient
 from featmap.client.extract import EmbeddedRunner
-from featmap.client.images import image_values
 from featmap.client.specfile import load_pipeline_file
+from featmap.contract.pixels import image_values
 from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,

@@ -10,11 +10,12 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageDraw
 
-from featmap.client.images import InputError, decode_image, image_values
+from featmap.client.images import InputError, decode_image
 from featmap.contract.ops import (
     LayerCost,
     layer_costs,
 )
+from featmap.contract.pixels import image_values
 from featmap.contract.spec import (
     NO_TENSORS,
     Pipeline,

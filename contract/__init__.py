@@ -8,13 +8,14 @@ What belongs here is anything both sides must agree on, with no I/O and light im
                       the sliding-window arithmetic (padding, output sizes)
     limits.py         the request limits and the two admission checks (pipeline, batch)
     tensors.py        which array dtypes travel and how, layout axes, reply sizes
-    wire.py           Tensor messages and the copy-free framing of Extract
+    pixels.py         what a pipeline gets from image pixels; its uint8 pixel variant
+    wire.py           Tensor messages and the copy-free framing of Extract and OIP ModelInfer
     errors.py         the exception tree and its gRPC status table
     metadata.py       gRPC metadata keys
     shared_memory.py  shared-memory naming rules
 
 Who may import what: featmap.contract imports nothing of featmap but the stubs
-(featmap.v1); featmap.service and featmap.client import the contract; the client never
+(featmap.v1, featmap.oip); featmap.service and featmap.client import the contract; the client never
 imports featmap.service at module level (its embedded mode imports the runtime when used).
 """
 

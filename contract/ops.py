@@ -16,6 +16,7 @@ FLOPs per image:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -223,11 +224,36 @@ def parameter_count(pipeline: Pipeline) -> int:
     return sum(layer_parameters(pipeline))
 
 
+class _SizedPipeline:
+    """A pipeline and an image size as a cache key: by pipeline id, not by hashing the model."""
+
+    __slots__ = ("key", "pipeline")
+
+    def __init__(self, pipeline: Pipeline, height: int, width: int) -> None:
+        self.pipeline = pipeline
+        self.key = (pipeline.pipeline_id, height, width)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _SizedPipeline) and self.key == other.key
+
+
 def layer_costs(pipeline: Pipeline, height: int, width: int) -> list[LayerCost]:
     """Every layer's output shape, parameters and FLOPs for one height x width image.
 
-    InvalidSpec naming the layer when the image is too small for it.
+    InvalidSpec naming the layer when the image is too small for it. Remembered per pipeline
+    id and size: the server checks every request with it, and a job or a client sees the same
+    few sizes over and over.
     """
+    return list(_layer_costs(_SizedPipeline(pipeline, height, width)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _layer_costs(sized: _SizedPipeline) -> tuple[LayerCost, ...]:
+    pipeline = sized.pipeline
+    _, height, width = sized.key
     in_shape: Shape = (pipeline.input.channels, height, width)
     costs: list[LayerCost] = []
     names = pipeline.layer_names
@@ -244,7 +270,7 @@ def layer_costs(pipeline: Pipeline, height: int, width: int) -> list[LayerCost]:
         flops = rule.flops(layer, in_shape, out_shape)
         costs.append(LayerCost(names[index], layer.op, out_shape, parameters, flops))
         in_shape = out_shape
-    return costs
+    return tuple(costs)
 
 
 @dataclass(frozen=True)

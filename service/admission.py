@@ -138,6 +138,13 @@ class AdmittingHandler(grpc.GenericRpcHandler):
         self.decisions = decisions
         self.gates = {f"/{service_name}/{method}": gate for method, gate in gates.items()}
         self.any_gate = next(iter(gates.values()))
+        # One refusal handler of each kind per gate, reused: the observer remembers handlers by
+        # identity, and building one per refused call would cost as much as the refusal.
+        self.refusals = {
+            (id(gate), streaming): _refusal_handler(gate, streaming)
+            for gate in {*gates.values()}
+            for streaming in (False, True)
+        }
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         """The handler for a call: the real one if admitted, else one that refuses at once."""
@@ -148,13 +155,13 @@ class AdmittingHandler(grpc.GenericRpcHandler):
         if gate is None:
             if self.any_gate.closing:
                 self.decisions.decide(_REFUSED)
-                return _refusal_handler(self.any_gate, streaming=handler.request_streaming)
+                return self.refusals[(id(self.any_gate), handler.request_streaming)]
             return handler
         if gate.try_enter():
             self.decisions.decide(gate)
             return handler
         self.decisions.decide(_REFUSED)
-        return _refusal_handler(gate, streaming=handler.request_streaming)
+        return self.refusals[(id(gate), handler.request_streaming)]
 
 
 class AdmissionExecutor(futures.ThreadPoolExecutor):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -102,8 +102,20 @@ class Metrics:
         # Calls started (not exported): what the allocator's Trimmer watches for activity.
         self.calls_started = itertools.count()
         self.calls = 0
+        # Label children looked up once: `labels()` costs a lock and a dict per call.
+        self.stage_seconds = {
+            stage: self.request_seconds.labels(stage) for stage in ("queue", "compute", "total")
+        }
+        self._requests_by: dict[tuple[str, str], Any] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def count_request(self, method: str, code: str) -> None:
+        """One finished call of `method` with status `code`."""
+        child = self._requests_by.get((method, code))
+        if child is None:
+            child = self._requests_by[method, code] = self.requests.labels(method, code)
+        child.inc()
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP on host:port (0 picks a free port); the bound port."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +23,18 @@ from featmap.service.metrics import Metrics
 
 log = logging.getLogger("featmap.requests")
 MAX_LOGGED_ID_CHARS = 64  # ids are 32 hex digits
+# Handlers remembered with their observed wrappers: a few per method (real, refusal).
+MAX_OBSERVED_HANDLERS = 256
+
+# Request ids: this process's random prefix and a counter, unique within a server's life and
+# cheaper than a uuid4 (a system call for entropy) on every call.
+_ID_PREFIX = os.urandom(3).hex()
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    """A fresh id for a request's log line (and an INTERNAL error's reply): 12+ hex digits."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):06x}"
 
 
 def pipeline_id_of(message: Any) -> str:
@@ -77,14 +90,14 @@ class _Call:
         if images:
             metrics.images.inc(images)
         code = code or context.code() or grpc.StatusCode.OK  # type: ignore[func-returns-value]
-        metrics.requests.labels(self.method, code.name).inc()
-        metrics.request_seconds.labels("total").observe(seconds)
+        metrics.count_request(self.method, code.name)
+        metrics.stage_seconds["total"].observe(seconds)
         for stage in ("queue", "compute"):
             if stage in self.stages:
-                metrics.request_seconds.labels(stage).observe(self.stages[stage])
+                metrics.stage_seconds[stage].observe(self.stages[stage])
         # An INTERNAL error already logged its request id and sent it to the client: reuse it.
         trailers = dict(context.trailing_metadata() or ())  # type: ignore[func-returns-value]
-        request_id = str(trailers.get(REQUEST_ID_KEY) or uuid.uuid4().hex[:12])
+        request_id = str(trailers.get(REQUEST_ID_KEY) or new_request_id())
         fields = {
             "request_id": request_id,
             "method": self.method,
@@ -106,11 +119,18 @@ class _Call:
 
 
 class RequestObserver(grpc.ServerInterceptor):
-    """Counts, times and logs every call of one service (health and reflection are left out)."""
+    """Counts, times and logs every call of some services (health and reflection are left out).
 
-    def __init__(self, metrics: Metrics, service_name: str) -> None:
+    A method's observed handler is built once and reused: the lookup runs for every call, on
+    gRPC's one polling thread.
+    """
+
+    def __init__(self, metrics: Metrics, *service_names: str) -> None:
         self.metrics = metrics
-        self.prefix = f"/{service_name}/"
+        self.prefixes = tuple(f"/{name}/" for name in service_names)
+        # id(inner handler) -> (inner handler, observed handler); the inner one is kept so
+        # that its id is not reused. Handlers live as long as the server: this stays small.
+        self._observed: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def _counting(self, deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
         counter = self.metrics.bytes_received
@@ -172,9 +192,12 @@ class RequestObserver(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         full_method: str = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or not full_method.startswith(self.prefix):
+        if handler is None or not full_method.startswith(self.prefixes):
             return handler
-        method = full_method[len(self.prefix) :]
+        known = self._observed.get(id(handler))
+        if known is not None and known[0] is handler:
+            return known[1]
+        method = full_method[full_method.index("/", 1) + 1 :]
         changes: dict[str, Any] = {
             "request_deserializer": self._counting(handler.request_deserializer)
         }
@@ -182,4 +205,7 @@ class RequestObserver(grpc.ServerInterceptor):
             changes["unary_unary"] = self._unary(method, handler.unary_unary)
         elif handler.stream_stream is not None:
             changes["stream_stream"] = self._stream(method, handler.stream_stream)
-        return handler._replace(**changes)  # type: ignore[attr-defined, no-any-return]
+        observed: grpc.RpcMethodHandler = handler._replace(**changes)  # type: ignore[attr-defined]
+        if len(self._observed) < MAX_OBSERVED_HANDLERS:
+            self._observed[id(handler)] = (handler, observed)
+        return observed

@@ -27,7 +27,13 @@ from featmap.contract.errors import (
 )
 from featmap.contract.limits import check_request_bytes
 from featmap.contract.tensors import batch_shape
-from featmap.contract.wire import check_shape
+from featmap.contract.wire import (
+    FramedInferRequest,
+    FramedInferResponse,
+    check_shape,
+    parse_infer_request,
+    serialize_infer_response,
+)
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from featmap.service.api import FeatureService
@@ -159,8 +165,10 @@ class InferenceService:
             outputs=output_metadata(registered),
         )
 
-    def images(self, request: oip.ModelInferRequest, registered: RegisteredPipeline) -> np.ndarray:
-        """The request's one input as an array, its name, datatype, shape and bytes checked."""
+    def images(self, framed: FramedInferRequest, registered: RegisteredPipeline) -> np.ndarray:
+        """The request's one input as an array (a view of the received bytes when raw), its
+        name, datatype, shape and bytes checked."""
+        request, raw_contents = framed.message, framed.raw_input_contents
         if len(request.inputs) != 1:
             raise InvalidRequest(
                 "inputs", f"has {len(request.inputs)} tensors; the model takes one, {INPUT_NAME!r}"
@@ -177,36 +185,39 @@ class InferenceService:
         shape = tuple(tensor.shape)
         check_shape(shape, "inputs[0]")
         dtype, count = NUMPY_DTYPES[wanted], math.prod(shape)
-        if not request.raw_input_contents:
+        if not raw_contents:
             return _contents_array(tensor, wanted, count).reshape(shape)
-        if len(request.raw_input_contents) != 1:
+        if len(raw_contents) != 1:
             raise InvalidRequest(
                 "raw_input_contents",
-                f"has {len(request.raw_input_contents)} entries; one per input (1) is needed",
+                f"has {len(raw_contents)} entries; one per input (1) is needed",
             )
         if tensor.HasField("contents"):
             raise InvalidRequest(
                 "inputs[0].contents", "must not be set when raw_input_contents is used"
             )
-        data = request.raw_input_contents[0]
-        if len(data) != count * dtype.itemsize:
+        data = raw_contents[0]
+        if data.nbytes != count * dtype.itemsize:
             raise InvalidTensor(
                 "raw_input_contents[0]",
-                f"has {len(data)} bytes; shape {list(shape)} x {dtype.itemsize} bytes "
+                f"has {data.nbytes} bytes; shape {list(shape)} x {dtype.itemsize} bytes "
                 f"({wanted}) needs {count * dtype.itemsize}",
             )
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
+        array.flags.writeable = False  # a view of the received message
+        return array
 
     def model_infer(
         self,
-        request: oip.ModelInferRequest,
+        framed: FramedInferRequest,
         caller: Caller,
         before_run: Callable[[], None] | None = None,
-    ) -> oip.ModelInferResponse:
+    ) -> FramedInferResponse:
         """Run the input through the model; the requested outputs (default all), raw FP32."""
+        request = framed.message
         registered = self.model(request.model_name, request.model_version, caller, "model_name")
         pipeline = registered.compiled.pipeline
-        check_request_bytes(request.ByteSize(), self.service.limits, "raw_input_contents")
+        check_request_bytes(framed.size, self.service.limits, "raw_input_contents")
         check_no_parameters(request)
         names = [output.name for output in request.outputs] or list(pipeline.output_names)
         for index, name in enumerate(names):
@@ -216,18 +227,19 @@ class InferenceService:
                     f"{name!r} is not an output of the model; it has "
                     f"{listing(pipeline.output_names)}",
                 )
-        images = self.images(request, registered)
+        images = self.images(framed, registered)
         outputs = self.service.extractor.extract(
             self.service.registered_target(registered), images, before_run=before_run
         ).outputs
         response = oip.ModelInferResponse(
             model_name=request.model_name, model_version=MODEL_VERSION, id=request.id
         )
+        contents = []
         for name in names:
             array = np.ascontiguousarray(outputs[name], dtype="<f4")
             response.outputs.add(name=name, datatype="FP32", shape=array.shape)
-            response.raw_output_contents.append(array.tobytes())
-        return response
+            contents.append(array)
+        return FramedInferResponse(response, contents)
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
@@ -269,7 +281,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return self.inference.model_metadata(request, caller_of(context, self.tenants))
 
     @map_errors
-    def ModelInfer(self, request: oip.ModelInferRequest, context: Any) -> Any:
+    def ModelInfer(self, request: FramedInferRequest, context: Any) -> Any:
         caller = caller_of(context, self.tenants)
         return self.inference.model_infer(request, caller, functools.partial(still_wanted, context))
 
@@ -278,10 +290,11 @@ def inference_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     """GRPCInferenceService's handlers; bad request bytes get INVALID_ARGUMENT, not INTERNAL."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
-        parse = getattr(oip, method.input_type.name).FromString
+        parse: Callable[[bytes], Any] = getattr(oip, method.input_type.name).FromString
+        serialize: Callable[[Any], bytes] = _serialize_message
+        if method.name == "ModelInfer":  # tensors framed without copies, as Extract's
+            parse, serialize = parse_infer_request, serialize_infer_response
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
-            _tolerant(parse, method.input_type.full_name),
-            _serialize_message,
+            getattr(servicer, method.name), _tolerant(parse, method.input_type.full_name), serialize
         )
     return grpc.method_handlers_generic_handler(OIP_SERVICE_NAME, handlers)

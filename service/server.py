@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -43,7 +42,7 @@ from featmap.service.admission import (
 from featmap.service.allocator import Trimmer, tune_allocator
 from featmap.service.api import FeatureService
 from featmap.service.metrics import Metrics
-from featmap.service.observe import RequestObserver
+from featmap.service.observe import RequestObserver, new_request_id
 from featmap.service.security import (
     Caller,
     Tenants,
@@ -70,7 +69,7 @@ TERMINATE_WAIT_S = 1.0
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, ExecutionFailed):
         # The details are in the server log only: the id ties the caller's report to them.
-        request_id = uuid.uuid4().hex[:12]
+        request_id = new_request_id()
         log.error("request %s: %s failed: %s", request_id, method, exc, exc_info=exc)
         context.set_trailing_metadata(((FIELD_KEY, exc.field), (REQUEST_ID_KEY, request_id)))
         _detach(exc)
@@ -82,7 +81,7 @@ def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
         context.set_trailing_metadata(tuple(trailers))
         _detach(exc)
         context.abort(status_for(exc), str(exc))
-    request_id = uuid.uuid4().hex[:12]
+    request_id = new_request_id()
     log.error("request %s: unexpected error in %s", request_id, method, exc_info=exc)
     context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
     _detach(exc)
@@ -299,8 +298,7 @@ class FeatmapServer:
 
         # Outermost first: the observer also counts and logs the calls that auth refuses.
         interceptors: list[grpc.ServerInterceptor] = [
-            RequestObserver(self.metrics, SERVICE_NAME),
-            RequestObserver(self.metrics, OIP_SERVICE_NAME),
+            RequestObserver(self.metrics, SERVICE_NAME, OIP_SERVICE_NAME)
         ]
         if tenants is not None:
             interceptors.append(TokenAuthInterceptor(tenants))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
-from featmap.client.bench import run_bench, standard_spec
+from featmap.client.bench import run_bench, standard_spec, tritonclient_python
 from featmap.contract.ops import layer_costs
 from featmap.contract.spec import parse_pipeline
 
@@ -25,9 +26,11 @@ def test_standard_pipeline_is_the_issues() -> None:
 def test_bench_reports_every_path() -> None:
     lines: list[str] = []
     report = run_bench(
-        threads=1, batch=2, size=32, seconds=0.05, clients=2, latency_requests=5, log=lines.append
-    )
+        threads=1, batch=2, size=32, seconds=0.05, clients=2, latency_requests=5, job=False,
+        log=lines.append,
+    )  # fmt: skip
     paths = [row.path for row in report.rows]
+    triton = ["stock tritonclient (OIP ModelInfer)"] if tritonclient_python() else []
     assert paths == [
         "onnxruntime in-process float32",
         "onnxruntime in-process uint8",
@@ -35,6 +38,7 @@ def test_bench_reports_every_path() -> None:
         "featmap stream float32",
         "featmap unary uint8",
         "featmap shared memory float32",
+        *triton,
         "featmap 2 clients x 1 image, batching on",
         "featmap 2 clients x 1 image, batching off",
         "NumPy reference (for scale)",
@@ -45,3 +49,24 @@ def test_bench_reports_every_path() -> None:
     )
     table = report.table()
     assert "featmap stream float32" in table and "ratio" in table
+    # The ratio column says what it divides by.
+    assert "same round" in table and "vs" in table.splitlines()[0]
+
+
+def test_bench_job_section(tmp_path: Path) -> None:
+    report = run_bench(
+        threads=1, batch=2, size=32, seconds=0.05, rounds=1, service=False, job_images=12,
+        rss_images=(6, 12), log=lambda line: None,
+    )  # fmt: skip
+    paths = [row.path for row in report.rows]
+    assert paths == [
+        "onnxruntime in-process, decoded 32x32 (ceiling)",
+        "hand-written loop (Pillow, stack, /255, run), 12 files",
+        "featmap extract, embedded, 12 files",
+        "featmap extract --server 127.0.0.1, 12 files",
+    ]
+    assert [count for count, _ in report.rss] == [6, 12]
+    assert all(rss > 0 for _, rss in report.rss)
+    goals = {goal.path: goal for goal in report.goals()}
+    assert goals["featmap extract peak RSS, 6 vs 12 images"].met is not None
+    assert goals["stream float32 / in-process"].now == "not measured"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featmap.client.outputs import Results, atomic_path, write_results
+from featmap.client.outputs import Contents, Results, atomic_path, write_merged, write_npz
 from tests.conftest import README_SPEC
 from tests.test_cli import FEATMAP, clean_env
 
@@ -44,6 +44,16 @@ def two_images() -> Results:
     for i in range(2):
         results.add(f"image-{i}.png", {"features": np.full((4,), i, dtype=np.float32)})
     return results
+
+
+def write_results(results: Results, destination: Path, metadata: dict[str, str]) -> None:
+    """`featmap extract`'s last step: one shard's part file merged into the destination."""
+    part = destination.parent.parent / f"part-{destination.name}.npz"
+    write_npz(results, part)
+    contents = Contents(results.output_names)
+    contents.add(0, results)
+    write_merged(contents, [part], destination, metadata)
+    part.unlink()
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".npy", ".parquet"])

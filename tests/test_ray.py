@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from featmap.client.extract import EmbeddedRunner, run_extract
-from featmap.client.images import InputItem, load_item
+from featmap.client.images import decode_image
 from featmap.client.ray import FeatureExtractor, to_pipeline_input
+from featmap.contract.pixels import image_values
 from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
@@ -117,7 +118,8 @@ def test_to_pipeline_input_follows_extract_rules(spec: dict[str, Any], photos: P
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB"))  # (20, 24, 3)
     batch = to_pipeline_input({"image": pixels[None], "path": np.array([str(path)])}, pipeline)
-    want = load_item(InputItem(path), pipeline.input, None)
+    # featmap extract decodes the same pixels and feeds them by the contract's rule.
+    want = image_values(decode_image(path, pipeline.input, None), pipeline.input)
     assert batch["image"].shape == (1, *want.shape)
     assert batch["image"].dtype == want.dtype
     np.testing.assert_array_equal(batch["image"][0], want)

@@ -1,4 +1,4 @@
-"""Wire tensors: round trips, byte order, and malformed tensors named by field."""
+"""Wire tensors: round trips, byte order, malformed tensors named by field, OIP framing."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import pytest
 
 from featmap.contract.errors import InvalidTensor
 from featmap.contract.wire import (
+    FramedInferResponse,
     decode_tensor,
     encode_tensor,
+    parse_infer_request,
+    serialize_infer_response,
 )
+from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.v1 import featmap_pb2 as pb
 
 
@@ -58,3 +62,69 @@ def test_huge_dims_do_not_allocate() -> None:
     tensor = pb.Tensor(dtype=pb.FLOAT32, shape=[1 << 40, 1 << 40], data=b"")
     with pytest.raises(InvalidTensor, match="dimension over"):
         decode_tensor(tensor, "images")
+
+
+# --------------------------------------------------------------------------- OIP framing
+
+
+def stock_infer_request() -> oip.ModelInferRequest:
+    """A ModelInferRequest as the generated stubs (and so stock clients) build it."""
+    request = oip.ModelInferRequest(model_name="m", model_version="1", id="req-7")
+    request.parameters["priority"].int64_param = 3
+    first = request.inputs.add(name="images", datatype="FP32", shape=[2, 3, 4, 5])
+    first.parameters["binary_data_size"].int64_param = 480
+    request.inputs.add(name="extra", datatype="UINT8", shape=[3])
+    request.outputs.add(name="features")
+    images = np.arange(2 * 3 * 4 * 5, dtype="<f4").reshape(2, 3, 4, 5)
+    request.raw_input_contents.extend([images.tobytes(), b"\x01\x02\x03"])
+    return request
+
+
+def test_infer_request_from_stock_stubs_parses_without_copies() -> None:
+    sent = stock_infer_request()
+    raw = sent.SerializeToString()
+    framed = parse_infer_request(raw)
+    assert framed.size == len(raw)
+    assert [bytes(c) for c in framed.raw_input_contents] == list(sent.raw_input_contents)
+    # Views of the received message, not copies of it.
+    assert all(c.obj is raw for c in framed.raw_input_contents)
+    expected = oip.ModelInferRequest()
+    expected.CopyFrom(sent)
+    del expected.raw_input_contents[:]
+    assert framed.message == expected
+
+
+def test_infer_request_fields_in_any_order() -> None:
+    # Protobuf allows any field order: contents first, then the rest, parse the same.
+    sent = stock_infer_request()
+    contents = oip.ModelInferRequest(raw_input_contents=sent.raw_input_contents)
+    rest = oip.ModelInferRequest()
+    rest.CopyFrom(sent)
+    del rest.raw_input_contents[:]
+    framed = parse_infer_request(contents.SerializeToString() + rest.SerializeToString())
+    assert framed.message == rest
+    assert [bytes(c) for c in framed.raw_input_contents] == list(sent.raw_input_contents)
+
+
+def test_infer_response_reads_back_with_stock_stubs() -> None:
+    message = oip.ModelInferResponse(model_name="m", model_version="1", id="req-7")
+    message.parameters["sequence_end"].bool_param = True
+    arrays = [np.arange(6, dtype="<f4").reshape(2, 3, 1, 1), np.zeros((2, 0), dtype="<f4")]
+    for name, array in zip(("features", "empty"), arrays, strict=True):
+        message.outputs.add(name=name, datatype="FP32", shape=array.shape)
+    raw = serialize_infer_response(FramedInferResponse(message, arrays))
+    received = oip.ModelInferResponse.FromString(raw)
+    assert list(received.raw_output_contents) == [array.tobytes() for array in arrays]
+    del received.raw_output_contents[:]
+    assert received == message
+    # The same bytes as protobuf writes for the whole message.
+    whole = oip.ModelInferResponse()
+    whole.CopyFrom(message)
+    whole.raw_output_contents.extend(array.tobytes() for array in arrays)
+    assert raw == whole.SerializeToString()
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xff\xff", b"\x3a\x10ab"], ids=["garbage", "cut-short"])
+def test_malformed_infer_request(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_infer_request(raw)

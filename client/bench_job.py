@@ -1,0 +1,293 @@
+"""`featmap bench --job`: the batch job's images/s against onnxruntime on decoded tensors.
+
+The ceiling is onnxruntime in this process on tensors decoded beforehand, batch after batch,
+with onnxruntime's settings but the thread count (the faster of spinning on and off). The job
+rows run `featmap extract` as a user does, as child processes, over a folder of JPEG files;
+process start, imports and session build are excluded by differencing two job sizes:
+(N - n) / (t(N) - t(n)) for the folder's first n and all N images. The hand-written loop is
+what a user would write without featmap: decode with Pillow, stack, /255, session.run, one
+batch after another.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import yaml
+from PIL import Image
+
+from featmap.client.images import find_files
+from featmap.contract.spec import Pipeline
+from featmap.service.graph import INPUT_NAME, compile_pipeline
+
+FEATMAP = [sys.executable, "-m", "featmap.client.cli"]
+JPEG_QUALITY = 90
+
+
+def natural_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: smooth colour fields plus grain, so JPEGs compress like photos."""
+    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    smooth = Image.fromarray(coarse, "RGB").resize((size, size), Image.Resampling.BICUBIC)
+    grain = rng.normal(0.0, 12.0, (size, size, 3))
+    return np.clip(np.asarray(smooth, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+
+
+def generated_jpegs(count: int, size: int) -> Path:
+    """A folder of `count` JPEGs of size x size, made once and kept in the temp folder."""
+    folder = Path(tempfile.gettempdir()) / f"featmap-bench-jpegs-{size}-{count}"
+    done = folder / ".complete"
+    if not done.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for index in range(count):
+            image = Image.fromarray(natural_image(rng, size), "RGB")
+            image.save(folder / f"{index:06d}.jpg", quality=JPEG_QUALITY)
+        done.touch()
+    return folder
+
+
+def first_files(files: Sequence[str], count: int, where: Path) -> Path:
+    """A folder of links to the first `count` files (the smaller job of a difference)."""
+    where.mkdir(parents=True, exist_ok=True)
+    for index, file in enumerate(files[:count]):
+        link = where / f"{index:06d}{Path(file).suffix}"
+        if not link.exists():
+            link.symlink_to(Path(file).resolve())
+    return where
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """One `featmap extract` child: its wall time and its peak resident memory."""
+
+    seconds: float
+    peak_rss_bytes: int
+
+
+# Runs a command and reports its wall time and peak RSS. A child's ru_maxrss counts the memory
+# of the process it was forked from (the exec inherits the high-water mark), so the job is
+# started by this small launcher instead of by the bench with its decoded images and sessions.
+LAUNCHER = """
+import resource, subprocess, sys, time
+started = time.perf_counter()
+done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+seconds = time.perf_counter() - started
+sys.stderr.buffer.write(done.stderr)
+print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(done.returncode)
+"""
+
+
+def run_job(arguments: list[str]) -> JobRun:
+    """Run `featmap extract ARGUMENTS` to its end; JobRun, or RuntimeError with its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", LAUNCHER, *FEATMAP, "extract", *arguments, "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"featmap extract exited {done.returncode}: {done.stderr.strip()}")
+    seconds, kilobytes = done.stdout.split()
+    return JobRun(float(seconds), int(kilobytes) * 1024)  # Linux reports kilobytes
+
+
+@dataclass(frozen=True)
+class JobFolders:
+    """The job's folder and a folder of its first images, for the difference of two sizes."""
+
+    large: Path
+    large_count: int
+    small: Path
+    small_count: int
+
+
+def job_rate(folders: JobFolders, arguments: Callable[[Path], list[str]]) -> tuple[float, int]:
+    """(images/s of the job without its fixed costs, peak RSS of the larger job)."""
+    small = run_job(arguments(folders.small))
+    large = run_job(arguments(folders.large))
+    images, seconds = folders.large_count - folders.small_count, large.seconds - small.seconds
+    # A difference lost in the noise of process start (too few images) measures nothing.
+    rate = images / seconds if seconds > 0.05 * large.seconds else math.nan
+    return rate, large.peak_rss_bytes
+
+
+def ceiling_sessions(pipeline: Pipeline, threads: int) -> list[ort.InferenceSession]:
+    """onnxruntime as a user builds it, with `threads` intra-op threads: spinning on (its
+    default) and off, since which is faster depends on the machine's other load."""
+    model = compile_pipeline(pipeline).SerializeToString()
+    sessions = []
+    for spinning in ("1", "0"):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        sessions.append(ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]))
+    return sessions
+
+
+def decode_batch(files: Sequence[str], size: int | None) -> np.ndarray:
+    """What a user writes: Pillow decode, (resize), stack, NCHW, / 255 as float32."""
+    pixels = []
+    for file in files:
+        with Image.open(file) as image:
+            rgb = image.convert("RGB")
+        if size is not None:
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        pixels.append(np.asarray(rgb))
+    stacked = np.stack(pixels).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(stacked / np.float32(255), dtype=np.float32)
+
+
+def batches_of(files: Sequence[str], batch: int) -> Iterator[Sequence[str]]:
+    """Consecutive slices of `batch` files."""
+    for start in range(0, len(files), batch):
+        yield files[start : start + batch]
+
+
+def ceiling_rate(
+    sessions: Sequence[ort.InferenceSession], decoded: list[np.ndarray], images: int
+) -> float:
+    """images/s of session.run over decoded batches, cycled to `images` images; the best of
+    the sessions (each runs half of them)."""
+    rates = []
+    for session in sessions:
+        session.run(None, {INPUT_NAME: decoded[0]})
+        done, started = 0, time.perf_counter()
+        while done < images // len(sessions):
+            batch = decoded[(done // len(decoded[0])) % len(decoded)]
+            session.run(None, {INPUT_NAME: batch})
+            done += len(batch)
+        rates.append(done / (time.perf_counter() - started))
+    return max(rates)
+
+
+def hand_loop_rate(
+    session: ort.InferenceSession, files: Sequence[str], batch: int, size: int | None
+) -> float:
+    """images/s of decoding and running batch after batch, as a user would write it."""
+    started = time.perf_counter()
+    for chunk in batches_of(files, batch):
+        session.run(None, {INPUT_NAME: decode_batch(chunk, size)})
+    return len(files) / (time.perf_counter() - started)
+
+
+@dataclass
+class JobBench:
+    """The job section's measurements: medians over alternating rounds."""
+
+    ceiling: float
+    rows: list[tuple[str, float, float, str]]  # path, images/s, ratio to the ceiling, note
+    rss: list[tuple[int, int]]  # (images, peak RSS bytes) of the embedded job on small JPEGs
+
+
+def job_folders(folder: Path | None, images: int, size: int, where: Path) -> JobFolders:
+    """The job's images (a given folder, or `images` generated JPEGs) and its first quarter."""
+    source = folder if folder is not None else generated_jpegs(images, size)
+    files = find_files([source])
+    if len(files) < 6:
+        raise ValueError(f"{source}: {len(files)} image files; the job bench needs 6 or more")
+    small = len(files) // 4
+    return JobFolders(source, len(files), first_files(files, small, where / "first"), small)
+
+
+def run_job_bench(
+    pipeline: Pipeline,
+    *,
+    threads: int,
+    batch: int,
+    size: int,
+    folder: Path | None = None,
+    images: int = 1536,
+    rounds: int = 3,
+    rss_images: tuple[int, int] | None = (1000, 20000),
+    rss_size: int = 64,
+    server: Callable[[], Any],
+    log: Callable[[str], None] = print,
+) -> JobBench:
+    """Ceiling, hand-written loop, `featmap extract` embedded and remote, and peak RSS.
+
+    Each path is measured right after a ceiling measurement, round after round; a path's
+    ratio is the median of its ratios to the ceiling of its own round. `server` is a context
+    manager factory that yields a `featmap serve` address (bench.server_process).
+    """
+    with tempfile.TemporaryDirectory(prefix="featmap-bench-job-") as scratch:
+        work = Path(scratch)
+        spec_path = work / "pipeline.yaml"
+        spec_path.write_text(yaml.safe_dump(pipeline.model_dump(mode="json")))
+        folders = job_folders(folder, images, size, work)
+        # A folder of the user's may hold any sizes: the job resizes them, as the hand loop.
+        resize = None if folder is None else size
+        files = find_files([folders.large])
+        sessions = ceiling_sessions(pipeline, threads)
+        decoded = [decode_batch(chunk, resize) for chunk in batches_of(files[: 4 * batch], batch)]
+        decoded = [chunk for chunk in decoded if len(chunk) == batch] or decoded
+
+        def arguments(source: Path, *extra: str) -> list[str]:
+            common = ["--pipeline", str(spec_path), "--input", str(source)]
+            common += ["--output", str(work / "features.npz"), "--batch-size", str(batch)]
+            common += ["--resize", f"{resize}x{resize}"] if resize else []
+            return [*common, *extra]
+
+        ceilings: list[float] = []
+        measured: dict[str, list[tuple[float, float]]] = {"hand": [], "embedded": [], "remote": []}
+        peak: dict[str, int] = {}
+        with server() as address:
+            # The server compiles the pipeline at its first request: not part of any timing.
+            run_job(arguments(folders.small, "--server", address))
+            for index in range(rounds):
+                log(f"job round {index + 1} of {rounds}...")
+                for path in measured:
+                    ceiling = ceiling_rate(sessions, decoded, folders.large_count // 2)
+                    ceilings.append(ceiling)
+                    if path == "hand":
+                        rate = hand_loop_rate(sessions[0], files, batch, resize)
+                    elif path == "embedded":
+                        rate, peak[path] = job_rate(
+                            folders, lambda source: arguments(source, "--threads", str(threads))
+                        )
+                    else:
+                        rate, peak[path] = job_rate(
+                            folders, lambda source: arguments(source, "--server", address)
+                        )
+                    measured[path].append((rate, rate / ceiling))
+        count = folders.large_count
+        labels = {
+            "hand": f"hand-written loop (Pillow, stack, /255, run), {count} files",
+            "embedded": f"featmap extract, embedded, {count} files",
+            "remote": f"featmap extract --server 127.0.0.1, {count} files",
+        }
+        rows = []
+        for path, values in measured.items():
+            note = f"peak RSS {peak[path] / 2**20:.0f} MiB" if path in peak else "in this process"
+            # A round whose difference drowned in noise measured nothing: left out.
+            kept = [(rate, ratio) for rate, ratio in values if math.isfinite(rate)]
+            if len(kept) < len(values):
+                note += f"; {len(values) - len(kept)} of {len(values)} rounds lost in noise"
+            rate = statistics.median(rate for rate, _ in kept) if kept else math.nan
+            ratio = statistics.median(ratio for _, ratio in kept) if kept else math.nan
+            rows.append((labels[path], rate, ratio, note))
+        rss = []
+        if rss_images:
+            log(f"peak RSS of the embedded job on {rss_images} {rss_size}x{rss_size} JPEGs...")
+            small_jpegs = find_files([generated_jpegs(max(rss_images), rss_size)])
+            for count in rss_images:
+                source = first_files(small_jpegs, count, work / f"rss-{count}")
+                job = run_job(
+                    [
+                        "--pipeline", str(spec_path), "--input", str(source),
+                        "--output", str(work / "rss.npz"), "--threads", str(threads),
+                    ]
+                )  # fmt: skip
+                rss.append((count, job.peak_rss_bytes))
+    return JobBench(statistics.median(ceilings), rows, rss)

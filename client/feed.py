@@ -1,0 +1,94 @@
+"""The batch job's feed: inputs decoded on threads, a bounded way ahead, grouped into batches.
+
+Pillow releases the GIL while it decodes, converts and resizes, so decoding on a few threads
+overlaps with onnxruntime (embedded) or with the wire (remote) instead of taking turns with
+them. What is held at any time is bounded by the arguments, never by the job's image count:
+`depth` images decoded or decoding ahead of the consumer, plus the images of a shard waiting
+for their size group to fill a batch (at most `batch_size - 1` per image size; one size when
+--resize is given).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+Item = TypeVar("Item")
+Loaded = TypeVar("Loaded")
+
+
+def load_ahead(
+    items: Iterable[Item], load: Callable[[Item], Loaded], threads: int, depth: int
+) -> Generator[Loaded, None, None]:
+    """load(item) for every item, in order, on `threads` threads (0: here, one at a time).
+
+    At most `depth` items are loading or loaded but not yet taken. `load` must return its
+    failures rather than raise them, so that each lands at its item's place in the order.
+    Closing the iterator early cancels what has not started.
+    """
+    if threads < 1:
+        yield from map(load, items)
+        return
+    pending: collections.deque[Future[Loaded]] = collections.deque()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featmap-decode")
+    try:
+        for item in items:
+            pending.append(pool.submit(load, item))
+            if len(pending) >= max(1, depth):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Batch:
+    """Images of one size and dtype stacked (N, ...), and their positions in the shard."""
+
+    positions: list[int]
+    array: np.ndarray
+
+
+@dataclass
+class SizeGroups:
+    """One shard's images grouped by shape and dtype, released as batches of `batch_size`.
+
+    A group is released as soon as it is full; `flush` releases the rest in first-seen order.
+    The batches are those of chunking each group, in input order, by `batch_size`.
+    """
+
+    batch_size: int
+    groups: dict[tuple[tuple[int, ...], str], list[tuple[int, np.ndarray]]] = field(
+        default_factory=dict
+    )
+
+    def add(self, position: int, image: np.ndarray) -> Batch | None:
+        """Add an image; the group's batch when this image filled it."""
+        group = self.groups.setdefault((image.shape, image.dtype.str), [])
+        group.append((position, image))
+        if len(group) < self.batch_size:
+            return None
+        batch = _stacked(group)
+        group.clear()
+        return batch
+
+    def flush(self) -> Iterator[Batch]:
+        """The groups' remaining images, one batch per group, in first-seen order."""
+        for group in self.groups.values():
+            if group:
+                yield _stacked(group)
+        self.groups.clear()
+
+
+def _stacked(group: list[tuple[int, np.ndarray]]) -> Batch:
+    # np.stack copies each image once, laying out transposed views (HWC pixels read as CHW)
+    # as it goes; the batch owns its memory, so the decoded images can go.
+    return Batch([position for position, _ in group], np.stack([image for _, image in group]))
