@@ -45,7 +45,13 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from featmap.contract.errors import InvalidSpec, InvalidTensor
+from featmap.contract.errors import InvalidTensor
+from featmap.contract.limits import (
+    CALIBRATION_BATCH,
+    DEFAULT_CALIBRATION_SIZE,
+    SYNTHETIC_CALIBRATION,
+)
+from featmap.contract.precision import OutputError, QuantizationReport
 from featmap.service.weights import uniform
 
 # Ops quantized to int8/uint8; every other op keeps float32 (see the module docstring).
@@ -60,21 +66,17 @@ QUANTIZED_OP_TYPES = (
     "GlobalAveragePool",
     "Flatten",
 )
-# The calibration set when the user sends none (see synthetic_calibration).
-DEFAULT_CALIBRATION_IMAGES = 16
-DEFAULT_CALIBRATION_SIZE = (224, 224)
-# The default refusal threshold: the largest |int8 - float32| over an output, as a fraction of
-# that output's largest |float32| (OutputError.max_error). Ordinary pipelines measure 0.5-3 %.
-DEFAULT_MAX_ERROR = 0.05
+# The calibration set when the user sends none (see synthetic_calibration), at
+# DEFAULT_CALIBRATION_SIZE; the calibration runs CALIBRATION_BATCH images at a time (min/max
+# does not depend on how the images are batched, and small batches bound the calibration
+# session's memory whatever the number of images). The contract's memory estimates count them.
+DEFAULT_CALIBRATION_IMAGES = SYNTHETIC_CALIBRATION
 # Calibrated ranges are widened by this factor: without it, images slightly beyond the
 # calibration set clip, and the error on them is many times the measured one
 # (scripts/int8_speed.py --calibration).
 HEADROOM = 1.25
 # ... and rounded up to this many significant bits (at most 1/128 wider).
 RANGE_BITS = 8
-# Images per calibration run: min/max does not depend on how the images are batched, and small
-# batches bound the calibration session's memory whatever the number of images.
-CALIBRATION_BATCH = 8
 # MLAS's symmetric int8 conv kernels take input channels in multiples of this, and at least 16
 # filters in multiples of 8 (AVX2; 4 on AVX-512).
 CONV_CHANNEL_MULTIPLE = 4
@@ -120,65 +122,6 @@ class Int8Settings:
 
 
 DEFAULT_SETTINGS = Int8Settings()
-
-
-@dataclass(frozen=True)
-class OutputError:
-    """How far one int8 output is from float32 on the same images.
-
-    cosine: the smallest, over images, cosine similarity of an image's flattened int8 and
-    float32 results (1.0 when both are all zero, 0.0 when only one is).
-    max_error: the largest |int8 - float32| over the whole output, divided by the largest
-    |float32| (0.0 when both are all zero, inf when only float32 is).
-    max_abs_error: the largest |int8 - float32|, in the output's own units.
-    """
-
-    cosine: float
-    max_error: float
-    max_abs_error: float
-
-
-@dataclass(frozen=True)
-class QuantizationReport:
-    """What int8 costs a pipeline in accuracy, measured when it is quantized.
-
-    The errors are measured on the user's calibration images (what they will send), or on the
-    synthetic ones when there are none; the ranges come from both (quantize_with_report).
-    """
-
-    errors: Mapping[str, OutputError]
-    calibration_images: int
-    synthetic_images: int
-    cpu: str
-
-    @property
-    def max_error(self) -> float:
-        """The largest relative error over all outputs."""
-        return max(e.max_error for e in self.errors.values())
-
-    @property
-    def min_cosine(self) -> float:
-        """The smallest per-image cosine similarity over all outputs."""
-        return min(e.cosine for e in self.errors.values())
-
-    @property
-    def measured_on(self) -> str:
-        """Which images the errors are measured on, in words."""
-        if self.calibration_images:
-            return f"{self.calibration_images} calibration images"
-        return f"{self.synthetic_images} synthetic images"
-
-    def describe(self) -> str:
-        """One line for the log and the summary."""
-        outputs = ", ".join(
-            f"{name} cosine {e.cosine:.6f} max error {e.max_error:.2%}"
-            for name, e in self.errors.items()
-        )
-        ranges = f"{self.calibration_images} calibration + {self.synthetic_images} synthetic"
-        return (
-            f"int8 vs float32 on {self.measured_on}: {outputs} (ranges from {ranges} images; "
-            f"CPU int8: {self.cpu})"
-        )
 
 
 @dataclass(frozen=True)
@@ -649,26 +592,3 @@ def quantize_with_report(
         cpu=cpu_int8_support(),
     )
     return QuantizedModel(model=quantized, report=report)
-
-
-def check_error(
-    report: QuantizationReport, max_error: float = DEFAULT_MAX_ERROR, *, field: str = "precision"
-) -> None:
-    """Refuse an int8 pipeline whose measured error exceeds `max_error`: InvalidSpec.
-
-    INVALID_ARGUMENT, not FAILED_PRECONDITION: the error follows from what the request holds
-    (spec, weights, calibration images, threshold), the same request fails the same way, and
-    the caller fixes it by changing the request, not by waiting for the server to change.
-    """
-    over = [
-        f"{name} max error {e.max_error:.2%} (cosine {e.cosine:.6f})"
-        for name, e in report.errors.items()
-        if not e.max_error <= max_error  # NaN fails too
-    ]
-    if over:
-        raise InvalidSpec(
-            field,
-            f"int8 error exceeds max_error={max_error:.2%} on {report.measured_on}: "
-            f"{'; '.join(over)}. Use float32, raise max_error, or calibrate on images like "
-            "the ones you will send",
-        )

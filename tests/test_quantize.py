@@ -27,15 +27,13 @@ from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 from featmap.contract.errors import InvalidSpec, InvalidTensor
+from featmap.contract.precision import OutputError, QuantizationReport, check_error
 from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.service.graph import compile_pipeline
 from featmap.service.quantize import (
     DEFAULT_SETTINGS,
     PRECISION_PROPERTY,
-    OutputError,
-    QuantizationReport,
     _round_up,
-    check_error,
     cpu_int8_support,
     measure_error,
     output_error,
@@ -146,7 +144,12 @@ def report_with(**errors: float) -> QuantizationReport:
 
 
 def test_check_error_refuses_over_the_threshold() -> None:
-    check_error(report_with(a=0.01, b=0.049))
+    checked = check_error(report_with(a=0.01, b=0.049))
+    assert checked.max_error_allowed == 0.05 and checked.errors == report_with().errors | {
+        "a": OutputError(0.999, 0.01, 0.01),
+        "b": OutputError(0.999, 0.049, 0.049),
+    }
+    assert checked.describe().endswith("; allowed 5.00%)")
     with pytest.raises(InvalidSpec) as caught:
         check_error(report_with(a=0.01, b=0.08), 0.05, field="precision.max_error")
     error = caught.value
