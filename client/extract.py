@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from featmap.client.arguments import security_from_arguments
+from featmap.client.calibration import job_calibration
 from featmap.client.channel import ChannelSecurity
 from featmap.client.client import FeatmapRpcError
 from featmap.client.images import InputError, InputItem, expand, find_files, load_item
@@ -40,6 +41,7 @@ from featmap.client.specfile import SpecFileError, load_weight_tensors
 from featmap.contract.errors import FeatmapError
 from featmap.contract.limits import DEFAULT_LIMITS
 from featmap.contract.ops import layer_costs
+from featmap.contract.precision import QuantizationReport
 from featmap.contract.spec import Pipeline, content_id
 from featmap.contract.tensors import single_image_size
 
@@ -75,11 +77,17 @@ class EmbeddedRunner:
     """The server's admission, graph builder, session cache and run path, in this process.
 
     The limits are the server's defaults (featmap.contract.limits), not FEATMAP_* from the
-    environment: this is no server. `tensors` are the weights a spec names as {"tensor": ...}.
+    environment: this is no server. `tensors` are the weights a spec names as {"tensor": ...};
+    `calibration` the images an int8 pipeline is calibrated on (None: the synthetic ones), and
+    `report` what int8 was measured to cost (None for float32).
     """
 
     def __init__(
-        self, pipeline: Pipeline, threads: int = 0, tensors: Mapping[str, np.ndarray] | None = None
+        self,
+        pipeline: Pipeline,
+        threads: int = 0,
+        tensors: Mapping[str, np.ndarray] | None = None,
+        calibration: np.ndarray | None = None,
     ) -> None:
         # The runtime is imported here, when used: the client alone never loads onnxruntime.
         from featmap.service.extractor import Extractor, Target
@@ -92,7 +100,11 @@ class EmbeddedRunner:
         )
         self.extractor.admit(pipeline)
         weights = check_tensors(pipeline, tensors or {})
-        self.target = Target(pipeline, self.extractor.cache.get(pipeline, weights), None)
+        if calibration is not None:
+            self.extractor.admit_calibration(pipeline, calibration)
+        compiled = self.extractor.cache.get(pipeline, weights, calibration)
+        self.report: QuantizationReport | None = compiled.report
+        self.target = Target(pipeline, compiled, None)
 
     def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs (no reply to fit in a message: reply_in_message off)."""
@@ -153,9 +165,10 @@ def target_addresses(servers: Sequence[str]) -> list[str]:
 class RemoteRunner:
     """Batches sent through FeatureClient, `in_flight` requests at a time.
 
-    A spec with {"tensor": NAME} weights, or given a `name`, is registered (with `tensors`,
-    under `name`) on every address the servers resolve to (a registered pipeline lives in one
-    server's memory), then run by id.
+    A spec with {"tensor": NAME} weights, an int8 spec, or one given a `name`, is registered
+    (with `tensors` and `calibration`, under `name`) on every address the servers resolve to (a
+    registered pipeline lives in one server's memory), then run by id; `report` is what int8
+    was measured to cost on the first server (None for float32).
     """
 
     def __init__(
@@ -168,6 +181,7 @@ class RemoteRunner:
         tensors: Mapping[str, np.ndarray] | None = None,
         name: str | None = None,
         replace_name: bool = False,
+        calibration: np.ndarray | None = None,
     ) -> None:
         from featmap.client.client import FeatureClient
 
@@ -184,12 +198,16 @@ class RemoteRunner:
         }
         self.client = FeatureClient(target, in_flight=in_flight, load_balancing=balanced, **options)
         self.pipeline: Pipeline | str = pipeline
-        if tensors or pipeline.tensor_names or name:
+        self.report: QuantizationReport | None = None
+        # int8 is registered too: once, with its error checked up front, not at each request.
+        if tensors or pipeline.tensor_names or name or pipeline.precision == "int8":
             for address in target_addresses(servers):
                 with FeatureClient(address, **options) as replica:
                     self.pipeline = replica.register(
-                        pipeline, tensors, name=name, replace=replace_name
+                        pipeline, tensors, name=name, replace=replace_name, calibration=calibration
                     )
+                    if pipeline.precision == "int8" and self.report is None:
+                        self.report = replica.get_pipeline(self.pipeline).int8
 
     def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs from the server(s), in order."""
@@ -470,9 +488,16 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
     def notice(line: str) -> None:
         print(f"featmap extract: {line}", file=sys.stderr)
 
-    runner: Runner
+    runner: EmbeddedRunner | RemoteRunner
     if args.name and not args.server:
         raise JobError("--name registers the pipeline on servers: it needs --server", 2)
+    try:
+        calibration = job_calibration(pipeline, args.input, args.calibrate, resize)
+    except ValueError as exc:  # --calibrate without int8, or an --input that is not there
+        raise JobError(str(exc), exit_code=2) from None
+    if calibration is not None and not args.quiet:
+        notice(f"calibrating int8 on {calibration.describe()}")
+    images = None if calibration is None else calibration.images
     try:
         if args.server:
             runner = RemoteRunner(
@@ -484,14 +509,17 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
                 tensors,
                 args.name,
                 args.replace_name,
+                images,
             )
         else:
-            runner = EmbeddedRunner(pipeline, args.threads, tensors)
+            runner = EmbeddedRunner(pipeline, args.threads, tensors, images)
     except FeatmapRpcError as exc:  # registering the weights failed on a server
         notice(f"error: {exc}")
         return 1
     except FeatmapError as exc:  # the spec, its weights or the limits, checked here
         raise JobError(str(exc), exit_code=2) from None
+    if runner.report is not None and not args.quiet:
+        notice(runner.report.describe())
     output = Path(args.output)
     parts = output.with_name(output.name + ".parts")
 
@@ -507,7 +535,7 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
             on_error=args.on_error,
             resume=args.resume,
             progress=progress,
-            pipeline_id=content_id(pipeline, tensors),
+            pipeline_id=content_id(pipeline, tensors, images),
             notice=notice,
         )
     except JobError as exc:

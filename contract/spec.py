@@ -437,6 +437,15 @@ class Pipeline(SpecModel):
         """The int8 error threshold: max_error, or DEFAULT_MAX_ERROR when it is unset."""
         return DEFAULT_MAX_ERROR if self.max_error is None else self.max_error
 
+    def with_precision(self, precision: Precision) -> Pipeline:
+        """This pipeline computing in `precision` (float32 drops max_error, int8's threshold)."""
+        if precision == self.precision:
+            return self
+        data = {**self.model_dump(mode="json"), "precision": precision}
+        if precision == "float32":
+            data.pop("max_error", None)
+        return parse_pipeline(data)
+
     @model_validator(mode="after")
     def _check_structure(self) -> Pipeline:
         names = self.layer_names

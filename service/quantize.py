@@ -52,6 +52,8 @@ from featmap.contract.limits import (
     SYNTHETIC_CALIBRATION,
 )
 from featmap.contract.precision import OutputError, QuantizationReport
+from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors
+from featmap.service.graph import compile_pipeline
 from featmap.service.weights import uniform
 
 # Ops quantized to int8/uint8; every other op keeps float32 (see the module docstring).
@@ -592,3 +594,21 @@ def quantize_with_report(
         cpu=cpu_int8_support(),
     )
     return QuantizedModel(model=quantized, report=report)
+
+
+def quantize_pipeline(
+    pipeline: Pipeline,
+    tensors: WeightTensors = NO_TENSORS,
+    calibration: np.ndarray | None = None,
+    *,
+    threads: int = 0,
+) -> QuantizedModel:
+    """A pipeline's compiled graph quantized to int8, with its report (not yet checked).
+
+    Float pixels are 0..1 unless input.scale is set: then raw 0..255 values, as `featmap
+    extract` sends them (the synthetic images follow the same rule).
+    """
+    pixel_max = 255.0 if pipeline.input.scale is not None else None
+    return quantize_with_report(
+        compile_pipeline(pipeline, tensors), calibration, pixel_max=pixel_max, threads=threads
+    )

@@ -235,14 +235,15 @@ class SessionCache:
         on the CPU provider: onnxruntime's int8 QDQ kernels gain nothing elsewhere.
         """
         pipeline_id = content_id(pipeline, tensors, calibration)
-        model = compile_pipeline(pipeline, tensors)
         report = None
         providers = self.providers
         if pipeline.precision == "int8":
-            model, report = self._quantize(pipeline, pipeline_id, model, calibration)
+            int8, report = self._quantize(pipeline, pipeline_id, tensors, calibration)
+            model_bytes = int8.SerializeToString()
+            del int8  # the bytes are what the session and GetPipeline need
             providers = [CPU]
-        model_bytes = model.SerializeToString()
-        del model  # the bytes are what the session and GetPipeline need
+        else:
+            model_bytes = compile_pipeline(pipeline, tensors).SerializeToString()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
@@ -277,18 +278,14 @@ class SessionCache:
         self,
         pipeline: Pipeline,
         pipeline_id: str,
-        model: onnx.ModelProto,
+        tensors: WeightTensors,
         calibration: np.ndarray | None,
     ) -> tuple[onnx.ModelProto, QuantizationReport]:
-        """The int8 model of a float32 one and its checked report, logged at INFO."""
+        """The int8 model of a pipeline and its checked report, logged at INFO."""
         # Imported here: onnxruntime's quantization tools cost a float32-only server 0.3 s.
-        from featmap.service.quantize import quantize_with_report
+        from featmap.service.quantize import quantize_pipeline
 
-        # Float pixels with input.scale set are raw 0..255 values (README, featmap extract).
-        pixel_max = 255.0 if pipeline.input.scale is not None else None
-        quantized = quantize_with_report(
-            model, calibration, pixel_max=pixel_max, threads=self.intra_op_threads
-        )
+        quantized = quantize_pipeline(pipeline, tensors, calibration, threads=self.intra_op_threads)
         try:
             report = check_error(quantized.report, pipeline.int8_max_error, field="max_error")
         except InvalidSpec:
