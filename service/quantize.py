@@ -433,24 +433,38 @@ def quantize_int8(
     return quantized
 
 
-def run_model(
-    model: onnx.ModelProto, images: np.ndarray, *, threads: int = 0
-) -> dict[str, np.ndarray]:
-    """Every output of `model` for `images` on onnxruntime's CPU provider, batch by batch."""
+def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    """A CPU session of `model` with `threads` intra-op threads."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(
+    return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
+
+
+def _run_batches(
+    model: onnx.ModelProto, images: np.ndarray, threads: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every output of `model`, CALIBRATION_BATCH images at a time."""
+    session = _session(model, threads)
     input_name, _, _ = _input_info(model)
     names = [output.name for output in model.graph.output]
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, len(images), CALIBRATION_BATCH):
         results = session.run(names, {input_name: images[start : start + CALIBRATION_BATCH]})
-        for name, result in zip(names, results, strict=True):
-            parts[name].append(result)
+        yield dict(zip(names, results, strict=True))
+
+
+def run_model(
+    model: onnx.ModelProto, images: np.ndarray, *, threads: int = 0
+) -> dict[str, np.ndarray]:
+    """Every output of `model` for `images` on onnxruntime's CPU provider, batch by batch."""
+    names = [output.name for output in model.graph.output]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for outputs in _run_batches(model, images, threads):
+        for name in names:
+            parts[name].append(outputs[name])
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
@@ -466,28 +480,77 @@ def _cosines(reference: np.ndarray, approximate: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, np.clip(cosine, -1.0, 1.0))
 
 
+@dataclass
+class _Running:
+    """One output's error so far: the largest |difference| and |float32|, the smallest cosine."""
+
+    max_abs_error: float = 0.0
+    scale: float = 0.0
+    cosine: float = 1.0
+
+
+class ErrorMeasure:
+    """measure_error over batches of images, in the memory of one batch of outputs.
+
+    Maxima and the per-image cosines do not depend on how the images are batched: the errors
+    are the same numbers measure_error gives on all the outputs at once.
+    """
+
+    def __init__(self) -> None:
+        self._outputs: dict[str, _Running] = {}
+
+    def add(
+        self, float_outputs: Mapping[str, np.ndarray], int8_outputs: Mapping[str, np.ndarray]
+    ) -> None:
+        """Compare one batch's outputs (same names, shapes, batch first)."""
+        if float_outputs.keys() != int8_outputs.keys():
+            raise ValueError(f"outputs differ: {sorted(float_outputs)} vs {sorted(int8_outputs)}")
+        for name, reference in float_outputs.items():
+            approximate = int8_outputs[name]
+            if reference.shape != approximate.shape:
+                raise ValueError(f"shapes differ: {reference.shape} vs {approximate.shape}")
+            running = self._outputs.setdefault(name, _Running())
+            # A few images at a time: the float64 differences of a whole output can be
+            # gigabytes (a full-resolution tap over hundreds of images).
+            for start in range(0, len(reference), CALIBRATION_BATCH):
+                a = reference[start : start + CALIBRATION_BATCH]
+                b = approximate[start : start + CALIBRATION_BATCH]
+                difference = np.abs(b.astype(np.float64) - a.astype(np.float64))
+                largest = float(difference.max(initial=0.0))
+                running.max_abs_error = max(running.max_abs_error, largest)
+                running.scale = max(running.scale, float(np.abs(a).max(initial=0.0)))
+                running.cosine = min(running.cosine, float(_cosines(a, b).min(initial=1.0)))
+
+    def errors(self) -> dict[str, OutputError]:
+        """Per output, the OutputError of everything added."""
+        return {
+            name: OutputError(
+                cosine=running.cosine,
+                max_error=(
+                    running.max_abs_error / running.scale
+                    if running.scale > 0
+                    else (math.inf if running.max_abs_error else 0.0)
+                ),
+                max_abs_error=running.max_abs_error,
+            )
+            for name, running in self._outputs.items()
+        }
+
+
 def output_error(reference: np.ndarray, approximate: np.ndarray) -> OutputError:
     """The OutputError of `approximate` against `reference` (same shape, batch first)."""
-    if reference.shape != approximate.shape:
-        raise ValueError(f"shapes differ: {reference.shape} vs {approximate.shape}")
-    difference = np.abs(approximate.astype(np.float64) - reference.astype(np.float64))
-    max_abs_error = float(difference.max(initial=0.0))
-    scale = float(np.abs(reference).max(initial=0.0))
-    max_error = max_abs_error / scale if scale > 0 else (math.inf if max_abs_error else 0.0)
-    return OutputError(
-        cosine=float(_cosines(reference, approximate).min(initial=1.0)),
-        max_error=max_error,
-        max_abs_error=max_abs_error,
-    )
+    measure = ErrorMeasure()
+    measure.add({"output": reference}, {"output": approximate})
+    return measure.errors()["output"]
 
 
 def measure_error(
     float_outputs: Mapping[str, np.ndarray], int8_outputs: Mapping[str, np.ndarray]
 ) -> dict[str, OutputError]:
     """Per output, how far int8 is from float32 on the same images (see OutputError)."""
-    if float_outputs.keys() != int8_outputs.keys():
-        raise ValueError(f"outputs differ: {sorted(float_outputs)} vs {sorted(int8_outputs)}")
-    return {name: output_error(float_outputs[name], int8_outputs[name]) for name in float_outputs}
+    measure = ErrorMeasure()
+    measure.add(float_outputs, int8_outputs)
+    return measure.errors()
 
 
 def _synthetic_image(index: int, channels: int, height: int, width: int, seed: int) -> np.ndarray:
@@ -583,10 +646,15 @@ def quantize_with_report(
     image_sets = [images for images in (calibration, synthetic) if images is not None]
     quantized = quantize_int8(model, image_sets, settings=settings)
     measured = image_sets[0]
-    errors = measure_error(
-        run_model(model, measured, threads=threads),
-        run_model(quantized, measured, threads=threads),
-    )
+    # Batch by batch, both models side by side: memory stays a batch of outputs.
+    measure = ErrorMeasure()
+    for float_outputs, int8_outputs in zip(
+        _run_batches(model, measured, threads),
+        _run_batches(quantized, measured, threads),
+        strict=True,
+    ):
+        measure.add(float_outputs, int8_outputs)
+    errors = measure.errors()
     report = QuantizationReport(
         errors=errors,
         calibration_images=0 if calibration is None else len(calibration),
