@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +50,7 @@ from featmap.service.server import FeatmapServer
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
 from tests.conftest import README_SPEC
+from tests.test_attacks import measure_session
 from tests.test_oip import decoded, infer_request
 from tests.test_quantize import assert_within_reported
 
@@ -193,38 +192,6 @@ def test_int8_memory_is_charged_by_parameters_and_calibration() -> None:
     assert small.peak < synthetic.peak < large.peak  # synthetic images are 224 x 224
 
 
-MEASURE_INT8_SESSION = """
-import ctypes, gc, json, sys
-import numpy as np
-from featmap.contract.limits import session_memory
-from featmap.contract.spec import parse_pipeline
-from featmap.service.runtime import SessionCache
-
-def status(key):  # VmHWM, unlike ru_maxrss, starts afresh at exec: not the parent's peak
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-cache = SessionCache(2, ["CPUExecutionProvider"], 1)
-# As a server: onnxruntime and its quantization tools loaded, an int8 pipeline built already.
-warm = parse_pipeline({"input": {"channels": 1}, "precision": "int8", "layers": [
-    {"op": "conv2d", "filters": 16, "kernel_size": 1, "weights": {"init": "he_normal"}}]})
-cache.get(warm, calibration=np.zeros((1, 1, 4, 4), np.float32))
-pipeline = parse_pipeline(json.loads(sys.argv[1]))
-shape = tuple(json.loads(sys.argv[2]))
-calibration = np.random.default_rng(0).random(shape, dtype=np.float32)
-gc.collect()
-before = status("VmRSS")
-compiled = cache.get(pipeline, calibration=calibration)
-del calibration
-gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)  # as featmap serve does once quiet
-memory = session_memory(pipeline, shape)
-print(json.dumps({"steady": status("VmRSS") - before, "peak": status("VmHWM") - before,
-    "charged_steady": memory.steady, "charged_peak": memory.peak}))
-"""
-
-
 @pytest.mark.parametrize(
     ("spec", "shape", "check_steady"),
     [
@@ -233,24 +200,20 @@ print(json.dumps({"steady": status("VmRSS") - before, "peak": status("VmHWM") - 
             {"op": "conv2d", "filters": 256, "kernel_size": 8,
              "weights": {"init": "he_normal", "seed": 0}}]}, [2, 512, 8, 8], True),
         # Few weights, 16 images of 224 x 224 and a full-resolution tap: the image terms.
-        ({**SPEC, "input": {"channels": 3}}, [16, 3, 224, 224], False),
+        (SPEC, [16, 3, 224, 224], False),
+        # The synthetic images alone, 64 channels of them.
+        ({"input": {"channels": 64}, "precision": "int8", "layers": [
+            {"op": "conv2d", "filters": 16, "kernel_size": 1,
+             "weights": {"init": "he_normal"}}]}, None, False),
     ],
-    ids=["parameters", "images"],
+    ids=["parameters", "images", "synthetic"],
 )  # fmt: skip
 def test_measured_int8_bytes_hold(
-    spec: dict[str, Any], shape: list[int], check_steady: bool
+    spec: dict[str, Any], shape: list[int] | None, check_steady: bool
 ) -> None:
-    """The int8 constants the budgets charge (contract.limits) against what a build costs, in
-    a process of its own, both ways: never more than charged, and not far below."""
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE_INT8_SESSION, json.dumps(spec), json.dumps(shape)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    measured = json.loads(done.stdout)
-    print(measured)
+    """The int8 constants the budgets charge (contract.limits) against what a build costs, both
+    ways: never more than charged, and not far below."""
+    measured = measure_session(spec, shape)
     assert measured["charged_peak"] / 1.5 <= measured["peak"] <= measured["charged_peak"] * 1.1
     if check_steady:
         assert measured["steady"] <= measured["charged_steady"] * 1.1
