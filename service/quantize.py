@@ -52,7 +52,7 @@ from featmap.contract.limits import (
     SYNTHETIC_CALIBRATION,
 )
 from featmap.contract.precision import OutputError, QuantizationReport
-from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors
+from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
 from featmap.service.graph import compile_pipeline
 from featmap.service.weights import uniform
 
@@ -674,9 +674,14 @@ def quantize_pipeline(
     """A pipeline's compiled graph quantized to int8, with its report (not yet checked).
 
     Float pixels are 0..1 unless input.scale is set: then raw 0..255 values, as `featmap
-    extract` sends them (the synthetic images follow the same rule).
+    extract` sends them (the synthetic images follow the same rule). The model's
+    featmap.pipeline_id names its content, calibration images included.
     """
     pixel_max = 255.0 if pipeline.input.scale is not None else None
-    return quantize_with_report(
+    quantized = quantize_with_report(
         compile_pipeline(pipeline, tensors), calibration, pixel_max=pixel_max, threads=threads
     )
+    properties = {p.key: p.value for p in quantized.model.metadata_props}
+    properties["featmap.pipeline_id"] = content_id(pipeline, tensors, calibration)
+    helper.set_model_props(quantized.model, dict(sorted(properties.items())))
+    return quantized

@@ -294,9 +294,4 @@ class SessionCache:
         log.info("pipeline %s: %s", pipeline_id, report.describe())
         if self.providers[0] != CPU:
             log.info("pipeline %s: int8 runs on %s, not %s", pipeline_id, CPU, self.providers[0])
-        int8 = quantized.model
-        # The int8 model names its own content: the calibration images are part of it.
-        properties = {p.key: p.value for p in int8.metadata_props}
-        properties["featmap.pipeline_id"] = pipeline_id
-        onnx.helper.set_model_props(int8, dict(sorted(properties.items())))
-        return int8, report
+        return quantized.model, report

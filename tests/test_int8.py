@@ -22,6 +22,7 @@ from featmap.client import FeatmapRpcError, FeatureClient
 from featmap.client.bench_int8 import run_int8_bench
 from featmap.client.calibration import load_calibration
 from featmap.client.cli import main
+from featmap.client.export_onnx import export_onnx
 from featmap.client.extract import EmbeddedRunner
 from featmap.client.ray import FeatureExtractor
 from featmap.contract.errors import InvalidSpec, InvalidTensor, LimitExceeded
@@ -46,6 +47,7 @@ from featmap.service.quantize import (
     run_model,
     synthetic_calibration,
 )
+from featmap.service.runtime import CPU, SessionCache
 from featmap.service.server import FeatmapServer
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
@@ -456,6 +458,12 @@ def test_featmap_summary(pngs: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exited:
         main(["summary", "--pipeline", str(float32), "--calibrate", str(pngs)])
     assert exited.value.code == 2
+
+
+def test_export_onnx_writes_what_the_server_runs(tmp_path: Path) -> None:
+    model = export_onnx(PIPELINE, tmp_path / "int8.onnx")
+    served = SessionCache(1, [CPU], 1).compile(PIPELINE)
+    assert (tmp_path / "int8.onnx").read_bytes() == model.SerializeToString() == served.model_bytes
 
 
 def test_bench_int8_rows() -> None:
