@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.contract.errors import InvalidTensor, LimitExceeded
+from featmap.contract.errors import InvalidSpec, InvalidTensor, LimitExceeded
 from featmap.contract.ops import (
     Cost,
     LayerCost,
@@ -154,7 +154,16 @@ def calibration_memory(pipeline: Pipeline, calibration: tuple[int, ...] | None) 
     else:
         _, height, width = image_size(spec.layout, calibration)
     itemsize = np.dtype(spec.dtype).itemsize
-    layers = layer_costs(pipeline, height, width)
+    try:
+        layers = layer_costs(pipeline, height, width)
+    except InvalidSpec as exc:
+        if calibration is not None:
+            raise  # admit_calibration said so already, naming the images
+        raise InvalidSpec(
+            exc.field,
+            f"{exc.message}: without calibration images an int8 pipeline is calibrated on "
+            f"{height}x{width} synthetic images; register it with calibration images it takes",
+        ) from None
     run = batch_cost(pipeline, CALIBRATION_BATCH, height, width, itemsize, layers)
     image_bytes = spec.channels * height * width * itemsize
     shapes = {layer.name: layer.shape for layer in layers}

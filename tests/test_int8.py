@@ -192,6 +192,13 @@ def test_int8_memory_is_charged_by_parameters_and_calibration() -> None:
     large = session_memory(PIPELINE, (4, 3, 512, 512))
     assert small.steady == large.steady == synthetic.steady
     assert small.peak < synthetic.peak < large.peak  # synthetic images are 224 x 224
+    # A pipeline that takes no 224 x 224 image cannot calibrate on the synthetic images.
+    layers = [{**SPEC["layers"][0], "kernel_size": 250, "padding": "valid"}]
+    wide = parse_pipeline({"input": SPEC["input"], "precision": "int8", "layers": layers})
+    with pytest.raises(InvalidSpec, match="calibrated on 224x224 synthetic images") as caught:
+        session_memory(wide)
+    assert caught.value.field == "layers[0].kernel_size"
+    assert session_memory(wide, (1, 3, 256, 256)).peak > synthetic.peak
 
 
 @pytest.mark.parametrize(
