@@ -18,7 +18,10 @@ weights, uint8 activations calibrated by min/max over the calibration images. Wh
   last-bit differences between CPUs' float32 calibration runs give the same bytes.
 
 The error is measured, never promised: `quantize_with_report` runs both models on the
-calibration images and `measure_error` compares them output by output.
+calibration images and `measure_error` compares them output by output (batch by batch:
+ErrorMeasure). The report's types and the threshold check are the contract's
+(featmap.contract.precision): clients read them too. `quantize_pipeline` is what the session
+cache, `featmap summary` and `featmap export-onnx` call for an int8 spec.
 """
 
 from __future__ import annotations
