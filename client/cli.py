@@ -169,10 +169,16 @@ def _load_weights(path: str | None) -> dict[str, Any]:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from featmap.client.summary import format_summary, parse_input_size
-    from featmap.contract.errors import InvalidSpec
+    from pathlib import Path
+
+    from featmap.client.calibration import load_calibration
+    from featmap.client.summary import format_summary, measure_int8, parse_input_size
+    from featmap.contract.errors import FeatmapError, InvalidSpec
+    from featmap.contract.limits import DEFAULT_LIMITS
 
     pipeline = _load_pipeline(args.pipeline)
+    if pipeline.precision != "int8" and args.calibrate:
+        raise UsageError("--calibrate measures int8 pipelines; this one is float32")
     try:
         size = None if args.input_size is None else parse_input_size(args.input_size)
         sys.stdout.write(format_summary(pipeline, size))
@@ -180,6 +186,21 @@ def _summary(args: argparse.Namespace) -> int:
         raise UsageError(f"--input-size: {exc}") from None
     except InvalidSpec as exc:  # the image is too small for some layer
         raise UsageError(str(exc)) from None
+    if pipeline.precision != "int8":
+        return 0
+    try:
+        # Image files take --input-size as their size, as --resize in featmap extract.
+        calibration = load_calibration(
+            [Path(p) for p in args.calibrate or []],
+            pipeline.input,
+            DEFAULT_LIMITS.max_calibration_images,
+            size,
+        )
+        images = calibration.values(pipeline.input)
+        table = measure_int8(pipeline, _load_weights(args.weights), images)
+    except (ValueError, FeatmapError) as exc:
+        raise UsageError(str(exc)) from None
+    sys.stdout.write("\n" + table)
     return 0
 
 
@@ -255,6 +276,8 @@ def _extract(args: argparse.Namespace) -> int:
     from featmap.client.images import parse_size
 
     pipeline = _load_pipeline(args.pipeline)
+    if args.precision is not None:
+        pipeline = pipeline.with_precision(args.precision)
     try:
         resize = None if args.resize is None else parse_size(args.resize)
         return command(args, pipeline, resize)
@@ -359,6 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summary.add_argument("--pipeline", required=True, help="spec file (.yaml, .yml or .json)")
     summary.add_argument("--input-size", help="image HxW for concrete shapes and FLOPs")
+    summary.add_argument(
+        "--calibrate",
+        nargs="+",
+        metavar="PATH",
+        help="int8: measure the error on these images (folders or files, the first 256 of one "
+        "size; resized to --input-size if given) instead of 16 synthetic ones",
+    )
+    summary.add_argument(
+        "--weights", help='int8: .npz of the tensors the spec names as {"tensor": NAME}'
+    )
     summary.set_defaults(run=_summary)
 
     export = commands.add_parser("export-onnx", help="write a pipeline's ONNX model to a file")
@@ -436,6 +469,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         help='.npz of the tensors the spec names as {"tensor": NAME} (registered on the servers '
         "with --server)",
+    )
+    extract.add_argument(
+        "--precision",
+        choices=["float32", "int8"],
+        help="compute in this precision, whatever the spec says (int8: quantized, CPU only; "
+        "README: int8 precision)",
+    )
+    extract.add_argument(
+        "--calibrate",
+        type=int,
+        metavar="N",
+        help="int8: calibrate on the first N inputs, decoded as the job decodes them (default "
+        "16; 0: on 16 synthetic images only); the measured error is printed, and a pipeline "
+        "over the spec's max_error is refused",
     )
     extract.add_argument("--resize", metavar="HxW", help="resize images (bilinear) to HxW")
     extract.add_argument(

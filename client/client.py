@@ -363,6 +363,7 @@ class FeatureClient(_ClientBase):
         name: str | None = None,
         replace: bool = False,
         batching: Mapping[str, Any] | None = None,
+        calibration: np.ndarray | None = None,
         timeout: float | None = None,
     ) -> str:
         """Register a spec with its weight tensors (referenced as {"tensor": name}); its id.
@@ -371,9 +372,13 @@ class FeatureClient(_ClientBase):
         get_pipeline, delete_pipeline, OIP model names); a name that names another pipeline is
         an error (ALREADY_EXISTS) unless `replace`, which moves it here. `batching` overrides
         the server's dynamic batching for this pipeline:
-        {"enabled": bool, "max_batch_size": int, "max_queue_delay_us": int}.
+        {"enabled": bool, "max_batch_size": int, "max_queue_delay_us": int}. `calibration`:
+        for an int8 spec, images like the ones you will send (N, ...) in the pipeline's input
+        dtype and layout; the int8 ranges cover them and the error is measured on them
+        (get_pipeline(...).int8 says what it measured). An int8 pipeline whose error exceeds
+        the spec's max_error is refused (INVALID_ARGUMENT, field max_error).
         """
-        request = register_request(spec, weights, batching, name, replace)
+        request = register_request(spec, weights, batching, name, replace, calibration)
         return str(self._call(self._stub.RegisterPipeline, request, timeout).pipeline_id)
 
     def get_pipeline(
@@ -604,10 +609,11 @@ class AsyncFeatureClient(_ClientBase):
         name: str | None = None,
         replace: bool = False,
         batching: Mapping[str, Any] | None = None,
+        calibration: np.ndarray | None = None,
         timeout: float | None = None,
     ) -> str:
         """As FeatureClient.register."""
-        request = register_request(spec, weights, batching, name, replace)
+        request = register_request(spec, weights, batching, name, replace, calibration)
         return str((await self._call(self._stub.RegisterPipeline, request, timeout)).pipeline_id)
 
     async def get_pipeline(

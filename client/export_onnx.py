@@ -16,11 +16,18 @@ def export_onnx(
 ) -> onnx.ModelProto:
     """Compile the pipeline (as the server does), check the model and write it to `path`.
 
-    InvalidSpec/InvalidTensor when the spec's {"tensor": NAME} weights are missing or wrong.
+    An int8 pipeline is quantized on the synthetic calibration images, as the server does for
+    an inline spec. InvalidSpec/InvalidTensor when the spec's {"tensor": NAME} weights are
+    missing or wrong.
     """
     # Checked first: compile_pipeline trusts that RegisterPipeline already checked them.
     checked = check_tensors(pipeline, tensors)
-    model = compile_pipeline(pipeline, checked)
+    if pipeline.precision == "int8":
+        from featmap.service.quantize import quantize_pipeline  # 0.3 s: only when needed
+
+        model = quantize_pipeline(pipeline, checked).model
+    else:
+        model = compile_pipeline(pipeline, checked)
     onnx.checker.check_model(model, full_check=True)
     Path(path).write_bytes(model.SerializeToString())
     return model

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 
 from featmap.client.arguments import security_from_arguments
+from featmap.client.calibration import job_calibration
 from featmap.client.channel import ChannelSecurity
 from featmap.client.client import FeatmapRpcError
 from featmap.client.feed import SizeGroups, load_ahead
@@ -46,7 +47,8 @@ from featmap.client.specfile import SpecFileError, load_weight_tensors
 from featmap.contract.errors import FeatmapError
 from featmap.contract.limits import DEFAULT_LIMITS
 from featmap.contract.ops import layer_costs
-from featmap.contract.pixels import PIXEL_DTYPE, pixel_pipeline
+from featmap.contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
+from featmap.contract.precision import QuantizationReport
 from featmap.contract.spec import Pipeline, content_id
 from featmap.contract.tensors import single_image_size
 
@@ -88,6 +90,22 @@ def pipelines_by_dtype(pipeline: Pipeline) -> dict[str, Pipeline]:
     return {pipeline.input.dtype: pipeline, PIXEL_DTYPE: pixel_pipeline(pipeline)}
 
 
+def calibration_by_dtype(
+    pipeline: Pipeline, images: np.ndarray | None
+) -> dict[str, np.ndarray | None]:
+    """An int8 pipeline's calibration images for each batch dtype a runner takes.
+
+    Pixels (uint8, from image files) calibrate the pixel variant as they are and the pipeline
+    itself as its input values; images in the pipeline's own dtype (array files) calibrate the
+    pipeline only, and the pixel variant then takes the synthetic set (None).
+    """
+    if images is None:
+        return {}
+    if images.dtype.name == PIXEL_DTYPE and pipeline.input.dtype != PIXEL_DTYPE:
+        return {PIXEL_DTYPE: images, pipeline.input.dtype: pixel_values(images, pipeline.input)}
+    return {pipeline.input.dtype: images}
+
+
 # --------------------------------------------------------------------------- runners
 
 
@@ -95,12 +113,19 @@ class EmbeddedRunner:
     """The server's admission, graph builder, session cache and run path, in this process.
 
     The limits are the server's defaults (featmap.contract.limits), not FEATMAP_* from the
-    environment: this is no server. `tensors` are the weights a spec names as {"tensor": ...}.
-    Sessions are built on first use: a job of image files builds only the pixel variant's.
+    environment: this is no server. `tensors` are the weights a spec names as {"tensor": ...};
+    `calibration` the images an int8 pipeline is calibrated on (None: the synthetic ones), and
+    `report` what int8 was measured to cost (None for float32). Sessions are built on first
+    use: a job of image files builds only the pixel variant's (an int8 one: the variant of the
+    calibration images' dtype, at once, so that its report is known before the job runs).
     """
 
     def __init__(
-        self, pipeline: Pipeline, threads: int = 0, tensors: Mapping[str, np.ndarray] | None = None
+        self,
+        pipeline: Pipeline,
+        threads: int = 0,
+        tensors: Mapping[str, np.ndarray] | None = None,
+        calibration: np.ndarray | None = None,
     ) -> None:
         # The runtime is imported here, when used: the client alone never loads onnxruntime.
         from featmap.service.extractor import Extractor
@@ -118,7 +143,17 @@ class EmbeddedRunner:
         for each in self.pipelines.values():
             self.extractor.admit(each)
         self.weights = check_tensors(pipeline, tensors or {})
+        self.calibrations = calibration_by_dtype(pipeline, calibration)
+        for dtype, images in self.calibrations.items():
+            if images is not None:
+                self.extractor.admit_calibration(self.pipelines[dtype], images)
         self.targets: dict[str, Target] = {}
+        self.report: QuantizationReport | None = None
+        if pipeline.precision == "int8":
+            # The session of the dtype the calibration came in (pixels: the one image files use).
+            first = calibration.dtype if calibration is not None else pipeline.input.dtype
+            compiled = self.target(np.empty((0,), dtype=first)).compiled
+            self.report = None if compiled is None else compiled.report
 
     def target(self, batch: np.ndarray) -> Target:
         """What a batch of this dtype runs as (the session built on first use)."""
@@ -128,7 +163,8 @@ class EmbeddedRunner:
         target = self.targets.get(dtype)
         if target is None:
             pipeline = self.pipelines.get(dtype, self.pipeline)  # admit_batch names a bad dtype
-            compiled = self.extractor.cache.get(pipeline, self.weights)
+            calibration = self.calibrations.get(dtype)
+            compiled = self.extractor.cache.get(pipeline, self.weights, calibration)
             target = self.targets[dtype] = Target(pipeline, compiled, None)
         return target
 
@@ -191,9 +227,10 @@ def target_addresses(servers: Sequence[str]) -> list[str]:
 class RemoteRunner:
     """Batches sent through FeatureClient, `in_flight` requests at a time.
 
-    A spec with {"tensor": NAME} weights, or given a `name`, is registered (with `tensors`,
-    under `name`) on every address the servers resolve to (a registered pipeline lives in one
-    server's memory), then run by id.
+    A spec with {"tensor": NAME} weights, an int8 spec, or one given a `name`, is registered
+    (with `tensors` and `calibration`, under `name`) on every address the servers resolve to (a
+    registered pipeline lives in one server's memory), then run by id; `report` is what int8
+    was measured to cost on the first server (None for float32).
     """
 
     def __init__(
@@ -206,6 +243,7 @@ class RemoteRunner:
         tensors: Mapping[str, np.ndarray] | None = None,
         name: str | None = None,
         replace_name: bool = False,
+        calibration: np.ndarray | None = None,
     ) -> None:
         from featmap.client.client import FeatureClient
 
@@ -223,18 +261,24 @@ class RemoteRunner:
         self.client = FeatureClient(target, in_flight=in_flight, load_balancing=balanced, **options)
         self.pipeline = pipeline
         self.pipelines: dict[str, Pipeline | str] = dict(pipelines_by_dtype(pipeline))
-        if tensors or pipeline.tensor_names or name:
+        self.report: QuantizationReport | None = None
+        calibrations = calibration_by_dtype(pipeline, calibration)
+        # int8 is registered too: once, with its error checked up front, not at each request.
+        if tensors or pipeline.tensor_names or name or pipeline.precision == "int8":
             for address in target_addresses(servers):
                 with FeatureClient(address, **options) as replica:
                     for dtype, each in pipelines_by_dtype(pipeline).items():
                         # The name goes to the user's pipeline, not to its pixel variant.
                         named = each is pipeline
-                        self.pipelines[dtype] = replica.register(
+                        self.pipelines[dtype] = pipeline_id = replica.register(
                             each,
                             tensors,
                             name=name if named else None,
                             replace=replace_name and named,
+                            calibration=calibrations.get(dtype),
                         )
+                        if pipeline.precision == "int8" and self.report is None:
+                            self.report = replica.get_pipeline(pipeline_id).int8
 
     def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs from the server(s), in order.
@@ -626,9 +670,16 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
     def notice(line: str) -> None:
         print(f"featmap extract: {line}", file=sys.stderr)
 
-    runner: Runner
+    runner: EmbeddedRunner | RemoteRunner
     if args.name and not args.server:
         raise JobError("--name registers the pipeline on servers: it needs --server", 2)
+    try:
+        calibration = job_calibration(pipeline, args.input, args.calibrate, resize)
+    except ValueError as exc:  # --calibrate without int8, or an --input that is not there
+        raise JobError(str(exc), exit_code=2) from None
+    if calibration is not None and not args.quiet:
+        notice(f"calibrating int8 on {calibration.describe()}")
+    images = None if calibration is None else calibration.images
     try:
         if args.server:
             runner = RemoteRunner(
@@ -640,14 +691,17 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
                 tensors,
                 args.name,
                 args.replace_name,
+                images,
             )
         else:
-            runner = EmbeddedRunner(pipeline, args.threads, tensors)
+            runner = EmbeddedRunner(pipeline, args.threads, tensors, images)
     except FeatmapRpcError as exc:  # registering the weights failed on a server
         notice(f"error: {exc}")
         return 1
     except FeatmapError as exc:  # the spec, its weights or the limits, checked here
         raise JobError(str(exc), exit_code=2) from None
+    if runner.report is not None and not args.quiet:
+        notice(runner.report.describe())
     output = Path(args.output)
     parts = output.with_name(output.name + ".parts")
 
@@ -663,7 +717,7 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
             on_error=args.on_error,
             resume=args.resume,
             progress=progress,
-            pipeline_id=content_id(pipeline, tensors),
+            pipeline_id=content_id(pipeline, tensors, images),
             notice=notice,
             decode_threads=args.decode_threads,
             draft=args.jpeg_draft,

@@ -18,6 +18,7 @@ import numpy as np
 from featmap.contract.errors import FeatmapError
 from featmap.contract.metadata import FIELD_KEY
 from featmap.contract.ops import layer_costs
+from featmap.contract.precision import QuantizationReport, report_from_message
 from featmap.contract.spec import Pipeline, check_pipeline_name, parse_pipeline
 from featmap.contract.tensors import (
     OUTPUT_DTYPES,
@@ -81,7 +82,10 @@ class ServerInfo:
 
 @dataclass(frozen=True)
 class PipelineInfo:
-    """A registered pipeline as GetPipeline/ListPipelines describe it."""
+    """A registered pipeline as GetPipeline/ListPipelines describe it.
+
+    `int8`: for an int8 pipeline, the error measured at registration (None for float32).
+    """
 
     pipeline_id: str
     spec: dict[str, Any]
@@ -90,6 +94,8 @@ class PipelineInfo:
     batching: dict[str, Any]
     onnx_model: bytes
     names: list[str]
+    precision: str = "float32"
+    int8: QuantizationReport | None = None
 
 
 def spec_json(spec: SpecLike) -> str:
@@ -209,13 +215,17 @@ def register_request(
     batching: Mapping[str, Any] | None,
     name: str | None = None,
     replace: bool = False,
+    calibration: np.ndarray | None = None,
 ) -> pb.RegisterPipelineRequest:
-    """A RegisterPipelineRequest with weight tensors as raw bytes (and a checked name)."""
+    """A RegisterPipelineRequest with weight tensors and calibration images as raw bytes (and a
+    checked name)."""
     request = pb.RegisterPipelineRequest(spec_json=spec_json(spec), replace=replace)
     if name is not None:
         request.name = check_pipeline_name(name)
     for name, array in (weights or {}).items():
         request.weights[name].CopyFrom(encode_tensor(sendable(array, f"weights[{name!r}]")))
+    if calibration is not None:
+        request.calibration.CopyFrom(encode_tensor(sendable(calibration, "calibration")))
     if batching is not None:
         request.batching.CopyFrom(pb.BatchingConfig(**batching))
     return request
@@ -238,6 +248,8 @@ def pipeline_info(info: pb.PipelineInfo) -> PipelineInfo:
         },
         onnx_model=info.onnx_model,
         names=list(info.names),
+        precision=info.precision or "float32",  # servers before int8 leave it empty
+        int8=report_from_message(info.int8) if info.HasField("int8") else None,
     )
 
 

@@ -28,6 +28,7 @@ from featmap.client.client import FeatureClient
 from featmap.client.extract import EmbeddedRunner
 from featmap.client.specfile import load_pipeline_file
 from featmap.contract.pixels import image_values
+from featmap.contract.precision import QuantizationReport
 from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
@@ -100,6 +101,9 @@ class FeatureExtractor:
         outputs: the pipeline outputs to add as columns (default: all of them).
         threads: onnxruntime intra-op threads in embedded mode (0: onnxruntime's default).
         client_options: extra keyword arguments for FeatureClient (timeout, tls_ca, token...).
+        calibration: for an int8 pipeline, images (N, ...) in its layout and dtype to
+            calibrate it on (None: the synthetic set); with `server`, the pipeline is
+            registered with them and run by id. `report` says what int8 was measured to cost.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class FeatureExtractor:
         outputs: Sequence[str] | None = None,
         threads: int = 0,
         client_options: Mapping[str, Any] | None = None,
+        calibration: np.ndarray | None = None,
     ) -> None:
         if batch_format != "numpy":
             raise ValueError(f"batch_format={batch_format!r}: only 'numpy' is supported")
@@ -126,15 +131,22 @@ class FeatureExtractor:
             raise ValueError(f"output {image_column!r} would overwrite the image column")
         self.runner: EmbeddedRunner | None = None
         self.client: FeatureClient | None = None
+        self.report: QuantizationReport | None = None
+        # What the client sends: the spec, or the id it was registered under with calibration.
+        self._remote: Pipeline | str = self.pipeline
         if server is None:
-            self.runner = EmbeddedRunner(self.pipeline, threads)
+            self.runner = EmbeddedRunner(self.pipeline, threads, calibration=calibration)
+            self.report = self.runner.report
         else:
             self.client = FeatureClient(server, **dict(client_options or {}))
+            if calibration is not None:
+                self._remote = self.client.register(self.pipeline, calibration=calibration)
+                self.report = self.client.get_pipeline(self._remote).int8
 
     def _run(self, images: np.ndarray) -> Batch:
         """The pipeline's outputs for one stacked batch of same-sized images."""
         if self.client is not None:
-            return self.client.extract(images, self.pipeline)
+            return self.client.extract(images, self._remote)
         assert self.runner is not None
         return next(self.runner.run([images]))
 

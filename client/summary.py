@@ -1,8 +1,16 @@
-"""`featmap summary`: a Keras-style table of layers, output shapes, parameters and FLOPs."""
+"""`featmap summary`: a Keras-style table of layers, output shapes, parameters and FLOPs, and
+for an int8 pipeline the error int8 measures in this process."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
+
+from featmap.contract.errors import InvalidSpec
+from featmap.contract.limits import DEFAULT_LIMITS, admit_calibration
 from featmap.contract.ops import layer_costs, layer_parameters, symbolic_shapes
+from featmap.contract.precision import QuantizationReport, check_error
 from featmap.contract.spec import Pipeline
 
 # The rules themselves are featmap.contract.ops' table; this is how the table prints them.
@@ -68,9 +76,10 @@ def format_summary(pipeline: Pipeline, input_size: tuple[int, int] | None = None
 
     rule = "-" * len(line(header))
     size = f"{input_size[0]}x{input_size[1]}" if input_size else "H x W (any)"
+    precision = "" if pipeline.precision == "float32" else f", computed in {pipeline.precision}"
     parts = [
         f"Pipeline {pipeline.pipeline_id} (input {channels} x {size}, {pipeline.input.dtype},"
-        f" {pipeline.input.layout})",
+        f" {pipeline.input.layout}{precision})",
         rule.replace("-", "="),
         line(header),
         rule,
@@ -83,3 +92,62 @@ def format_summary(pipeline: Pipeline, input_size: tuple[int, int] | None = None
         *([] if input_size else [NO_SIZE_NOTE]),
     ]
     return "\n".join(parts) + "\n"
+
+
+def format_int8(report: QuantizationReport, refusal: str | None = None) -> str:
+    """The measured int8 error as a table: per output, the smallest per-image cosine and the
+    largest |int8 - float32| (relative to the output's largest |float32|, and absolute)."""
+    header = ("Output", "Cosine (min)", "Max error", "Max abs error")
+    rows = [
+        (name, f"{e.cosine:.6f}", f"{e.max_error:.2%}", f"{e.max_abs_error:.6g}")
+        for name, e in report.errors.items()
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(
+            [
+                row[0].ljust(widths[0]),
+                *(cell.rjust(widths[i + 1]) for i, cell in enumerate(row[1:])),
+            ]
+        )
+
+    rule = "-" * len(line(header))
+    ranges = f"{report.calibration_images} calibration + {report.synthetic_images} synthetic"
+    verdict = (
+        f"Refused: {refusal}"
+        if refusal is not None
+        else f"Within max_error={report.max_error_allowed:.2%}"
+        if report.max_error_allowed is not None
+        else "Not checked against max_error"
+    )
+    parts = [
+        f"int8 vs float32 on {report.measured_on} (ranges from {ranges} images)",
+        rule.replace("-", "="),
+        line(header),
+        rule,
+        *(line(row) for row in rows),
+        rule.replace("-", "="),
+        verdict,
+        f"CPU int8 dot products: {report.cpu}",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def measure_int8(
+    pipeline: Pipeline, tensors: Mapping[str, np.ndarray], calibration: np.ndarray | None
+) -> str:
+    """The int8 table of a pipeline quantized here as a server would (calibration: images
+    admitted as RegisterPipeline admits them; None: the synthetic set)."""
+    # The runtime is imported here, when used: the client alone never loads onnxruntime.
+    from featmap.service.quantize import quantize_pipeline
+    from featmap.service.weights import check_tensors
+
+    weights = check_tensors(pipeline, tensors)
+    if calibration is not None:
+        admit_calibration(pipeline, calibration, DEFAULT_LIMITS)
+    report = quantize_pipeline(pipeline, weights, calibration).report
+    try:
+        return format_int8(check_error(report, pipeline.int8_max_error, field="max_error"))
+    except InvalidSpec as refused:
+        return format_int8(report, str(refused))

@@ -13,6 +13,7 @@ What belongs here is anything both sides must agree on, with no I/O and light im
     errors.py         the exception tree and its gRPC status table
     metadata.py       gRPC metadata keys
     shared_memory.py  shared-memory naming rules
+    precision.py      int8's measured error report, its threshold check and its message
 
 Who may import what: featmap.contract imports nothing of featmap but the stubs
 (featmap.v1, featmap.oip); featmap.service and featmap.client import the contract; the client never

@@ -7,6 +7,8 @@
 - `admit_batch`: may this batch run on an admitted pipeline? (Extract, ExtractStream, OIP
   ModelInfer, the embedded runner, Ray): the images' rank, dtype, channels and sizes, the work
   (FLOPs, activation memory) and, when the outputs travel in a reply, the reply's size.
+- `admit_calibration`: may these images calibrate an int8 pipeline? (RegisterPipeline, the
+  embedded runner): the batch rules, their number, and finite values.
 
 Both run before anything is allocated for the request, and raise the contract's errors.
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.contract.errors import InvalidTensor, LimitExceeded
+from featmap.contract.errors import InvalidSpec, InvalidTensor, LimitExceeded
 from featmap.contract.ops import (
     Cost,
     LayerCost,
@@ -53,6 +55,31 @@ SESSION_OVERHEAD_BYTES = MIB  # a small session measured 0.6 MiB
 # (about 600 bytes a number), ~40 for layers.
 SPEC_BYTES_PER_TEXT_BYTE = 64
 
+# int8 (precision: int8). Calibration: the images the user sent plus SYNTHETIC_CALIBRATION
+# synthetic ones at their size (DEFAULT_CALIBRATION_SIZE when none were sent), run
+# CALIBRATION_BATCH at a time; the error is measured on the user's images, else the synthetic.
+SYNTHETIC_CALIBRATION = 16
+DEFAULT_CALIBRATION_SIZE = (224, 224)
+CALIBRATION_BATCH = 8
+# Measured with onnxruntime 1.32 on CPU (tests/test_int8.py keeps them honest). A kept int8
+# session holds the int8 model's bytes (1 a weight, kept for GetPipeline) and onnxruntime's
+# int8 weights (1 a weight): measured 2.1. Building one peaks where compiling float32 does
+# (measured 32.0 a weight: the float32 model is built first; quantizing it through files and
+# sessions of its own costs less), plus what the images cost, measured on the standard pipeline,
+# a full-resolution tap and a 64-channel input: CALIBRATION_RUN_FACTOR x the layers'
+# activations of a CALIBRATION_BATCH (admit_batch's estimate less its input: the calibration
+# session and the two that measure the error side by side each hold them) and
+# CALIBRATION_INPUT_FACTOR x the input batch; OUTPUT_FACTOR x a batch's outputs (both models',
+# and their float64 differences); the synthetic images; and generating one
+# (SYNTHETIC_BYTES_PER_VALUE per pixel and channel + 1: its FFT in float64 and complex).
+# Charged, they came out 8-9 % above what was measured.
+INT8_SESSION_BYTES_PER_PARAMETER = 2
+INT8_COMPILE_BYTES_PER_PARAMETER = 32
+CALIBRATION_RUN_FACTOR = 4
+CALIBRATION_INPUT_FACTOR = 2
+OUTPUT_FACTOR = 8
+SYNTHETIC_BYTES_PER_VALUE = 32
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -73,6 +100,8 @@ class RequestLimits:
     max_activation_bytes: int = 16 * 1024 * MIB
     # Off: NaN/Inf in float input is INVALID_ARGUMENT; on: it runs, and NaN/Inf may come out.
     allow_non_finite_input: bool = False
+    # Images that may calibrate an int8 pipeline (RegisterPipeline's calibration tensor).
+    max_calibration_images: int = 256
 
 
 DEFAULT_LIMITS = RequestLimits()
@@ -98,12 +127,53 @@ class SessionMemory:
     peak: int
 
 
-def session_memory(pipeline: Pipeline) -> SessionMemory:
-    """What compiling and keeping `pipeline`'s session costs, from its parameter count."""
+def session_memory(pipeline: Pipeline, calibration: tuple[int, ...] | None = None) -> SessionMemory:
+    """What compiling and keeping `pipeline`'s session costs, from its parameter count and, for
+    int8, from the shape of its calibration images (None: the synthetic set alone)."""
     parameters = parameter_count(pipeline)
+    if pipeline.precision == "float32":
+        return SessionMemory(
+            steady=SESSION_OVERHEAD_BYTES + SESSION_BYTES_PER_PARAMETER * parameters,
+            peak=SESSION_OVERHEAD_BYTES + COMPILE_BYTES_PER_PARAMETER * parameters,
+        )
     return SessionMemory(
-        steady=SESSION_OVERHEAD_BYTES + SESSION_BYTES_PER_PARAMETER * parameters,
-        peak=SESSION_OVERHEAD_BYTES + COMPILE_BYTES_PER_PARAMETER * parameters,
+        steady=SESSION_OVERHEAD_BYTES + INT8_SESSION_BYTES_PER_PARAMETER * parameters,
+        peak=SESSION_OVERHEAD_BYTES
+        + INT8_COMPILE_BYTES_PER_PARAMETER * parameters
+        + calibration_memory(pipeline, calibration),
+    )
+
+
+def calibration_memory(pipeline: Pipeline, calibration: tuple[int, ...] | None) -> int:
+    """What calibrating an int8 pipeline and measuring its error costs beyond its parameters
+    (see INT8_COMPILE_BYTES_PER_PARAMETER); `calibration` is the shape of the images sent
+    (None: the synthetic set alone, at DEFAULT_CALIBRATION_SIZE)."""
+    spec = pipeline.input
+    if calibration is None:
+        height, width = DEFAULT_CALIBRATION_SIZE
+    else:
+        _, height, width = image_size(spec.layout, calibration)
+    itemsize = np.dtype(spec.dtype).itemsize
+    try:
+        layers = layer_costs(pipeline, height, width)
+    except InvalidSpec as exc:
+        if calibration is not None:
+            raise  # admit_calibration said so already, naming the images
+        raise InvalidSpec(
+            exc.field,
+            f"{exc.message}: without calibration images an int8 pipeline is calibrated on "
+            f"{height}x{width} synthetic images; register it with calibration images it takes",
+        ) from None
+    run = batch_cost(pipeline, CALIBRATION_BATCH, height, width, itemsize, layers)
+    image_bytes = spec.channels * height * width * itemsize
+    shapes = {layer.name: layer.shape for layer in layers}
+    outputs = reply_bytes((shapes[name] for name in pipeline.output_names), CALIBRATION_BATCH)
+    return (
+        CALIBRATION_RUN_FACTOR * (run.activation_bytes - CALIBRATION_BATCH * image_bytes)
+        + CALIBRATION_INPUT_FACTOR * CALIBRATION_BATCH * image_bytes
+        + OUTPUT_FACTOR * outputs
+        + SYNTHETIC_CALIBRATION * image_bytes
+        + SYNTHETIC_BYTES_PER_VALUE * (spec.channels + 1) * height * width
     )
 
 
@@ -196,45 +266,47 @@ def admit_batch(
     *,
     output_dtype: str = "float32",
     reply_in_message: bool = True,
+    field: str = "images",
 ) -> BatchPlan:
     """The plan of a batch that fits the pipeline's input and every limit, else an error.
 
     `images` is (N, C, H, W) or (N, H, W, C) as input.layout says. A too-small image fails
     naming the layer; with reply_in_message (the outputs travel in the reply, not in shared
     memory) a reply too big to send fails here, before the work. A DeferredBatch is admitted by
-    its shape and dtype; its values are checked by admit_values once read.
+    its shape and dtype; its values are checked by admit_values once read. Errors name
+    `field` (`images.shape`, ...).
     """
     spec = pipeline.input
     if images.ndim != 4:
         raise InvalidTensor(
-            "images.shape",
+            f"{field}.shape",
             f"has rank {images.ndim} {list(images.shape)}; expected 4 ({spec.layout})",
         )
     if images.dtype.name != spec.dtype:
         raise InvalidTensor(
-            "images.dtype", f"{images.dtype.name} does not match input.dtype={spec.dtype}"
+            f"{field}.dtype", f"{images.dtype.name} does not match input.dtype={spec.dtype}"
         )
     n = images.shape[0]
     channels, height, width = image_size(spec.layout, images.shape)
     if n == 0:
-        raise InvalidTensor("images.shape", "batch is empty (N = 0)")
+        raise InvalidTensor(f"{field}.shape", "batch is empty (N = 0)")
     if channels != spec.channels:
         axis = image_axes(spec.layout)[0]
         raise InvalidTensor(
-            "images.shape",
+            f"{field}.shape",
             f"{list(images.shape)} has {channels} channels on axis {axis} ({spec.layout}); "
             f"input.channels={spec.channels}",
         )
     if height == 0 or width == 0:
-        raise InvalidTensor("images.shape", f"{list(images.shape)} has an empty image")
+        raise InvalidTensor(f"{field}.shape", f"{list(images.shape)} has an empty image")
     if n > limits.max_images_per_request:
         raise LimitExceeded(
-            "images.shape",
+            f"{field}.shape",
             f"{n} images exceed max_images_per_request={limits.max_images_per_request}",
         )
     if height * width > limits.max_pixels_per_image:
         raise LimitExceeded(
-            "images.shape",
+            f"{field}.shape",
             f"{height}x{width} = {height * width} pixels exceed "
             f"max_pixels_per_image={limits.max_pixels_per_image}",
         )
@@ -242,13 +314,13 @@ def admit_batch(
     cost = batch_cost(pipeline, n, height, width, images.dtype.itemsize, layers)
     if cost.flops > limits.max_flops:
         raise LimitExceeded(
-            "images.shape",
+            f"{field}.shape",
             f"the batch needs {cost.flops} FLOPs, over max_flops={limits.max_flops}: "
             "send fewer or smaller images per request",
         )
     if cost.activation_bytes > limits.max_activation_bytes:
         raise LimitExceeded(
-            "images.shape",
+            f"{field}.shape",
             f"the batch needs an estimated {cost.activation_bytes} bytes of activations, over "
             f"max_activation_bytes={limits.max_activation_bytes}: send fewer or smaller images",
         )
@@ -257,11 +329,36 @@ def admit_batch(
     if reply_in_message:
         check_reply_bytes(reply, limits)
     if isinstance(images, np.ndarray):
-        admit_values(images, limits)
+        admit_values(images, limits, field)
     return BatchPlan(n, height, width, layers, cost, reply)
 
 
-def admit_values(images: np.ndarray, limits: RequestLimits) -> None:
+def admit_calibration(
+    pipeline: Pipeline, images: np.ndarray, limits: RequestLimits, field: str = "calibration"
+) -> BatchPlan:
+    """The plan of calibration images an int8 pipeline may take, else an error naming `field`.
+
+    The batch rules of admit_batch (shape, dtype, channels, sizes, FLOPs, activations, as if
+    they ran as one batch), at most max_calibration_images of them, and finite values always:
+    a NaN calibrates nothing.
+    """
+    if pipeline.precision != "int8":
+        raise InvalidTensor(
+            field, f"calibrates int8 pipelines only; this one's precision is {pipeline.precision}"
+        )
+    if images.ndim >= 1 and images.shape[0] > limits.max_calibration_images:
+        raise LimitExceeded(
+            f"{field}.shape",
+            f"{images.shape[0]} calibration images exceed max_calibration_images="
+            f"{limits.max_calibration_images}",
+        )
+    plan = admit_batch(pipeline, images, limits, reply_in_message=False, field=field)
+    if not all_finite(images):
+        raise InvalidTensor(f"{field}.data", f"contains {first_non_finite(images)}")
+    return plan
+
+
+def admit_values(images: np.ndarray, limits: RequestLimits, field: str = "images") -> None:
     """InvalidTensor for NaN/Inf in the images, unless allow_non_finite_input."""
     if not limits.allow_non_finite_input and not all_finite(images):
-        raise InvalidTensor("images.data", f"contains {first_non_finite(images)}")
+        raise InvalidTensor(f"{field}.data", f"contains {first_non_finite(images)}")

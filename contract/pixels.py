@@ -38,11 +38,15 @@ PIXEL_SCALE = 1 / 255
 
 def image_values(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(H, W, C) uint8 pixels as the pipeline's input: its layout and dtype, the scaling rule."""
-    laid_out = from_hwc(pixels, spec.layout)
+    return pixel_values(from_hwc(pixels, spec.layout), spec)
+
+
+def pixel_values(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 pixels already in the pipeline's layout (one image or a batch) as its input values."""
     if spec.dtype == PIXEL_DTYPE:
-        return np.ascontiguousarray(laid_out)
+        return np.ascontiguousarray(pixels)
     # With input.scale the graph scales, so it must see the raw values (else scaled twice).
-    values = laid_out.astype(np.float32) if spec.scale is not None else laid_out / np.float32(255)
+    values = pixels.astype(np.float32) if spec.scale is not None else pixels / np.float32(255)
     return np.ascontiguousarray(values, dtype=spec.dtype)
 
 

@@ -22,10 +22,12 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    SerializerFunctionWrapHandler,
     Tag,
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -112,6 +114,12 @@ RESERVED_NAME = "images"
 # Validation errors described in one message (a spec may have a million).
 MAX_LISTED_ERRORS = 16
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,127}$"
+# How a pipeline computes: float32 throughout, or its graph quantized to int8 (README "int8
+# precision"). The int8 error threshold when the spec sets none: the largest |int8 - float32|
+# over an output, as a fraction of that output's largest |float32|; ordinary pipelines
+# measure 0.5-3 %.
+Precision = Literal["float32", "int8"]
+DEFAULT_MAX_ERROR = 0.05
 
 
 class SpecModel(BaseModel):
@@ -399,6 +407,44 @@ class Pipeline(SpecModel):
     input: InputSpec
     layers: Annotated[list[Layer], Field(min_length=1)]
     outputs: list[str] | None = None
+    precision: Precision = "float32"
+    # int8 only: refuse the pipeline when its measured error exceeds this (default
+    # DEFAULT_MAX_ERROR).
+    max_error: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_float32_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A float32 pipeline dumps as it did before precision existed: the same canonical JSON
+        # and pipeline id, and a spec a new client sends is one an older server accepts.
+        data = handler(self)
+        if isinstance(data, dict):
+            if self.precision == "float32":
+                data.pop("precision", None)
+            if self.max_error is None:
+                data.pop("max_error", None)
+        return data
+
+    @model_validator(mode="after")
+    def _max_error_needs_int8(self) -> Pipeline:
+        if self.max_error is not None and self.precision != "int8":
+            raise SpecFieldError(
+                "max_error", f"is the int8 error threshold; precision is {self.precision!r}"
+            )
+        return self
+
+    @property
+    def int8_max_error(self) -> float:
+        """The int8 error threshold: max_error, or DEFAULT_MAX_ERROR when it is unset."""
+        return DEFAULT_MAX_ERROR if self.max_error is None else self.max_error
+
+    def with_precision(self, precision: Precision) -> Pipeline:
+        """This pipeline computing in `precision` (float32 drops max_error, int8's threshold)."""
+        if precision == self.precision:
+            return self
+        data = {**self.model_dump(mode="json"), "precision": precision}
+        if precision == "float32":
+            data.pop("max_error", None)
+        return parse_pipeline(data)
 
     @model_validator(mode="after")
     def _check_structure(self) -> Pipeline:
@@ -616,15 +662,23 @@ WeightTensors = Mapping[str, np.ndarray]
 NO_TENSORS: WeightTensors = {}
 
 
-def content_id(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> str:
-    """The pipeline id: the spec's own id, or a hash of the spec and its weight tensors."""
-    if not tensors:
+def content_id(
+    pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS, calibration: np.ndarray | None = None
+) -> str:
+    """The pipeline id: the spec's own id, or a hash of the spec, its weight tensors and (int8)
+    the calibration images its ranges and reported error come from."""
+    if not tensors and calibration is None:
         return pipeline.pipeline_id
     digest = hashlib.sha256(pipeline.canonical_json().encode())
     for name in sorted(tensors):
         tensor = np.ascontiguousarray(tensors[name], dtype="<f4")
         digest.update(f"\0{name}\0{list(tensor.shape)}\0".encode())
         digest.update(tensor.tobytes())
+    if calibration is not None:
+        # \1, where each tensor starts with \0: no tensor name can stand for the images.
+        images = np.ascontiguousarray(calibration, dtype=calibration.dtype.newbyteorder("<"))
+        digest.update(f"\1calibration\1{images.dtype.str}\1{list(images.shape)}\1".encode())
+        digest.update(images.tobytes())
     return digest.hexdigest()[:32]
 
 

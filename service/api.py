@@ -14,6 +14,7 @@ import onnxruntime as ort
 from featmap.contract import __version__
 from featmap.contract.errors import InvalidRequest, InvalidTensor, NotPermitted
 from featmap.contract.limits import DeferredBatch, check_reply_bytes, check_request_bytes
+from featmap.contract.precision import report_message
 from featmap.contract.spec import Pipeline, check_pipeline_name, json_schema_text
 from featmap.contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, wire_dtype
 from featmap.contract.wire import (
@@ -78,6 +79,12 @@ def output_infos(registered: RegisteredPipeline) -> list[pb.OutputInfo]:
         )
         for name in registered.compiled.pipeline.output_names
     ]
+
+
+def int8_report(registered: RegisteredPipeline) -> pb.Int8Report | None:
+    """The error an int8 pipeline measured at registration (None for float32)."""
+    report = registered.compiled.report
+    return None if report is None else report_message(report)
 
 
 class FeatureService:
@@ -278,11 +285,27 @@ class FeatureService:
             else None
         )
         name = check_pipeline_name(request.name) if request.name else None
+        calibration = (
+            self.extractor.admit_calibration(
+                pipeline, decode_tensor(request.calibration, "calibration")
+            )
+            if request.HasField("calibration")
+            else None
+        )
         registered = self.registry.register(
-            pipeline, tensors, batching, caller.tenant, name=name, replace=request.replace
+            pipeline,
+            tensors,
+            batching,
+            caller.tenant,
+            name=name,
+            replace=request.replace,
+            calibration=calibration,
         )
         return pb.RegisterPipelineResponse(
-            pipeline_id=registered.pipeline_id, outputs=output_infos(registered), name=name or ""
+            pipeline_id=registered.pipeline_id,
+            outputs=output_infos(registered),
+            name=name or "",
+            int8=int8_report(registered),
         )
 
     def pipeline_info(
@@ -297,6 +320,8 @@ class FeatureService:
             weight_names=registered.weight_names,
             batching=policy_message(registered.batching or self.default_batching),
             onnx_model=registered.compiled.model_bytes if include_model else b"",
+            precision=registered.compiled.pipeline.precision,
+            int8=int8_report(registered),
         )
 
     def get_pipeline(self, request: pb.GetPipelineRequest, caller: Caller) -> pb.PipelineInfo:

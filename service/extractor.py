@@ -18,6 +18,7 @@ from featmap.contract.limits import (
     DeferredBatch,
     RequestLimits,
     admit_batch,
+    admit_calibration,
     admit_pipeline,
     admit_values,
 )
@@ -65,6 +66,11 @@ class Extractor:
         admit_pipeline(pipeline, self.limits)
         check_presets(pipeline)  # a kernel float64 cannot compute is the spec's fault
         return pipeline
+
+    def admit_calibration(self, pipeline: Pipeline, images: np.ndarray) -> np.ndarray:
+        """An admitted int8 pipeline's calibration images, if they may calibrate it here."""
+        admit_calibration(pipeline, images, self.limits)
+        return images
 
     def extract(
         self,

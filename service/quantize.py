@@ -18,7 +18,10 @@ weights, uint8 activations calibrated by min/max over the calibration images. Wh
   last-bit differences between CPUs' float32 calibration runs give the same bytes.
 
 The error is measured, never promised: `quantize_with_report` runs both models on the
-calibration images and `measure_error` compares them output by output.
+calibration images and `measure_error` compares them output by output (batch by batch:
+ErrorMeasure). The report's types and the threshold check are the contract's
+(featmap.contract.precision): clients read them too. `quantize_pipeline` is what the session
+cache, `featmap summary` and `featmap export-onnx` call for an int8 spec.
 """
 
 from __future__ import annotations
@@ -45,7 +48,15 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from featmap.contract.errors import InvalidSpec, InvalidTensor
+from featmap.contract.errors import InvalidTensor
+from featmap.contract.limits import (
+    CALIBRATION_BATCH,
+    DEFAULT_CALIBRATION_SIZE,
+    SYNTHETIC_CALIBRATION,
+)
+from featmap.contract.precision import OutputError, QuantizationReport
+from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
+from featmap.service.graph import compile_pipeline
 from featmap.service.weights import uniform
 
 # Ops quantized to int8/uint8; every other op keeps float32 (see the module docstring).
@@ -60,21 +71,17 @@ QUANTIZED_OP_TYPES = (
     "GlobalAveragePool",
     "Flatten",
 )
-# The calibration set when the user sends none (see synthetic_calibration).
-DEFAULT_CALIBRATION_IMAGES = 16
-DEFAULT_CALIBRATION_SIZE = (224, 224)
-# The default refusal threshold: the largest |int8 - float32| over an output, as a fraction of
-# that output's largest |float32| (OutputError.max_error). Ordinary pipelines measure 0.5-3 %.
-DEFAULT_MAX_ERROR = 0.05
+# The calibration set when the user sends none (see synthetic_calibration), at
+# DEFAULT_CALIBRATION_SIZE; the calibration runs CALIBRATION_BATCH images at a time (min/max
+# does not depend on how the images are batched, and small batches bound the calibration
+# session's memory whatever the number of images). The contract's memory estimates count them.
+DEFAULT_CALIBRATION_IMAGES = SYNTHETIC_CALIBRATION
 # Calibrated ranges are widened by this factor: without it, images slightly beyond the
 # calibration set clip, and the error on them is many times the measured one
 # (scripts/int8_speed.py --calibration).
 HEADROOM = 1.25
 # ... and rounded up to this many significant bits (at most 1/128 wider).
 RANGE_BITS = 8
-# Images per calibration run: min/max does not depend on how the images are batched, and small
-# batches bound the calibration session's memory whatever the number of images.
-CALIBRATION_BATCH = 8
 # MLAS's symmetric int8 conv kernels take input channels in multiples of this, and at least 16
 # filters in multiples of 8 (AVX2; 4 on AVX-512).
 CONV_CHANNEL_MULTIPLE = 4
@@ -120,65 +127,6 @@ class Int8Settings:
 
 
 DEFAULT_SETTINGS = Int8Settings()
-
-
-@dataclass(frozen=True)
-class OutputError:
-    """How far one int8 output is from float32 on the same images.
-
-    cosine: the smallest, over images, cosine similarity of an image's flattened int8 and
-    float32 results (1.0 when both are all zero, 0.0 when only one is).
-    max_error: the largest |int8 - float32| over the whole output, divided by the largest
-    |float32| (0.0 when both are all zero, inf when only float32 is).
-    max_abs_error: the largest |int8 - float32|, in the output's own units.
-    """
-
-    cosine: float
-    max_error: float
-    max_abs_error: float
-
-
-@dataclass(frozen=True)
-class QuantizationReport:
-    """What int8 costs a pipeline in accuracy, measured when it is quantized.
-
-    The errors are measured on the user's calibration images (what they will send), or on the
-    synthetic ones when there are none; the ranges come from both (quantize_with_report).
-    """
-
-    errors: Mapping[str, OutputError]
-    calibration_images: int
-    synthetic_images: int
-    cpu: str
-
-    @property
-    def max_error(self) -> float:
-        """The largest relative error over all outputs."""
-        return max(e.max_error for e in self.errors.values())
-
-    @property
-    def min_cosine(self) -> float:
-        """The smallest per-image cosine similarity over all outputs."""
-        return min(e.cosine for e in self.errors.values())
-
-    @property
-    def measured_on(self) -> str:
-        """Which images the errors are measured on, in words."""
-        if self.calibration_images:
-            return f"{self.calibration_images} calibration images"
-        return f"{self.synthetic_images} synthetic images"
-
-    def describe(self) -> str:
-        """One line for the log and the summary."""
-        outputs = ", ".join(
-            f"{name} cosine {e.cosine:.6f} max error {e.max_error:.2%}"
-            for name, e in self.errors.items()
-        )
-        ranges = f"{self.calibration_images} calibration + {self.synthetic_images} synthetic"
-        return (
-            f"int8 vs float32 on {self.measured_on}: {outputs} (ranges from {ranges} images; "
-            f"CPU int8: {self.cpu})"
-        )
 
 
 @dataclass(frozen=True)
@@ -488,24 +436,38 @@ def quantize_int8(
     return quantized
 
 
-def run_model(
-    model: onnx.ModelProto, images: np.ndarray, *, threads: int = 0
-) -> dict[str, np.ndarray]:
-    """Every output of `model` for `images` on onnxruntime's CPU provider, batch by batch."""
+def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    """A CPU session of `model` with `threads` intra-op threads."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(
+    return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
+
+
+def _run_batches(
+    model: onnx.ModelProto, images: np.ndarray, threads: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every output of `model`, CALIBRATION_BATCH images at a time."""
+    session = _session(model, threads)
     input_name, _, _ = _input_info(model)
     names = [output.name for output in model.graph.output]
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, len(images), CALIBRATION_BATCH):
         results = session.run(names, {input_name: images[start : start + CALIBRATION_BATCH]})
-        for name, result in zip(names, results, strict=True):
-            parts[name].append(result)
+        yield dict(zip(names, results, strict=True))
+
+
+def run_model(
+    model: onnx.ModelProto, images: np.ndarray, *, threads: int = 0
+) -> dict[str, np.ndarray]:
+    """Every output of `model` for `images` on onnxruntime's CPU provider, batch by batch."""
+    names = [output.name for output in model.graph.output]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for outputs in _run_batches(model, images, threads):
+        for name in names:
+            parts[name].append(outputs[name])
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
@@ -521,28 +483,77 @@ def _cosines(reference: np.ndarray, approximate: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, np.clip(cosine, -1.0, 1.0))
 
 
+@dataclass
+class _Running:
+    """One output's error so far: the largest |difference| and |float32|, the smallest cosine."""
+
+    max_abs_error: float = 0.0
+    scale: float = 0.0
+    cosine: float = 1.0
+
+
+class ErrorMeasure:
+    """measure_error over batches of images, in the memory of one batch of outputs.
+
+    Maxima and the per-image cosines do not depend on how the images are batched: the errors
+    are the same numbers measure_error gives on all the outputs at once.
+    """
+
+    def __init__(self) -> None:
+        self._outputs: dict[str, _Running] = {}
+
+    def add(
+        self, float_outputs: Mapping[str, np.ndarray], int8_outputs: Mapping[str, np.ndarray]
+    ) -> None:
+        """Compare one batch's outputs (same names, shapes, batch first)."""
+        if float_outputs.keys() != int8_outputs.keys():
+            raise ValueError(f"outputs differ: {sorted(float_outputs)} vs {sorted(int8_outputs)}")
+        for name, reference in float_outputs.items():
+            approximate = int8_outputs[name]
+            if reference.shape != approximate.shape:
+                raise ValueError(f"shapes differ: {reference.shape} vs {approximate.shape}")
+            running = self._outputs.setdefault(name, _Running())
+            # A few images at a time: the float64 differences of a whole output can be
+            # gigabytes (a full-resolution tap over hundreds of images).
+            for start in range(0, len(reference), CALIBRATION_BATCH):
+                a = reference[start : start + CALIBRATION_BATCH]
+                b = approximate[start : start + CALIBRATION_BATCH]
+                difference = np.abs(b.astype(np.float64) - a.astype(np.float64))
+                largest = float(difference.max(initial=0.0))
+                running.max_abs_error = max(running.max_abs_error, largest)
+                running.scale = max(running.scale, float(np.abs(a).max(initial=0.0)))
+                running.cosine = min(running.cosine, float(_cosines(a, b).min(initial=1.0)))
+
+    def errors(self) -> dict[str, OutputError]:
+        """Per output, the OutputError of everything added."""
+        return {
+            name: OutputError(
+                cosine=running.cosine,
+                max_error=(
+                    running.max_abs_error / running.scale
+                    if running.scale > 0
+                    else (math.inf if running.max_abs_error else 0.0)
+                ),
+                max_abs_error=running.max_abs_error,
+            )
+            for name, running in self._outputs.items()
+        }
+
+
 def output_error(reference: np.ndarray, approximate: np.ndarray) -> OutputError:
     """The OutputError of `approximate` against `reference` (same shape, batch first)."""
-    if reference.shape != approximate.shape:
-        raise ValueError(f"shapes differ: {reference.shape} vs {approximate.shape}")
-    difference = np.abs(approximate.astype(np.float64) - reference.astype(np.float64))
-    max_abs_error = float(difference.max(initial=0.0))
-    scale = float(np.abs(reference).max(initial=0.0))
-    max_error = max_abs_error / scale if scale > 0 else (math.inf if max_abs_error else 0.0)
-    return OutputError(
-        cosine=float(_cosines(reference, approximate).min(initial=1.0)),
-        max_error=max_error,
-        max_abs_error=max_abs_error,
-    )
+    measure = ErrorMeasure()
+    measure.add({"output": reference}, {"output": approximate})
+    return measure.errors()["output"]
 
 
 def measure_error(
     float_outputs: Mapping[str, np.ndarray], int8_outputs: Mapping[str, np.ndarray]
 ) -> dict[str, OutputError]:
     """Per output, how far int8 is from float32 on the same images (see OutputError)."""
-    if float_outputs.keys() != int8_outputs.keys():
-        raise ValueError(f"outputs differ: {sorted(float_outputs)} vs {sorted(int8_outputs)}")
-    return {name: output_error(float_outputs[name], int8_outputs[name]) for name in float_outputs}
+    measure = ErrorMeasure()
+    measure.add(float_outputs, int8_outputs)
+    return measure.errors()
 
 
 def _synthetic_image(index: int, channels: int, height: int, width: int, seed: int) -> np.ndarray:
@@ -638,10 +649,15 @@ def quantize_with_report(
     image_sets = [images for images in (calibration, synthetic) if images is not None]
     quantized = quantize_int8(model, image_sets, settings=settings)
     measured = image_sets[0]
-    errors = measure_error(
-        run_model(model, measured, threads=threads),
-        run_model(quantized, measured, threads=threads),
-    )
+    # Batch by batch, both models side by side: memory stays a batch of outputs.
+    measure = ErrorMeasure()
+    for float_outputs, int8_outputs in zip(
+        _run_batches(model, measured, threads),
+        _run_batches(quantized, measured, threads),
+        strict=True,
+    ):
+        measure.add(float_outputs, int8_outputs)
+    errors = measure.errors()
     report = QuantizationReport(
         errors=errors,
         calibration_images=0 if calibration is None else len(calibration),
@@ -651,24 +667,24 @@ def quantize_with_report(
     return QuantizedModel(model=quantized, report=report)
 
 
-def check_error(
-    report: QuantizationReport, max_error: float = DEFAULT_MAX_ERROR, *, field: str = "precision"
-) -> None:
-    """Refuse an int8 pipeline whose measured error exceeds `max_error`: InvalidSpec.
+def quantize_pipeline(
+    pipeline: Pipeline,
+    tensors: WeightTensors = NO_TENSORS,
+    calibration: np.ndarray | None = None,
+    *,
+    threads: int = 0,
+) -> QuantizedModel:
+    """A pipeline's compiled graph quantized to int8, with its report (not yet checked).
 
-    INVALID_ARGUMENT, not FAILED_PRECONDITION: the error follows from what the request holds
-    (spec, weights, calibration images, threshold), the same request fails the same way, and
-    the caller fixes it by changing the request, not by waiting for the server to change.
+    Float pixels are 0..1 unless input.scale is set: then raw 0..255 values, as `featmap
+    extract` sends them (the synthetic images follow the same rule). The model's
+    featmap.pipeline_id names its content, calibration images included.
     """
-    over = [
-        f"{name} max error {e.max_error:.2%} (cosine {e.cosine:.6f})"
-        for name, e in report.errors.items()
-        if not e.max_error <= max_error  # NaN fails too
-    ]
-    if over:
-        raise InvalidSpec(
-            field,
-            f"int8 error exceeds max_error={max_error:.2%} on {report.measured_on}: "
-            f"{'; '.join(over)}. Use float32, raise max_error, or calibrate on images like "
-            "the ones you will send",
-        )
+    pixel_max = 255.0 if pipeline.input.scale is not None else None
+    quantized = quantize_with_report(
+        compile_pipeline(pipeline, tensors), calibration, pixel_max=pixel_max, threads=threads
+    )
+    properties = {p.key: p.value for p in quantized.model.metadata_props}
+    properties["featmap.pipeline_id"] = content_id(pipeline, tensors, calibration)
+    helper.set_model_props(quantized.model, dict(sorted(properties.items())))
+    return quantized

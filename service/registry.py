@@ -101,13 +101,18 @@ class PipelineRegistry:
         tenant: str = DEFAULT_TENANT,
         name: str | None = None,
         replace: bool = False,
+        calibration: np.ndarray | None = None,
     ) -> RegisteredPipeline:
         """Check the weights, compile and warm the session, and keep it under its content id
-        (and `name`, if given: see the class docstring for what `replace` does)."""
+        (and `name`, if given: see the class docstring for what `replace` does).
+
+        `calibration`: an int8 pipeline's calibration images, already admitted
+        (Extractor.admit_calibration); they are part of the content id.
+        """
         weights = check_tensors(pipeline, tensors)
-        pipeline_id = content_id(pipeline, weights)
+        pipeline_id = content_id(pipeline, weights, calibration)
         key = (tenant, pipeline_id)
-        memory = session_memory(pipeline)
+        memory = session_memory(pipeline, None if calibration is None else calibration.shape)
         with self._lock:
             if name is not None:
                 self._check_name_locked(tenant, name, pipeline_id, replace)
@@ -129,7 +134,9 @@ class PipelineRegistry:
                 self.budget.reserve(reserved, "layers", "registering this pipeline")
             self._compiling.add(key)
         try:
-            compiled = shared.compiled if shared else self.cache.compile(pipeline, weights)
+            compiled = (
+                shared.compiled if shared else self.cache.compile(pipeline, weights, calibration)
+            )
             warm_up(compiled)
         except BaseException:
             with self._lock:

@@ -9,10 +9,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from featmap.contract.errors import ExecutionFailed, Unavailable
+from featmap.contract.errors import ExecutionFailed, InvalidSpec, Unavailable
 from featmap.contract.limits import session_memory
+from featmap.contract.precision import QuantizationReport, check_error
 from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
 from featmap.service.budget import UNBOUNDED, MemoryBudget
 from featmap.service.graph import INPUT_NAME, compile_pipeline
@@ -85,13 +87,14 @@ class ActiveRuns:
 
 @dataclass(frozen=True, eq=False)
 class CompiledPipeline:
-    """A pipeline with its ready onnxruntime session."""
+    """A pipeline with its ready onnxruntime session (and, for int8, the error it measured)."""
 
     pipeline: Pipeline
     pipeline_id: str
     session: ort.InferenceSession
     model_bytes: bytes
     runs: ActiveRuns = field(default_factory=ActiveRuns)
+    report: QuantizationReport | None = None
 
     @property
     def providers(self) -> list[str]:
@@ -162,10 +165,15 @@ class SessionCache:
         with self._lock:
             return len(self._sessions)
 
-    def get(self, pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> CompiledPipeline:
-        """The compiled session for `pipeline`, building it on a miss."""
-        key = content_id(pipeline, tensors)
-        memory = session_memory(pipeline)
+    def get(
+        self,
+        pipeline: Pipeline,
+        tensors: WeightTensors = NO_TENSORS,
+        calibration: np.ndarray | None = None,
+    ) -> CompiledPipeline:
+        """The compiled session for `pipeline`, building it on a miss (see `compile`)."""
+        key = content_id(pipeline, tensors, calibration)
+        memory = session_memory(pipeline, None if calibration is None else calibration.shape)
         with self._lock:
             compiled = self._sessions.get(key)
             if compiled is not None:
@@ -185,7 +193,7 @@ class SessionCache:
         if not owner:
             return pending.result()
         try:
-            compiled = self.compile(pipeline, tensors)
+            compiled = self.compile(pipeline, tensors, calibration)
         except BaseException as exc:
             # A failed build is not cached: the next request for this spec tries again.
             with self._lock:
@@ -213,9 +221,29 @@ class SessionCache:
         self.stats.evictions += 1
         return freed
 
-    def compile(self, pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> CompiledPipeline:
-        """Build a session with this cache's providers and threads, without caching it."""
-        model_bytes = compile_pipeline(pipeline, tensors).SerializeToString()
+    def compile(
+        self,
+        pipeline: Pipeline,
+        tensors: WeightTensors = NO_TENSORS,
+        calibration: np.ndarray | None = None,
+    ) -> CompiledPipeline:
+        """Build a session with this cache's providers and threads, without caching it.
+
+        An int8 pipeline is quantized, calibrated on `calibration` (admitted by
+        contract.limits.admit_calibration; None: the synthetic images alone), refused when its
+        measured error exceeds the spec's max_error (InvalidSpec naming `max_error`), and runs
+        on the CPU provider: onnxruntime's int8 QDQ kernels gain nothing elsewhere.
+        """
+        pipeline_id = content_id(pipeline, tensors, calibration)
+        report = None
+        providers = self.providers
+        if pipeline.precision == "int8":
+            int8, report = self._quantize(pipeline, pipeline_id, tensors, calibration)
+            model_bytes = int8.SerializeToString()
+            del int8  # the bytes are what the session and GetPipeline need
+            providers = [CPU]
+        else:
+            model_bytes = compile_pipeline(pipeline, tensors).SerializeToString()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
@@ -224,18 +252,17 @@ class SessionCache:
         )
         options.log_severity_level = 3  # onnxruntime's warnings go to our log via exceptions
         try:
-            session = ort.InferenceSession(model_bytes, options, providers=self.providers)
+            session = ort.InferenceSession(model_bytes, options, providers=providers)
         except Exception as exc:
             raise ExecutionFailed(
                 "spec", f"onnxruntime could not build the session: {exc}"
             ) from exc
-        pipeline_id = content_id(pipeline, tensors)
         placed = session.get_providers()
-        if self.providers[0] not in placed:
+        if providers[0] not in placed:
             log.warning(
                 "pipeline %s: %s unavailable for this session, running on %s",
                 pipeline_id,
-                self.providers[0],
+                providers[0],
                 placed,
             )
         return CompiledPipeline(
@@ -244,4 +271,27 @@ class SessionCache:
             session=session,
             model_bytes=model_bytes,
             runs=self.runs,
+            report=report,
         )
+
+    def _quantize(
+        self,
+        pipeline: Pipeline,
+        pipeline_id: str,
+        tensors: WeightTensors,
+        calibration: np.ndarray | None,
+    ) -> tuple[onnx.ModelProto, QuantizationReport]:
+        """The int8 model of a pipeline and its checked report, logged at INFO."""
+        # Imported here: onnxruntime's quantization tools cost a float32-only server 0.3 s.
+        from featmap.service.quantize import quantize_pipeline
+
+        quantized = quantize_pipeline(pipeline, tensors, calibration, threads=self.intra_op_threads)
+        try:
+            report = check_error(quantized.report, pipeline.int8_max_error, field="max_error")
+        except InvalidSpec:
+            log.info("pipeline %s refused: %s", pipeline_id, quantized.report.describe())
+            raise
+        log.info("pipeline %s: %s", pipeline_id, report.describe())
+        if self.providers[0] != CPU:
+            log.info("pipeline %s: int8 runs on %s, not %s", pipeline_id, CPU, self.providers[0])
+        return quantized.model, report

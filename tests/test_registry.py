@@ -390,11 +390,16 @@ class GatedCache(SessionCache):
         self.compiling = threading.Event()
         self.release = threading.Event()
 
-    def compile(self, pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> CompiledPipeline:
+    def compile(
+        self,
+        pipeline: Pipeline,
+        tensors: WeightTensors = NO_TENSORS,
+        calibration: np.ndarray | None = None,
+    ) -> CompiledPipeline:
         if not self.compiling.is_set():
             self.compiling.set()
             assert self.release.wait(timeout=30)
-        return super().compile(pipeline, tensors)
+        return super().compile(pipeline, tensors, calibration)
 
 
 def test_max_registered_pipelines_counts_registrations_in_flight() -> None:

@@ -283,6 +283,7 @@ def test_server_info(client: FeatureClient, server: FeatmapServer) -> None:
         "spec_cache_bytes": settings.spec_cache_bytes,
         "session_cache_bytes": settings.session_cache_bytes,
         "registry_bytes": settings.registry_bytes,
+        "max_calibration_images": settings.max_calibration_images,
     }
 
 

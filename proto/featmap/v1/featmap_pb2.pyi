@@ -111,7 +111,7 @@ class OutputInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[_Union[Dim, _Mapping]]] = ...) -> None: ...
 
 class RegisterPipelineRequest(_message.Message):
-    __slots__ = ("spec_json", "weights", "batching", "name", "replace")
+    __slots__ = ("spec_json", "weights", "batching", "name", "replace", "calibration")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,22 +124,52 @@ class RegisterPipelineRequest(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
     weights: _containers.MessageMap[str, Tensor]
     batching: BatchingConfig
     name: str
     replace: bool
-    def __init__(self, spec_json: _Optional[str] = ..., weights: _Optional[_Mapping[str, Tensor]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., name: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+    calibration: Tensor
+    def __init__(self, spec_json: _Optional[str] = ..., weights: _Optional[_Mapping[str, Tensor]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., name: _Optional[str] = ..., replace: _Optional[bool] = ..., calibration: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class OutputError(_message.Message):
+    __slots__ = ("output", "cosine", "max_error", "max_abs_error")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    output: str
+    cosine: float
+    max_error: float
+    max_abs_error: float
+    def __init__(self, output: _Optional[str] = ..., cosine: _Optional[float] = ..., max_error: _Optional[float] = ..., max_abs_error: _Optional[float] = ...) -> None: ...
+
+class Int8Report(_message.Message):
+    __slots__ = ("errors", "calibration_images", "synthetic_images", "cpu", "max_error_allowed")
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    errors: _containers.RepeatedCompositeFieldContainer[OutputError]
+    calibration_images: int
+    synthetic_images: int
+    cpu: str
+    max_error_allowed: float
+    def __init__(self, errors: _Optional[_Iterable[_Union[OutputError, _Mapping]]] = ..., calibration_images: _Optional[int] = ..., synthetic_images: _Optional[int] = ..., cpu: _Optional[str] = ..., max_error_allowed: _Optional[float] = ...) -> None: ...
 
 class RegisterPipelineResponse(_message.Message):
-    __slots__ = ("pipeline_id", "outputs", "name")
+    __slots__ = ("pipeline_id", "outputs", "name", "int8")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    INT8_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     outputs: _containers.RepeatedCompositeFieldContainer[OutputInfo]
     name: str
-    def __init__(self, pipeline_id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., name: _Optional[str] = ...) -> None: ...
+    int8: Int8Report
+    def __init__(self, pipeline_id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., name: _Optional[str] = ..., int8: _Optional[_Union[Int8Report, _Mapping]] = ...) -> None: ...
 
 class GetPipelineRequest(_message.Message):
     __slots__ = ("pipeline_id", "include_model")
@@ -150,7 +180,7 @@ class GetPipelineRequest(_message.Message):
     def __init__(self, pipeline_id: _Optional[str] = ..., include_model: _Optional[bool] = ...) -> None: ...
 
 class PipelineInfo(_message.Message):
-    __slots__ = ("pipeline_id", "spec_json", "outputs", "weight_names", "batching", "onnx_model", "names")
+    __slots__ = ("pipeline_id", "spec_json", "outputs", "weight_names", "batching", "onnx_model", "names", "precision", "int8")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +188,8 @@ class PipelineInfo(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     ONNX_MODEL_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    INT8_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     spec_json: str
     outputs: _containers.RepeatedCompositeFieldContainer[OutputInfo]
@@ -165,7 +197,9 @@ class PipelineInfo(_message.Message):
     batching: BatchingConfig
     onnx_model: bytes
     names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, pipeline_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., weight_names: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., onnx_model: _Optional[bytes] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+    precision: str
+    int8: Int8Report
+    def __init__(self, pipeline_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., weight_names: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., onnx_model: _Optional[bytes] = ..., names: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., int8: _Optional[_Union[Int8Report, _Mapping]] = ...) -> None: ...
 
 class ListPipelinesRequest(_message.Message):
     __slots__ = ()
@@ -240,7 +274,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters", "max_registered_pipelines", "max_kernel_size", "max_flops", "max_activation_bytes", "allow_non_finite_input", "max_queued_requests", "max_streams", "stream_idle_timeout_s", "max_spec_bytes", "spec_cache_bytes", "session_cache_bytes", "registry_bytes", "shared_memory")
+    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters", "max_registered_pipelines", "max_kernel_size", "max_flops", "max_activation_bytes", "allow_non_finite_input", "max_queued_requests", "max_streams", "stream_idle_timeout_s", "max_spec_bytes", "spec_cache_bytes", "session_cache_bytes", "registry_bytes", "shared_memory", "max_calibration_images")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +294,7 @@ class Limits(_message.Message):
     SESSION_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALIBRATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_images_per_request: int
     max_pixels_per_image: int
@@ -279,7 +314,8 @@ class Limits(_message.Message):
     session_cache_bytes: int
     registry_bytes: int
     shared_memory: bool
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_registered_pipelines: _Optional[int] = ..., max_kernel_size: _Optional[int] = ..., max_flops: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., allow_non_finite_input: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_spec_bytes: _Optional[int] = ..., spec_cache_bytes: _Optional[int] = ..., session_cache_bytes: _Optional[int] = ..., registry_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    max_calibration_images: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_registered_pipelines: _Optional[int] = ..., max_kernel_size: _Optional[int] = ..., max_flops: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., allow_non_finite_input: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_spec_bytes: _Optional[int] = ..., spec_cache_bytes: _Optional[int] = ..., session_cache_bytes: _Optional[int] = ..., registry_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., max_calibration_images: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "onnxruntime_version", "available_providers", "active_providers", "limits", "onnx_opset", "intra_op_threads", "grpc_workers", "default_batching", "spec_schema_json")
