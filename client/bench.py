@@ -399,12 +399,20 @@ def run_bench(
     job_folder: Path | None = None,
     job_images: int = 1536,
     rss_images: tuple[int, int] | None = (1000, 20000),
+    int8: bool = True,
     log: Callable[[str], None] = print,
 ) -> Report:
-    """Measure every path; see the module docstring. `service` and `job` choose sections."""
+    """Measure every path; see the module docstring. `service`, `job` and `int8` choose
+    sections (int8: the standard pipeline in int8 against float32, client/bench_int8.py)."""
     report = Report()
     if service:
         service_rows(report, threads, batch, size, seconds, clients, latency_requests, rounds, log)
+    if int8:
+        from featmap.client.bench_int8 import run_int8_bench
+
+        report.rows += run_int8_bench(
+            threads=threads, batch=batch, size=size, seconds=seconds, log=log
+        )
     if job:
         from featmap.client.bench_job import run_job_bench
 

@@ -143,6 +143,7 @@ def _bench(args: argparse.Namespace) -> int:
         job_folder=Path(args.job) if args.job else None,
         job_images=args.job_images,
         rss_images=(rss[0], rss[1]) if rss else None,
+        int8=not (only_job or args.no_int8),
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(report.table())
@@ -371,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rss-images",
         default="1000,20000",
         help="peak RSS of the job for these two counts of 64x64 JPEGs ('' to skip; 1000,20000)",
+    )
+    bench.add_argument(
+        "--no-int8",
+        action="store_true",
+        help="leave out the int8 rows (int8 vs float32: in-process, unary, stream, a job)",
     )
     bench.set_defaults(run=_bench)
 

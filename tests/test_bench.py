@@ -27,7 +27,7 @@ def test_bench_reports_every_path() -> None:
     lines: list[str] = []
     report = run_bench(
         threads=1, batch=2, size=32, seconds=0.05, clients=2, latency_requests=5, job=False,
-        log=lines.append,
+        int8=False, log=lines.append,
     )  # fmt: skip
     paths = [row.path for row in report.rows]
     triton = ["stock tritonclient (OIP ModelInfer)"] if tritonclient_python() else []
@@ -56,7 +56,7 @@ def test_bench_reports_every_path() -> None:
 def test_bench_job_section(tmp_path: Path) -> None:
     report = run_bench(
         threads=1, batch=2, size=32, seconds=0.05, rounds=1, service=False, job_images=12,
-        rss_images=(6, 12), log=lambda line: None,
+        rss_images=(6, 12), int8=False, log=lambda line: None,
     )  # fmt: skip
     paths = [row.path for row in report.rows]
     assert paths == [
