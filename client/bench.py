@@ -139,6 +139,8 @@ class Report:
             ratio("stock tritonclient -> our OIP endpoint / in-process", TRITON_ROW, 0.75),
             ratio("stream float32 / in-process", STREAM_ROW, 0.92),
             ratio("single-image clients / in-process batch", CLIENTS_ROW, 0.85),
+            # Issue 13's goal: int8 at least 1.7x float32, both in this process.
+            ratio("int8 / float32, in-process (x)", "onnxruntime in-process int8", 1.7),
         ]
         overhead = self.latency.get(OVERHEAD_P50)
         goals.append(

@@ -99,7 +99,8 @@ def run_int8_bench(
         Row(
             "onnxruntime in-process int8",
             *compare(batch, in_process_int8, in_process_float32, seconds),
-            f"vs in-process float32; CPU int8: {cpu}{without}",
+            f"CPU int8: {cpu}{without}",
+            "in-process float32",
         )
     ]
 
@@ -112,7 +113,7 @@ def run_int8_bench(
         fc.wait_ready(30)
         int8_id = fc.register(int8_pipeline)
         unary = compare(batch, lambda: fc.extract(images, int8_id), in_process_float32, seconds)
-        rows.append(Row("featmap unary int8", *unary, "vs in-process float32"))
+        rows.append(Row("featmap unary int8", *unary, "", "in-process float32"))
 
         def stream_job() -> None:
             for _ in fc.extract_stream((images for _ in range(CHUNKS_PER_STREAM)), int8_id):
@@ -129,7 +130,8 @@ def run_int8_bench(
             Row(
                 "featmap stream int8",
                 *stream,
-                f"vs in-process float32; {CHUNKS_PER_STREAM} chunks a stream",
+                f"{CHUNKS_PER_STREAM} chunks a stream",
+                "in-process float32",
             )
         )
 
@@ -146,8 +148,8 @@ def run_int8_bench(
             Row(
                 "featmap extract int8 (embedded job)",
                 *job,
-                f"vs the float32 job; {job_images} JPEGs {size}x{size}, decode and startup "
-                "included",
+                f"{job_images} JPEGs {size}x{size}, decode and startup included",
+                "the float32 job",
             )
         )
     return rows
