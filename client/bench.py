@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from featmap.client.client import FeatureClient
 from featmap.client.messages import request_for
+from featmap.contract.pixels import PIXEL_DTYPE, PIXEL_SCALE
 from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
@@ -63,8 +64,8 @@ def standard_spec(dtype: str = "float32") -> dict[str, Any]:
         }
 
     input_spec: dict[str, Any] = {"channels": 3, "dtype": dtype}
-    if dtype == "uint8":
-        input_spec["scale"] = 1 / 255
+    if dtype == PIXEL_DTYPE:
+        input_spec["scale"] = PIXEL_SCALE  # the pixel rule's own scale: the same features
     return {
         "input": input_spec,
         "layers": [
