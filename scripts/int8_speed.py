@@ -52,11 +52,19 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "chosen": Variant(DEFAULT_SETTINGS),
+    "no pooled-conv blocks": Variant(
+        dataclasses.replace(DEFAULT_SETTINGS, pooled_conv_blocks=False)
+    ),
     "no channel alignment (plain ORT)": Variant(
-        dataclasses.replace(DEFAULT_SETTINGS, align_channels=False)
+        dataclasses.replace(DEFAULT_SETTINGS, align_channels=False, pooled_conv_blocks=False)
     ),
     "first conv float": Variant(
-        dataclasses.replace(DEFAULT_SETTINGS, align_channels=False, keep_float=("conv2d_0",))
+        dataclasses.replace(
+            DEFAULT_SETTINGS,
+            align_channels=False,
+            pooled_conv_blocks=False,
+            keep_float=("conv2d_0",),
+        )
     ),
     "int8 activations": Variant(dataclasses.replace(DEFAULT_SETTINGS, activation_type="int8")),
     "int8 symmetric activations": Variant(

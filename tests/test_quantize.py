@@ -34,6 +34,7 @@ from featmap.service.quantize import (
     DEFAULT_SETTINGS,
     PRECISION_PROPERTY,
     _round_up,
+    block_kernel,
     cpu_int8_support,
     measure_error,
     output_error,
@@ -329,7 +330,9 @@ def test_the_same_calibration_gives_the_same_bytes() -> None:
 
 def test_the_rgb_first_conv_gets_four_channels() -> None:
     model = compile_pipeline(parse_pipeline(SMALL_STANDARD))
-    quantized = quantize_int8(model, synthetic_calibration(model, count=2, size=SIZE))
+    calibration = synthetic_calibration(model, count=2, size=SIZE)
+    plain = dataclasses.replace(DEFAULT_SETTINGS, pooled_conv_blocks=False)
+    quantized = quantize_int8(model, calibration, settings=plain)
     initializers = quantized.graph.initializer
     kernels = {t.name: t for t in initializers if t.name.endswith(":kernel_quantized")}
     assert list(kernels["conv2d_0:kernel_quantized"].dims) == [16, 4, 3, 3]
@@ -338,6 +341,130 @@ def test_the_rgb_first_conv_gets_four_channels() -> None:
     assert all(t.data_type == TensorProto.INT8 for t in kernels.values())
     pads = [node for node in quantized.graph.node if node.op_type == "Pad"]
     assert [node.name for node in pads] == ["conv2d_0:channel_padded"]
+    # By default the first conv and its pool run on 2x2 blocks, with the channel Pad folded in.
+    blocked = quantize_int8(model, calibration)
+    kernels = {t.name: t for t in blocked.graph.initializer}
+    assert list(kernels["conv2d_0:blocks:kernel"].dims) == [64, 16, 2, 2]
+    assert "conv2d_0:kernel_quantized" not in kernels
+    pads = [node for node in blocked.graph.node if node.op_type == "Pad"]
+    assert [node.name for node in pads] == ["conv2d_0:blocks:padded"]
+
+
+# --------------------------------------------------------------------------- 2x2 blocks
+
+POOL = {"op": "max_pool2d", "pool_size": 2}
+
+
+def direct_conv(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Integer stride-1 conv without padding: (N, C, H, W) x (M, C, kh, kw) -> (N, M, H', W')."""
+    _, _, height, width = kernel.shape
+    rows, cols = images.shape[2] - height + 1, images.shape[3] - width + 1
+    out = np.zeros((images.shape[0], kernel.shape[0], rows, cols), np.int64)
+    for ky in range(height):
+        for kx in range(width):
+            window = images[:, :, ky : ky + rows, kx : kx + cols]
+            out += np.einsum("nchw,mc->nmhw", window, kernel[:, :, ky, kx])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("channels", "kernel_size"), [(3, (3, 3)), (1, (5, 5)), (4, (2, 7)), (2, (4, 3))]
+)
+def test_a_block_kernel_sums_the_same_products(channels: int, kernel_size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(channels)
+    kernel = rng.integers(-128, 128, (5, channels, *kernel_size)).astype(np.int64)
+    images = rng.integers(0, 256, (2, channels, 18, 14)).astype(np.int64)
+    expected = direct_conv(images, kernel)
+    # The same images as 2x2 blocks, each block's pixels as channels in (sy, sx, c) order.
+    n, c, h, w = images.shape
+    blocks = images.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 3, 5, 1, 2, 4)
+    blocks = blocks.reshape(n, 4 * c, h // 2, w // 2)
+    got = direct_conv(blocks, block_kernel(kernel))
+    rows, cols = got.shape[2:]
+    for dy in range(2):
+        for dx in range(2):
+            group = got[:, (2 * dy + dx) * 5 : (2 * dy + dx + 1) * 5]
+            want = expected[:, :, dy : dy + 2 * rows : 2, dx : dx + 2 * cols : 2]
+            np.testing.assert_array_equal(group[:, :, : want.shape[2], : want.shape[3]], want)
+
+
+BLOCK_SPECS: dict[str, dict[str, Any]] = {
+    "standard": SMALL_STANDARD,
+    "valid_bias": {
+        "input": {"channels": 3},
+        "layers": [
+            conv(8, padding="valid", bias={"init": "glorot_uniform", "seed": 2}),
+            {"op": "relu"},
+            {"op": "max_pool2d", "pool_size": 2},
+            {"op": "global_avg_pool2d"},
+        ],
+    },
+    "grey_5x5_uneven_pads_no_relu": {
+        "input": {"channels": 1},
+        "layers": [
+            conv(16, kernel_size=5, padding=[2, 1, 0, 2]),
+            {"op": "max_pool2d", "pool_size": 2},
+        ],
+    },
+    "rgba_4x2": {
+        "input": {"channels": 4, "dtype": "uint8", "layout": "NHWC", "scale": 1 / 255},
+        "layers": [
+            conv(16, kernel_size=[4, 2]),
+            {"op": "relu"},
+            {"op": "max_pool2d", "pool_size": 2},
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCK_SPECS))
+def test_convs_on_blocks_give_the_same_bytes(name: str) -> None:
+    model = compile_pipeline(parse_pipeline(BLOCK_SPECS[name]))
+    calibration = synthetic_calibration(model, count=4, size=SIZE)
+    blocked = quantize_int8(model, calibration)
+    plain = quantize_int8(
+        model, calibration, settings=dataclasses.replace(DEFAULT_SETTINGS, pooled_conv_blocks=False)
+    )
+    assert [n.op_type for n in blocked.graph.node].count("NhwcMaxPool") == 1
+    assert "NhwcMaxPool" not in [n.op_type for n in plain.graph.node]
+    # Even and odd sizes: the bottom/right pad is computed per call (a crop for some).
+    for size in [SIZE, (15, 17), (9, 8), (6, 7)]:
+        images = synthetic_calibration(model, count=3, size=size, seed=sum(size))
+        got, want = run_model(blocked, images), run_model(plain, images)
+        assert sorted(got) == sorted(want)
+        for output in want:
+            np.testing.assert_array_equal(got[output], want[output], err_msg=f"{output} at {size}")
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        [conv(16, stride=2), POOL],
+        [conv(16, dilation=2), POOL],
+        [conv(16), {"op": "max_pool2d", "pool_size": 3}],
+        [conv(16), {"op": "max_pool2d", "pool_size": 2, "stride": 1}],
+        [conv(16), {"op": "max_pool2d", "pool_size": 2, "ceil_mode": True}],
+        [conv(16), {"op": "leaky_relu", "alpha": 0.1}, POOL],
+        [conv(16), {"op": "relu"}, conv(16), POOL],  # 16 input channels: the MACs would cost
+    ],
+    ids=["stride2", "dilated", "pool3", "pool_stride1", "ceil", "leaky", "wide_input"],
+)
+def test_convs_that_stay_as_they_are(layers: list[dict[str, Any]]) -> None:
+    spec = {"input": {"channels": 3}, "layers": layers}
+    model = compile_pipeline(parse_pipeline(spec))
+    quantized = quantize_int8(model, synthetic_calibration(model, count=2, size=SIZE))
+    assert not [node.name for node in quantized.graph.node if ":blocks" in node.name]
+
+
+def test_a_tapped_conv_output_stays_as_it_is() -> None:
+    spec = {
+        "input": {"channels": 3},
+        "layers": [conv(16), {"op": "relu"}, POOL],
+        "outputs": ["conv2d_0", "max_pool2d_2"],
+    }
+    model = compile_pipeline(parse_pipeline(spec))
+    quantized = quantize_int8(model, synthetic_calibration(model, count=2, size=SIZE))
+    assert not [node.name for node in quantized.graph.node if ":blocks" in node.name]
 
 
 def fused_op_types(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
@@ -350,7 +477,6 @@ def fused_op_types(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
     return [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
 
 
-POOL = {"op": "max_pool2d", "pool_size": 2}
 # (layers after a 16-filter conv, outputs, what onnxruntime runs in integers, what stays float)
 OP_CASES: dict[str, tuple[list[dict[str, Any]], list[str] | None, set[str], set[str]]] = {
     "conv": ([], None, {"QLinearConv"}, set()),
@@ -375,7 +501,9 @@ OP_CASES: dict[str, tuple[list[dict[str, Any]], list[str] | None, set[str], set[
     "relu_folds_into_the_conv": ([{"op": "relu"}], None, {"QLinearConv"}, set()),
     "relu_after_a_tapped_conv": ([{"op": "relu"}], ["conv2d_0", "relu_1"], set(), {"Relu"}),
     "leaky_relu": ([{"op": "leaky_relu", "alpha": 0.2}], None, {"QLinearLeakyRelu"}, set()),
-    "max_pool": ([POOL], None, {"MaxPool"}, set()),
+    # After the first (few-channel) conv: on 2x2 blocks, the pool a max over channel groups.
+    "max_pool": ([POOL], None, {"QLinearConv", "NhwcMaxPool"}, set()),
+    "max_pool_after_a_wide_conv": ([conv(16), POOL], None, {"MaxPool"}, set()),
     "max_pool_padded_ceil": (
         [{"op": "max_pool2d", "pool_size": 3, "stride": 2, "padding": 1, "ceil_mode": True}],
         None,
