@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -12,20 +13,27 @@ from featmap.service.weights import check_tensors
 
 
 def export_onnx(
-    pipeline: Pipeline, path: str | Path, tensors: WeightTensors = NO_TENSORS
+    pipeline: Pipeline,
+    path: str | Path,
+    tensors: WeightTensors = NO_TENSORS,
+    *,
+    standard_ops: bool = False,
 ) -> onnx.ModelProto:
     """Compile the pipeline (as the server does), check the model and write it to `path`.
 
     An int8 pipeline is quantized on the synthetic calibration images, as the server does for
-    an inline spec. InvalidSpec/InvalidTensor when the spec's {"tensor": NAME} weights are
-    missing or wrong.
+    an inline spec; with `standard_ops`, without the onnxruntime contrib ops the server's int8
+    model may hold (the same numbers on onnxruntime; other runtimes can load it).
+    InvalidSpec/InvalidTensor when the spec's {"tensor": NAME} weights are missing or wrong.
     """
     # Checked first: compile_pipeline trusts that RegisterPipeline already checked them.
     checked = check_tensors(pipeline, tensors)
     if pipeline.precision == "int8":
-        from featmap.service.quantize import quantize_pipeline  # 0.3 s: only when needed
+        # 0.3 s: only when needed
+        from featmap.service.quantize import DEFAULT_SETTINGS, quantize_pipeline
 
-        model = quantize_pipeline(pipeline, checked).model
+        settings = replace(DEFAULT_SETTINGS, pooled_conv_blocks=not standard_ops)
+        model = quantize_pipeline(pipeline, checked, settings=settings).model
     else:
         model = compile_pipeline(pipeline, checked)
     onnx.checker.check_model(model, full_check=True)

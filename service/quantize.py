@@ -995,6 +995,7 @@ def quantize_pipeline(
     calibration: np.ndarray | None = None,
     *,
     threads: int = 0,
+    settings: Int8Settings = DEFAULT_SETTINGS,
 ) -> QuantizedModel:
     """A pipeline's compiled graph quantized to int8, with its report (not yet checked).
 
@@ -1004,7 +1005,11 @@ def quantize_pipeline(
     """
     pixel_max = 255.0 if pipeline.input.scale is not None else None
     quantized = quantize_with_report(
-        compile_pipeline(pipeline, tensors), calibration, pixel_max=pixel_max, threads=threads
+        compile_pipeline(pipeline, tensors),
+        calibration,
+        pixel_max=pixel_max,
+        threads=threads,
+        settings=settings,
     )
     properties = {p.key: p.value for p in quantized.model.metadata_props}
     properties["featmap.pipeline_id"] = content_id(pipeline, tensors, calibration)

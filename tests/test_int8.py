@@ -55,7 +55,7 @@ from featmap.v1 import featmap_pb2_grpc as pb_grpc
 from tests.conftest import README_SPEC
 from tests.test_attacks import measure_session
 from tests.test_oip import decoded, infer_request
-from tests.test_quantize import assert_within_reported
+from tests.test_quantize import SMALL_STANDARD, assert_within_reported
 
 # Two conv blocks and a global average; the first block's activations are a tap, so the report
 # has a full-resolution output and a pooled one.
@@ -475,6 +475,27 @@ def test_export_onnx_writes_what_the_server_runs(tmp_path: Path) -> None:
     model = export_onnx(PIPELINE, tmp_path / "int8.onnx")
     served = SessionCache(1, [CPU], 1).compile(PIPELINE)
     assert (tmp_path / "int8.onnx").read_bytes() == model.SerializeToString() == served.model_bytes
+
+
+def test_export_onnx_standard_ops_gives_the_same_numbers(tmp_path: Path) -> None:
+    # PIPELINE taps its first block's ReLU: that conv stays off the 2x2 blocks.
+    pipeline = parse_pipeline({**SMALL_STANDARD, "precision": "int8"})
+    served = export_onnx(pipeline, tmp_path / "int8.onnx")
+    assert "com.microsoft" in {node.domain for node in served.graph.node}  # the 2x2 blocks
+    spec = tmp_path / "int8.json"
+    spec.write_text(json.dumps({**SMALL_STANDARD, "precision": "int8"}))
+    portable = tmp_path / "portable.onnx"
+    argv = ["export-onnx", "--pipeline", str(spec), "-o", str(portable), "--standard-ops"]
+    assert main(argv) == 0
+    standard = onnx.load(str(portable))
+    assert {node.domain for node in standard.graph.node} == {""}
+    assert {p.key: p.value for p in standard.metadata_props} == {
+        p.key: p.value for p in served.metadata_props
+    }
+    images = calibration_images(count=3, size=18, seed=5)
+    want, got = run_model(served, images), run_model(standard, images)
+    for name in pipeline.output_names:
+        np.testing.assert_array_equal(got[name], want[name])
 
 
 def test_bench_int8_rows() -> None:
