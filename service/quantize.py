@@ -508,7 +508,9 @@ def _block_conv_nodes(
     Pad (the conv's own top/left padding, the channel alignment, and at the bottom/right what
     makes whole blocks: computed from the input's size, which the model leaves dynamic) ->
     NHWC -> 2x2 blocks as channels -> QLinearConv -> the max over each block's four pixels
-    (NhwcMaxPool over the four channel groups) -> NCHW.
+    (NhwcMaxPool over the four channel groups) -> NCHW. For every image size the contract
+    admits (each layer's output at least one pixel: layer_costs); below that onnxruntime
+    refuses the block conv where the plain graph would pool an empty map.
     """
     filters, channels, height, width = chain.kernel.shape
     top, left, bottom, right = chain.pads
