@@ -352,6 +352,8 @@ BLOCK_CONV_MAX_CHANNELS = CONV_CHANNEL_MULTIPLE
 # block kernel (7x the weights for 3x3; at most 256 KiB, twice that once onnxruntime has
 # packed it) stays within the 1 MiB a kept int8 session is charged beyond its 2 bytes a weight.
 BLOCK_CONV_MAX_FILTERS = 256
+# Kernel heights and widths: a 1x1 conv would do 4x the multiply-adds (no taps to share
+# between a block's pixels); past 7 the kernel is no longer the cheap part.
 BLOCK_CONV_KERNELS = range(2, 8)
 CONTRIB_DOMAIN = "com.microsoft"
 
