@@ -212,7 +212,13 @@ def _export_onnx(args: argparse.Namespace) -> int:
     pipeline = _load_pipeline(args.pipeline)
     tensors = _load_weights(args.weights)
     try:
-        export_onnx(pipeline, args.output, tensors, standard_ops=args.standard_ops)
+        export_onnx(
+            pipeline,
+            args.output,
+            tensors,
+            standard_ops=args.standard_ops,
+            weight_bits=None if args.int8_weights == "this-cpu" else int(args.int8_weights),  # type: ignore[arg-type]
+        )
     except FeatmapError as exc:  # e.g. weights named as tensors that only RegisterPipeline has
         raise UsageError(str(exc)) from None
     except OSError as exc:
@@ -409,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="int8: standard ONNX ops only (QDQ), for runtimes other than onnxruntime; "
         "the same numbers on onnxruntime, a little slower",
+    )
+    export.add_argument(
+        "--int8-weights",
+        choices=["7", "8", "this-cpu"],
+        default="7",
+        help="int8: 7-bit weights (default) are exact on every CPU; 8-bit ones only on CPUs "
+        "with int8 dot products (VNNI, AMX, ARM dotprod), elsewhere they saturate; this-cpu: "
+        "what a server on this machine runs",
     )
     export.set_defaults(run=_export_onnx)
 

@@ -129,7 +129,12 @@ def format_int8(report: QuantizationReport, refusal: str | None = None) -> str:
         *(line(row) for row in rows),
         rule.replace("-", "="),
         verdict,
-        f"CPU int8 dot products: {report.cpu}",
+        f"CPU int8 dot products: {report.cpu}; weights: {report.weight_bits}-bit "
+        + (
+            "(summed exactly by those dot products)"
+            if report.weight_bits == 8
+            else "(exact on every CPU; 8-bit ones would saturate without int8 dot products)"
+        ),
     ]
     return "\n".join(parts) + "\n"
 

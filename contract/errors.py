@@ -11,6 +11,7 @@
     ├── LimitExceeded             RESOURCE_EXHAUSTED; a configured limit, with limit and value
     │   └── Busy                  RESOURCE_EXHAUSTED, retryable; a budget held by work in flight
     ├── StreamIdle                DEADLINE_EXCEEDED; no stream message within the idle timeout
+    ├── Unsupported               FAILED_PRECONDITION; this machine cannot run it as asked
     ├── ExecutionFailed           INTERNAL; onnxruntime failed to build or run a session
     ├── Unavailable               UNAVAILABLE; the server is shutting down: retry elsewhere
     └── Abandoned                 the caller stopped waiting before the work started
@@ -114,6 +115,10 @@ class StreamIdle(FeatmapError):
     """A stream sent no message within the server's idle timeout, so the server ended it."""
 
 
+class Unsupported(FeatmapError):
+    """This machine cannot run the request as asked (an int8 model made for another CPU)."""
+
+
 class ExecutionFailed(FeatmapError):
     """onnxruntime failed to build or run a session."""
 
@@ -146,6 +151,7 @@ STATUS_CODES: dict[type[FeatmapError], grpc.StatusCode] = {
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
     ExecutionFailed: grpc.StatusCode.INTERNAL,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Abandoned: grpc.StatusCode.CANCELLED,

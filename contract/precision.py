@@ -38,13 +38,17 @@ class QuantizationReport:
 
     The errors are measured on the user's calibration images (what they will send), or on the
     synthetic ones when there are none; the ranges come from both (quantize_with_report).
-    `max_error_allowed` is the threshold check_error passed it against (None: not checked).
+    `cpu` is the quantizing CPU's int8 dot-product features ("none" without), `weight_bits`
+    the weights it chose for them: 8 where dot products sum every product exactly, 7 elsewhere
+    (exact on every CPU). `max_error_allowed` is the threshold check_error passed it against
+    (None: not checked).
     """
 
     errors: Mapping[str, OutputError]
     calibration_images: int
     synthetic_images: int
     cpu: str
+    weight_bits: int
     max_error_allowed: float | None = None
 
     @property
@@ -76,7 +80,7 @@ class QuantizationReport:
         )
         return (
             f"int8 vs float32 on {self.measured_on}: {outputs} (ranges from {ranges} images; "
-            f"CPU int8: {self.cpu}{allowed})"
+            f"CPU int8: {self.cpu}, {self.weight_bits}-bit weights{allowed})"
         )
 
 
@@ -119,6 +123,7 @@ def report_message(report: QuantizationReport) -> pb.Int8Report:
         calibration_images=report.calibration_images,
         synthetic_images=report.synthetic_images,
         cpu=report.cpu,
+        weight_bits=report.weight_bits,
         max_error_allowed=report.max_error_allowed or 0.0,
     )
 
@@ -133,5 +138,6 @@ def report_from_message(message: pb.Int8Report) -> QuantizationReport:
         calibration_images=message.calibration_images,
         synthetic_images=message.synthetic_images,
         cpu=message.cpu,
+        weight_bits=message.weight_bits,
         max_error_allowed=message.max_error_allowed or None,
     )

@@ -29,10 +29,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from featmap.client.bench import standard_spec
 from featmap.contract.spec import parse_pipeline
 from featmap.service.graph import INPUT_NAME, compile_pipeline
+from featmap.service.int8_cpu import DEFAULT_SETTINGS, Int8Settings, cpu_int8_support
 from featmap.service.quantize import (
-    DEFAULT_SETTINGS,
-    Int8Settings,
-    cpu_int8_support,
     measure_error,
     quantize_with_report,
     run_model,
@@ -70,9 +68,9 @@ VARIANTS: dict[str, Variant] = {
     "int8 symmetric activations": Variant(
         dataclasses.replace(DEFAULT_SETTINGS, activation_type="int8", symmetric_activations=True)
     ),
-    "reduce_range (7-bit weights)": Variant(
-        dataclasses.replace(DEFAULT_SETTINGS, reduce_range=True)
-    ),
+    # The chosen weights follow the CPU (8-bit with int8 dot products, else 7-bit): both here.
+    "7-bit weights": Variant(dataclasses.replace(DEFAULT_SETTINGS, weight_bits=7)),
+    "8-bit weights": Variant(dataclasses.replace(DEFAULT_SETTINGS, weight_bits=8)),
     "per-tensor weights": Variant(dataclasses.replace(DEFAULT_SETTINGS, per_channel=False)),
     "QOperator format": Variant(dataclasses.replace(DEFAULT_SETTINGS, quant_format="qoperator")),
     "chosen, spinning threads": Variant(DEFAULT_SETTINGS, spinning=True),

@@ -18,9 +18,12 @@ weights, uint8 activations calibrated by min/max over the calibration images. Wh
   (_pooled_convs_on_blocks): the same integers and bytes out, the block in ~0.6x the time. The
   model then holds onnxruntime contrib ops (com.microsoft QLinearConv, NhwcMaxPool), which
   int8 sessions run anyway: they are CPU-only.
-- The calibrated ranges get HEADROOM and are rounded up to a coarse grid before the scales are
-  chosen: images a little brighter or sharper than the calibration set are not clipped, and
-  last-bit differences between CPUs' float32 calibration runs give the same bytes.
+- The calibrated ranges get headroom (Int8Settings) and are rounded up to a coarse grid
+  before the scales are chosen: images a little brighter or sharper than the calibration set
+  are not clipped, and last-bit differences between CPUs' float32 calibration runs give the
+  same bytes.
+- The weights are 8-bit where the CPU has int8 dot products and 7-bit elsewhere, where 8-bit
+  products saturate (featmap.service.int8_cpu).
 
 The error is measured, never promised: `quantize_with_report` runs both models on the
 calibration images and `measure_error` compares them output by output (batch by batch:
@@ -33,12 +36,11 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
@@ -62,6 +64,13 @@ from featmap.contract.limits import (
 from featmap.contract.precision import OutputError, QuantizationReport
 from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
 from featmap.service.graph import compile_pipeline
+from featmap.service.int8_cpu import (
+    DEFAULT_SETTINGS,
+    WEIGHT_BITS_PROPERTY,
+    Int8Settings,
+    check_runs_here,
+    cpu_int8_support,
+)
 from featmap.service.weights import uniform
 
 # Ops quantized to int8/uint8; every other op keeps float32 (see the module docstring).
@@ -81,11 +90,8 @@ QUANTIZED_OP_TYPES = (
 # does not depend on how the images are batched, and small batches bound the calibration
 # session's memory whatever the number of images). The contract's memory estimates count them.
 DEFAULT_CALIBRATION_IMAGES = SYNTHETIC_CALIBRATION
-# Calibrated ranges are widened by this factor: without it, images slightly beyond the
-# calibration set clip, and the error on them is many times the measured one
-# (scripts/int8_speed.py --calibration).
-HEADROOM = 1.25
-# ... and rounded up to this many significant bits (at most 1/128 wider).
+# Calibrated ranges, widened by Int8Settings.headroom, are rounded up to this many significant
+# bits (at most 1/128 wider).
 RANGE_BITS = 8
 # MLAS's symmetric int8 conv kernels take input channels in multiples of this, and at least 16
 # filters in multiples of 8 (AVX2; 4 on AVX-512).
@@ -94,7 +100,6 @@ CONV_MIN_FILTERS = 16
 CONV_FILTER_MULTIPLE = 8
 PRECISION_PROPERTY = "featmap.precision"
 
-ActivationType = Literal["uint8", "int8"]
 _ACTIVATION_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 _FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 _INPUT_DTYPES: dict[int, np.dtype[Any]] = {
@@ -102,38 +107,6 @@ _INPUT_DTYPES: dict[int, np.dtype[Any]] = {
     TensorProto.FLOAT16: np.dtype(np.float16),
     TensorProto.UINT8: np.dtype(np.uint8),
 }
-# CPU flags (Linux /proc/cpuinfo) that give onnxruntime fast int8 dot products, best first.
-INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "i8mm", "asimddp")
-
-
-@dataclass(frozen=True)
-class Int8Settings:
-    """How quantize_int8 quantizes; the defaults are the fastest accurate choice measured here.
-
-    scripts/int8_speed.py times each alternative against them.
-    """
-
-    # uint8 is asymmetric (a ReLU's [0, max] uses all 256 levels) and has onnxruntime's fast
-    # x86 conv kernels; int8 activations ran at 0.6x float32 here.
-    activation_type: ActivationType = "uint8"
-    # Symmetric activations waste half the levels after a ReLU, and run slower here.
-    symmetric_activations: bool = False
-    # One scale per filter: filters' ranges differ, and it measured as fast as one per tensor.
-    per_channel: bool = True
-    # 7-bit weights: for CPUs without VNNI, whose u8*s8 pair sums can saturate int16.
-    reduce_range: bool = False
-    # QDQ is what onnxruntime's CPU provider fuses into integer kernels; QOperator is older.
-    quant_format: Literal["qdq", "qoperator"] = "qdq"
-    # Zero-pad dense convs' input channels to CONV_CHANNEL_MULTIPLE (the RGB first layer).
-    align_channels: bool = True
-    # Run few-channel convs followed by a 2x2 max pool on 2x2 blocks (the RGB first layer).
-    pooled_conv_blocks: bool = True
-    # Node names (= layer names) to keep float32, on top of those that must (_float_nodes).
-    keep_float: tuple[str, ...] = ()
-    headroom: float = HEADROOM
-
-
-DEFAULT_SETTINGS = Int8Settings()
 
 
 @dataclass(frozen=True)
@@ -144,25 +117,21 @@ class QuantizedModel:
     report: QuantizationReport
 
 
-def cpu_int8_support(cpuinfo: str | None = None) -> str:
-    """The CPU's int8 dot-product features, e.g. "amx_int8 avx512_vnni", or "none".
+def model_properties(model: onnx.ModelProto) -> dict[str, str]:
+    """A model's metadata properties."""
+    return {p.key: p.value for p in model.metadata_props}
 
-    `cpuinfo` is /proc/cpuinfo's text (read when None); where there is none (not Linux), the
-    answer is "unknown (<machine>)".
+
+def check_int8_model_runs_here(model: onnx.ModelProto) -> None:
+    """Unsupported when an int8 model's weights would be inexact on this CPU (check_runs_here).
+
+    A model quantized here always runs here; one quantized elsewhere (read from a file or a
+    store) may hold 8-bit weights that this CPU's kernels saturate. A model without the
+    property is float32, or was not made by featmap.
     """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return f"unknown ({platform.machine() or 'machine'})"
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        # x86 says "flags", ARM says "Features"; every core repeats them.
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    present = [flag for flag in INT8_CPU_FLAGS if flag in flags]
-    return " ".join(present) if present else "none"
+    weight_bits = model_properties(model).get(WEIGHT_BITS_PROPERTY)
+    if weight_bits is not None:
+        check_runs_here(int(weight_bits))
 
 
 def _input_info(model: onnx.ModelProto) -> tuple[str, np.dtype[Any], list[int]]:
@@ -691,13 +660,15 @@ def quantize_int8(
         model: a compiled pipeline (one input, float32 outputs); it is not modified.
         calibration: a batch of images as the model's input takes them (dtype, layout), or
             several batches (each may have its own image size): the ranges cover them all.
-        settings: how to quantize; the defaults are the measured best here.
+        settings: how to quantize; the defaults are the measured best here, with the
+            weight bits this CPU computes exactly (Int8Settings.for_cpu).
 
     Returns:
-        A model with the same input and outputs and the metadata property
-        featmap.precision=int8. The same model, images, settings and onnxruntime version give
-        the same bytes.
+        A model with the same input and outputs and the metadata properties
+        featmap.precision=int8 and featmap.int8_weight_bits. The same model, images, settings
+        (weight bits decided) and onnxruntime version give the same bytes.
     """
+    settings = settings.for_cpu()
     image_sets = [calibration] if isinstance(calibration, np.ndarray) else list(calibration)
     if not image_sets:
         raise InvalidTensor("calibration", "no calibration images")
@@ -712,7 +683,8 @@ def quantize_int8(
         "op_types_to_quantize": list(QUANTIZED_OP_TYPES),
         "nodes_to_exclude": [*_float_nodes(prepared), *settings.keep_float],
         "per_channel": settings.per_channel,
-        "reduce_range": settings.reduce_range,
+        # onnxruntime's reduce_range is 7-bit weights (activations keep their 8 bits).
+        "reduce_range": settings.weight_bits == 7,
         "activation_type": _ACTIVATION_TYPES[settings.activation_type],
         "weight_type": QuantType.QInt8,
         "calibrate_method": CalibrationMethod.MinMax,
@@ -756,8 +728,9 @@ def quantize_int8(
     quantized = _pad_after_quantize(_shapes_from_quantized(quantized))
     if settings.pooled_conv_blocks:
         quantized = _pooled_convs_on_blocks(quantized)
-    properties = {p.key: p.value for p in quantized.metadata_props}
+    properties = model_properties(quantized)
     properties[PRECISION_PROPERTY] = "int8"
+    properties[WEIGHT_BITS_PROPERTY] = str(settings.weight_bits)
     helper.set_model_props(quantized, dict(sorted(properties.items())))
     return quantized
 
@@ -989,6 +962,7 @@ def quantize_with_report(
         calibration_images=0 if calibration is None else len(calibration),
         synthetic_images=0 if synthetic is None else len(synthetic),
         cpu=cpu_int8_support(),
+        weight_bits=int(model_properties(quantized)[WEIGHT_BITS_PROPERTY]),
     )
     return QuantizedModel(model=quantized, report=report)
 
@@ -1015,7 +989,7 @@ def quantize_pipeline(
         threads=threads,
         settings=settings,
     )
-    properties = {p.key: p.value for p in quantized.model.metadata_props}
+    properties = model_properties(quantized.model)
     properties["featmap.pipeline_id"] = content_id(pipeline, tensors, calibration)
     helper.set_model_props(quantized.model, dict(sorted(properties.items())))
     return quantized

@@ -283,9 +283,10 @@ class SessionCache:
     ) -> tuple[onnx.ModelProto, QuantizationReport]:
         """The int8 model of a pipeline and its checked report, logged at INFO."""
         # Imported here: onnxruntime's quantization tools cost a float32-only server 0.3 s.
-        from featmap.service.quantize import quantize_pipeline
+        from featmap.service.quantize import check_int8_model_runs_here, quantize_pipeline
 
         quantized = quantize_pipeline(pipeline, tensors, calibration, threads=self.intra_op_threads)
+        check_int8_model_runs_here(quantized.model)
         try:
             report = check_error(quantized.report, pipeline.int8_max_error, field="max_error")
         except InvalidSpec:

@@ -25,7 +25,7 @@ from featmap.client.cli import main
 from featmap.client.export_onnx import export_onnx
 from featmap.client.extract import EmbeddedRunner
 from featmap.client.ray import FeatureExtractor
-from featmap.contract.errors import InvalidSpec, InvalidTensor, LimitExceeded
+from featmap.contract.errors import InvalidSpec, InvalidTensor, LimitExceeded, Unsupported
 from featmap.contract.limits import (
     DEFAULT_LIMITS,
     RequestLimits,
@@ -41,9 +41,17 @@ from featmap.contract.precision import (
 from featmap.contract.spec import DEFAULT_MAX_ERROR, Pipeline, content_id, parse_pipeline
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from featmap.service.graph import compile_pipeline
+from featmap.service.int8_cpu import (
+    WEIGHT_BITS_PROPERTY,
+    cpu_int8_support,
+    has_int8_dot_products,
+    weight_bits_for,
+)
 from featmap.service.quantize import (
     ErrorMeasure,
+    check_int8_model_runs_here,
     measure_error,
+    model_properties,
     quantize_pipeline,
     run_model,
     synthetic_calibration,
@@ -285,6 +293,8 @@ def test_register_response_carries_the_report(
         response = pb_grpc.FeatureExtractorStub(channel).RegisterPipeline(request, timeout=60)
     assert report_from_message(response.int8) == report
     assert response.int8.cpu and response.int8.max_error_allowed == DEFAULT_MAX_ERROR
+    # The weights the server's CPU computes exactly, said in the reply (and so by GetPipeline).
+    assert response.int8.weight_bits == weight_bits_for(cpu_int8_support()) == report.weight_bits
 
 
 def test_too_large_an_error_is_refused(
@@ -457,6 +467,7 @@ def test_featmap_summary(pngs: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert row.split()[1:3] == [f"{report.errors['features'].cosine:.6f}",
                                 f"{report.errors['features'].max_error:.2%}"]  # fmt: skip
     assert "Within max_error=5.00%" in out
+    assert f"CPU int8 dot products: {report.cpu}; weights: {report.weight_bits}-bit" in out
     strict = tmp_path / "strict.json"
     strict.write_text(json.dumps({**SPEC, "max_error": 1e-6}))
     args = ["summary", "--pipeline", str(strict), "--calibrate", str(pngs), "--input-size", "24"]
@@ -472,9 +483,31 @@ def test_featmap_summary(pngs: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_export_onnx_writes_what_the_server_runs(tmp_path: Path) -> None:
-    model = export_onnx(PIPELINE, tmp_path / "int8.onnx")
+    model = export_onnx(PIPELINE, tmp_path / "int8.onnx", weight_bits=None)
     served = SessionCache(1, [CPU], 1).compile(PIPELINE)
     assert (tmp_path / "int8.onnx").read_bytes() == model.SerializeToString() == served.model_bytes
+    spec = tmp_path / "int8.json"
+    spec.write_text(json.dumps(PIPELINE.model_dump(mode="json")))
+    argv = ["export-onnx", "--pipeline", str(spec), "-o", str(tmp_path / "here.onnx")]
+    assert main([*argv, "--int8-weights", "this-cpu"]) == 0
+    assert (tmp_path / "here.onnx").read_bytes() == served.model_bytes
+
+
+@pytest.mark.parametrize("bits", [None, 7, 8], ids=["default", "7", "8"])
+def test_an_exported_int8_model_says_its_weights(tmp_path: Path, bits: int | None) -> None:
+    # A file travels to CPUs of either class: by default its weights are exact on all of them.
+    spec = tmp_path / "int8.json"
+    spec.write_text(json.dumps(PIPELINE.model_dump(mode="json")))
+    path = tmp_path / "int8.onnx"
+    argv = ["export-onnx", "--pipeline", str(spec), "-o", str(path)]
+    assert main(argv if bits is None else [*argv, "--int8-weights", str(bits)]) == 0
+    model = onnx.load(str(path))
+    assert model_properties(model)[WEIGHT_BITS_PROPERTY] == str(bits or 7)
+    if bits == 8 and not has_int8_dot_products(cpu_int8_support()):
+        with pytest.raises(Unsupported):
+            check_int8_model_runs_here(model)
+    else:
+        check_int8_model_runs_here(model)
 
 
 def test_export_onnx_standard_ops_gives_the_same_numbers(tmp_path: Path) -> None:

@@ -26,17 +26,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
-from featmap.contract.errors import InvalidSpec, InvalidTensor
+from featmap.contract.errors import InvalidSpec, InvalidTensor, Unsupported
 from featmap.contract.precision import OutputError, QuantizationReport, check_error
 from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.service.graph import compile_pipeline
-from featmap.service.quantize import (
+from featmap.service.int8_cpu import (
+    CPU_OVERRIDE_VARIABLE,
     DEFAULT_SETTINGS,
+    WEIGHT_BITS_PROPERTY,
+    check_runs_here,
+    cpu_int8_support,
+    weight_bits_for,
+)
+from featmap.service.quantize import (
     PRECISION_PROPERTY,
     _round_up,
     block_kernel,
-    cpu_int8_support,
     measure_error,
+    model_properties,
     output_error,
     quantize_int8,
     quantize_with_report,
@@ -143,6 +150,7 @@ def report_with(**errors: float) -> QuantizationReport:
         calibration_images=4,
         synthetic_images=16,
         cpu="none",
+        weight_bits=7,
     )
 
 
@@ -202,6 +210,87 @@ def test_cpu_int8_support(cpuinfo: str, expected: str) -> None:
 
 def test_cpu_int8_support_reads_this_machine() -> None:
     assert cpu_int8_support()  # some words, whatever the machine
+
+
+AVX2_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c bmi2\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "bits"),
+    [
+        (X86_CPUINFO, 8),
+        ("flags\t: fpu sse2 avx2 avx_vnni\n", 8),
+        ("flags\t: fpu sse2 avx2 avx512f avx512_vnni\n", 8),
+        (AVX2_CPUINFO, 7),
+        ("Features\t: fp asimd evtstrm asimddp\n", 8),
+        ("Features\t: fp asimd evtstrm\n", 7),
+        ("", 7),
+    ],
+    ids=["amx", "avx_vnni", "avx512_vnni", "avx2_only", "arm_dotprod", "arm_plain", "empty"],
+)
+def test_the_weight_bits_follow_the_cpu(cpuinfo: str, bits: int) -> None:
+    # Whatever CPU runs the tests: the choice is a function of the CPU's features.
+    support = cpu_int8_support(cpuinfo)
+    assert weight_bits_for(support) == bits
+    assert DEFAULT_SETTINGS.for_cpu(support).weight_bits == bits
+    assert dataclasses.replace(DEFAULT_SETTINGS, weight_bits=7).for_cpu(support).weight_bits == 7
+    assert weight_bits_for("unknown (arm64)") == 7  # no /proc/cpuinfo: the exact-everywhere form
+
+
+def test_the_override_names_the_cpu_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CPU_OVERRIDE_VARIABLE, "none")
+    assert cpu_int8_support() == "none" and DEFAULT_SETTINGS.for_cpu().weight_bits == 7
+    monkeypatch.setenv(CPU_OVERRIDE_VARIABLE, "avx2,avx512_vnni")
+    assert cpu_int8_support() == "avx512_vnni" and DEFAULT_SETTINGS.for_cpu().weight_bits == 8
+
+
+@pytest.mark.parametrize("cpu", ["none", "avx512_vnni"], ids=["no_dot_products", "dot_products"])
+def test_the_quantizer_chooses_for_the_cpu_and_says_so(
+    cpu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CPU_OVERRIDE_VARIABLE, cpu)
+    bits = weight_bits_for(cpu)
+    model = compile_pipeline(parse_pipeline({"input": {"channels": 3}, "layers": [conv(16)]}))
+    quantized = quantize_with_report(model, synthetic_calibration(model, count=2, size=SIZE))
+    assert model_properties(quantized.model)[WEIGHT_BITS_PROPERTY] == str(bits)
+    assert (quantized.report.cpu, quantized.report.weight_bits) == (cpu, bits)
+    assert f"CPU int8: {cpu}, {bits}-bit weights" in quantized.report.describe()
+    # 7-bit weights lie in [-64, 64] (255 * 64 * 2 < 2**15); 8-bit ones reach -127 or 127.
+    kernels = np.concatenate(
+        [
+            numpy_helper.to_array(tensor).ravel().astype(np.int32)
+            for tensor in quantized.model.graph.initializer
+            if tensor.data_type == TensorProto.INT8 and len(tensor.dims) == 4
+        ]
+    )
+    assert np.abs(kernels).max() == (64 if bits == 7 else 127)
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_both_cpu_classes_settings_stay_within_their_report_here(bits: int) -> None:
+    # The settings each CPU class gets, run on this machine's kernels: 8-bit weights on a CPU
+    # without dot products saturate, and the report measured here says so (it is never
+    # promised from another machine); 7-bit weights are exact on every CPU.
+    pipeline = parse_pipeline(SMALL_STANDARD)
+    model = compile_pipeline(pipeline)
+    images = synthetic_calibration(model, count=4, size=SIZE)
+    settings = dataclasses.replace(DEFAULT_SETTINGS, weight_bits=bits)
+    quantized = quantize_with_report(model, images, settings=settings)
+    assert quantized.report.weight_bits == bits
+    assert_within_reported(run_model(quantized.model, images), pipeline, images, quantized.report)
+    if weight_bits_for(cpu_int8_support()) >= bits:  # exact here: what the CPU class measures
+        assert quantized.report.max_error < 0.03 and quantized.report.min_cosine > 0.9995
+
+
+def test_a_model_with_8_bit_weights_is_refused_where_they_saturate() -> None:
+    check_runs_here(7, "none")
+    check_runs_here(7, "avx512_vnni")
+    check_runs_here(8, "avx_vnni")
+    with pytest.raises(Unsupported) as caught:
+        check_runs_here(8, cpu_int8_support(AVX2_CPUINFO))
+    assert caught.value.status_code == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.field == "precision"
+    assert "no int8 dot products" in str(caught.value) and "7-bit" in str(caught.value)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -592,9 +681,10 @@ def test_each_op_survives_quantization(case: str, input_name: str, tmp_path: Pat
         dataclasses.replace(DEFAULT_SETTINGS, activation_type="int8"),
         dataclasses.replace(DEFAULT_SETTINGS, quant_format="qoperator"),
         dataclasses.replace(DEFAULT_SETTINGS, align_channels=False, per_channel=False),
-        dataclasses.replace(DEFAULT_SETTINGS, reduce_range=True, keep_float=("conv2d_0",)),
+        dataclasses.replace(DEFAULT_SETTINGS, weight_bits=7, keep_float=("conv2d_0",)),
+        dataclasses.replace(DEFAULT_SETTINGS, weight_bits=8, keep_float=("conv2d_0",)),
     ],
-    ids=["int8_activations", "qoperator", "plain", "reduce_range_first_conv_float"],
+    ids=["int8_activations", "qoperator", "plain", "7bit_first_float", "8bit_first_float"],
 )
 def test_settings_variants_stay_within_their_report(variant: Any) -> None:
     pipeline = parse_pipeline(SMALL_STANDARD)

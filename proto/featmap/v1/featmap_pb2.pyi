@@ -146,18 +146,20 @@ class OutputError(_message.Message):
     def __init__(self, output: _Optional[str] = ..., cosine: _Optional[float] = ..., max_error: _Optional[float] = ..., max_abs_error: _Optional[float] = ...) -> None: ...
 
 class Int8Report(_message.Message):
-    __slots__ = ("errors", "calibration_images", "synthetic_images", "cpu", "max_error_allowed")
+    __slots__ = ("errors", "calibration_images", "synthetic_images", "cpu", "max_error_allowed", "weight_bits")
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
     SYNTHETIC_IMAGES_FIELD_NUMBER: _ClassVar[int]
     CPU_FIELD_NUMBER: _ClassVar[int]
     MAX_ERROR_ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BITS_FIELD_NUMBER: _ClassVar[int]
     errors: _containers.RepeatedCompositeFieldContainer[OutputError]
     calibration_images: int
     synthetic_images: int
     cpu: str
     max_error_allowed: float
-    def __init__(self, errors: _Optional[_Iterable[_Union[OutputError, _Mapping]]] = ..., calibration_images: _Optional[int] = ..., synthetic_images: _Optional[int] = ..., cpu: _Optional[str] = ..., max_error_allowed: _Optional[float] = ...) -> None: ...
+    weight_bits: int
+    def __init__(self, errors: _Optional[_Iterable[_Union[OutputError, _Mapping]]] = ..., calibration_images: _Optional[int] = ..., synthetic_images: _Optional[int] = ..., cpu: _Optional[str] = ..., max_error_allowed: _Optional[float] = ..., weight_bits: _Optional[int] = ...) -> None: ...
 
 class RegisterPipelineResponse(_message.Message):
     __slots__ = ("pipeline_id", "outputs", "name", "int8")
