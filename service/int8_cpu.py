@@ -6,8 +6,9 @@ them (AVX2 alone: vpmaddubsw) two neighbouring products are first added in int16
 saturates: 255 * 127 * 2 = 64,770 > 32,767, and a pipeline measured at 1.5 % max error on a VNNI
 CPU measures 4.5 % there, single ops 10-16 %. 7-bit weights (|w| <= 64: 255 * 64 * 2 = 32,640)
 never saturate, so those CPUs get them: the same exact int32 sums as a dot-product CPU, at
-half the weight resolution (tests/test_quantize.py's SMALL_STANDARD: 2.15 % max error with
-7-bit weights on either class; with 8-bit ones 0.99 % on AVX512-VNNI, 4.51 % on AVX2 alone).
+half the weight resolution (scripts/int8_weights.py, the standard pipeline at 64x64: 2.85 %
+max error with 7-bit weights on either class, the same bytes; with 8-bit ones 1.52 % on
+AVX512-VNNI and 6.61 % on AVX2 alone).
 
 uint8 weights (MLAS's u8u8 kernels widen to int16 before multiplying: exact too) were not
 chosen: they do half the multiply-adds per instruction and lose the symmetric conv kernels,
