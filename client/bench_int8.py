@@ -29,7 +29,7 @@ from featmap.client.bench import (
 from featmap.client.client import FeatureClient
 from featmap.contract.spec import parse_pipeline
 from featmap.service.graph import INPUT_NAME
-from featmap.service.int8_cpu import cpu_int8_support
+from featmap.service.int8_cpu import cpu_int8_support, has_int8_dot_products, weight_bits_for
 from featmap.service.runtime import CPU, SessionCache
 
 # Streams of this many batches, as the float32 stream row.
@@ -92,8 +92,11 @@ def run_int8_bench(
     def in_process_int8() -> Any:
         return int8_session.run(None, {INPUT_NAME: images})
 
+    bits = weight_bits_for(cpu)
     without = (
-        "" if cpu != "none" else " (no int8 dot products here: the ratio says what int8 gives)"
+        f", {bits}-bit weights"
+        if has_int8_dot_products(cpu)
+        else f", {bits}-bit weights (no int8 dot products here: the ratio says what int8 gives)"
     )
     rows = [
         Row(

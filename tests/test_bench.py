@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from featmap.client.bench import run_bench, standard_spec, tritonclient_python
+import pytest
+
+from featmap.client.bench import Row, int8_goal, run_bench, standard_spec, tritonclient_python
 from featmap.contract.ops import layer_costs
 from featmap.contract.spec import parse_pipeline
+from featmap.service.int8_cpu import CPU_OVERRIDE_VARIABLE
 
 
 def test_standard_pipeline_is_the_issues() -> None:
@@ -70,3 +73,13 @@ def test_bench_job_section(tmp_path: Path) -> None:
     goals = {goal.path: goal for goal in report.goals()}
     assert goals["featmap extract peak RSS, 6 vs 12 images"].met is not None
     assert goals["stream float32 / in-process"].now == "not measured"
+
+
+@pytest.mark.parametrize(("cpu", "met"), [("avx512_vnni", True), ("none", None)])
+def test_the_int8_goal_holds_where_int8_has_dot_products(
+    cpu: str, met: bool | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CPU_OVERRIDE_VARIABLE, cpu)
+    goal = int8_goal(Row("onnxruntime in-process int8", 900.0, 2.1, "", "in-process float32"))
+    assert (goal.now, goal.met) == ("2.10", met)
+    assert int8_goal(None).met is None
