@@ -163,7 +163,7 @@ class FeatureService:
             if framed.data.nbytes:
                 raise InvalidTensor("images.data", "must be empty when images_region is set")
             dtype = check_dtype(framed.dtype, "images")
-            check_shape(framed.shape, "images")
+            check_shape(framed.shape, "images", dtype.itemsize)
             return self.shared_memory.images(
                 caller.tenant, message.images_region, dtype, framed.shape, "images_region"
             )
