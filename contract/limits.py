@@ -102,6 +102,8 @@ class RequestLimits:
     allow_non_finite_input: bool = False
     # Images that may calibrate an int8 pipeline (RegisterPipeline's calibration tensor).
     max_calibration_images: int = 256
+    # Names one registered pipeline may have in its tenant (GetPipeline/ListPipelines list them).
+    max_names_per_pipeline: int = 16
 
 
 DEFAULT_LIMITS = RequestLimits()

@@ -103,7 +103,10 @@ class FeatureService:
         self.batcher = DynamicBatcher(settings.concurrent_batches)
         self.extractor = Extractor(self.cache, self.limits, self.batcher)
         self.registry = PipelineRegistry(
-            self.cache, settings.max_registered_pipelines, settings.registry_bytes
+            self.cache,
+            settings.max_registered_pipelines,
+            settings.registry_bytes,
+            max_names=settings.max_names_per_pipeline,
         )
         # Per service: admission depends on this server's limits. Inline specs are kept once
         # admitted (a client sending the same text with every request pays for it once; models
