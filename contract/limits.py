@@ -18,7 +18,7 @@ And the memory estimates the server's budgets charge before allocating (`spec_me
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +102,8 @@ class RequestLimits:
     allow_non_finite_input: bool = False
     # Images that may calibrate an int8 pipeline (RegisterPipeline's calibration tensor).
     max_calibration_images: int = 256
+    # Names one registered pipeline may have in its tenant (GetPipeline/ListPipelines list them).
+    max_names_per_pipeline: int = 16
 
 
 DEFAULT_LIMITS = RequestLimits()
@@ -266,13 +268,16 @@ def admit_batch(
     *,
     output_dtype: str = "float32",
     reply_in_message: bool = True,
+    output_names: Sequence[str] | None = None,
     field: str = "images",
 ) -> BatchPlan:
     """The plan of a batch that fits the pipeline's input and every limit, else an error.
 
     `images` is (N, C, H, W) or (N, H, W, C) as input.layout says. A too-small image fails
     naming the layer; with reply_in_message (the outputs travel in the reply, not in shared
-    memory) a reply too big to send fails here, before the work. A DeferredBatch is admitted by
+    memory) a reply too big to send fails here, before the work. The reply is sized from
+    `output_names`, those it will carry, each once (default: all the pipeline's, as Extract
+    sends them; OIP ModelInfer may ask for fewer). A DeferredBatch is admitted by
     its shape and dtype; its values are checked by admit_values once read. Errors name
     `field` (`images.shape`, ...).
     """
@@ -325,7 +330,8 @@ def admit_batch(
             f"max_activation_bytes={limits.max_activation_bytes}: send fewer or smaller images",
         )
     by_name = {layer.name: layer.shape for layer in layers}
-    reply = reply_bytes((by_name[name] for name in pipeline.output_names), n, output_dtype)
+    names = pipeline.output_names if output_names is None else output_names
+    reply = reply_bytes((by_name[name] for name in names), n, output_dtype)
     if reply_in_message:
         check_reply_bytes(reply, limits)
     if isinstance(images, np.ndarray):

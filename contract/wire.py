@@ -23,6 +23,9 @@ Buffer: TypeAlias = bytes | memoryview
 MAX_DIMENSION = 2**31 - 1
 # Images and weights are rank 4; NumPy stops at 64 dimensions, with an error of its own.
 MAX_RANK = 8
+# What int64 (NumPy's sizes, protobuf's lengths and offsets) can count: a shape whose bytes
+# exceed it describes no tensor anyone can send.
+MAX_TENSOR_BYTES = 2**63 - 1
 
 
 def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -39,27 +42,61 @@ def check_dtype(code: int, field: str) -> np.dtype:
     return dtype
 
 
-def check_shape(shape: tuple[int, ...], field: str) -> None:
-    """Dimensions must be >= 0 and sane; InvalidTensor on `field`.shape otherwise."""
+def check_shape(shape: tuple[int, ...], field: str, itemsize: int = 1) -> int:
+    """The bytes a tensor of `shape` holds (`itemsize` bytes a value), once the shape passes the
+    one rule for shapes from the wire; InvalidTensor on `field`.shape otherwise.
+
+    Every path that turns a shape a caller sent into an array (Extract, ExtractStream, shared
+    memory, OIP ModelInfer, RegisterPipeline's weights and calibration) asks here first: rank
+    at most MAX_RANK; every dimension from 1 to MAX_DIMENSION (a tensor of no elements is no
+    image and no weight); and the bytes, counted in Python ints (no overflow), within
+    MAX_TENSOR_BYTES. NumPy then never sees a shape it cannot hold.
+    """
     if len(shape) > MAX_RANK:
         raise InvalidTensor(f"{field}.shape", f"has rank {len(shape)}; at most {MAX_RANK}")
     if any(d < 0 for d in shape):
         raise InvalidTensor(f"{field}.shape", f"has a negative dimension: {list(shape)}")
     if any(d > MAX_DIMENSION for d in shape):
         raise InvalidTensor(f"{field}.shape", f"{list(shape)} has a dimension over {MAX_DIMENSION}")
+    if any(d == 0 for d in shape):
+        raise InvalidTensor(
+            f"{field}.shape",
+            f"{list(shape)} is empty: every dimension must be at least 1 "
+            "(a tensor of no elements is no image and no weight)",
+        )
+    size = math.prod(shape) * itemsize
+    if size > MAX_TENSOR_BYTES:
+        raise InvalidTensor(
+            f"{field}.shape",
+            f"{list(shape)} x {itemsize} bytes is {size} bytes, more than int64 counts",
+        )
+    return size
 
 
 def tensor_view(code: int, shape: tuple[int, ...], data: Buffer, field: str) -> np.ndarray:
     """A read-only ndarray over `data` after checking dtype code, shape and byte length."""
     dtype = check_dtype(code, field)
-    check_shape(shape, field)
-    expected = math.prod(shape) * dtype.itemsize
+    return wire_array(data, dtype, shape, field, f"{field}.data", DTYPE_NAMES[code])
+
+
+def wire_array(
+    data: Buffer,
+    dtype: np.dtype,
+    shape: tuple[int, ...],
+    field: str,
+    data_field: str,
+    dtype_name: str,
+) -> np.ndarray:
+    """A read-only ndarray of `shape` over `data` (no copy): the one place bytes a caller sent
+    become an array. The shape is checked (check_shape, naming `field`.shape) and its bytes
+    must be exactly `data`'s (InvalidTensor naming `data_field`), before NumPy sees either."""
+    expected = check_shape(shape, field, dtype.itemsize)
     size = memoryview(data).nbytes
     if expected != size:
         raise InvalidTensor(
-            f"{field}.data",
+            data_field,
             f"has {size} bytes; shape {list(shape)} x {dtype.itemsize} bytes "
-            f"({DTYPE_NAMES[code]}) needs {expected}",
+            f"({dtype_name}) needs {expected}",
         )
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     array.flags.writeable = False

@@ -103,7 +103,10 @@ class FeatureService:
         self.batcher = DynamicBatcher(settings.concurrent_batches)
         self.extractor = Extractor(self.cache, self.limits, self.batcher)
         self.registry = PipelineRegistry(
-            self.cache, settings.max_registered_pipelines, settings.registry_bytes
+            self.cache,
+            settings.max_registered_pipelines,
+            settings.registry_bytes,
+            max_names=settings.max_names_per_pipeline,
         )
         # Per service: admission depends on this server's limits. Inline specs are kept once
         # admitted (a client sending the same text with every request pays for it once; models
@@ -163,7 +166,7 @@ class FeatureService:
             if framed.data.nbytes:
                 raise InvalidTensor("images.data", "must be empty when images_region is set")
             dtype = check_dtype(framed.dtype, "images")
-            check_shape(framed.shape, "images")
+            check_shape(framed.shape, "images", dtype.itemsize)
             return self.shared_memory.images(
                 caller.tenant, message.images_region, dtype, framed.shape, "images_region"
             )

@@ -7,7 +7,7 @@ themselves are the contract's (featmap.contract.limits).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,12 +79,14 @@ class Extractor:
         *,
         output_dtype: str = "float32",
         reply_in_message: bool = True,
+        output_names: Sequence[str] | None = None,
         before_run: Callable[[], None] | None = None,
     ) -> Extraction:
         """Admit `images`, run them through `target`, and check the results.
 
         `before_run` is called after every check, right before onnxruntime; the server passes
-        one that raises Abandoned when the caller has gone or its deadline has passed. Outputs
+        one that raises Abandoned when the caller has gone or its deadline has passed.
+        `output_names`: those the reply will carry, each once (default: all), to size it. Outputs
         are float32, or float16 (NonFiniteResult for values float16 cannot hold). With a
         batching policy, concurrent calls share onnxruntime runs; the checks stay per call, so
         one caller's overflow fails that caller alone.
@@ -95,6 +97,7 @@ class Extractor:
             self.limits,
             output_dtype=output_dtype,
             reply_in_message=reply_in_message,
+            output_names=output_names,
         )
         if isinstance(images, DeferredBatch):
             images = images.read()  # only now: its shape passed every limit

@@ -8,7 +8,6 @@ checks, batcher and error table as featmap.v1's Extract.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ from featmap.contract.wire import (
     check_shape,
     parse_infer_request,
     serialize_infer_response,
+    wire_array,
 )
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
@@ -44,6 +44,8 @@ from featmap.service.server import _serialize_message, _tolerant, map_errors, st
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "featmap"
 INPUT_NAME = "images"
+# The request id a ModelInfer reply echoes: Triton's clients send UUIDs or counters.
+MAX_INFER_ID_BYTES = 256
 MODEL_VERSION = "1"  # a pipeline id names its content, so each model has this one version
 PLATFORM = "onnxruntime_onnx"
 # Pipeline input dtypes as OIP datatype strings, and those strings' wire dtypes.
@@ -120,6 +122,43 @@ def check_no_parameters(request: oip.ModelInferRequest) -> None:
             )
 
 
+def check_infer_id(request_id: str) -> None:
+    """InvalidRequest naming `id` when it is over MAX_INFER_ID_BYTES: the reply echoes it."""
+    # Every character is at least a byte: a long id is refused without encoding it.
+    size = len(request_id) if len(request_id) > MAX_INFER_ID_BYTES else len(request_id.encode())
+    if size > MAX_INFER_ID_BYTES:
+        raise InvalidRequest(
+            "id", f"is at least {size} bytes; at most {MAX_INFER_ID_BYTES} (the reply echoes it)"
+        )
+
+
+def requested_outputs(request: oip.ModelInferRequest, output_names: list[str]) -> list[str]:
+    """The outputs a ModelInfer asks for, in its order (default: all the model's), each once.
+
+    An output named twice is refused, not answered twice: the reply is sized from these names
+    before anything runs, and a name repeated 5,000 times would multiply it 5,000 times.
+    """
+    if not request.outputs:
+        return list(output_names)
+    known = set(output_names)
+    first: dict[str, int] = {}
+    for index, output in enumerate(request.outputs):
+        name = output.name
+        if name not in known:
+            raise InvalidRequest(
+                f"outputs[{index}].name",
+                f"{shorten(repr(name), MAX_FIELD_CHARS)} is not an output of the model; it has "
+                f"{listing(output_names)}",
+            )
+        if name in first:
+            raise InvalidRequest(
+                f"outputs[{index}].name",
+                f"{name!r} repeats outputs[{first[name]}].name: ask for each output once",
+            )
+        first[name] = index
+    return list(first)
+
+
 class InferenceService:
     """The OIP calls as plain functions over a FeatureService's registry, extractor and batcher."""
 
@@ -182,11 +221,11 @@ class InferenceService:
                 "inputs[0].datatype",
                 f"{tensor.datatype or '(empty)'} does not match the model's input, {wanted}",
             )
-        shape = tuple(tensor.shape)
-        check_shape(shape, "inputs[0]")
-        dtype, count = NUMPY_DTYPES[wanted], math.prod(shape)
+        shape, dtype = tuple(tensor.shape), NUMPY_DTYPES[wanted]
         if not raw_contents:
-            return _contents_array(tensor, wanted, count).reshape(shape)
+            count = check_shape(shape, "inputs[0]", dtype.itemsize) // dtype.itemsize
+            values = _contents_array(tensor, wanted, count)
+            return wire_array(values.data, dtype, shape, "inputs[0]", "inputs[0].contents", wanted)
         if len(raw_contents) != 1:
             raise InvalidRequest(
                 "raw_input_contents",
@@ -196,16 +235,10 @@ class InferenceService:
             raise InvalidRequest(
                 "inputs[0].contents", "must not be set when raw_input_contents is used"
             )
-        data = raw_contents[0]
-        if data.nbytes != count * dtype.itemsize:
-            raise InvalidTensor(
-                "raw_input_contents[0]",
-                f"has {data.nbytes} bytes; shape {list(shape)} x {dtype.itemsize} bytes "
-                f"({wanted}) needs {count * dtype.itemsize}",
-            )
-        array = np.frombuffer(data, dtype=dtype).reshape(shape)
-        array.flags.writeable = False  # a view of the received message
-        return array
+        # A view of the received message.
+        return wire_array(
+            raw_contents[0], dtype, shape, "inputs[0]", "raw_input_contents[0]", wanted
+        )
 
     def model_infer(
         self,
@@ -215,21 +248,18 @@ class InferenceService:
     ) -> FramedInferResponse:
         """Run the input through the model; the requested outputs (default all), raw FP32."""
         request = framed.message
+        check_infer_id(request.id)
         registered = self.model(request.model_name, request.model_version, caller, "model_name")
         pipeline = registered.compiled.pipeline
         check_request_bytes(framed.size, self.service.limits, "raw_input_contents")
         check_no_parameters(request)
-        names = [output.name for output in request.outputs] or list(pipeline.output_names)
-        for index, name in enumerate(names):
-            if name not in pipeline.output_names:
-                raise InvalidRequest(
-                    f"outputs[{index}].name",
-                    f"{name!r} is not an output of the model; it has "
-                    f"{listing(pipeline.output_names)}",
-                )
+        names = requested_outputs(request, pipeline.output_names)
         images = self.images(framed, registered)
         outputs = self.service.extractor.extract(
-            self.service.registered_target(registered), images, before_run=before_run
+            self.service.registered_target(registered),
+            images,
+            output_names=names,
+            before_run=before_run,
         ).outputs
         response = oip.ModelInferResponse(
             model_name=request.model_name, model_version=MODEL_VERSION, id=request.id

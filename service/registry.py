@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featmap.contract.errors import AlreadyExists, InvalidSpec, LimitExceeded, NotFound
-from featmap.contract.limits import session_memory
+from featmap.contract.limits import DEFAULT_LIMITS, session_memory
 from featmap.contract.ops import (
     layer_costs,
     symbolic_shapes,
@@ -83,10 +83,15 @@ class PipelineRegistry:
     """
 
     def __init__(
-        self, cache: SessionCache, max_pipelines: int, budget_bytes: int = UNBOUNDED
+        self,
+        cache: SessionCache,
+        max_pipelines: int,
+        budget_bytes: int = UNBOUNDED,
+        max_names: int = DEFAULT_LIMITS.max_names_per_pipeline,
     ) -> None:
         self.cache = cache
         self.max_pipelines = max_pipelines
+        self.max_names = max_names
         self.budget = MemoryBudget("registry_bytes", budget_bytes)
         self._pipelines: dict[tuple[str, str], RegisteredPipeline] = {}
         self._compiling: set[tuple[str, str]] = set()  # entries holding a slot while building
@@ -172,11 +177,22 @@ class PipelineRegistry:
 
     def _check_name_locked(self, tenant: str, name: str, pipeline_id: str, replace: bool) -> None:
         current = self._names.get((tenant, name))
-        if current is not None and current != pipeline_id and not replace:
+        if current == pipeline_id:
+            return  # already its name: nothing changes
+        if current is not None and not replace:
             raise AlreadyExists(
                 "name",
                 f"{name!r} names pipeline {current}, not this one ({pipeline_id}): choose "
                 "another name, or register with replace to move the name to this pipeline",
+            )
+        # Each name is listed in every GetPipeline/ListPipelines reply: bounded per pipeline.
+        held = sum(1 for (t, _), i in self._names.items() if t == tenant and i == pipeline_id)
+        if held >= self.max_names:
+            raise LimitExceeded(
+                "name",
+                f"pipeline {pipeline_id} has {held} names, the most max_names_per_pipeline="
+                f"{self.max_names} allows: register it without a name, or delete it and "
+                "register it again under the names you keep",
             )
 
     def resolve(self, key: str, tenant: str = DEFAULT_TENANT) -> str:

@@ -82,6 +82,7 @@ class ServerSettings(BaseSettings):
     max_activation_bytes: int = Field(default=DEFAULT_LIMITS.max_activation_bytes, ge=1)
     allow_non_finite_input: bool = DEFAULT_LIMITS.allow_non_finite_input
     max_calibration_images: int = Field(default=DEFAULT_LIMITS.max_calibration_images, ge=1)
+    max_names_per_pipeline: int = Field(default=DEFAULT_LIMITS.max_names_per_pipeline, ge=1)
     # Extract/ExtractStream calls admitted at once (running or waiting for a handler thread);
     # None: 4 x grpc_workers. Beyond it, RESOURCE_EXHAUSTED at once, marked retryable.
     max_queued_requests: int | None = Field(default=None, ge=1)

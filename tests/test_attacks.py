@@ -1,8 +1,10 @@
-"""Issue 10: hostile clients, one test per finding, acting as the attacker against real servers.
+"""Issues 10 and 20: hostile clients, one test per finding, acting as the attacker against real
+servers.
 
 Each test is named after the finding it reproduces (README "Threat model" says what each one
-protects). Shared-memory crash attempts run against a `featmap serve` process: a SIGBUS there
-must not be able to take the test runner with it.
+protects; issue 20's are test_finding_20_<n>_...). Shared-memory crash attempts run against a
+`featmap serve` process: a SIGBUS there must not be able to take the test runner with it; issue
+20's run against one too, measuring its memory and CPU through /proc.
 """
 
 from __future__ import annotations
@@ -937,3 +939,270 @@ def test_rss_returns_after_a_hostile_run(tmp_path: Path) -> None:
         serving.process.send_signal(signal.SIGTERM)
         assert serving.process.wait(timeout=15) == 0
     assert after <= 1.2 * warm
+
+
+# =========================================================================== issue 20: round two
+#
+# Against a `featmap serve` process, measured from outside through /proc/<pid>: its resident
+# memory now, the peak it ever reached (VmHWM: a new peak is what an attack costs), and its CPU
+# seconds; a bystander's request must succeed afterwards.
+
+ZERO_SHAPE = [2**31 - 1, 2**31 - 1, 0, 2**31 - 1]  # no elements; the others overflow NumPy
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A /proc/<pid>/status value in KiB (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ServerCost:
+    """What a block of requests cost a server process: RSS growth, new peak, CPU seconds."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.rss_mb = self.peak_mb = self.cpu_s = 0.0
+
+    def __enter__(self) -> ServerCost:
+        self._rss = status_kib(self.pid, "VmRSS")
+        self._peak = status_kib(self.pid, "VmHWM")
+        self._cpu = cpu_seconds(self.pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rss_mb = (status_kib(self.pid, "VmRSS") - self._rss) / 1024
+        self.peak_mb = (status_kib(self.pid, "VmHWM") - self._peak) / 1024
+        self.cpu_s = cpu_seconds(self.pid) - self._cpu
+        print(f"server: RSS {self.rss_mb:+.1f} MB, new peak {self.peak_mb:+.1f} MB, "
+              f"{self.cpu_s:.2f} s CPU")  # fmt: skip
+
+
+class Served:
+    """A warm `featmap serve` process: its pid, address, stderr, and a registered README model."""
+
+    def __init__(self, serving: Any, address: str, model: str) -> None:
+        self.serving = serving
+        self.pid: int = serving.process.pid
+        self.address = address
+        self.model = model
+
+    def cost(self) -> ServerCost:
+        return ServerCost(self.pid)
+
+    def assert_serving(self) -> None:
+        """The process lives; a bystander's Extract and ModelInfer succeed."""
+        assert_serving(self.serving.process, self.address)
+        with grpc.insecure_channel(self.address) as channel:
+            reply = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                infer_request(self.model, images(2, 16)), timeout=30
+            )
+        assert [output.name for output in reply.outputs] == ["conv1", "features"]
+
+
+def infer_request(model: str, batch: np.ndarray, *outputs: str) -> oip.ModelInferRequest:
+    request = oip.ModelInferRequest(model_name=model, raw_input_contents=[batch.tobytes()])
+    request.inputs.add(name="images", datatype="FP32", shape=batch.shape)
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    env = clean_env(FEATMAP_INTRA_OP_THREADS="1", FEATMAP_GRPC_WORKERS="8")
+    with featmap_serve("--port", "0", env=env) as serving:
+        address = f"127.0.0.1:{serving.wait_listening()}"
+        with FeatureClient(address, timeout=60) as client:
+            client.wait_ready()
+            model = client.register(README_SPEC)
+            client.extract(images(2, 128), README_SPEC)  # warm: the inline spec's session too
+        running = Served(serving, address, model)
+        running.assert_serving()
+        yield running
+
+
+@pytest.fixture(scope="module")
+def served_channel(served: Served) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(served.address) as channel:
+        yield channel
+
+
+def test_finding_20_3_repeated_oip_outputs_are_refused_before_any_reply_is_built(
+    served: Served, served_channel: grpc.Channel
+) -> None:
+    inference = oip_grpc.GRPCInferenceServiceStub(served_channel)
+    batch = images(1, 128)  # conv1 is 512 KiB of reply: 5,000 of it would be 2.6 GB
+    for repeats in (5_000, 1_000, 2):
+        request = infer_request(served.model, batch, "features", *["conv1"] * repeats)
+        assert request.ByteSize() < 300_000
+        with served.cost() as cost:
+            error = failure(inference.ModelInfer, request)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert field_of(error) == "outputs[2].name"
+        assert "repeats outputs[1].name" in error.details()
+        assert cost.peak_mb < 100 and cost.rss_mb < 100
+        assert cost.cpu_s < 2
+    # Asked once each, in the order asked: answered.
+    reply = inference.ModelInfer(infer_request(served.model, batch, "features", "conv1"))
+    assert [output.name for output in reply.outputs] == ["features", "conv1"]
+    assert [len(raw) for raw in reply.raw_output_contents] == [8 * 4, 8 * 128 * 128 * 4]
+    served.assert_serving()
+
+
+def test_finding_20_3_the_oip_reply_is_sized_by_the_outputs_asked_for() -> None:
+    # conv1 of a 256x256 image is 2 MiB, features 32 bytes: a 1 MiB reply takes only features.
+    with FeatmapServer(settings(max_message_bytes=MIB + 65536)) as server:
+        with FeatureClient(server.address, timeout=30) as client:
+            model = client.register(README_SPEC)
+        with grpc.insecure_channel(server.address) as channel:
+            inference = oip_grpc.GRPCInferenceServiceStub(channel)
+            batch = images(1, 256)  # 768 KiB
+            reply = inference.ModelInfer(infer_request(model, batch, "features"), timeout=30)
+            assert [len(raw) for raw in reply.raw_output_contents] == [32]
+            for outputs in (("conv1",), ()):  # conv1, or all (the default)
+                error = failure(inference.ModelInfer, infer_request(model, batch, *outputs))
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+                assert "the reply would be 2097" in error.details()
+
+
+def test_finding_20_4_zero_element_shapes_are_invalid_on_every_path(
+    served: Served, served_channel: grpc.Channel, shm_server: FeatmapServer
+) -> None:
+    stub = pb_grpc.FeatureExtractorStub(served_channel)
+    inference = oip_grpc.GRPCInferenceServiceStub(served_channel)
+    weights_spec = json.dumps(
+        {"input": {"channels": 3}, "layers": [{"op": "conv2d", "filters": 1, "kernel_size": 1,
+         "weights": {"tensor": "w"}}]}
+    )  # fmt: skip
+    int8_spec = json.dumps({**README_SPEC, "precision": "int8"})
+    for shape in (ZERO_SHAPE, [0, 3, 16, 16], [1, 3, 16, 0]):
+        empty = pb.Tensor(dtype=pb.FLOAT32, shape=shape)
+        by_id = pb.ExtractRequest(pipeline_id=served.model, images=empty)
+        raw = oip.ModelInferRequest(model_name=served.model, raw_input_contents=[b""])
+        raw.inputs.add(name="images", datatype="FP32", shape=shape)
+        typed = oip.ModelInferRequest(model_name=served.model)
+        typed.inputs.add(name="images", datatype="FP32", shape=shape, contents={})
+        cases: list[tuple[str, Any, Any, str]] = [
+            ("Extract inline", stub.Extract, extract_request(images=empty), "images.shape"),
+            ("Extract by id", stub.Extract, by_id, "images.shape"),
+            ("ExtractStream", lambda r, **kw: list(stub.ExtractStream(iter([r]), **kw)),
+             extract_request(images=empty), "images.shape"),
+            ("ModelInfer raw", inference.ModelInfer, raw, "inputs[0].shape"),
+            ("ModelInfer typed", inference.ModelInfer, typed, "inputs[0].shape"),
+            ("RegisterPipeline weights", stub.RegisterPipeline,
+             pb.RegisterPipelineRequest(spec_json=weights_spec, weights={"w": empty}),
+             "weights['w'].shape"),
+            ("RegisterPipeline calibration", stub.RegisterPipeline,
+             pb.RegisterPipelineRequest(spec_json=int8_spec, calibration=empty),
+             "calibration.shape"),
+        ]  # fmt: skip
+        with served.cost() as cost:
+            for path, call, request, field in cases:
+                error = failure(call, request)
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, error.details())
+                assert field_of(error) == field, path
+                assert "is empty: every dimension must be at least 1" in error.details(), path
+        assert cost.peak_mb < 100 and cost.cpu_s < 2
+    # Shared memory: the same rule, before the region is looked at.
+    assert shm_server.unix_address is not None
+    with grpc.insecure_channel(shm_server.unix_address) as channel:
+        region = pb.SharedMemoryRef(region="r", byte_size=0, owner="o" * 32)
+        request = extract_request(
+            images=pb.Tensor(dtype=pb.FLOAT32, shape=ZERO_SHAPE), images_region=region
+        )
+        error = failure(pb_grpc.FeatureExtractorStub(channel).Extract, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field_of(error) == "images.shape"
+    served.assert_serving()
+
+
+def test_finding_20_5_names_per_pipeline_are_capped(
+    served: Served, served_channel: grpc.Channel
+) -> None:
+    stub = pb_grpc.FeatureExtractorStub(served_channel)
+    spec = json.dumps({**README_SPEC, "outputs": ["features"]})  # a pipeline of its own
+    cap = stub.GetServerInfo(pb.GetServerInfoRequest()).limits.max_names_per_pipeline
+    assert cap == 16
+    for index in range(cap):
+        stub.RegisterPipeline(pb.RegisterPipelineRequest(spec_json=spec, name=f"n{index}"))
+    # The attacker's 8,000 names: the first 200 past the cap, each refused and keeping nothing.
+    with served.cost() as cost:
+        for index in range(cap, cap + 200):
+            request = pb.RegisterPipelineRequest(spec_json=spec, name=f"n{index}")
+            error = failure(stub.RegisterPipeline, request)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+            assert field_of(error) == "name"
+            assert "max_names_per_pipeline=16" in error.details()
+    assert cost.rss_mb < 50
+    # Names it has still work, and re-registering under one is still a no-op.
+    pipeline_id = stub.RegisterPipeline(
+        pb.RegisterPipelineRequest(spec_json=spec, name="n3")
+    ).pipeline_id
+    info = stub.GetPipeline(pb.GetPipelineRequest(pipeline_id="n0"))
+    assert len(info.names) == cap and info.pipeline_id == pipeline_id
+    listed = stub.ListPipelines(pb.ListPipelinesRequest())
+    assert max(len(p.names) for p in listed.pipelines) == cap
+    assert stub.DeletePipeline(pb.DeletePipelineRequest(pipeline_id="n15")).deleted
+    served.assert_serving()
+
+
+def test_finding_20_5_a_pipeline_id_cannot_forge_a_log_line(
+    served: Served, served_channel: grpc.Channel
+) -> None:
+    stub = pb_grpc.FeatureExtractorStub(served_channel)
+    forged = "2026-01-01 00:00:00,000 INFO featmap.requests: request 000000000000 Extract OK"
+    attempts = [
+        f"nope\n{forged}",
+        f"nope\r\n{forged}",
+        f"nope\x1b[2K\r{forged}",
+        f"nope\u2028{forged}",
+        "\n" * 100_000 + forged,  # shortened first: what is left is escaped too
+    ]
+    served.serving.stderr()  # what came before
+    before = len(served.serving.seen)
+    for pipeline_id in attempts:
+        for call, request in (
+            (stub.Extract, pb.ExtractRequest(pipeline_id=pipeline_id)),
+            (stub.GetPipeline, pb.GetPipelineRequest(pipeline_id=pipeline_id)),
+        ):
+            assert failure(call, request).code() == grpc.StatusCode.NOT_FOUND
+    stub.DeletePipeline(pb.DeletePipelineRequest(pipeline_id=attempts[0]))
+    wait_for(lambda: len(served.serving.stderr().splitlines()) >= before + 11)
+    lines = served.serving.stderr().splitlines()[before:]
+    print("\n".join(lines))
+    requests = [line for line in lines if "featmap.requests: request" in line]
+    assert len(requests) == len(lines) == 11  # one line per call, nothing else
+    for line in lines:
+        assert not line.startswith(forged)
+        assert not re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", line)
+        assert len(line) < 600  # ids are cut to 64 characters, escapes and all
+    assert "pipeline=nope\\n2026-01-01" in lines[0]
+    assert "pipeline=nope\\u001b[2K\\r2026" in "\n".join(lines)
+
+
+def test_finding_20_5_the_oip_id_is_bounded_and_never_echoed_longer(
+    served: Served, served_channel: grpc.Channel
+) -> None:
+    inference = oip_grpc.GRPCInferenceServiceStub(served_channel)
+    request = infer_request(served.model, images(1, 16), "features")
+    request.id = "r" * 256
+    assert inference.ModelInfer(request, timeout=30).id == request.id  # at the limit: echoed
+    with served.cost() as cost:
+        for long_id in ("r" * 257, "é" * 129, "i" * (30 * MIB)):  # 257, 258 bytes, 30 MB
+            request.id = long_id
+            error = failure(inference.ModelInfer, request)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+            assert field_of(error) == "id"
+            assert "at most 256" in error.details() and len(error.details()) < 200
+        time.sleep(2.5)  # quiet: the server trims its heap (service/allocator.py)
+    # Receiving 30 MB costs its parse (about 4x, gone once trimmed); nothing is echoed or kept.
+    assert cost.cpu_s < 2 and cost.peak_mb < 160 and cost.rss_mb < 20
+    served.assert_serving()

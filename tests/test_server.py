@@ -284,6 +284,7 @@ def test_server_info(client: FeatureClient, server: FeatmapServer) -> None:
         "session_cache_bytes": settings.session_cache_bytes,
         "registry_bytes": settings.registry_bytes,
         "max_calibration_images": settings.max_calibration_images,
+        "max_names_per_pipeline": settings.max_names_per_pipeline,
     }
 
 

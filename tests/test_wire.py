@@ -7,7 +7,9 @@ import pytest
 
 from featmap.contract.errors import InvalidTensor
 from featmap.contract.wire import (
+    MAX_DIMENSION,
     FramedInferResponse,
+    check_shape,
     decode_tensor,
     encode_tensor,
     parse_infer_request,
@@ -31,6 +33,31 @@ def test_bytes_are_little_endian_row_major() -> None:
     tensor = encode_tensor(array)
     assert list(tensor.shape) == [2, 1]
     assert tensor.data == np.array([1.0, 2.0], dtype="<f4").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("shape", "says"),
+    [
+        ([2**31 - 1, 2**31 - 1, 0, 2**31 - 1], "is empty"),  # NumPy: "array is too big"
+        ([0], "is empty"),
+        ([MAX_DIMENSION] * 8, "more than int64 counts"),  # 2^248 elements, in Python ints
+        ([MAX_DIMENSION + 1], "over 2147483647"),
+        ([3, -1], "negative"),
+        ([1] * 9, "rank 9"),
+    ],
+)
+def test_one_shape_rule(shape: list[int], says: str) -> None:
+    with pytest.raises(InvalidTensor, match=says) as error:
+        check_shape(tuple(shape), "weights['w']", 4)
+    assert error.value.field == "weights['w'].shape"
+    tensor = pb.Tensor(dtype=pb.FLOAT32, shape=shape)
+    with pytest.raises(InvalidTensor, match=says):
+        decode_tensor(tensor, "weights['w']")
+
+
+def test_shape_bytes() -> None:
+    assert check_shape((2, 3, 4, 5), "images", 2) == 240
+    assert check_shape((), "images", 4) == 4  # a scalar: one value
 
 
 def test_unsendable_dtype() -> None:

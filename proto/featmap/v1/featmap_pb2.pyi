@@ -276,7 +276,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters", "max_registered_pipelines", "max_kernel_size", "max_flops", "max_activation_bytes", "allow_non_finite_input", "max_queued_requests", "max_streams", "stream_idle_timeout_s", "max_spec_bytes", "spec_cache_bytes", "session_cache_bytes", "registry_bytes", "shared_memory", "max_calibration_images")
+    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters", "max_registered_pipelines", "max_kernel_size", "max_flops", "max_activation_bytes", "allow_non_finite_input", "max_queued_requests", "max_streams", "stream_idle_timeout_s", "max_spec_bytes", "spec_cache_bytes", "session_cache_bytes", "registry_bytes", "shared_memory", "max_calibration_images", "max_names_per_pipeline")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +297,7 @@ class Limits(_message.Message):
     REGISTRY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     MAX_CALIBRATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NAMES_PER_PIPELINE_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_images_per_request: int
     max_pixels_per_image: int
@@ -317,7 +318,8 @@ class Limits(_message.Message):
     registry_bytes: int
     shared_memory: bool
     max_calibration_images: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_registered_pipelines: _Optional[int] = ..., max_kernel_size: _Optional[int] = ..., max_flops: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., allow_non_finite_input: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_spec_bytes: _Optional[int] = ..., spec_cache_bytes: _Optional[int] = ..., session_cache_bytes: _Optional[int] = ..., registry_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., max_calibration_images: _Optional[int] = ...) -> None: ...
+    max_names_per_pipeline: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_registered_pipelines: _Optional[int] = ..., max_kernel_size: _Optional[int] = ..., max_flops: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., allow_non_finite_input: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_spec_bytes: _Optional[int] = ..., spec_cache_bytes: _Optional[int] = ..., session_cache_bytes: _Optional[int] = ..., registry_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., max_calibration_images: _Optional[int] = ..., max_names_per_pipeline: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "onnxruntime_version", "available_providers", "active_providers", "limits", "onnx_opset", "intra_op_threads", "grpc_workers", "default_batching", "spec_schema_json")
