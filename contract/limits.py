@@ -25,6 +25,7 @@ import numpy as np
 
 from featmap.contract.errors import InvalidSpec, InvalidTensor, LimitExceeded
 from featmap.contract.ops import (
+    INT8_CONV_BYTES_PER_TAP,
     Cost,
     LayerCost,
     batch_cost,
@@ -73,6 +74,8 @@ CALIBRATION_BATCH = 8
 # and their float64 differences); the synthetic images; and generating one
 # (SYNTHETIC_BYTES_PER_VALUE per pixel and channel + 1: its FFT in float64 and complex).
 # Charged, they came out 8-9 % above what was measured.
+# Kernel taps (height x width) an int8 conv may have: see admit_int8_kernels.
+INT8_MAX_KERNEL_TAPS = 121
 INT8_SESSION_BYTES_PER_PARAMETER = 2
 INT8_COMPILE_BYTES_PER_PARAMETER = 32
 CALIBRATION_RUN_FACTOR = 4
@@ -171,12 +174,46 @@ def calibration_memory(pipeline: Pipeline, calibration: tuple[int, ...] | None) 
     shapes = {layer.name: layer.shape for layer in layers}
     outputs = reply_bytes((shapes[name] for name in pipeline.output_names), CALIBRATION_BATCH)
     return (
-        CALIBRATION_RUN_FACTOR * (run.activation_bytes - CALIBRATION_BATCH * image_bytes)
+        # The int8 session's conv workspace once: the float32 sessions have none.
+        run.workspace_bytes
+        + CALIBRATION_RUN_FACTOR * (run.activation_bytes - CALIBRATION_BATCH * image_bytes)
         + CALIBRATION_INPUT_FACTOR * CALIBRATION_BATCH * image_bytes
         + OUTPUT_FACTOR * outputs
         + SYNTHETIC_CALIBRATION * image_bytes
         + SYNTHETIC_BYTES_PER_VALUE * (spec.channels + 1) * height * width
     )
+
+
+def calibration_flops(pipeline: Pipeline, calibration: tuple[int, ...] | None) -> int:
+    """The FLOPs of quantizing an int8 pipeline: its calibration images and the synthetic ones
+    through float32 for the ranges, then the measured images (the user's, else the synthetic)
+    through both models for the error. `calibration` as for calibration_memory."""
+    spec = pipeline.input
+    if calibration is None:
+        (height, width), sent = DEFAULT_CALIBRATION_SIZE, 0
+    else:
+        _, height, width = image_size(spec.layout, calibration)
+        sent = calibration[0]
+    per_image = batch_cost(pipeline, 1, height, width, np.dtype(spec.dtype).itemsize).flops
+    measured = sent or SYNTHETIC_CALIBRATION
+    return per_image * (sent + SYNTHETIC_CALIBRATION + 2 * measured)
+
+
+def admit_quantization(
+    pipeline: Pipeline, calibration: tuple[int, ...] | None, limits: RequestLimits
+) -> None:
+    """LimitExceeded when quantizing `pipeline` on such calibration images would need more
+    than max_flops: the work is charged like an Extract of those images, before it starts."""
+    flops = calibration_flops(pipeline, calibration)
+    if flops > limits.max_flops:
+        images = "the synthetic images" if calibration is None else "these calibration images"
+        raise LimitExceeded(
+            "calibration" if calibration is not None else "layers",
+            f"quantizing this int8 pipeline on {images} needs {flops} FLOPs (the images through "
+            f"float32 for the ranges, then through both models for the error), over "
+            f"max_flops={limits.max_flops}: send fewer or smaller calibration images, or use "
+            "float32",
+        )
 
 
 def spec_memory(text_bytes: int) -> int:
@@ -218,6 +255,28 @@ def admit_pipeline(pipeline: Pipeline, limits: RequestLimits) -> None:
         raise LimitExceeded(
             "layers", f"{parameters} weights exceed max_parameters={limits.max_parameters}"
         )
+    if pipeline.precision == "int8":
+        admit_int8_kernels(pipeline)
+
+
+def admit_int8_kernels(pipeline: Pipeline) -> None:
+    """InvalidSpec for an int8 conv with more taps than INT8_MAX_KERNEL_TAPS.
+
+    onnxruntime's int8 conv holds 8 bytes per tap and output pixel (INT8_CONV_BYTES_PER_TAP):
+    a 64x64 kernel on one 224x224 image is 1.6 GB where float32 works in a few MB, and such a
+    conv is bound by its multiply-adds, where int8 gains least.
+    """
+    for index, layer in enumerate(pipeline.layers):
+        if isinstance(layer, Conv2d):
+            height, width = layer.kernel_size
+            if height * width > INT8_MAX_KERNEL_TAPS:
+                raise InvalidSpec(
+                    f"layers[{index}].kernel_size",
+                    f"kernel_size={[height, width]} has {height * width} taps; int8 convs take "
+                    f"at most {INT8_MAX_KERNEL_TAPS} (11x11): onnxruntime's int8 conv keeps "
+                    f"{INT8_CONV_BYTES_PER_TAP} bytes per tap and output pixel. Use precision "
+                    "float32 for this pipeline",
+                )
 
 
 def check_request_bytes(size: int, limits: RequestLimits, field: str = "images") -> None:
@@ -323,11 +382,15 @@ def admit_batch(
             f"the batch needs {cost.flops} FLOPs, over max_flops={limits.max_flops}: "
             "send fewer or smaller images per request",
         )
-    if cost.activation_bytes > limits.max_activation_bytes:
+    if cost.memory_bytes > limits.max_activation_bytes:
+        workspace = (
+            f" ({cost.workspace_bytes} of them int8 conv workspace)" if cost.workspace_bytes else ""
+        )
         raise LimitExceeded(
             f"{field}.shape",
-            f"the batch needs an estimated {cost.activation_bytes} bytes of activations, over "
-            f"max_activation_bytes={limits.max_activation_bytes}: send fewer or smaller images",
+            f"the batch needs an estimated {cost.memory_bytes} bytes of activations{workspace}, "
+            f"over max_activation_bytes={limits.max_activation_bytes}: send fewer or smaller "
+            "images",
         )
     by_name = {layer.name: layer.shape for layer in layers}
     names = pipeline.output_names if output_names is None else output_names

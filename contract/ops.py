@@ -273,12 +273,39 @@ def _layer_costs(sized: _SizedPipeline) -> tuple[LayerCost, ...]:
     return tuple(costs)
 
 
+# onnxruntime's int8 conv (QLinearConv, MLAS) builds an indirection buffer for each image: an
+# 8-byte pointer per kernel tap and output pixel, whatever the channels (measured with
+# onnxruntime 1.32: 3->16 kernel 32 at 256x256, one image, 514 MB for 512 predicted; linear in
+# the batch, the image's pixels and the taps; nothing like it in float32 convs or int8 pools,
+# which work in bounded tiles). tests/test_attacks.py keeps it honest.
+INT8_CONV_BYTES_PER_TAP = 8
+
+
 @dataclass(frozen=True)
 class Cost:
-    """The work one batch asks for: arithmetic and the peak of live activations."""
+    """The work one batch asks for: arithmetic, the peak of live activations, and for int8 the
+    largest int8 conv's workspace (held while that conv runs: see INT8_CONV_BYTES_PER_TAP)."""
 
     flops: int
     activation_bytes: int
+    workspace_bytes: int = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the run holds at its peak: activations and workspace."""
+        return self.activation_bytes + self.workspace_bytes
+
+
+def int8_conv_workspace(pipeline: Pipeline, batch: int, costs: list[LayerCost]) -> int:
+    """Bytes of the largest int8 conv workspace for `batch` images (0 for float32)."""
+    if pipeline.precision != "int8":
+        return 0
+    workspaces = [
+        batch * cost.shape[1] * cost.shape[2] * math.prod(layer.kernel_size)
+        for layer, cost in zip(pipeline.layers, costs, strict=True)
+        if isinstance(layer, Conv2d)
+    ]
+    return INT8_CONV_BYTES_PER_TAP * max(workspaces, default=0)
 
 
 def batch_cost(
@@ -303,6 +330,7 @@ def batch_cost(
     return Cost(
         flops=batch * sum(cost.flops for cost in costs),
         activation_bytes=input_bytes + max(pairs),
+        workspace_bytes=int8_conv_workspace(pipeline, batch, costs),
     )
 
 

@@ -92,16 +92,19 @@ class FeatureService:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        self.limits = settings.request_limits()
         self.cache = SessionCache(
             settings.session_cache_size,
             resolve_providers(settings.providers),
             settings.intra_op_threads,
             spinning=settings.intra_op_spinning,
             budget_bytes=settings.session_cache_bytes,
+            limits=self.limits,
         )
-        self.limits = settings.request_limits()
         self.batcher = DynamicBatcher(settings.concurrent_batches)
-        self.extractor = Extractor(self.cache, self.limits, self.batcher)
+        self.extractor = Extractor(
+            self.cache, self.limits, self.batcher, run_bytes=settings.run_bytes
+        )
         self.registry = PipelineRegistry(
             self.cache,
             settings.max_registered_pipelines,
@@ -273,9 +276,15 @@ class FeatureService:
     # ------------------------------------------------------------------ registered pipelines
 
     def register_pipeline(
-        self, request: pb.RegisterPipelineRequest, caller: Caller
+        self,
+        request: pb.RegisterPipelineRequest,
+        caller: Caller,
+        still_wanted: Callable[[], None] | None = None,
     ) -> pb.RegisterPipelineResponse:
-        """Register a spec with its weight tensors for the caller's tenant; compile and warm it."""
+        """Register a spec with its weight tensors for the caller's tenant; compile and warm it.
+
+        `still_wanted` raises Abandoned once the caller has gone: an int8 build stops then.
+        """
         # Admitted before its tensors are read or anything is compiled.
         pipeline = self.specs.parse(request.spec_json)
         tensors = {
@@ -303,6 +312,7 @@ class FeatureService:
             name=name,
             replace=request.replace,
             calibration=calibration,
+            still_wanted=still_wanted,
         )
         return pb.RegisterPipelineResponse(
             pipeline_id=registered.pipeline_id,

@@ -7,6 +7,7 @@ themselves are the contract's (featmap.contract.limits).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from featmap.contract.spec import Pipeline
 from featmap.contract.tensors import all_finite, first_non_finite
 from featmap.service import stages
 from featmap.service.batching import BatchingPolicy, DynamicBatcher
+from featmap.service.budget import UNBOUNDED, MemoryBudget
 from featmap.service.runtime import CompiledPipeline, SessionCache
 from featmap.service.weights import check_presets
 
@@ -56,10 +58,15 @@ class Extractor:
         cache: SessionCache,
         limits: RequestLimits,
         batcher: DynamicBatcher | None = None,
+        *,
+        run_bytes: int = UNBOUNDED,
     ) -> None:
         self.cache = cache
         self.limits = limits
         self.batcher = batcher
+        # Every admitted batch's estimated memory, from admission to its last output.
+        self.runs = MemoryBudget("run_bytes", run_bytes)
+        self._runs_lock = threading.Lock()
 
     def admit(self, pipeline: Pipeline) -> Pipeline:
         """The pipeline, if it may run here at all (LimitExceeded, InvalidSpec otherwise)."""
@@ -99,17 +106,24 @@ class Extractor:
             reply_in_message=reply_in_message,
             output_names=output_names,
         )
-        if isinstance(images, DeferredBatch):
-            images = images.read()  # only now: its shape passed every limit
-            admit_values(images, self.limits)
-        stages.note_images(plan.batch)
-        compiled = target.compiled or self.cache.get(target.pipeline)
-        if before_run is not None:
-            before_run()
-        if self.batcher is not None and target.batching is not None:
-            outputs = self.batcher.run(compiled, images, target.batching)
-        else:
-            outputs = compiled.run(images)
+        memory = plan.cost.memory_bytes
+        with self._runs_lock:
+            self.runs.reserve(memory, "images.shape", "running this batch")
+        try:
+            if isinstance(images, DeferredBatch):
+                images = images.read()  # only now: its shape passed every limit
+                admit_values(images, self.limits)
+            stages.note_images(plan.batch)
+            compiled = target.compiled or self.cache.get(target.pipeline, still_wanted=before_run)
+            if before_run is not None:
+                before_run()
+            if self.batcher is not None and target.batching is not None:
+                outputs = self.batcher.run(compiled, images, target.batching)
+            else:
+                outputs = compiled.run(images)
+        finally:
+            with self._runs_lock:
+                self.runs.cancel(memory)
         for name, array in outputs.items():
             if not all_finite(array):
                 if self.limits.allow_non_finite_input and not all_finite(images):

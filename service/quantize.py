@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +165,12 @@ def _check_calibration(model: onnx.ModelProto, calibration: np.ndarray) -> None:
 class _Batches(CalibrationDataReader):
     """Feeds the calibration images to onnxruntime's calibrator, CALIBRATION_BATCH at a time."""
 
-    def __init__(self, input_name: str, image_sets: Sequence[np.ndarray]) -> None:
+    def __init__(
+        self,
+        input_name: str,
+        image_sets: Sequence[np.ndarray],
+        still_wanted: Callable[[], None] | None = None,
+    ) -> None:
         # The model's height and width are dynamic: each set may have its own image size.
         self._batches: Iterator[np.ndarray] = (
             images[start : start + CALIBRATION_BATCH]
@@ -173,9 +178,12 @@ class _Batches(CalibrationDataReader):
             for start in range(0, len(images), CALIBRATION_BATCH)
         )
         self._input_name = input_name
+        self._still_wanted = still_wanted
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        """The next batch as session inputs, or None when done."""
+        """The next batch as session inputs, or None when done (Abandoned: nobody waits)."""
+        if self._still_wanted is not None:
+            self._still_wanted()
         batch = next(self._batches, None)
         return None if batch is None else {self._input_name: batch}
 
@@ -653,6 +661,7 @@ def quantize_int8(
     calibration: np.ndarray | Sequence[np.ndarray],
     *,
     settings: Int8Settings = DEFAULT_SETTINGS,
+    still_wanted: Callable[[], None] | None = None,
 ) -> onnx.ModelProto:
     """The int8 version of a float32 model, calibrated on `calibration`.
 
@@ -662,6 +671,7 @@ def quantize_int8(
             several batches (each may have its own image size): the ranges cover them all.
         settings: how to quantize; the defaults are the measured best here, with the
             weight bits this CPU computes exactly (Int8Settings.for_cpu).
+        still_wanted: called before each calibration batch; what it raises stops the work.
 
     Returns:
         A model with the same input and outputs and the metadata properties
@@ -712,7 +722,7 @@ def quantize_int8(
         quantize_static(
             str(directory / "preprocessed.onnx"),
             str(directory / "raw.onnx"),
-            _Batches(input_name, image_sets),
+            _Batches(input_name, image_sets, still_wanted),
             calibration_cache_path=str(cache),
             **options,
         )
@@ -926,6 +936,7 @@ def quantize_with_report(
     pixel_max: float | None = None,
     settings: Int8Settings = DEFAULT_SETTINGS,
     threads: int = 0,
+    still_wanted: Callable[[], None] | None = None,
 ) -> QuantizedModel:
     """Quantize `model` for images like `calibration`, and measure its error on them.
 
@@ -936,6 +947,7 @@ def quantize_with_report(
     a slightly coarser resolution. The error is measured on `calibration`, or on the
     synthetic images when there is none: both models run on them and every output is
     compared. `pixel_max` is for the synthetic images (see synthetic_calibration).
+    `still_wanted` is called between batches of images; what it raises stops the work.
     """
     if calibration is not None:
         _check_calibration(model, calibration)
@@ -946,7 +958,7 @@ def quantize_with_report(
         else None
     )
     image_sets = [images for images in (calibration, synthetic) if images is not None]
-    quantized = quantize_int8(model, image_sets, settings=settings)
+    quantized = quantize_int8(model, image_sets, settings=settings, still_wanted=still_wanted)
     measured = image_sets[0]
     # Batch by batch, both models side by side: memory stays a batch of outputs.
     measure = ErrorMeasure()
@@ -956,6 +968,8 @@ def quantize_with_report(
         strict=True,
     ):
         measure.add(float_outputs, int8_outputs)
+        if still_wanted is not None:
+            still_wanted()
     errors = measure.errors()
     report = QuantizationReport(
         errors=errors,
@@ -974,6 +988,7 @@ def quantize_pipeline(
     *,
     threads: int = 0,
     settings: Int8Settings = DEFAULT_SETTINGS,
+    still_wanted: Callable[[], None] | None = None,
 ) -> QuantizedModel:
     """A pipeline's compiled graph quantized to int8, with its report (not yet checked).
 
@@ -988,6 +1003,7 @@ def quantize_pipeline(
         pixel_max=pixel_max,
         threads=threads,
         settings=settings,
+        still_wanted=still_wanted,
     )
     properties = model_properties(quantized.model)
     properties["featmap.pipeline_id"] = content_id(pipeline, tensors, calibration)

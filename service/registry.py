@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +108,7 @@ class PipelineRegistry:
         name: str | None = None,
         replace: bool = False,
         calibration: np.ndarray | None = None,
+        still_wanted: Callable[[], None] | None = None,
     ) -> RegisteredPipeline:
         """Check the weights, compile and warm the session, and keep it under its content id
         (and `name`, if given: see the class docstring for what `replace` does).
@@ -140,7 +142,9 @@ class PipelineRegistry:
             self._compiling.add(key)
         try:
             compiled = (
-                shared.compiled if shared else self.cache.compile(pipeline, weights, calibration)
+                shared.compiled
+                if shared
+                else self.cache.compile(pipeline, weights, calibration, still_wanted=still_wanted)
             )
             warm_up(compiled)
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -12,8 +13,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from featmap.contract.errors import ExecutionFailed, InvalidSpec, Unavailable
-from featmap.contract.limits import session_memory
+from featmap.contract.errors import Abandoned, ExecutionFailed, InvalidSpec, Unavailable
+from featmap.contract.limits import (
+    DEFAULT_LIMITS,
+    RequestLimits,
+    admit_quantization,
+    session_memory,
+)
 from featmap.contract.precision import QuantizationReport, check_error
 from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
 from featmap.service.budget import UNBOUNDED, MemoryBudget
@@ -147,8 +153,10 @@ class SessionCache:
         *,
         spinning: bool = False,
         budget_bytes: int = UNBOUNDED,
+        limits: RequestLimits = DEFAULT_LIMITS,
     ) -> None:
         self.capacity = capacity
+        self.limits = limits
         self.providers = providers
         self.intra_op_threads = intra_op_threads
         self.spinning = spinning
@@ -170,30 +178,37 @@ class SessionCache:
         pipeline: Pipeline,
         tensors: WeightTensors = NO_TENSORS,
         calibration: np.ndarray | None = None,
+        *,
+        still_wanted: Callable[[], None] | None = None,
     ) -> CompiledPipeline:
-        """The compiled session for `pipeline`, building it on a miss (see `compile`)."""
+        """The compiled session for `pipeline`, building it on a miss (see `compile`).
+
+        A build stops when its caller is gone (`still_wanted` raises Abandoned); callers that
+        waited for that build then build it themselves.
+        """
         key = content_id(pipeline, tensors, calibration)
         memory = session_memory(pipeline, None if calibration is None else calibration.shape)
-        with self._lock:
-            compiled = self._sessions.get(key)
-            if compiled is not None:
-                self._sessions.move_to_end(key)
-                self.stats.hits += 1
-                return compiled
-            pending = self._building.get(key)
-            if pending is None:
-                self.budget.reserve(
-                    memory.peak, "layers", "compiling this pipeline", self._evict_locked
-                )
-                self.stats.misses += 1
-                self._building[key] = pending = Future()
-                owner = True
-            else:
-                owner = False
-        if not owner:
-            return pending.result()
+        while True:
+            with self._lock:
+                compiled = self._sessions.get(key)
+                if compiled is not None:
+                    self._sessions.move_to_end(key)
+                    self.stats.hits += 1
+                    return compiled
+                pending = self._building.get(key)
+                if pending is None:
+                    self.budget.reserve(
+                        memory.peak, "layers", "compiling this pipeline", self._evict_locked
+                    )
+                    self.stats.misses += 1
+                    self._building[key] = pending = Future()
+                    break
+            try:
+                return pending.result()
+            except Abandoned:
+                continue  # the build's own caller went away, not this one
         try:
-            compiled = self.compile(pipeline, tensors, calibration)
+            compiled = self.compile(pipeline, tensors, calibration, still_wanted=still_wanted)
         except BaseException as exc:
             # A failed build is not cached: the next request for this spec tries again.
             with self._lock:
@@ -226,19 +241,26 @@ class SessionCache:
         pipeline: Pipeline,
         tensors: WeightTensors = NO_TENSORS,
         calibration: np.ndarray | None = None,
+        *,
+        still_wanted: Callable[[], None] | None = None,
     ) -> CompiledPipeline:
         """Build a session with this cache's providers and threads, without caching it.
 
         An int8 pipeline is quantized, calibrated on `calibration` (admitted by
-        contract.limits.admit_calibration; None: the synthetic images alone), refused when its
-        measured error exceeds the spec's max_error (InvalidSpec naming `max_error`), and runs
-        on the CPU provider: onnxruntime's int8 QDQ kernels gain nothing elsewhere.
+        contract.limits.admit_calibration; None: the synthetic images alone) once its work
+        passes the limits (admit_quantization), refused when its measured error exceeds the
+        spec's max_error (InvalidSpec naming `max_error`), and runs on the CPU provider:
+        onnxruntime's int8 QDQ kernels gain nothing elsewhere. Quantizing calls
+        `still_wanted` between batches of images, which stops it by raising (Abandoned).
         """
         pipeline_id = content_id(pipeline, tensors, calibration)
         report = None
         providers = self.providers
         if pipeline.precision == "int8":
-            int8, report = self._quantize(pipeline, pipeline_id, tensors, calibration)
+            admit_quantization(
+                pipeline, None if calibration is None else calibration.shape, self.limits
+            )
+            int8, report = self._quantize(pipeline, pipeline_id, tensors, calibration, still_wanted)
             model_bytes = int8.SerializeToString()
             del int8  # the bytes are what the session and GetPipeline need
             providers = [CPU]
@@ -280,12 +302,19 @@ class SessionCache:
         pipeline_id: str,
         tensors: WeightTensors,
         calibration: np.ndarray | None,
+        still_wanted: Callable[[], None] | None,
     ) -> tuple[onnx.ModelProto, QuantizationReport]:
         """The int8 model of a pipeline and its checked report, logged at INFO."""
         # Imported here: onnxruntime's quantization tools cost a float32-only server 0.3 s.
         from featmap.service.quantize import check_int8_model_runs_here, quantize_pipeline
 
-        quantized = quantize_pipeline(pipeline, tensors, calibration, threads=self.intra_op_threads)
+        quantized = quantize_pipeline(
+            pipeline,
+            tensors,
+            calibration,
+            threads=self.intra_op_threads,
+            still_wanted=still_wanted,
+        )
         check_int8_model_runs_here(quantized.model)
         try:
             report = check_error(quantized.report, pipeline.int8_max_error, field="max_error")

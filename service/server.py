@@ -197,7 +197,9 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
 
     @map_errors
     def RegisterPipeline(self, request: pb.RegisterPipelineRequest, context: Any) -> Any:
-        return self.service.register_pipeline(request, self.caller(context))
+        return self.service.register_pipeline(
+            request, self.caller(context), functools.partial(still_wanted, context)
+        )
 
     @map_errors
     def GetPipeline(self, request: pb.GetPipelineRequest, context: Any) -> Any:

@@ -47,6 +47,9 @@ class ServerSettings(BaseSettings):
     spec_cache_bytes: int = Field(default=256 * MIB, ge=MIB)
     session_cache_bytes: int = Field(default=4 * GIB, ge=MIB)
     registry_bytes: int = Field(default=4 * GIB, ge=MIB)
+    # ... and the runs in flight, over all callers: each batch's activations and int8 conv
+    # workspace (admit_batch's estimate), held from admission to its reply.
+    run_bytes: int = Field(default=4 * GIB, ge=MIB)
     # Dynamic batching defaults (RegisterPipeline may override them per pipeline).
     batching: bool = True
     max_batch_size: int = Field(default=32, ge=1)

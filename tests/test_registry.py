@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from types import CodeType
 from typing import Any
 
@@ -395,11 +396,13 @@ class GatedCache(SessionCache):
         pipeline: Pipeline,
         tensors: WeightTensors = NO_TENSORS,
         calibration: np.ndarray | None = None,
+        *,
+        still_wanted: Callable[[], None] | None = None,
     ) -> CompiledPipeline:
         if not self.compiling.is_set():
             self.compiling.set()
             assert self.release.wait(timeout=30)
-        return super().compile(pipeline, tensors, calibration)
+        return super().compile(pipeline, tensors, calibration, still_wanted=still_wanted)
 
 
 def test_max_registered_pipelines_counts_registrations_in_flight() -> None:
