@@ -99,6 +99,18 @@ def reply_bytes(
     return sum(batch * math.prod(shape) * itemsize for shape in output_shapes)
 
 
+# What a reply holds beyond its outputs' data, at most: protobuf tags and lengths, the pipeline
+# id or OIP model name and request id (at most 256 bytes), and per output its name (layer names
+# are at most 128 characters), dtype and shape (4 dims).
+REPLY_ENVELOPE_BYTES = 512
+REPLY_BYTES_PER_OUTPUT = 256
+
+
+def reply_message_bytes(data_bytes: int, outputs: int) -> int:
+    """The most a reply message of `outputs` outputs holding `data_bytes` of data can take."""
+    return data_bytes + REPLY_ENVELOPE_BYTES + REPLY_BYTES_PER_OUTPUT * outputs
+
+
 def all_finite(array: np.ndarray) -> bool:
     """True when no NaN/Inf; two SIMD reductions instead of a boolean temporary."""
     if array.size == 0 or array.dtype.kind != "f":

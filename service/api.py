@@ -16,7 +16,7 @@ from featmap.contract.errors import InvalidRequest, InvalidTensor, NotPermitted
 from featmap.contract.limits import DeferredBatch, check_reply_bytes, check_request_bytes
 from featmap.contract.precision import report_message
 from featmap.contract.spec import Pipeline, check_pipeline_name, json_schema_text
-from featmap.contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, wire_dtype
+from featmap.contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, reply_message_bytes, wire_dtype
 from featmap.contract.wire import (
     FramedExtractRequest,
     FramedExtractResponse,
@@ -214,7 +214,9 @@ class FeatureService:
         if result.plan.reply_bytes > message.output_region.byte_size:
             # A region too small for this reply is no error: the outputs come inline, and
             # the client sizes its region from them for the next request.
-            check_reply_bytes(result.plan.reply_bytes, self.limits)
+            check_reply_bytes(
+                reply_message_bytes(result.plan.reply_bytes, len(outputs)), self.limits
+            )
             return FramedExtractResponse(response, outputs)
         written = self.shared_memory.write(
             caller.tenant, message.output_region, list(outputs.items()), "output_region"

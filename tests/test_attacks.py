@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -34,7 +34,10 @@ from featmap.client.client import FeatmapRpcError
 from featmap.client.shared_memory import SharedMemoryPool
 from featmap.contract.errors import MAX_MESSAGE_CHARS
 from featmap.contract.limits import MIB
+from featmap.contract.ops import batch_cost
 from featmap.contract.shared_memory import segment_prefix
+from featmap.contract.spec import parse_pipeline
+from featmap.contract.tensors import reply_message_bytes
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from featmap.service.server import FeatmapServer
@@ -71,7 +74,7 @@ def extract_request(
 def failure(call: Any, request: Any, **kwargs: Any) -> grpc.RpcError:
     """The RpcError a call ends with (the test fails if it succeeds)."""
     with pytest.raises(grpc.RpcError) as caught:
-        call(request, timeout=60, **kwargs)
+        call(request, **{"timeout": 60, **kwargs})
     return caught.value
 
 
@@ -988,11 +991,14 @@ class ServerCost:
 class Served:
     """A warm `featmap serve` process: its pid, address, stderr, and a registered README model."""
 
-    def __init__(self, serving: Any, address: str, model: str) -> None:
+    def __init__(
+        self, serving: Any, address: str, model: str, outputs: Sequence[str] = ("conv1", "features")
+    ) -> None:
         self.serving = serving
         self.pid: int = serving.process.pid
         self.address = address
         self.model = model
+        self.outputs = list(outputs)
 
     def cost(self) -> ServerCost:
         return ServerCost(self.pid)
@@ -1004,7 +1010,7 @@ class Served:
             reply = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
                 infer_request(self.model, images(2, 16)), timeout=30
             )
-        assert [output.name for output in reply.outputs] == ["conv1", "features"]
+        assert [output.name for output in reply.outputs] == self.outputs
 
 
 def infer_request(model: str, batch: np.ndarray, *outputs: str) -> oip.ModelInferRequest:
@@ -1067,10 +1073,13 @@ def test_finding_20_3_the_oip_reply_is_sized_by_the_outputs_asked_for() -> None:
             batch = images(1, 256)  # 768 KiB
             reply = inference.ModelInfer(infer_request(model, batch, "features"), timeout=30)
             assert [len(raw) for raw in reply.raw_output_contents] == [32]
-            for outputs in (("conv1",), ()):  # conv1, or all (the default)
+            conv1 = 8 * 256 * 256 * 4
+            # conv1, or all (the default); the reply counts its framing too.
+            for outputs, size in ((("conv1",), conv1), ((), conv1 + 32)):
                 error = failure(inference.ModelInfer, infer_request(model, batch, *outputs))
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
-                assert "the reply would be 2097" in error.details()
+                framed = reply_message_bytes(size, len(outputs) or 2)
+                assert f"the reply would be {framed} bytes" in error.details()
 
 
 def test_finding_20_4_zero_element_shapes_are_invalid_on_every_path(
@@ -1206,3 +1215,151 @@ def test_finding_20_5_the_oip_id_is_bounded_and_never_echoed_longer(
     # Receiving 30 MB costs its parse (about 4x, gone once trimmed); nothing is echoed or kept.
     assert cost.cpu_s < 2 and cost.peak_mb < 160 and cost.rss_mb < 20
     served.assert_serving()
+
+
+# --------------------------------------------------------------------------- 20.1, 20.2: int8
+#
+# onnxruntime's int8 conv holds 8 bytes per kernel tap and output pixel (contract.ops
+# INT8_CONV_BYTES_PER_TAP): every batch's estimate counts it, int8 kernels stop at 11 x 11, and
+# quantizing is admitted and charged like an Extract of its images.
+
+PEAK_BOUND_MB = 2500  # the whole attack set, any one server process
+
+
+def int8_conv(filters: int, kernel: int, *more: dict[str, Any]) -> dict[str, Any]:
+    """An int8 spec: one SAME conv of `kernel`, then `more` layers, no error threshold."""
+    conv = {"op": "conv2d", "filters": filters, "kernel_size": kernel, "padding": "same",
+            "weights": {"init": "he_normal", "seed": 0}}  # fmt: skip
+    return {"input": {"channels": 3}, "precision": "int8", "max_error": 1.0,
+            "layers": [conv, *more]}  # fmt: skip
+
+
+def test_finding_20_1_a_large_int8_kernel_is_refused_before_any_work(
+    served: Served, served_channel: grpc.Channel
+) -> None:
+    # 246 bytes that cost 13 GB and a minute of CPU: calibrating on 16 synthetic 224 x 224
+    # images, whose int8 conv held 1.6 GB of pointers an image.
+    request = extract_request(images(1, 16), json.dumps(int8_conv(16, 64)))
+    stub = pb_grpc.FeatureExtractorStub(served_channel)
+    with served.cost() as cost:
+        error = failure(stub.Extract, request, timeout=3)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field_of(error) == "layers[0].kernel_size"
+    assert "int8 convs take at most 121" in error.details()
+    assert cost.peak_mb < 50 and cost.cpu_s < 1
+    served.assert_serving()
+
+
+def test_finding_20_1_a_caller_gone_stops_the_quantization(
+    served: Served, served_channel: grpc.Channel
+) -> None:
+    # Six 16-filter 7 x 7 convs: ~15 s of quantizing on one thread, in ~200 MB. The caller
+    # gives up after 1 s; the server stops at the next batch of images, not a minute later.
+    deep = [{"op": "conv2d", "filters": 16, "kernel_size": 7, "padding": "same",
+             "weights": {"init": "he_normal", "seed": seed}} for seed in range(1, 6)]  # fmt: skip
+    spec = int8_conv(16, 7, *deep)
+    request = extract_request(images(1, 16), json.dumps(spec))
+    stub = pb_grpc.FeatureExtractorStub(served_channel)
+    with served.cost() as cost:
+        error = failure(stub.Extract, request, timeout=1)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(8)  # the batch in progress ends; nothing after it starts
+        with served.cost() as after:
+            time.sleep(2)
+    assert after.cpu_s < 0.5, f"still quantizing: {after.cpu_s:.2f} s CPU in 2 s"
+    assert cost.peak_mb < PEAK_BOUND_MB
+    served.assert_serving()
+
+
+# The largest int8 kernel, pooled to 16 numbers an image: replies stay small at any size.
+POOLED_INT8 = int8_conv(16, 11, {"op": "global_avg_pool2d", "name": "features"})
+
+
+@pytest.fixture(scope="module")
+def int8_served() -> Iterator[Served]:
+    """A server whose runs in flight may hold 1.5 GiB, with a 6 x 10^10 FLOPs request limit;
+    its model is an int8 3 -> 16 conv of 11 x 11 (the largest int8 kernel)."""
+    env = clean_env(
+        FEATMAP_INTRA_OP_THREADS="1",
+        FEATMAP_GRPC_WORKERS="8",
+        FEATMAP_RUN_BYTES=str(1536 * MIB),
+        FEATMAP_MAX_FLOPS=str(6 * 10**10),
+    )
+    with featmap_serve("--port", "0", env=env) as serving:
+        address = f"127.0.0.1:{serving.wait_listening()}"
+        with FeatureClient(address, timeout=120) as client:
+            client.wait_ready()
+            model = client.register(POOLED_INT8, calibration=images(16, 64))
+            client.extract(images(1, 64), model)
+        running = Served(serving, address, model, outputs=["features"])
+        yield running
+        peak = status_kib(running.pid, "VmHWM") / 1024
+        assert peak < PEAK_BOUND_MB, f"server peak {peak:.0f} MB"
+
+
+def test_finding_20_1_quantizing_is_admitted_like_an_extract_of_its_images(
+    int8_served: Served,
+) -> None:
+    # One 16 x 16 image is 1.2 x 10^7 FLOPs; quantizing on the synthetic 224 x 224 images is
+    # 48 image passes of 2.3 x 10^9, over max_flops: refused before any of it runs.
+    request = extract_request(images(1, 16), json.dumps(int8_conv(64, 11)))
+    with grpc.insecure_channel(int8_served.address) as channel:
+        stub = pb_grpc.FeatureExtractorStub(channel)
+        with int8_served.cost() as cost:
+            error = failure(stub.Extract, request, timeout=30)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert field_of(error) == "layers"
+    assert "quantizing this int8 pipeline on the synthetic images needs" in error.details()
+    assert cost.peak_mb < 50 and cost.cpu_s < 1
+    int8_served.assert_serving()
+
+
+BIG_MESSAGES = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+
+def by_id(array: np.ndarray, model: str) -> pb.ExtractRequest:
+    """An Extract of `array` by a registered pipeline's id."""
+    tensor = pb.Tensor(dtype=pb.FLOAT32, shape=array.shape, data=array.tobytes())
+    return pb.ExtractRequest(pipeline_id=model, images=tensor)
+
+
+def test_finding_20_2_int8_runs_are_charged_their_conv_workspace(int8_served: Served) -> None:
+    # 1024 x 1024 (a 12 MiB request): 1.0 GB of int8 conv workspace and 80 MB of activations,
+    # admitted; 2048 x 2048 would be 4.4 GB: refused naming run_bytes, before it is allocated.
+    with grpc.insecure_channel(int8_served.address, options=BIG_MESSAGES) as channel:
+        stub = pb_grpc.FeatureExtractorStub(channel)
+        big = images(1, 1024)
+        with int8_served.cost() as cost:
+            reply = stub.Extract(by_id(big, int8_served.model), timeout=120)
+        assert reply.outputs["features"].shape == [1, 16, 1, 1]
+        estimate = batch_cost(parse_pipeline(POOLED_INT8), 1, 1024, 1024, 4)
+        assert estimate.workspace_bytes == 1024**2 * 121 * 8
+        print(f"estimated {estimate.memory_bytes / MIB:.0f} MB")
+        assert estimate.memory_bytes / MIB / 1.5 <= cost.peak_mb <= estimate.memory_bytes / MIB
+        huge = by_id(images(1, 2048), int8_served.model)
+        with int8_served.cost() as cost:
+            error = failure(stub.Extract, huge, timeout=60)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert field_of(error) == "images.shape" and "run_bytes" in error.details()
+        assert cost.peak_mb < 250  # the 50 MB request itself, parsed
+        # Two callers at once: one runs, the other is told to retry (Busy), never both.
+        results: list[Any] = []
+
+        def call() -> None:
+            try:
+                results.append(stub.Extract(by_id(big, int8_served.model)))
+            except grpc.RpcError as exc:
+                results.append(exc)
+
+        with int8_served.cost() as cost:
+            callers = [threading.Thread(target=call) for _ in range(2)]
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join(timeout=120)
+        refused = [r for r in results if isinstance(r, grpc.RpcError)]
+        assert len(results) == 2 and len(refused) <= 1
+        for error in refused:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert dict(error.trailing_metadata())["featmap-retryable"] == "1"
+    int8_served.assert_serving()

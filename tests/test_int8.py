@@ -223,8 +223,15 @@ def test_int8_memory_is_charged_by_parameters_and_calibration() -> None:
         ({"input": {"channels": 64}, "precision": "int8", "layers": [
             {"op": "conv2d", "filters": 16, "kernel_size": 1,
              "weights": {"init": "he_normal"}}]}, None, False),
+        # The largest int8 kernel: onnxruntime's int8 conv workspace (8 bytes a tap and pixel).
+        ({"input": {"channels": 3}, "precision": "int8", "max_error": 1.0, "layers": [
+            {"op": "conv2d", "filters": 16, "kernel_size": 11, "padding": "same",
+             "weights": {"init": "he_normal"}}]}, None, False),
+        ({"input": {"channels": 3}, "precision": "int8", "max_error": 1.0, "layers": [
+            {"op": "conv2d", "filters": 64, "kernel_size": 11, "padding": "same",
+             "weights": {"init": "he_normal"}}]}, [8, 3, 160, 160], False),
     ],
-    ids=["parameters", "images", "synthetic"],
+    ids=["parameters", "images", "synthetic", "kernel_11", "kernel_11_wide"],
 )  # fmt: skip
 def test_measured_int8_bytes_hold(
     spec: dict[str, Any], shape: list[int] | None, check_steady: bool

@@ -124,7 +124,8 @@ def test_a_float16_reply_is_sized_at_two_bytes_a_value(small_server: FeatmapServ
         with pytest.raises(FeatmapRpcError) as refused:
             client.extract(images, spec)
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "the reply would be 1440000 bytes" in refused.value.details
+    # 1,440,000 bytes of data and at most REPLY_ENVELOPE + REPLY_BYTES_PER_OUTPUT of framing.
+    assert "the reply would be 1440768 bytes" in refused.value.details
 
 
 BIASED_SPEC: dict[str, Any] = {
