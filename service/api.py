@@ -28,7 +28,7 @@ from featmap.service.batching import BatchingPolicy, DynamicBatcher
 from featmap.service.extractor import Extractor, Target
 from featmap.service.graph import OPSET
 from featmap.service.registry import PipelineRegistry, RegisteredPipeline
-from featmap.service.runtime import SessionCache, available_providers, resolve_providers
+from featmap.service.runtime import OnGone, SessionCache, available_providers, resolve_providers
 from featmap.service.security import Caller
 from featmap.service.settings import ServerSettings
 from featmap.service.shared_memory import SharedMemoryRegistry
@@ -184,6 +184,7 @@ class FeatureService:
         target: Target,
         caller: Caller,
         before_run: Callable[[], None] | None = None,
+        on_gone: OnGone | None = None,
     ) -> FramedExtractResponse:
         """Run one request's images through its target.
 
@@ -206,6 +207,7 @@ class FeatureService:
             output_dtype=output_dtype,
             reply_in_message=not to_region,
             before_run=before_run,
+            on_gone=on_gone,
         )
         outputs = result.outputs
         response = pb.ExtractResponse(pipeline_id=result.pipeline_id)

@@ -25,12 +25,15 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from featmap.contract.errors import ExecutionFailed
 from featmap.service import stages
+
+if TYPE_CHECKING:
+    from featmap.service.runtime import OnGone
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class PipelineRunner(Protocol):
     @property
     def pipeline_id(self) -> str: ...
 
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+    def run(self, images: np.ndarray, on_gone: OnGone | None = None) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class _Step(Enum):
 class _Request:
     images: np.ndarray
     arrived: float
+    on_gone: OnGone | None = None
     started: float | None = None  # when its batch began running
     wake: threading.Event = field(default_factory=threading.Event)
     step: _Step | None = None
@@ -133,7 +137,11 @@ class DynamicBatcher:
             return sum(len(queue.waiting) for queue in self._queues.values())
 
     def run(
-        self, compiled: PipelineRunner, images: np.ndarray, policy: BatchingPolicy
+        self,
+        compiled: PipelineRunner,
+        images: np.ndarray,
+        policy: BatchingPolicy,
+        on_gone: OnGone | None = None,
     ) -> dict[str, np.ndarray]:
         """The outputs for `images`, computed in a batch shared with concurrent callers.
 
@@ -141,6 +149,8 @@ class DynamicBatcher:
             compiled: the pipeline's session (a CompiledPipeline).
             images: a batch that already passed the extractor's checks.
             policy: the pipeline's batching; disabled means `compiled.run(images)` unchanged.
+            on_gone: stops a run that serves this caller alone once it has gone (a batch
+                shared with others runs on for them).
 
         Returns:
             The pipeline's outputs for exactly these images, in order. With batching enabled
@@ -148,11 +158,11 @@ class DynamicBatcher:
         """
         if not policy.enabled:
             started = time.monotonic()
-            outputs = compiled.run(images)
+            outputs = compiled.run(images, on_gone)
             stages.note("compute", time.monotonic() - started)
             return outputs
         key: _Key = (compiled.pipeline_id, images.shape[1:], images.dtype, policy)
-        request = _Request(images=images, arrived=time.monotonic())
+        request = _Request(images=images, arrived=time.monotonic(), on_gone=on_gone)
         # Decided under the lock; after it, the request's Event is the only hand-over.
         with self._lock:
             queue = self._queues.get(key)
@@ -174,7 +184,7 @@ class DynamicBatcher:
         started = request.started or request.arrived
         stages.note("queue", started - request.arrived)
         if request.step is _Step.RUN_ALONE:
-            outputs = _read_only(compiled.run(images))
+            outputs = _read_only(compiled.run(images, on_gone))
         else:
             assert request.outputs is not None
             outputs = request.outputs
@@ -251,7 +261,8 @@ class DynamicBatcher:
                 if len(batch) == 1
                 else np.concatenate([request.images for request in batch])
             )
-            parts = _split(compiled.run(images), counts)
+            alone = batch[0].on_gone if len(batch) == 1 else None
+            parts = _split(compiled.run(images, alone), counts)
         except Exception as exc:
             if len(batch) == 1:
                 raise  # alone already: the error is this caller's own

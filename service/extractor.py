@@ -28,7 +28,7 @@ from featmap.contract.tensors import all_finite, first_non_finite
 from featmap.service import stages
 from featmap.service.batching import BatchingPolicy, DynamicBatcher
 from featmap.service.budget import UNBOUNDED, MemoryBudget
-from featmap.service.runtime import CompiledPipeline, SessionCache
+from featmap.service.runtime import CompiledPipeline, OnGone, SessionCache
 from featmap.service.weights import check_presets
 
 
@@ -88,11 +88,13 @@ class Extractor:
         reply_in_message: bool = True,
         output_names: Sequence[str] | None = None,
         before_run: Callable[[], None] | None = None,
+        on_gone: OnGone | None = None,
     ) -> Extraction:
         """Admit `images`, run them through `target`, and check the results.
 
         `before_run` is called after every check, right before onnxruntime; the server passes
-        one that raises Abandoned when the caller has gone or its deadline has passed.
+        one that raises Abandoned when the caller has gone or its deadline has passed, and
+        `on_gone`, which stops a run serving this caller alone once it has gone.
         `output_names`: those the reply will carry, each once (default: all), to size it. Outputs
         are float32, or float16 (NonFiniteResult for values float16 cannot hold). With a
         batching policy, concurrent calls share onnxruntime runs; the checks stay per call, so
@@ -118,9 +120,9 @@ class Extractor:
             if before_run is not None:
                 before_run()
             if self.batcher is not None and target.batching is not None:
-                outputs = self.batcher.run(compiled, images, target.batching)
+                outputs = self.batcher.run(compiled, images, target.batching, on_gone)
             else:
-                outputs = compiled.run(images)
+                outputs = compiled.run(images, on_gone)
         finally:
             with self._runs_lock:
                 self.runs.cancel(memory)

@@ -38,8 +38,15 @@ from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from featmap.service.api import FeatureService
 from featmap.service.registry import RegisteredPipeline
+from featmap.service.runtime import OnGone
 from featmap.service.security import Caller, Tenants, caller_of
-from featmap.service.server import _serialize_message, _tolerant, map_errors, still_wanted
+from featmap.service.server import (
+    _serialize_message,
+    _tolerant,
+    map_errors,
+    still_wanted,
+    when_gone,
+)
 
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "featmap"
@@ -245,6 +252,7 @@ class InferenceService:
         framed: FramedInferRequest,
         caller: Caller,
         before_run: Callable[[], None] | None = None,
+        on_gone: OnGone | None = None,
     ) -> FramedInferResponse:
         """Run the input through the model; the requested outputs (default all), raw FP32."""
         request = framed.message
@@ -260,6 +268,7 @@ class InferenceService:
             images,
             output_names=names,
             before_run=before_run,
+            on_gone=on_gone,
         ).outputs
         response = oip.ModelInferResponse(
             model_name=request.model_name, model_version=MODEL_VERSION, id=request.id
@@ -313,7 +322,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     @map_errors
     def ModelInfer(self, request: FramedInferRequest, context: Any) -> Any:
         caller = caller_of(context, self.tenants)
-        return self.inference.model_infer(request, caller, functools.partial(still_wanted, context))
+        return self.inference.model_infer(
+            request,
+            caller,
+            functools.partial(still_wanted, context),
+            functools.partial(when_gone, context),
+        )
 
 
 def inference_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import OrderedDict
@@ -13,7 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from featmap.contract.errors import Abandoned, ExecutionFailed, InvalidSpec, Unavailable
+from featmap.contract.errors import (
+    Abandoned,
+    Cancelled,
+    ExecutionFailed,
+    InvalidSpec,
+    Unavailable,
+)
 from featmap.contract.limits import (
     DEFAULT_LIMITS,
     RequestLimits,
@@ -26,6 +33,10 @@ from featmap.service.budget import UNBOUNDED, MemoryBudget
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 
 log = logging.getLogger(__name__)
+
+# Given a function that stops a run, calls it once the run's caller has gone (or at once when
+# it already has): how a server ties a run to its call.
+OnGone = Callable[[Callable[[], None]], None]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -107,13 +118,21 @@ class CompiledPipeline:
         """Providers the session actually placed nodes on, in priority order."""
         return list(self.session.get_providers())
 
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """The requested outputs for a batch that already passed the extractor's checks."""
+    def run(self, images: np.ndarray, on_gone: OnGone | None = None) -> dict[str, np.ndarray]:
+        """The requested outputs for a batch that already passed the extractor's checks.
+
+        `on_gone`, when given, is handed a function that stops this run (onnxruntime checks
+        between nodes); the server calls it once the run's only caller has gone.
+        """
         names = self.pipeline.output_names
         options = self.runs.start()
+        if on_gone is not None:
+            on_gone(functools.partial(setattr, options, "terminate", True))
         try:
             results = self.session.run(names, {INPUT_NAME: images}, options)
         except Exception as exc:
+            if options.terminate and not self.runs.terminated:
+                raise Cancelled("request", "the caller went away; its run was stopped") from None
             if options.terminate:
                 raise Unavailable(
                     "request", "the server is shutting down and stopped this run; retry elsewhere"

@@ -138,6 +138,16 @@ def still_wanted(context: grpc.ServicerContext) -> None:
         raise Cancelled("request", "the caller went away before the work started")
 
 
+def when_gone(context: grpc.ServicerContext, stop: Callable[[], None]) -> None:
+    """Call `stop` once the call has ended (the caller went away, or its deadline passed).
+
+    gRPC also runs it when the call ends normally, after the work: stopping a finished run
+    does nothing. At once when the call has ended already.
+    """
+    if not context.add_callback(stop):
+        stop()
+
+
 class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
     """featmap.v1.FeatureExtractor over a FeatureService."""
 
@@ -156,7 +166,11 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
         caller = self.caller(context)
         target = self.service.target(request, caller)
         return self.service.extract(
-            request, target, caller, functools.partial(still_wanted, context)
+            request,
+            target,
+            caller,
+            functools.partial(still_wanted, context),
+            functools.partial(when_gone, context),
         )
 
     @map_errors
@@ -176,6 +190,8 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
             for sequence, request in enumerate(read_ahead):
                 try:
                     target = self.service.target(unframed(request), caller, target)
+                    # No when_gone here: gRPC would keep one callback per message until the
+                    # stream ends.
                     response = self.service.extract(
                         request, target, caller, functools.partial(still_wanted, context)
                     )

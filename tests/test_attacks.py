@@ -1275,6 +1275,27 @@ def test_finding_20_1_a_caller_gone_stops_the_quantization(
 POOLED_INT8 = int8_conv(16, 11, {"op": "global_avg_pool2d", "name": "features"})
 
 
+def test_finding_20_1_a_caller_gone_stops_its_run(
+    served: Served, served_channel: grpc.Channel
+) -> None:
+    # 4 x 10^11 FLOPs, several seconds on the server's one thread: the caller waits 1 s. The
+    # run serves that caller alone, so onnxruntime is told to stop (RunOptions.terminate).
+    convs = [{"op": "conv2d", "filters": 64, "kernel_size": 3, "padding": "same",
+              "weights": {"init": "he_normal", "seed": seed}} for seed in range(6)]  # fmt: skip
+    spec = {"input": {"channels": 3}, "layers": [*convs, {"op": "global_avg_pool2d"}]}
+    request = extract_request(images(4, 512), json.dumps(spec))
+    stub = pb_grpc.FeatureExtractorStub(served_channel)
+    with served.cost() as cost:
+        error = failure(stub.Extract, request, timeout=1)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(1.5)  # onnxruntime checks the flag between nodes
+        with served.cost() as after:
+            time.sleep(2)
+    assert after.cpu_s < 0.5, f"still running: {after.cpu_s:.2f} s CPU in 2 s"
+    assert cost.peak_mb < PEAK_BOUND_MB
+    served.assert_serving()
+
+
 @pytest.fixture(scope="module")
 def int8_served() -> Iterator[Served]:
     """A server whose runs in flight may hold 1.5 GiB, with a 6 x 10^10 FLOPs request limit;

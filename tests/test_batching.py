@@ -14,7 +14,7 @@ import pytest
 from featmap.contract.errors import ExecutionFailed
 from featmap.contract.spec import parse_pipeline
 from featmap.service.batching import BatchingPolicy, BatchStats, DynamicBatcher, PipelineRunner
-from featmap.service.runtime import CPU, CompiledPipeline, SessionCache
+from featmap.service.runtime import CPU, CompiledPipeline, OnGone, SessionCache
 from tests.conftest import README_SPEC, assert_matches_reference
 
 # Generous: a deadlock fails the test after this long instead of hanging the run.
@@ -58,7 +58,7 @@ class RecordingPipeline:
         with self._lock:
             return [len(images) for images in self.runs]
 
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, images: np.ndarray, on_gone: OnGone | None = None) -> dict[str, np.ndarray]:
         with self._lock:
             self.runs.append(images)
             hold, self._hold = self._hold, False
@@ -68,7 +68,7 @@ class RecordingPipeline:
             assert self.release.wait(TIMEOUT_S)
         if np.isnan(images).any():
             raise ExecutionFailed("images", f"poisoned batch of {len(images)}")
-        return self.compiled.run(images)
+        return self.compiled.run(images, on_gone)
 
 
 @pytest.fixture(scope="module")
