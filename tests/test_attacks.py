@@ -950,6 +950,7 @@ def test_rss_returns_after_a_hostile_run(tmp_path: Path) -> None:
 # memory now, the peak it ever reached (VmHWM: a new peak is what an attack costs), and its CPU
 # seconds; a bystander's request must succeed afterwards.
 
+PEAK_BOUND_MB = 2500  # the whole attack set, any one server process
 ZERO_SHAPE = [2**31 - 1, 2**31 - 1, 0, 2**31 - 1]  # no elements; the others overflow NumPy
 
 
@@ -1033,6 +1034,8 @@ def served() -> Iterator[Served]:
         running = Served(serving, address, model)
         running.assert_serving()
         yield running
+        peak = status_kib(running.pid, "VmHWM") / 1024
+        assert peak < PEAK_BOUND_MB, f"server peak {peak:.0f} MB"
 
 
 @pytest.fixture(scope="module")
@@ -1222,9 +1225,6 @@ def test_finding_20_5_the_oip_id_is_bounded_and_never_echoed_longer(
 # onnxruntime's int8 conv holds 8 bytes per kernel tap and output pixel (contract.ops
 # INT8_CONV_BYTES_PER_TAP): every batch's estimate counts it, int8 kernels stop at 11 x 11, and
 # quantizing is admitted and charged like an Extract of its images.
-
-PEAK_BOUND_MB = 2500  # the whole attack set, any one server process
-
 
 def int8_conv(filters: int, kernel: int, *more: dict[str, Any]) -> dict[str, Any]:
     """An int8 spec: one SAME conv of `kernel`, then `more` layers, no error threshold."""
