@@ -618,7 +618,8 @@ def test_response_over_max_message_bytes(small_client: FeatureClient) -> None:
         small_client.extract(normal(1, 3, 30, 30), spec)  # 300 x 30 x 30 float32 = 1.08 MB
     # Known from the shapes before any work is done, and blamed on the outputs.
     assert (failure.value.code, failure.value.field) == (EXHAUSTED, "outputs"), failure.value
-    assert "reply would be 1080000 bytes" in failure.value.details
+    # 1,080,000 bytes of data and at most 512 + 256 of framing (contract.tensors).
+    assert "reply would be 1080768 bytes" in failure.value.details
     assert f"max_message_bytes={MIB}" in failure.value.details
 
 
