@@ -62,6 +62,8 @@ log = logging.getLogger("featmap.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureExtractor"].full_name
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+# Once drained, how long calls already received but not yet handed a thread get to be answered.
+HANDOFF_S = 1.0
 # After the grace, how long terminated runs get to unwind before the server stops anyway.
 TERMINATE_WAIT_S = 1.0
 
@@ -419,7 +421,9 @@ class FeatmapServer:
                 stopped,
             )
             drained = all(gate.drain(TERMINATE_WAIT_S) for gate in gates)
-        self.grpc_server.stop(0).wait()
+        # Calls gRPC received but had no thread for yet (health checks behind busy handlers)
+        # are answered, NOT_SERVING or UNAVAILABLE, rather than cancelled by the stop.
+        self.grpc_server.stop(HANDOFF_S).wait()
         self.servicer.watchdog.close()
         if self.trimmer is not None:
             self.trimmer.close()

@@ -163,3 +163,50 @@ def test_calls_longer_than_the_grace_are_stopped_answered_and_counted() -> None:
     assert log.count("Extract UNAVAILABLE") == 2, log
     assert "Extract OK" not in log.split("received SIGTERM")[1]
     assert "stopped 2 onnxruntime runs" in log
+
+
+def test_health_says_not_serving_while_draining_never_cancelled() -> None:
+    # Every handler thread busy with a slow Extract, a grace shorter than the load: health
+    # checks sent meanwhile queue behind them, and must be answered NOT_SERVING (or refused
+    # UNAVAILABLE once the server is gone), never cancelled when the server stops.
+    from featmap.service.server import FeatmapServer
+    from tests.test_hardening import settings
+
+    images = np.random.default_rng(0).standard_normal((2, 3, 160, 160)).astype(np.float32)
+    server = FeatmapServer(
+        settings(grpc_workers=2, batching=False, shutdown_grace_s=0.3, max_queued_requests=64)
+    ).start()
+    with FeatureClient(server.address, timeout=60, retries=0) as client:
+        client.extract(images, SLOW_SPEC)  # compiled and warm
+    codes: list[Any] = []
+
+    def check() -> None:
+        with grpc.insecure_channel(server.address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=20
+                )
+                codes.append(reply.status)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())  # type: ignore[attr-defined]
+                if exc.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+                    print("cancelled:", exc.details())  # type: ignore[attr-defined]
+
+    def extract() -> None:
+        with FeatureClient(server.address, timeout=60, retries=0) as client:
+            try:
+                client.extract(images, SLOW_SPEC)
+            except FeatmapRpcError:
+                pass
+
+    with ThreadPoolExecutor(32) as pool:
+        loads = [pool.submit(extract) for _ in range(12)]
+        time.sleep(0.3)  # both handler threads are computing
+        stopping = pool.submit(server.stop)
+        checks = []
+        for _ in range(48):  # through the grace and the stop
+            checks.append(pool.submit(check))
+            time.sleep(0.01)
+        wait([*loads, stopping, *checks], timeout=60)
+    allowed = {health_pb2.HealthCheckResponse.NOT_SERVING, grpc.StatusCode.UNAVAILABLE}
+    assert len(codes) == 48 and set(codes) <= allowed, codes
