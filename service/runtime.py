@@ -23,6 +23,7 @@ from featmap.contract.errors import (
 )
 from featmap.contract.limits import (
     DEFAULT_LIMITS,
+    MIB,
     RequestLimits,
     admit_quantization,
     session_memory,
@@ -155,6 +156,56 @@ class CacheStats:
     evictions: int = 0
 
 
+# What the refusals of int8 pipelines for their measured error may keep (RefusedInt8): ids and
+# messages, each charged its text and a fixed overhead.
+REFUSED_INT8_BYTES = MIB
+REFUSAL_OVERHEAD_BYTES = 256
+
+
+class RefusedInt8:
+    """int8 pipelines refused for their measured error, by content id: sent again, the same
+    refusal at once, without quantizing again. Bounded in bytes, least recently used first.
+
+    The content id covers the spec (max_error included), the weights and the calibration
+    images, and the CPU class is the process's: the same id always measures the same error.
+    """
+
+    def __init__(self, max_bytes: int = REFUSED_INT8_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._refusals: OrderedDict[str, InvalidSpec] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _cost(pipeline_id: str, refusal: InvalidSpec) -> int:
+        return len(pipeline_id) + len(str(refusal)) + REFUSAL_OVERHEAD_BYTES
+
+    def check(self, pipeline_id: str) -> None:
+        """Raise the refusal remembered for this id, if there is one."""
+        with self._lock:
+            refusal = self._refusals.get(pipeline_id)
+            if refusal is not None:
+                self._refusals.move_to_end(pipeline_id)
+        if refusal is not None:
+            raise InvalidSpec(refusal.field, refusal.message)
+
+    def remember(self, pipeline_id: str, refusal: InvalidSpec) -> None:
+        """Keep a refusal, forgetting the oldest beyond max_bytes."""
+        cost = self._cost(pipeline_id, refusal)
+        with self._lock:
+            if pipeline_id in self._refusals or cost > self.max_bytes:
+                return
+            self._refusals[pipeline_id] = refusal
+            self.bytes += cost
+            while self.bytes > self.max_bytes:
+                old_id, old = self._refusals.popitem(last=False)
+                self.bytes -= self._cost(old_id, old)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._refusals)
+
+
 class SessionCache:
     """LRU cache of compiled sessions keyed by pipeline id; one build per id at a time.
 
@@ -176,6 +227,7 @@ class SessionCache:
     ) -> None:
         self.capacity = capacity
         self.limits = limits
+        self.refused = RefusedInt8()
         self.providers = providers
         self.intra_op_threads = intra_op_threads
         self.spinning = spinning
@@ -276,6 +328,7 @@ class SessionCache:
         report = None
         providers = self.providers
         if pipeline.precision == "int8":
+            self.refused.check(pipeline_id)
             admit_quantization(
                 pipeline, None if calibration is None else calibration.shape, self.limits
             )
@@ -337,8 +390,9 @@ class SessionCache:
         check_int8_model_runs_here(quantized.model)
         try:
             report = check_error(quantized.report, pipeline.int8_max_error, field="max_error")
-        except InvalidSpec:
+        except InvalidSpec as refusal:
             log.info("pipeline %s refused: %s", pipeline_id, quantized.report.describe())
+            self.refused.remember(pipeline_id, refusal)
             raise
         log.info("pipeline %s: %s", pipeline_id, report.describe())
         if self.providers[0] != CPU:

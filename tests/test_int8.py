@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +323,48 @@ def test_too_large_an_error_is_refused(
     error = caught.value
     assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, "max_error")
     assert "on 16 synthetic images" in error.details
+
+
+def test_a_refused_int8_spec_costs_its_quantization_once(server: FeatmapServer) -> None:
+    # Refused for its measured error, an int8 spec is remembered by content id: sent again and
+    # again (inline or registered), it is refused at once, and a second client keeps its pace.
+    strict = {**SPEC, "max_error": 1e-5}
+    small = np.random.default_rng(3).random((1, 3, 16, 16), np.float32)
+    with FeatureClient(server.address, timeout=60, retries=0) as attacker:
+        started = time.process_time()
+        with pytest.raises(FeatmapRpcError) as first:
+            attacker.extract(small, strict)
+        quantizing = time.process_time() - started
+        assert first.value.field == "max_error"
+        latencies: list[float] = []
+        done = threading.Event()
+
+        def bystander() -> None:
+            with FeatureClient(server.address, timeout=60) as other:
+                while not done.is_set():
+                    began = time.perf_counter()
+                    other.extract(small, README_SPEC)
+                    latencies.append(time.perf_counter() - began)
+
+        watcher = threading.Thread(target=bystander)
+        watcher.start()
+        try:
+            started = time.process_time()
+            for _ in range(10):
+                with pytest.raises(FeatmapRpcError) as again:
+                    attacker.extract(small, strict)
+                assert str(again.value) == str(first.value)
+            with pytest.raises(FeatmapRpcError) as registered:
+                attacker.register(strict)
+            assert registered.value.details == first.value.details
+            repeats = time.process_time() - started
+        finally:
+            done.set()
+            watcher.join()
+    print(f"first refusal {quantizing:.2f} s CPU, 11 more {repeats:.2f} s; bystander p50 "
+          f"{statistics.median(latencies) * 1e3:.1f} ms over {len(latencies)} calls")  # fmt: skip
+    assert repeats < quantizing  # eleven refusals cost less than one quantization
+    assert latencies and statistics.median(latencies) < 0.25
 
 
 def test_calibration_is_refused_where_it_has_no_place(client: FeatureClient) -> None:
