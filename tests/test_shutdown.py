@@ -194,9 +194,12 @@ def test_health_says_not_serving_while_draining_never_cancelled() -> None:
                     print("cancelled:", exc.details())  # type: ignore[attr-defined]
 
     def extract() -> None:
-        with FeatureClient(server.address, timeout=60, retries=0) as client:
-            with contextlib.suppress(FeatmapRpcError):  # UNAVAILABLE once the server drains
-                client.extract(images, SLOW_SPEC)
+        # UNAVAILABLE once the server drains: that is the point.
+        with (
+            FeatureClient(server.address, timeout=60, retries=0) as client,
+            contextlib.suppress(FeatmapRpcError),
+        ):
+            client.extract(images, SLOW_SPEC)
 
     with ThreadPoolExecutor(32) as pool:
         loads = [pool.submit(extract) for _ in range(12)]
