@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -129,6 +131,31 @@ def map_errors(method: Handler) -> Handler:
         raise AssertionError("context.abort returns only by raising")
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """OSError saying so, in one line, when another process holds host:port.
+
+    Asked before gRPC binds: gRPC would print its own raw log line first.
+    """
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # gRPC says what is wrong with the host
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(
+                        f"{host}:{port} is already in use: stop the process that holds it, or "
+                        "choose another port (--port; 0 picks a free one)"
+                    ) from None
+                return
 
 
 def still_wanted(context: grpc.ServicerContext) -> None:
@@ -363,6 +390,7 @@ class FeatmapServer:
             enable_reflection(
                 (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME), self.grpc_server
             )
+        check_port_free(settings.host, settings.port)
         try:
             self.port = add_port(self.grpc_server, f"{settings.host}:{settings.port}", settings)
         except RuntimeError as exc:  # grpcio raises RuntimeError when the port is taken

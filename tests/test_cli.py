@@ -193,3 +193,21 @@ def test_the_schema_is_one_text_everywhere(client: FeatureClient) -> None:
     assert run_featmap("schema").stdout == committed
     stub = pb_grpc.FeatureExtractorStub(client._channel)
     assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).spec_schema_json == committed
+
+
+def test_a_taken_port_is_one_clear_line_and_status_2() -> None:
+    # Held by another featmap serve, and by any other process: the same one line, no gRPC log.
+    with featmap_serve("--port", "0") as serving:
+        port = serving.wait_listening()
+        again = run_featmap("serve", "--port", str(port))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        other = run_featmap("serve", "--port", str(held))
+    for result, taken in ((again, port), (other, held)):
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            f"featmap serve: error: 127.0.0.1:{taken} is already in use: stop the process that "
+            "holds it, or choose another port (--port; 0 picks a free one)"
+        ]
