@@ -46,6 +46,7 @@ from featmap.service.quantize import (
     model_properties,
     output_error,
     quantize_int8,
+    quantize_pipeline,
     quantize_with_report,
     run_model,
     synthetic_calibration,
@@ -713,3 +714,15 @@ def test_random_pipelines_stay_within_their_reported_error(
     assert quantized.report.errors == measure_error(run_model(model, calibration), int8_outputs)
     # ... and int8 is within it (plus float32's own tolerance) of the NumPy reference.
     assert_within_reported(int8_outputs, pipeline, calibration, quantized.report)
+
+
+def test_the_pipeline_id_does_not_depend_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Either CPU class quantizes a spec under the id of what the user sent.
+    pipeline = parse_pipeline({**SMALL_STANDARD, "precision": "int8"})
+    ids = set()
+    for cpu in ("none", "avx512_vnni"):
+        monkeypatch.setenv(CPU_OVERRIDE_VARIABLE, cpu)
+        quantized = quantize_pipeline(pipeline)
+        assert quantized.report.weight_bits == weight_bits_for(cpu)
+        ids.add(model_properties(quantized.model)["featmap.pipeline_id"])
+    assert ids == {pipeline.pipeline_id}
