@@ -1226,6 +1226,7 @@ def test_finding_20_5_the_oip_id_is_bounded_and_never_echoed_longer(
 # INT8_CONV_BYTES_PER_TAP): every batch's estimate counts it, int8 kernels stop at 11 x 11, and
 # quantizing is admitted and charged like an Extract of its images.
 
+
 def int8_conv(filters: int, kernel: int, *more: dict[str, Any]) -> dict[str, Any]:
     """An int8 spec: one SAME conv of `kernel`, then `more` layers, no error threshold."""
     conv = {"op": "conv2d", "filters": filters, "kernel_size": kernel, "padding": "same",
