@@ -42,6 +42,7 @@ CONV_FILTER_MULTIPLE = 8
 
 
 def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name, as Python values."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 

@@ -57,6 +57,7 @@ from featmap.service.int8.passes import (
     shapes_from_quantized,
 )
 
+# The ONNX metadata property that says an int8 model is one ("int8"), beside WEIGHT_BITS_PROPERTY.
 PRECISION_PROPERTY = "featmap.precision"
 
 _ACTIVATION_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
