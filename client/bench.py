@@ -107,7 +107,7 @@ class Goal:
 def int8_goal(row: Row | None) -> Goal:
     """int8 at least 1.7x float32 in this process, where the CPU has int8 dot products; on a
     CPU without them the ratio is what int8 gives there, with no goal to meet."""
-    from featmap.service.int8_cpu import cpu_int8_support, has_int8_dot_products
+    from featmap.service.int8 import cpu_int8_support, has_int8_dot_products
 
     label = "int8 / float32, in-process (x)"
     if row is None or not math.isfinite(row.ratio):

@@ -29,7 +29,7 @@ from featmap.client.bench import (
 from featmap.client.client import FeatureClient
 from featmap.contract.spec import parse_pipeline
 from featmap.service.graph import INPUT_NAME
-from featmap.service.int8_cpu import cpu_int8_support, has_int8_dot_products, weight_bits_for
+from featmap.service.int8 import cpu_int8_support, has_int8_dot_products, weight_bits_for
 from featmap.service.runtime import CPU, SessionCache
 
 # Streams of this many batches, as the float32 stream row.

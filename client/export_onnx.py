@@ -35,8 +35,7 @@ def export_onnx(
     checked = check_tensors(pipeline, tensors)
     if pipeline.precision == "int8":
         # 0.3 s: only when needed
-        from featmap.service.int8_cpu import DEFAULT_SETTINGS
-        from featmap.service.quantize import quantize_pipeline
+        from featmap.service.int8 import DEFAULT_SETTINGS, quantize_pipeline
 
         settings = replace(
             DEFAULT_SETTINGS, pooled_conv_blocks=not standard_ops, weight_bits=weight_bits

@@ -145,7 +145,7 @@ def measure_int8(
     """The int8 table of a pipeline quantized here as a server would (calibration: images
     admitted as RegisterPipeline admits them; None: the synthetic set)."""
     # The runtime is imported here, when used: the client alone never loads onnxruntime.
-    from featmap.service.quantize import quantize_pipeline
+    from featmap.service.int8 import quantize_pipeline
     from featmap.service.weights import check_tensors
 
     weights = check_tensors(pipeline, tensors)

@@ -1,6 +1,6 @@
 """int8 precision: the error report the server measures and clients read, and its threshold.
 
-The server measures (featmap.service.quantize); the report's fields, its one-line description,
+The server measures (featmap.service.int8); the report's fields, its one-line description,
 the threshold check and the Int8Report message live here, so that a client prints and compares
 what the server sent without onnxruntime.
 """

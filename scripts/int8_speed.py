@@ -29,8 +29,10 @@ from PIL import Image, ImageDraw, ImageFilter
 from featmap.client.bench import standard_spec
 from featmap.contract.spec import parse_pipeline
 from featmap.service.graph import INPUT_NAME, compile_pipeline
-from featmap.service.int8_cpu import DEFAULT_SETTINGS, Int8Settings, cpu_int8_support
-from featmap.service.quantize import (
+from featmap.service.int8 import (
+    DEFAULT_SETTINGS,
+    Int8Settings,
+    cpu_int8_support,
     measure_error,
     quantize_with_report,
     run_model,

@@ -21,8 +21,14 @@ import onnxruntime as ort
 from featmap.client.bench import standard_spec
 from featmap.contract.spec import parse_pipeline
 from featmap.service.graph import compile_pipeline
-from featmap.service.int8_cpu import DEFAULT_SETTINGS, cpu_int8_support, weight_bits_for
-from featmap.service.quantize import quantize_with_report, run_model, synthetic_calibration
+from featmap.service.int8 import (
+    DEFAULT_SETTINGS,
+    cpu_int8_support,
+    quantize_with_report,
+    run_model,
+    synthetic_calibration,
+    weight_bits_for,
+)
 
 
 def main() -> None:

@@ -32,15 +32,13 @@ from featmap.contract.precision import QuantizationReport, check_error
 from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
 from featmap.service.budget import UNBOUNDED, MemoryBudget
 from featmap.service.graph import INPUT_NAME, compile_pipeline
+from featmap.service.sessions import CPU, CUDA, build_session
 
 log = logging.getLogger(__name__)
 
 # Given a function that stops a run, calls it once the run's caller has gone (or at once when
 # it already has): how a server ties a run to its call.
 OnGone = Callable[[Callable[[], None]], None]
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 
 
 def available_providers() -> list[str]:
@@ -338,15 +336,10 @@ class SessionCache:
             providers = [CPU]
         else:
             model_bytes = compile_pipeline(pipeline, tensors).SerializeToString()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if self.spinning else "0"
-        )
-        options.log_severity_level = 3  # onnxruntime's warnings go to our log via exceptions
         try:
-            session = ort.InferenceSession(model_bytes, options, providers=providers)
+            session = build_session(
+                model_bytes, providers, threads=self.intra_op_threads, spinning=self.spinning
+            )
         except Exception as exc:
             raise ExecutionFailed(
                 "spec", f"onnxruntime could not build the session: {exc}"
@@ -378,7 +371,7 @@ class SessionCache:
     ) -> tuple[onnx.ModelProto, QuantizationReport]:
         """The int8 model of a pipeline and its checked report, logged at INFO."""
         # Imported here: onnxruntime's quantization tools cost a float32-only server 0.3 s.
-        from featmap.service.quantize import check_int8_model_runs_here, quantize_pipeline
+        from featmap.service.int8 import check_int8_model_runs_here, quantize_pipeline
 
         quantized = quantize_pipeline(
             pipeline,

@@ -10,7 +10,7 @@ import pytest
 from featmap.client.bench import Row, int8_goal, run_bench, standard_spec, tritonclient_python
 from featmap.contract.ops import layer_costs
 from featmap.contract.spec import parse_pipeline
-from featmap.service.int8_cpu import CPU_OVERRIDE_VARIABLE
+from featmap.service.int8 import CPU_OVERRIDE_VARIABLE
 
 
 def test_standard_pipeline_is_the_issues() -> None:

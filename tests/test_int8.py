@@ -44,20 +44,18 @@ from featmap.contract.precision import (
 from featmap.contract.spec import DEFAULT_MAX_ERROR, Pipeline, content_id, parse_pipeline
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from featmap.service.graph import compile_pipeline
-from featmap.service.int8_cpu import (
+from featmap.service.int8 import (
     WEIGHT_BITS_PROPERTY,
-    cpu_int8_support,
-    has_int8_dot_products,
-    weight_bits_for,
-)
-from featmap.service.quantize import (
     ErrorMeasure,
     check_int8_model_runs_here,
+    cpu_int8_support,
+    has_int8_dot_products,
     measure_error,
     model_properties,
     quantize_pipeline,
     run_model,
     synthetic_calibration,
+    weight_bits_for,
 )
 from featmap.service.runtime import CPU, SessionCache
 from featmap.service.server import FeatmapServer

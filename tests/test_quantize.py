@@ -30,18 +30,14 @@ from featmap.contract.errors import InvalidSpec, InvalidTensor, Unsupported
 from featmap.contract.precision import OutputError, QuantizationReport, check_error
 from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.service.graph import compile_pipeline
-from featmap.service.int8_cpu import (
+from featmap.service.int8 import (
     CPU_OVERRIDE_VARIABLE,
     DEFAULT_SETTINGS,
+    PRECISION_PROPERTY,
     WEIGHT_BITS_PROPERTY,
+    block_kernel,
     check_runs_here,
     cpu_int8_support,
-    weight_bits_for,
-)
-from featmap.service.quantize import (
-    PRECISION_PROPERTY,
-    _round_up,
-    block_kernel,
     measure_error,
     model_properties,
     output_error,
@@ -50,7 +46,9 @@ from featmap.service.quantize import (
     quantize_with_report,
     run_model,
     synthetic_calibration,
+    weight_bits_for,
 )
+from featmap.service.int8.calibration import _round_up
 from featmap.service.reference import reference_outputs
 from tests.test_onnx_vs_reference import cases, random_images
 

@@ -106,7 +106,7 @@ class Int8Settings:
     align_channels: bool = True
     # Run few-channel convs followed by a 2x2 max pool on 2x2 blocks (the RGB first layer).
     pooled_conv_blocks: bool = True
-    # Node names (= layer names) to keep float32, on top of those that must (_float_nodes).
+    # Node names (= layer names) to keep float32, on top of those that must (passes.float_nodes).
     keep_float: tuple[str, ...] = ()
     # Calibrated ranges are widened by this factor: without it, images slightly beyond the
     # calibration set clip, and the error on them is many times the measured one
