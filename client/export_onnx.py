@@ -28,7 +28,7 @@ def export_onnx(
     model may hold (the same numbers on onnxruntime; other runtimes can load it). A file
     travels, so its int8 weights are 7-bit by default, exact on every CPU; `weight_bits=8` is
     exact only where the CPU has int8 dot products, and None is what a server on this CPU
-    runs (featmap.service.int8_cpu).
+    runs (featmap.service.int8.cpu).
     InvalidSpec/InvalidTensor when the spec's {"tensor": NAME} weights are missing or wrong.
     """
     # Checked first: compile_pipeline trusts that RegisterPipeline already checked them.
