@@ -1,4 +1,4 @@
-"""featmap client: FeatureClient, AsyncFeatureClient and the `featmap` command line.
+"""featmap client: the client library (FeatureClient, AsyncFeatureClient): contract and gRPC only.
 
 The names below load on first use (PEP 562), so that `featmap --help` and other commands that
 need no client pay nothing for gRPC, asyncio or pydantic.

@@ -26,8 +26,8 @@ import onnxruntime as ort
 import yaml
 from PIL import Image, ImageDraw, ImageFilter
 
-from featmap.client.bench import standard_spec
 from featmap.contract.spec import parse_pipeline
+from featmap.jobs.bench import standard_spec
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.int8 import (
     DEFAULT_SETTINGS,

@@ -18,8 +18,8 @@ import hashlib
 
 import onnxruntime as ort
 
-from featmap.client.bench import standard_spec
 from featmap.contract.spec import parse_pipeline
+from featmap.jobs.bench import standard_spec
 from featmap.service.graph import compile_pipeline
 from featmap.service.int8 import (
     DEFAULT_SETTINGS,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from featmap.client.bench import Row, int8_goal, run_bench, standard_spec, tritonclient_python
 from featmap.contract.ops import layer_costs
 from featmap.contract.spec import parse_pipeline
+from featmap.jobs.bench import Row, int8_goal, run_bench, standard_spec, tritonclient_python
 from featmap.service.int8 import CPU_OVERRIDE_VARIABLE
 
 

@@ -134,8 +134,8 @@ def test_importing_the_client_loads_no_server_code() -> None:
 import sys
 import featmap.client
 from featmap.client import AsyncFeatureClient, FeatureClient, FeatmapRpcError
-import featmap.client.cli, featmap.client.extract, featmap.client.health, featmap.client.ray
-featmap.client.cli.build_parser()
+import featmap.jobs.cli, featmap.jobs.extract, featmap.jobs.health, featmap.jobs.ray
+featmap.jobs.cli.build_parser()
 heavy = ("onnxruntime", "onnx", "prometheus_client", "featmap.service")
 print(sorted(m for m in sys.modules if m.split(".")[0] in heavy or m.startswith(heavy)))
 """

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from featmap.client.cli import build_parser
+from featmap.jobs.cli import build_parser
 from tests.test_cli import featmap_serve, run_featmap
 
 ROOT = Path(__file__).resolve().parent.parent

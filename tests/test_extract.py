@@ -13,18 +13,18 @@ import pytest
 import yaml
 from PIL import Image
 
-from featmap.client.extract import (
+from featmap.contract.spec import (
+    Pipeline,
+    parse_pipeline,
+)
+from featmap.jobs.extract import (
     EmbeddedRunner,
     JobError,
     RemoteRunner,
     grpc_target,
     run_extract,
 )
-from featmap.client.specfile import load_pipeline_file
-from featmap.contract.spec import (
-    Pipeline,
-    parse_pipeline,
-)
+from featmap.jobs.specfile import load_pipeline_file
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
 from tests.conftest import README_SPEC, assert_matches_reference

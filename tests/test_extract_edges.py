@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featmap.client.extract import EmbeddedRunner, JobError, RemoteRunner, run_extract
 from featmap.contract.errors import InvalidSpec
 from featmap.contract.spec import Pipeline, parse_pipeline
+from featmap.jobs.extract import EmbeddedRunner, JobError, RemoteRunner, run_extract
 from featmap.service.server import FeatmapServer
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import FEATMAP, clean_env, free_port

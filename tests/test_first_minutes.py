@@ -97,7 +97,7 @@ def test_featmap_help_is_quick_to_start() -> None:
     # Not a benchmark: `featmap --help` must not import the server, gRPC or onnxruntime.
     probe = (
         "import sys; sys.argv = ['featmap', '--help']\n"
-        "from featmap.client.cli import main\n"
+        "from featmap.jobs.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "heavy = ('grpc', 'onnxruntime', 'onnx', 'pydantic', 'featmap.service', 'numpy')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(heavy)))"

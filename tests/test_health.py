@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from featmap.client.health import check_health
+from featmap.jobs.health import check_health
 from featmap.service.server import SERVICE_NAME, FeatmapServer
 from tests.test_cli import free_port, run_featmap
 

@@ -22,12 +22,6 @@ import pytest
 from PIL import Image
 
 from featmap.client import FeatmapRpcError, FeatureClient
-from featmap.client.bench_int8 import run_int8_bench
-from featmap.client.calibration import load_calibration
-from featmap.client.cli import main
-from featmap.client.export_onnx import export_onnx
-from featmap.client.extract import EmbeddedRunner
-from featmap.client.ray import FeatureExtractor
 from featmap.contract.errors import InvalidSpec, InvalidTensor, LimitExceeded, Unsupported
 from featmap.contract.limits import (
     DEFAULT_LIMITS,
@@ -42,6 +36,12 @@ from featmap.contract.precision import (
     report_message,
 )
 from featmap.contract.spec import DEFAULT_MAX_ERROR, Pipeline, content_id, parse_pipeline
+from featmap.jobs.bench_int8 import run_int8_bench
+from featmap.jobs.calibration import load_calibration
+from featmap.jobs.cli import main
+from featmap.jobs.export_onnx import export_onnx
+from featmap.jobs.extract import EmbeddedRunner
+from featmap.jobs.ray import FeatureExtractor
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from featmap.service.graph import compile_pipeline
 from featmap.service.int8 import (

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from featmap.client.cli import build_parser
+from featmap.jobs.cli import build_parser
 from featmap.service.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent

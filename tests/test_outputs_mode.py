@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featmap.client.outputs import Contents, Results, atomic_path, write_merged, write_npz
+from featmap.jobs.outputs import Contents, Results, atomic_path, write_merged, write_npz
 from tests.conftest import README_SPEC
 from tests.test_cli import FEATMAP, clean_env
 

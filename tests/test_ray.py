@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featmap.client.extract import EmbeddedRunner, run_extract
-from featmap.client.images import decode_image
-from featmap.client.ray import FeatureExtractor, to_pipeline_input
 from featmap.contract.pixels import image_values
 from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
 )
+from featmap.jobs.extract import EmbeddedRunner, run_extract
+from featmap.jobs.images import decode_image
+from featmap.jobs.ray import FeatureExtractor, to_pipeline_input
 from featmap.service.server import FeatmapServer
 from tests.conftest import README_SPEC, write_images
 from tests.test_extract import rows

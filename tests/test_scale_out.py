@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from featmap.client import AsyncFeatureClient, FeatureClient
-from featmap.client.extract import grpc_target
 from featmap.contract.spec import parse_pipeline
+from featmap.jobs.extract import grpc_target
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import FEATMAP, Serving, clean_env, featmap_serve
 

@@ -426,7 +426,7 @@ def test_serve_names_an_unreadable_certificate(tmp_path: Path) -> None:
 
 
 def test_health_command_speaks_tls(tls_server: FeatmapServer, pki: Pki) -> None:
-    from featmap.client.cli import main
+    from featmap.jobs.cli import main
 
     assert main(["health", "--server", tls_server.address, "--timeout", "5"]) == 2
     assert main(["health", "--server", tls_server.address, "--tls-ca", str(pki.ca.files.cert)]) == 0
@@ -435,7 +435,7 @@ def test_health_command_speaks_tls(tls_server: FeatmapServer, pki: Pki) -> None:
 def test_extract_command_sends_tls_and_token(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from featmap.client.cli import main
+    from featmap.jobs.cli import main
 
     settings = _settings(tls_cert=pki.server.cert, tls_key=pki.server.key, auth_tokens=[TOKEN])
     images = np.random.default_rng(8).random((2, 3, 12, 12), dtype=np.float32)

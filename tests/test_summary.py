@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 import yaml
 
-from featmap.client.summary import (
+from featmap.contract.errors import InvalidSpec
+from featmap.contract.ops import LayerCost, layer_costs, layer_parameters, parameter_count
+from featmap.contract.spec import parse_pipeline
+from featmap.jobs.summary import (
     FLOP_CONVENTION,
     NO_SIZE_NOTE,
     format_summary,
     parse_input_size,
 )
-from featmap.contract.errors import InvalidSpec
-from featmap.contract.ops import LayerCost, layer_costs, layer_parameters, parameter_count
-from featmap.contract.spec import parse_pipeline
 from tests.conftest import README_SPEC
 from tests.test_cli import run_featmap
 

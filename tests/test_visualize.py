@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featmap.client.visualize import (
+from featmap.contract.ops import layer_costs
+from featmap.contract.spec import parse_pipeline
+from featmap.jobs.visualize import (
     CONSTANT_GREY,
     LABEL_HEIGHT,
     PADDING,
@@ -23,8 +25,6 @@ from featmap.client.visualize import (
     render_grid,
     visualize,
 )
-from featmap.contract.ops import layer_costs
-from featmap.contract.spec import parse_pipeline
 from featmap.service.reference import reference_outputs
 from tests.test_cli import run_featmap
 

@@ -27,11 +27,11 @@ import onnxruntime as ort
 import yaml
 from PIL import Image
 
-from featmap.client.images import find_files
 from featmap.contract.spec import Pipeline
+from featmap.jobs.images import find_files
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 
-FEATMAP = [sys.executable, "-m", "featmap.client.cli"]
+FEATMAP = [sys.executable, "-m", "featmap.jobs.cli"]
 JPEG_QUALITY = 90
 
 

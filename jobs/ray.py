@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 
 from featmap.client.client import FeatureClient
-from featmap.client.extract import EmbeddedRunner
-from featmap.client.specfile import load_pipeline_file
 from featmap.contract.pixels import image_values
 from featmap.contract.precision import QuantizationReport
 from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
 )
+from featmap.jobs.extract import EmbeddedRunner
+from featmap.jobs.specfile import load_pipeline_file
 
 PipelineLike = Pipeline | Mapping[str, Any] | str | Path
 Batch = dict[str, np.ndarray]

@@ -288,7 +288,7 @@ def echo_server() -> Iterator[str]:
 def server_process(threads: int, socket_path: str | None = None) -> Iterator[str]:
     """A `featmap serve --port 0` child (with shared memory on its Unix socket at
     `socket_path`, if given); yields its TCP address."""
-    command = [sys.executable, "-m", "featmap.client.cli", "serve", "--port", "0"]
+    command = [sys.executable, "-m", "featmap.jobs.cli", "serve", "--port", "0"]
     command += ["--threads", str(threads)]
     if socket_path is not None:
         command += ["--unix-socket", socket_path, "--shared-memory"]
@@ -424,7 +424,7 @@ def run_bench(
     if service:
         service_rows(report, threads, batch, size, seconds, clients, latency_requests, rounds, log)
     if int8:
-        from featmap.client.bench_int8 import run_int8_bench
+        from featmap.jobs.bench_int8 import run_int8_bench
 
         try:
             report.rows += run_int8_bench(
@@ -433,7 +433,7 @@ def run_bench(
         except FeatmapError as exc:  # e.g. int8 refused for its measured error on this CPU
             report.skipped.append(f"int8 rows: {exc}")
     if job:
-        from featmap.client.bench_job import run_job_bench
+        from featmap.jobs.bench_job import run_job_bench
 
         pipeline = parse_pipeline(standard_spec("float32"))
         measured = run_job_bench(

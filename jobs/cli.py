@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from featmap.client.arguments import add_connection_arguments
+from featmap.jobs.arguments import add_connection_arguments
 
 
 class UsageError(Exception):
@@ -125,7 +125,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featmap.client.bench import default_threads, run_bench
+    from featmap.jobs.bench import default_threads, run_bench
 
     only_job = args.job is not None
     counts = args.rss_images.split(",") if args.rss_images else []
@@ -151,8 +151,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _load_pipeline(path: str) -> Any:
-    from featmap.client.specfile import SpecFileError, load_pipeline_file
     from featmap.contract.errors import InvalidSpec
+    from featmap.jobs.specfile import SpecFileError, load_pipeline_file
 
     try:
         return load_pipeline_file(path)
@@ -161,7 +161,7 @@ def _load_pipeline(path: str) -> Any:
 
 
 def _load_weights(path: str | None) -> dict[str, Any]:
-    from featmap.client.specfile import SpecFileError, load_weight_tensors
+    from featmap.jobs.specfile import SpecFileError, load_weight_tensors
 
     try:
         return {} if path is None else load_weight_tensors(path)
@@ -172,10 +172,10 @@ def _load_weights(path: str | None) -> dict[str, Any]:
 def _summary(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featmap.client.calibration import load_calibration
-    from featmap.client.summary import format_summary, measure_int8, parse_input_size
     from featmap.contract.errors import FeatmapError, InvalidSpec
     from featmap.contract.limits import DEFAULT_LIMITS
+    from featmap.jobs.calibration import load_calibration
+    from featmap.jobs.summary import format_summary, measure_int8, parse_input_size
 
     pipeline = _load_pipeline(args.pipeline)
     if pipeline.precision != "int8" and args.calibrate:
@@ -206,8 +206,8 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from featmap.client.export_onnx import export_onnx
     from featmap.contract.errors import FeatmapError
+    from featmap.jobs.export_onnx import export_onnx
 
     pipeline = _load_pipeline(args.pipeline)
     tensors = _load_weights(args.weights)
@@ -228,8 +228,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _visualize(args: argparse.Namespace) -> int:
-    from featmap.client.visualize import VisualizeError, visualize
     from featmap.contract.errors import FeatmapError
+    from featmap.jobs.visualize import VisualizeError, visualize
 
     pipeline = _load_pipeline(args.pipeline)
     tensors = _load_weights(args.weights)
@@ -246,8 +246,8 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from featmap.client.arguments import security_from_arguments
-    from featmap.client.health import SERVING_EXIT, check_health
+    from featmap.jobs.arguments import security_from_arguments
+    from featmap.jobs.health import SERVING_EXIT, check_health
 
     result = check_health(
         args.server, args.service, args.timeout, security_from_arguments(args), wait=args.wait
@@ -279,8 +279,8 @@ exit status: 0 done, 1 failed, 2 usage or invalid pipeline, 3 done but inputs we
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from featmap.client.extract import JobError, command
-    from featmap.client.images import parse_size
+    from featmap.jobs.extract import JobError, command
+    from featmap.jobs.images import parse_size
 
     pipeline = _load_pipeline(args.pipeline)
     if args.precision is not None:

@@ -28,13 +28,20 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from featmap.client.arguments import security_from_arguments
-from featmap.client.calibration import job_calibration
 from featmap.client.channel import ChannelSecurity
 from featmap.client.client import FeatmapRpcError
-from featmap.client.feed import SizeGroups, load_ahead
-from featmap.client.images import InputError, InputItem, expand, find_files, load_item
-from featmap.client.outputs import (
+from featmap.contract.errors import FeatmapError
+from featmap.contract.limits import DEFAULT_LIMITS
+from featmap.contract.ops import layer_costs
+from featmap.contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
+from featmap.contract.precision import QuantizationReport
+from featmap.contract.spec import Pipeline, content_id
+from featmap.contract.tensors import single_image_size
+from featmap.jobs.arguments import security_from_arguments
+from featmap.jobs.calibration import job_calibration
+from featmap.jobs.feed import SizeGroups, load_ahead
+from featmap.jobs.images import InputError, InputItem, expand, find_files, load_item
+from featmap.jobs.outputs import (
     OUTPUT_SUFFIXES,
     Contents,
     Results,
@@ -43,14 +50,7 @@ from featmap.client.outputs import (
     write_merged,
     write_npz,
 )
-from featmap.client.specfile import SpecFileError, load_weight_tensors
-from featmap.contract.errors import FeatmapError
-from featmap.contract.limits import DEFAULT_LIMITS
-from featmap.contract.ops import layer_costs
-from featmap.contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
-from featmap.contract.precision import QuantizationReport
-from featmap.contract.spec import Pipeline, content_id
-from featmap.contract.tensors import single_image_size
+from featmap.jobs.specfile import SpecFileError, load_weight_tensors
 
 if TYPE_CHECKING:
     from featmap.service.extractor import Target

@@ -10,7 +10,6 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageDraw
 
-from featmap.client.images import InputError, decode_image
 from featmap.contract.ops import (
     LayerCost,
     layer_costs,
@@ -23,6 +22,7 @@ from featmap.contract.spec import (
     parse_pipeline,
 )
 from featmap.contract.tensors import image_size
+from featmap.jobs.images import InputError, decode_image
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.weights import check_tensors
 

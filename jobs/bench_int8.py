@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from featmap.client.bench import (
+from featmap.client.client import FeatureClient
+from featmap.contract.spec import parse_pipeline
+from featmap.jobs.bench import (
     Row,
     compare,
     in_process_session,
     server_process,
     standard_spec,
 )
-from featmap.client.client import FeatureClient
-from featmap.contract.spec import parse_pipeline
 from featmap.service.graph import INPUT_NAME
 from featmap.service.int8 import cpu_int8_support, has_int8_dot_products, weight_bits_for
 from featmap.service.runtime import CPU, SessionCache
@@ -55,7 +55,7 @@ def extract_job(
     calibration for int8), as a callable."""
     spec = output.with_suffix(".json")
     spec.write_text(parse_pipeline(standard_spec()).model_dump_json())
-    command = [sys.executable, "-m", "featmap.client.cli", "extract", "--pipeline", str(spec)]
+    command = [sys.executable, "-m", "featmap.jobs.cli", "extract", "--pipeline", str(spec)]
     command += ["--input", str(folder), "--output", str(output), "--quiet"]
     command += ["--threads", str(threads), "--batch-size", str(batch), "--precision", precision]
 
