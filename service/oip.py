@@ -37,16 +37,16 @@ from featmap.contract.wire import (
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from featmap.service.api import FeatureService
+from featmap.service.calls import (
+    map_errors,
+    serialize_message,
+    still_wanted,
+    tolerant,
+    when_gone,
+)
 from featmap.service.registry import RegisteredPipeline
 from featmap.service.runtime import OnGone
 from featmap.service.security import Caller, Tenants, caller_of
-from featmap.service.server import (
-    _serialize_message,
-    _tolerant,
-    map_errors,
-    still_wanted,
-    when_gone,
-)
 
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "featmap"
@@ -335,10 +335,10 @@ def inference_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         parse: Callable[[bytes], Any] = getattr(oip, method.input_type.name).FromString
-        serialize: Callable[[Any], bytes] = _serialize_message
+        serialize: Callable[[Any], bytes] = serialize_message
         if method.name == "ModelInfer":  # tensors framed without copies, as Extract's
             parse, serialize = parse_infer_request, serialize_infer_response
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name), _tolerant(parse, method.input_type.full_name), serialize
+            getattr(servicer, method.name), tolerant(parse, method.input_type.full_name), serialize
         )
     return grpc.method_handlers_generic_handler(OIP_SERVICE_NAME, handlers)

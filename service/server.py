@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import inspect
 import logging
 import os
 import signal
@@ -12,21 +11,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from featmap.contract.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    ExecutionFailed,
-    FeatmapError,
-    InvalidRequest,
-    status_for,
-)
-from featmap.contract.metadata import FIELD_KEY, REQUEST_ID_KEY, RETRYABLE_KEY
+from featmap.contract.errors import FeatmapError
 from featmap.contract.wire import (
     FramedExtractRequest,
     FramedExtractResponse,
@@ -43,8 +33,17 @@ from featmap.service.admission import (
 )
 from featmap.service.allocator import Trimmer, tune_allocator
 from featmap.service.api import FeatureService
+from featmap.service.calls import (
+    map_errors,
+    serialize_message,
+    still_wanted,
+    tolerant,
+    unframed,
+    when_gone,
+)
 from featmap.service.metrics import Metrics
-from featmap.service.observe import RequestObserver, new_request_id
+from featmap.service.observe import RequestObserver
+from featmap.service.oip import OIP_SERVICE_NAME, InferenceServicer, inference_handlers
 from featmap.service.security import (
     Caller,
     Tenants,
@@ -63,74 +62,10 @@ log = logging.getLogger("featmap.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureExtractor"].full_name
 
-Handler = TypeVar("Handler", bound=Callable[..., Any])
 # Once drained, how long calls already received but not yet handed a thread get to be answered.
 HANDOFF_S = 1.0
 # After the grace, how long terminated runs get to unwind before the server stops anyway.
 TERMINATE_WAIT_S = 1.0
-
-
-def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
-    if isinstance(exc, ExecutionFailed):
-        # The details are in the server log only: the id ties the caller's report to them.
-        request_id = new_request_id()
-        log.error("request %s: %s failed: %s", request_id, method, exc, exc_info=exc)
-        context.set_trailing_metadata(((FIELD_KEY, exc.field), (REQUEST_ID_KEY, request_id)))
-        _detach(exc)
-        context.abort(status_for(exc), f"{exc} (request id {request_id})")
-    if isinstance(exc, FeatmapError):
-        trailers = [(FIELD_KEY, exc.field)]
-        if exc.retryable:
-            trailers.append((RETRYABLE_KEY, "1"))
-        context.set_trailing_metadata(tuple(trailers))
-        _detach(exc)
-        context.abort(status_for(exc), str(exc))
-    request_id = new_request_id()
-    log.error("request %s: unexpected error in %s", request_id, method, exc_info=exc)
-    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-    _detach(exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
-
-
-def _detach(exc: BaseException) -> None:
-    """Drop what an answered error still refers to: its frames (and through them the request).
-
-    gRPC keeps the exception context.abort raises until the call's state goes, and that one's
-    __context__ is `exc`; exc's traceback reaches the handler's frames, which reach the context:
-    a cycle that held every refused request, megabytes of it, until the next garbage collection.
-    """
-    exc.__traceback__ = None
-    exc.__context__ = None
-    exc.__cause__ = None
-
-
-def map_errors(method: Handler) -> Handler:
-    """Turn service exceptions into gRPC statuses, the one place that does so.
-
-    FeatmapError -> its status from errors.STATUS_CODES, the message and the field in trailing
-    metadata; anything else -> INTERNAL with a request id that is also in the server log.
-    Works for unary handlers and for streaming (generator) handlers.
-    """
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def stream_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                yield from method(self, request, context)
-            except Exception as exc:
-                _abort(context, exc, method.__name__)
-
-        return stream_wrapper  # type: ignore[return-value]
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, unframed(request), context)
-        except Exception as exc:
-            _abort(context, exc, method.__name__)
-        raise AssertionError("context.abort returns only by raising")
-
-    return wrapper  # type: ignore[return-value]
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -156,25 +91,6 @@ def check_port_free(host: str, port: int) -> None:
                         "choose another port (--port; 0 picks a free one)"
                     ) from None
                 return
-
-
-def still_wanted(context: grpc.ServicerContext) -> None:
-    """Abandoned when nobody waits for this call's result any more: then skip the work."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        raise DeadlineExceeded("request", "the deadline passed before the work started")
-    if not context.is_active():
-        raise Cancelled("request", "the caller went away before the work started")
-
-
-def when_gone(context: grpc.ServicerContext, stop: Callable[[], None]) -> None:
-    """Call `stop` once the call has ended (the caller went away, or its deadline passed).
-
-    gRPC also runs it when the call ends normally, after the work: stopping a finished run
-    does nothing. At once when the call has ended already.
-    """
-    if not context.add_callback(stop):
-        stop()
 
 
 class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
@@ -271,38 +187,6 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
         return self.service.renew_shared_memory(request, self.caller(context))
 
 
-@dataclass(frozen=True)
-class Malformed:
-    """A request message that did not parse: the handler answers INVALID_ARGUMENT."""
-
-    message_type: str
-    error: str
-
-
-def unframed(request: Any) -> Any:
-    """A parsed request, or InvalidRequest for one that did not parse."""
-    if isinstance(request, Malformed):
-        raise InvalidRequest(
-            "request", f"is not a valid {request.message_type} message: {request.error}"
-        )
-    return request
-
-
-def _tolerant(parse: Callable[[bytes], Any], message_type: str) -> Callable[[bytes], Any]:
-    # gRPC answers a deserializer's exception with a bare INTERNAL; hand it to the handler.
-    def deserialize(raw: bytes) -> Any:
-        try:
-            return parse(raw)
-        except Exception as exc:
-            return Malformed(message_type, str(exc) or type(exc).__name__)
-
-    return deserialize
-
-
-def _serialize_message(message: Any) -> bytes:
-    return bytes(message.SerializeToString())
-
-
 def method_handlers(servicer: FeatureExtractorServicer) -> grpc.GenericRpcHandler:
     """FeatureExtractor's handlers: Extract's tensors framed without copies (wire.py), and
     every request parsed tolerantly, so that bad bytes get INVALID_ARGUMENT."""
@@ -313,11 +197,11 @@ def method_handlers(servicer: FeatureExtractorServicer) -> grpc.GenericRpcHandle
         parse: Callable[[bytes], Any]
         serialize: Callable[[Any], bytes]
         if method.input_type.name == "ExtractRequest":
-            parse = _tolerant(parse_extract_request, input_name)
+            parse = tolerant(parse_extract_request, input_name)
             serialize = serialize_extract_response
         else:
-            parse = _tolerant(getattr(pb, method.input_type.name).FromString, input_name)
-            serialize = _serialize_message
+            parse = tolerant(getattr(pb, method.input_type.name).FromString, input_name)
+            serialize = serialize_message
         if method.client_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 behaviour, parse, serialize
@@ -340,9 +224,6 @@ class FeatmapServer:
         self.admission = Admission(settings.max_queued_requests or 4 * settings.grpc_workers)
         self.stream_admission = Admission(settings.stream_limit, "max_streams", "streams")
         self.metrics = Metrics(self.service)
-        # The Open Inference Protocol on the same port (oip.py imports from this module).
-        from featmap.service.oip import OIP_SERVICE_NAME, InferenceServicer, inference_handlers
-
         # Outermost first: the observer also counts and logs the calls that auth refuses.
         interceptors: list[grpc.ServerInterceptor] = [
             RequestObserver(self.metrics, SERVICE_NAME, OIP_SERVICE_NAME)
