@@ -2,7 +2,7 @@
 
 In this process (onnxruntime on the session the server's cache builds for int8), through a
 `featmap serve` child (unary and stream), and as a `featmap extract` job over JPEG files; each
-timed in alternating rounds against its float32 counterpart (client.bench.compare), with what
+timed in alternating rounds against its float32 counterpart (jobs/bench_base.py: compare), with what
 the CPU offers for int8 in the first row's note.
 """
 
@@ -21,7 +21,7 @@ from PIL import Image
 
 from featmap.client.client import FeatureClient
 from featmap.contract.spec import parse_pipeline
-from featmap.jobs.bench import (
+from featmap.jobs.bench_base import (
     Row,
     compare,
     in_process_session,
