@@ -279,8 +279,9 @@ exit status: 0 done, 1 failed, 2 usage or invalid pipeline, 3 done but inputs we
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from featmap.jobs.extract import JobError, command
+    from featmap.jobs.extract import command
     from featmap.jobs.images import parse_size
+    from featmap.jobs.job import JobError
 
     pipeline = _load_pipeline(args.pipeline)
     if args.precision is not None:

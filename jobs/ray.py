@@ -31,7 +31,7 @@ from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
 )
-from featmap.jobs.extract import EmbeddedRunner
+from featmap.jobs.runners import EmbeddedRunner
 from featmap.jobs.specfile import load_pipeline_file
 
 PipelineLike = Pipeline | Mapping[str, Any] | str | Path

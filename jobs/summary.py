@@ -144,7 +144,7 @@ def measure_int8(
 ) -> str:
     """The int8 table of a pipeline quantized here as a server would (calibration: images
     admitted as RegisterPipeline admits them; None: the synthetic set)."""
-    # The runtime is imported here, when used: the client alone never loads onnxruntime.
+    # The runtime is imported here, when used: the other commands never load onnxruntime.
     from featmap.service.int8 import quantize_pipeline
     from featmap.service.weights import check_tensors
 

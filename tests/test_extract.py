@@ -17,14 +17,11 @@ from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
 )
-from featmap.jobs.extract import (
-    EmbeddedRunner,
-    JobError,
-    RemoteRunner,
-    grpc_target,
-    run_extract,
-)
+from featmap.jobs.extract import run_extract
+from featmap.jobs.job import JobError
+from featmap.jobs.runners import EmbeddedRunner, RemoteRunner
 from featmap.jobs.specfile import load_pipeline_file
+from featmap.jobs.targets import grpc_target
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
 from tests.conftest import README_SPEC, assert_matches_reference

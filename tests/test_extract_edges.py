@@ -15,7 +15,9 @@ from PIL import Image
 
 from featmap.contract.errors import InvalidSpec
 from featmap.contract.spec import Pipeline, parse_pipeline
-from featmap.jobs.extract import EmbeddedRunner, JobError, RemoteRunner, run_extract
+from featmap.jobs.extract import run_extract
+from featmap.jobs.job import JobError
+from featmap.jobs.runners import EmbeddedRunner, RemoteRunner
 from featmap.service.server import FeatmapServer
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import FEATMAP, clean_env, free_port

@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 from featmap.contract.spec import Pipeline, parse_pipeline
-from featmap.jobs.extract import EmbeddedRunner, Job, JobError, RemoteRunner, Runner, run_extract
+from featmap.jobs.extract import run_extract
 from featmap.jobs.feed import SizeGroups, load_ahead
 from featmap.jobs.images import decode_image
+from featmap.jobs.job import Job, JobError, Runner
+from featmap.jobs.runners import EmbeddedRunner, RemoteRunner
 from featmap.service.server import FeatmapServer
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_extract import decoded, featmap, rows, spec_file

@@ -40,8 +40,8 @@ from featmap.jobs.bench_int8 import run_int8_bench
 from featmap.jobs.calibration import load_calibration
 from featmap.jobs.cli import main
 from featmap.jobs.export_onnx import export_onnx
-from featmap.jobs.extract import EmbeddedRunner
 from featmap.jobs.ray import FeatureExtractor
+from featmap.jobs.runners import EmbeddedRunner
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from featmap.service.graph import compile_pipeline
 from featmap.service.int8 import (

@@ -16,8 +16,8 @@ from featmap.contract.errors import FeatmapError, InvalidTensor, LimitExceeded
 from featmap.contract.limits import MIB, RequestLimits, admit_batch
 from featmap.contract.ops import layer_costs
 from featmap.contract.spec import parse_pipeline
-from featmap.jobs.extract import EmbeddedRunner
 from featmap.jobs.ray import FeatureExtractor
+from featmap.jobs.runners import EmbeddedRunner
 from featmap.jobs.summary import format_summary
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc

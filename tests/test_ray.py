@@ -19,9 +19,10 @@ from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
 )
-from featmap.jobs.extract import EmbeddedRunner, run_extract
+from featmap.jobs.extract import run_extract
 from featmap.jobs.images import decode_image
 from featmap.jobs.ray import FeatureExtractor, to_pipeline_input
+from featmap.jobs.runners import EmbeddedRunner
 from featmap.service.server import FeatmapServer
 from tests.conftest import README_SPEC, write_images
 from tests.test_extract import rows

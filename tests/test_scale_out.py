@@ -23,7 +23,7 @@ import yaml
 
 from featmap.client import AsyncFeatureClient, FeatureClient
 from featmap.contract.spec import parse_pipeline
-from featmap.jobs.extract import grpc_target
+from featmap.jobs.targets import grpc_target
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import FEATMAP, Serving, clean_env, featmap_serve
 

@@ -1,0 +1,198 @@
+"""The batch job's flow: inputs decoded ahead, batched by size, run through a Runner as one
+stream of batches, and gathered back into shards, in input order."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from featmap.contract.errors import FeatmapError
+from featmap.contract.ops import layer_costs
+from featmap.contract.spec import Pipeline
+from featmap.contract.tensors import single_image_size
+from featmap.jobs.feed import SizeGroups, load_ahead
+from featmap.jobs.images import InputError, InputItem, load_item
+from featmap.jobs.outputs import Results
+from featmap.jobs.parts import Shard
+
+OnError = Literal["skip", "fail"]
+
+
+class JobError(Exception):
+    """The job cannot go on; `exit_code` is 2 for a usage error, 1 for a failure."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Runner(Protocol):
+    """Runs the pipeline on batches, yielding each batch's outputs in order.
+
+    A batch in the pipeline's input dtype runs through the pipeline; a uint8 batch of a float
+    pipeline holds image pixels and runs through the pipeline's pixel variant
+    (featmap.contract.pixels), which gives the features the pipeline's rule for pixels does.
+    """
+
+    def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Outputs of each batch, in order."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions or channels."""
+        ...
+
+
+@dataclass
+class _ShardRun:
+    """A shard on its way through the job: what came back so far, and what is still out."""
+
+    shard: Shard
+    outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    rejected: dict[int, InputError] = field(default_factory=dict)
+    out: int = 0  # batches sent whose outputs have not come back
+    fed: bool = False  # every input was loaded and every batch sent
+    failure: JobError | None = None  # an input failed with --on-error fail
+
+    def results(self, output_names: list[str]) -> Results:
+        """The shard's results, in input order; rejected inputs as skipped."""
+        results = Results(output_names)
+        for position, item in enumerate(self.shard.items):
+            if position in self.outputs:
+                results.add(item.key, self.outputs[position])
+            elif position in self.rejected:
+                error = self.rejected[position]
+                results.skipped.append((error.path, error.reason))
+        return results
+
+
+class Job:
+    """One `featmap extract` run; see extract.run_extract.
+
+    Inputs are decoded on `decode_threads` threads at most `prefetch` images ahead of the
+    runner, grouped by size into batches per shard, and sent to the runner as one stream of
+    batches, so that decoding, the wire and onnxruntime overlap across shard boundaries.
+    Image files go as uint8 pixels (the pipeline's pixel variant runs them).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        runner: Runner,
+        *,
+        resize: tuple[int, int] | None,
+        batch_size: int,
+        on_error: OnError,
+        progress: Callable[[int], None],
+        decode_threads: int = 0,
+        prefetch: int = 0,
+        draft: bool = False,
+    ) -> None:
+        self.pipeline = pipeline
+        self.runner = runner
+        self.resize = resize
+        self.batch_size = batch_size
+        self.on_error = on_error
+        self.progress = progress
+        self.decode_threads = decode_threads
+        self.prefetch = prefetch or 2 * batch_size
+        self.draft = draft
+        self.images_computed = 0
+
+    def fits(self, image: np.ndarray) -> str | None:
+        """Why the pipeline cannot take an image of this size (None if it can)."""
+        _, height, width = single_image_size(self.pipeline.input.layout, image.shape)
+        try:
+            layer_costs(self.pipeline, height, width)
+        except FeatmapError as exc:
+            return str(exc)
+        return None
+
+    def load(self, item: InputItem) -> np.ndarray | InputError:
+        """One input as the runner takes it, or why it cannot be used (on a decode thread)."""
+        try:
+            image = load_item(item, self.pipeline.input, self.resize, draft=self.draft)
+            reason = self.fits(image)
+            if reason is not None:
+                raise InputError(item.key, f"{list(image.shape)} is too small: {reason}")
+        except InputError as exc:
+            return exc
+        return image
+
+    def _feed(
+        self, runs: list[_ShardRun], sent: collections.deque[tuple[_ShardRun, list[int]]]
+    ) -> Iterator[np.ndarray]:
+        """The shards' batches, in order; each noted in `sent` as it goes to the runner."""
+        entries = ((run, position) for run in runs for position in range(len(run.shard.items)))
+
+        def load(entry: tuple[_ShardRun, int]) -> tuple[_ShardRun, int, np.ndarray | InputError]:
+            run, position = entry
+            return run, position, self.load(run.shard.items[position])
+
+        loaded = load_ahead(entries, load, self.decode_threads, self.prefetch)
+        groups = SizeGroups(self.batch_size)
+        with contextlib.closing(loaded):
+            for run, position, image in loaded:
+                if isinstance(image, InputError):
+                    self.progress(1)
+                    if self.on_error == "fail":
+                        # Stop feeding; the batches already out come back and their shards
+                        # are saved before the job fails.
+                        run.failure = JobError(f"{image.path}: {image.reason}")
+                        return
+                    run.rejected[position] = image
+                elif (batch := groups.add(position, image)) is not None:
+                    run.out += 1
+                    sent.append((run, batch.positions))
+                    yield batch.array
+                if position == len(run.shard.items) - 1:
+                    # Counted out before they go, so the shard is not taken for finished
+                    # between its last batches.
+                    last = list(groups.flush())
+                    run.out += len(last)
+                    run.fed = True
+                    for batch in last:
+                        sent.append((run, batch.positions))
+                        yield batch.array
+
+    def run(self, shards: Sequence[Shard]) -> Iterator[tuple[Shard, Results]]:
+        """Compute the shards; yield each one's results as soon as it is complete, in order."""
+        runs = [_ShardRun(shard) for shard in shards]
+        waiting = collections.deque(runs)
+        sent: collections.deque[tuple[_ShardRun, list[int]]] = collections.deque()
+        names = self.pipeline.output_names
+
+        def finished() -> Iterator[tuple[Shard, Results]]:
+            while waiting and waiting[0].fed and not waiting[0].out:
+                done = waiting.popleft()
+                results = done.results(names)
+                done.outputs, done.rejected = {}, {}  # the job keeps no shard's outputs
+                yield done.shard, results
+
+        outputs = self.runner.run(self._feed(runs, sent))
+        try:
+            for batch_outputs in outputs:
+                run, positions = sent.popleft()
+                for row, position in enumerate(positions):
+                    # Copies: a row must not keep its whole batch's output alive.
+                    run.outputs[position] = {n: np.array(a[row]) for n, a in batch_outputs.items()}
+                run.out -= 1
+                self.images_computed += len(positions)
+                self.progress(len(positions))
+                yield from finished()
+        except FeatmapError as exc:  # FeatmapRpcError too
+            shard = sent[0][0].shard.index if sent else runs[-1].shard.index
+            raise JobError(f"shard {shard}: {exc}") from None
+        finally:
+            close = getattr(outputs, "close", None)
+            if close is not None:
+                close()  # stops the feed and its decode threads
+        yield from finished()
+        failure = next((run.failure for run in runs if run.failure is not None), None)
+        if failure is not None:
+            raise failure

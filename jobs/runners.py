@@ -1,0 +1,180 @@
+"""What a batch job runs its batches on: the server's run path in this process
+(EmbeddedRunner), or featmap servers over gRPC (RemoteRunner)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from featmap.client.channel import ChannelSecurity
+from featmap.contract.limits import DEFAULT_LIMITS
+from featmap.contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
+from featmap.contract.precision import QuantizationReport
+from featmap.contract.spec import Pipeline
+from featmap.jobs.targets import grpc_target, target_addresses
+
+if TYPE_CHECKING:
+    from featmap.service.extractor import Target
+
+
+def pipelines_by_dtype(pipeline: Pipeline) -> dict[str, Pipeline]:
+    """The pipeline for each batch dtype a runner takes: its own, and uint8 pixels."""
+    return {pipeline.input.dtype: pipeline, PIXEL_DTYPE: pixel_pipeline(pipeline)}
+
+
+def calibration_by_dtype(
+    pipeline: Pipeline, images: np.ndarray | None
+) -> dict[str, np.ndarray | None]:
+    """An int8 pipeline's calibration images for each batch dtype a runner takes.
+
+    Pixels (uint8, from image files) calibrate the pixel variant as they are and the pipeline
+    itself as its input values; images in the pipeline's own dtype (array files) calibrate the
+    pipeline only, and the pixel variant then takes the synthetic set (None).
+    """
+    if images is None:
+        return {}
+    if images.dtype.name == PIXEL_DTYPE and pipeline.input.dtype != PIXEL_DTYPE:
+        return {PIXEL_DTYPE: images, pipeline.input.dtype: pixel_values(images, pipeline.input)}
+    return {pipeline.input.dtype: images}
+
+
+class EmbeddedRunner:
+    """The server's admission, graph builder, session cache and run path, in this process.
+
+    The limits are the server's defaults (featmap.contract.limits), not FEATMAP_* from the
+    environment: this is no server. `tensors` are the weights a spec names as {"tensor": ...};
+    `calibration` the images an int8 pipeline is calibrated on (None: the synthetic ones), and
+    `report` what int8 was measured to cost (None for float32). Sessions are built on first
+    use: a job of image files builds only the pixel variant's (an int8 one: the variant of the
+    calibration images' dtype, at once, so that its report is known before the job runs).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        threads: int = 0,
+        tensors: Mapping[str, np.ndarray] | None = None,
+        calibration: np.ndarray | None = None,
+    ) -> None:
+        # The runtime is imported here, when used: a job with --server never loads onnxruntime.
+        from featmap.service.extractor import Extractor
+        from featmap.service.runtime import SessionCache, resolve_providers
+        from featmap.service.weights import check_tensors
+
+        self.pipeline = pipeline
+        self.pipelines = pipelines_by_dtype(pipeline)
+        # Spinning off: the job decodes images on threads beside onnxruntime, and pool threads
+        # spinning between parallel sections take the cores the decoders need. Measured on 2
+        # cores (1,536 JPEGs, 224x224): spinning on, 7.3 CPU ms per image and a quarter fewer
+        # images/s; off, 6.4 ms. Waking a pool thread costs microseconds per batch of 32.
+        cache = SessionCache(len(self.pipelines), resolve_providers(None), threads, spinning=False)
+        self.extractor = Extractor(cache, DEFAULT_LIMITS)
+        for each in self.pipelines.values():
+            self.extractor.admit(each)
+        self.weights = check_tensors(pipeline, tensors or {})
+        self.calibrations = calibration_by_dtype(pipeline, calibration)
+        for dtype, images in self.calibrations.items():
+            if images is not None:
+                self.extractor.admit_calibration(self.pipelines[dtype], images)
+        self.targets: dict[str, Target] = {}
+        self.report: QuantizationReport | None = None
+        if pipeline.precision == "int8":
+            # The session of the dtype the calibration came in (pixels: the one image files use).
+            first = calibration.dtype if calibration is not None else pipeline.input.dtype
+            compiled = self.target(np.empty((0,), dtype=first)).compiled
+            self.report = None if compiled is None else compiled.report
+
+    def target(self, batch: np.ndarray) -> Target:
+        """What a batch of this dtype runs as (the session built on first use)."""
+        from featmap.service.extractor import Target
+
+        dtype = batch.dtype.name
+        target = self.targets.get(dtype)
+        if target is None:
+            pipeline = self.pipelines.get(dtype, self.pipeline)  # admit_batch names a bad dtype
+            calibration = self.calibrations.get(dtype)
+            compiled = self.extractor.cache.get(pipeline, self.weights, calibration)
+            target = self.targets[dtype] = Target(pipeline, compiled, None)
+        return target
+
+    def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Each batch's outputs (no reply to fit in a message: reply_in_message off)."""
+        for batch in batches:
+            yield self.extractor.extract(self.target(batch), batch, reply_in_message=False).outputs
+
+    def close(self) -> None:
+        """Nothing to release beyond what the garbage collector does."""
+
+
+class RemoteRunner:
+    """Batches sent through FeatureClient, `in_flight` requests at a time.
+
+    A spec with {"tensor": NAME} weights, an int8 spec, or one given a `name`, is registered
+    (with `tensors` and `calibration`, under `name`) on every address the servers resolve to (a
+    registered pipeline lives in one server's memory), then run by id; `report` is what int8
+    was measured to cost on the first server (None for float32).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        servers: Sequence[str],
+        in_flight: int,
+        timeout: float,
+        security: ChannelSecurity | None = None,
+        tensors: Mapping[str, np.ndarray] | None = None,
+        name: str | None = None,
+        replace_name: bool = False,
+        calibration: np.ndarray | None = None,
+    ) -> None:
+        from featmap.client.client import FeatureClient
+
+        target, balanced = grpc_target(servers)
+        security = security or ChannelSecurity()
+        options: dict[str, Any] = {
+            "timeout": timeout,
+            "tls": security.tls,
+            "tls_ca": security.tls_ca,
+            "tls_cert": security.tls_cert,
+            "tls_key": security.tls_key,
+            "tls_server_name": security.tls_server_name,
+            "token": security.token,
+        }
+        self.client = FeatureClient(target, in_flight=in_flight, load_balancing=balanced, **options)
+        self.pipeline = pipeline
+        self.pipelines: dict[str, Pipeline | str] = dict(pipelines_by_dtype(pipeline))
+        self.report: QuantizationReport | None = None
+        calibrations = calibration_by_dtype(pipeline, calibration)
+        # int8 is registered too: once, with its error checked up front, not at each request.
+        if tensors or pipeline.tensor_names or name or pipeline.precision == "int8":
+            for address in target_addresses(servers):
+                with FeatureClient(address, **options) as replica:
+                    for dtype, each in pipelines_by_dtype(pipeline).items():
+                        # The name goes to the user's pipeline, not to its pixel variant.
+                        named = each is pipeline
+                        self.pipelines[dtype] = pipeline_id = replica.register(
+                            each,
+                            tensors,
+                            name=name if named else None,
+                            replace=replace_name and named,
+                            calibration=calibrations.get(dtype),
+                        )
+                        if pipeline.precision == "int8" and self.report is None:
+                            self.report = replica.get_pipeline(pipeline_id).int8
+
+    def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Each batch's outputs from the server(s), in order.
+
+        Consecutive batches of one dtype share one extract_iter, `in_flight` requests deep.
+        """
+        for dtype, group in itertools.groupby(batches, key=lambda batch: batch.dtype.name):
+            # An unexpected dtype goes with the pipeline: the server names images.dtype.
+            pipeline = self.pipelines.get(dtype, self.pipelines[self.pipeline.input.dtype])
+            yield from self.client.extract_iter(group, pipeline)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.client.close()
