@@ -16,8 +16,8 @@ What belongs here is anything both sides must agree on, with no I/O and light im
     precision.py      int8's measured error report, its threshold check and its message
 
 Who may import what: featmap.contract imports nothing of featmap but the stubs
-(featmap.v1, featmap.oip); featmap.service and featmap.client import the contract; the client never
-imports featmap.service at module level (its embedded mode imports the runtime when used).
+(featmap.v1, featmap.oip); featmap.service and featmap.client import the contract; the client
+library never imports featmap.service; featmap.jobs (the command line and its jobs) may import both.
 """
 
 from __future__ import annotations
