@@ -301,7 +301,7 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> Report:
     """Measure every path; see the module docstring. `service`, `job` and `int8` choose
-    sections (int8: the standard pipeline in int8 against float32, client/bench_int8.py)."""
+    sections (int8: the standard pipeline in int8 against float32, jobs/bench_int8.py)."""
     report = Report()
     if service:
         service_rows(report, threads, batch, size, seconds, clients, latency_requests, rounds, log)
