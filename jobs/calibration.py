@@ -11,7 +11,7 @@ import numpy as np
 from featmap.contract.limits import SYNTHETIC_CALIBRATION
 from featmap.contract.pixels import pixel_values
 from featmap.contract.spec import InputSpec, Pipeline
-from featmap.jobs.images import InputError, expand, find_files, load_item
+from featmap.jobs.images import ArrayFiles, InputError, expand, find_files, load_item
 
 # `featmap extract --precision int8` calibrates on this many of the job's first inputs unless
 # --calibrate says otherwise: as many as the synthetic set, enough to measure the error on.
@@ -78,9 +78,10 @@ def load_calibration(
     items, _ = expand(find_files(inputs), spec)
     images: list[np.ndarray] = []
     keys: list[str] = []
+    arrays = ArrayFiles()
     for item in items[:count]:
         try:
-            image = load_item(item, spec, resize)
+            image = load_item(item, spec, resize, arrays=arrays)
         except InputError:
             continue  # the job itself reports it
         if images and (image.shape, image.dtype) != (images[0].shape, images[0].dtype):

@@ -23,28 +23,38 @@ Loaded = TypeVar("Loaded")
 
 
 def load_ahead(
-    items: Iterable[Item], load: Callable[[Item], Loaded], threads: int, depth: int
+    items: Iterable[Item],
+    load: Callable[[Item], Loaded],
+    threads: int,
+    depth: int,
+    weight: Callable[[Item], int] = lambda item: 1,
 ) -> Generator[Loaded, None, None]:
     """load(item) for every item, in order, on `threads` threads (0: here, one at a time).
 
-    At most `depth` items are loading or loaded but not yet taken. `load` must return its
-    failures rather than raise them, so that each lands at its item's place in the order.
-    Closing the iterator early cancels what has not started.
+    Items weighing at most `depth` in all (an item weighs `weight(item)` images; at least one
+    item) are loading or loaded but not yet taken. `load` must return its failures rather
+    than raise them, so that each lands at its item's place in the order. Closing the
+    iterator early cancels what has not started.
     """
     if threads < 1:
         yield from map(load, items)
         return
-    pending: collections.deque[Future[Loaded]] = collections.deque()
+    pending: collections.deque[tuple[Future[Loaded], int]] = collections.deque()
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featmap-decode")
+    held = 0
     try:
         for item in items:
-            pending.append(pool.submit(load, item))
-            if len(pending) >= max(1, depth):
-                yield pending.popleft().result()
+            images = weight(item)
+            while pending and held + images > max(1, depth):
+                future, taken = pending.popleft()
+                held -= taken
+                yield future.result()
+            pending.append((pool.submit(load, item), images))
+            held += images
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
     finally:
-        for future in pending:
+        for future, _ in pending:
             future.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
 

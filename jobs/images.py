@@ -8,11 +8,18 @@ Rules, also in `featmap extract --help` and the README:
 - `.npy` holds one image, or a batch (N, ...) of them; `.npz` holds exactly one array, one image.
   Arrays are taken as they are: the pipeline's layout ((C, H, W) or (H, W, C); (H, W) when
   channels is 1) and its dtype (float64 is accepted for float32 pipelines, as NumPy's default).
+- IDX files (`*-idx3-ubyte`, `*.idx`, gzipped or not; featmap.jobs.idx) hold a batch of ubyte
+  images, (N, H, W) for one channel or (N, ...) in the pipeline's layout: uint8 pixels, run
+  through the pixel variant as image files are.
+- The rows of a batch file are read as batches (ArrayFiles.rows: a slice of the mapped or
+  decompressed file, checked once), never one row at a time.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from featmap.contract.pixels import PIXEL_DTYPE
 from featmap.contract.spec import InputSpec
 from featmap.contract.tensors import from_hwc, single_image_size
+from featmap.jobs.idx import is_idx_name, load_idx, read_header
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
@@ -70,9 +79,23 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def is_idx(file: str) -> bool:
+    """Whether a file is taken as IDX (by its name: see featmap.jobs.idx)."""
+    return is_idx_name(os.path.basename(file))
+
+
+def is_batch_file(file: str) -> bool:
+    """Whether a file may hold a batch of images: .npy or IDX."""
+    return file.lower().endswith(".npy") or is_idx(file)
+
+
+def _known(name: str, suffixes: frozenset[str]) -> bool:
+    return os.path.splitext(name)[1].lower() in suffixes or is_idx_name(name)
+
+
 def find_files(paths: Iterable[Path]) -> list[str]:
-    """Input files, sorted as paths: folders searched recursively for known suffixes, files
-    as given. Kept as text (see InputItem)."""
+    """Input files, sorted as paths: folders searched recursively for known suffixes (and IDX
+    names), files as given. Kept as text (see InputItem)."""
     found: set[str] = set()
     known = IMAGE_SUFFIXES | ARRAY_SUFFIXES
     for path in paths:
@@ -82,10 +105,11 @@ def find_files(paths: Iterable[Path]) -> list[str]:
             # A path given on the command line that is not there is a mistake in the command,
             # file or folder alike: said before any work starts.
             raise ValueError(f"{path}: no such file or folder")
-        elif path.suffix.lower() in known:
+        elif _known(path.name, known):
             found.add(str(path))
         else:
-            raise ValueError(f"{path}: not a folder nor a {'/'.join(sorted(known))} file")
+            kinds = "/".join(sorted(known))
+            raise ValueError(f"{path}: not a folder nor a {kinds} or IDX (*-ubyte, *.idx) file")
     # Path order, part by part, as sorting Paths gives, without a Path (or a list of parts)
     # for each file: with the separator as "\0", below every character, the text compares so.
     return sorted(found, key=lambda file: file.replace(os.sep, "\0"))
@@ -99,7 +123,7 @@ def _files_under(folder: str, suffixes: frozenset[str]) -> Iterator[str]:
         for entry in entries:
             if entry.is_dir() and not entry.is_symlink():
                 yield from _files_under(entry.path, suffixes)
-            elif os.path.splitext(entry.name)[1].lower() in suffixes and entry.is_file():
+            elif _known(entry.name, suffixes) and entry.is_file():
                 yield entry.path
 
 
@@ -114,17 +138,35 @@ def _array_images(array: np.ndarray, spec: InputSpec) -> int | None:
     raise ValueError(f"has shape {list(array.shape)}; expected one image or a batch (N, ...)")
 
 
+def _idx_images(shape: tuple[int, ...]) -> int:
+    """N for an IDX batch of images: (N, H, W), or (N, ...) in the pipeline's layout."""
+    if len(shape) in (3, 4):
+        return shape[0]
+    raise ValueError(
+        f"holds an IDX array of shape {list(shape)}; expected images (N, H, W) or (N, ...) "
+        "in the pipeline's layout (a 1-D IDX file holds labels)"
+    )
+
+
+def batch_rows(path: str, spec: InputSpec) -> int | None:
+    """Images in a .npy or IDX file (None: a .npy of one image), from its header alone."""
+    if is_idx(path):
+        header, _ = read_header(Path(path))
+        return _idx_images(header.shape)
+    return _array_images(np.load(path, mmap_mode="r", allow_pickle=False), spec)
+
+
 def expand(files: Iterable[str], spec: InputSpec) -> tuple[list[InputItem], list[InputError]]:
-    """One item per image: a .npy batch gives one per row (its header is read, not its data)."""
+    """One item per image: a .npy or IDX batch gives one per row (its header is read, not its
+    data)."""
     items: list[InputItem] = []
     errors: list[InputError] = []
     for path in files:
-        if not path.lower().endswith(".npy"):
+        if not is_batch_file(path):
             items.append(InputItem(path))
             continue
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-            rows = _array_images(array, spec)
+            rows = batch_rows(path, spec)
         except (OSError, ValueError) as exc:
             errors.append(InputError(path, f"not a readable array: {exc}"))
             continue
@@ -166,49 +208,121 @@ def decode_image(
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
-def _load_array(item: InputItem, spec: InputSpec) -> np.ndarray:
-    """An image from a .npy/.npz file, checked against the spec's layout and dtype."""
+def _as_input(batch: np.ndarray, spec: InputSpec, name: str, *, pixels: bool) -> np.ndarray:
+    """A batch (N, ...) of images from an array file as the runner takes it, checked.
+
+    `pixels` (IDX): uint8 pixels, for the pipeline's pixel variant. Otherwise (.npy/.npz)
+    the pipeline's own dtype, float64 accepted for float32.
+    """
+    if batch.ndim == 3:
+        # One channel per image: the axis goes where the layout has it.
+        batch = batch[:, None] if spec.layout == "NCHW" else batch[:, :, :, None]
+    channels, _, _ = single_image_size(spec.layout, batch.shape[1:])
+    if channels != spec.channels:
+        raise InputError(
+            name,
+            f"shape {list(batch.shape[1:])} has {channels} channels in {spec.layout} layout; "
+            f"input.channels={spec.channels}",
+        )
+    if pixels:
+        if batch.dtype.name != PIXEL_DTYPE:
+            raise InputError(
+                name, f"IDX images are ubyte pixels (type 0x08); this file holds {batch.dtype}"
+            )
+    elif batch.dtype == np.float64 and spec.dtype == "float32":
+        batch = batch.astype(np.float32)
+    elif batch.dtype.name != spec.dtype:
+        raise InputError(name, f"dtype {batch.dtype.name} is not input.dtype={spec.dtype}")
+    return np.ascontiguousarray(batch)
+
+
+class ArrayFiles:
+    """The batch files (.npy, IDX) a job reads rows from, opened once each.
+
+    .npy and plain IDX files are mapped; a gzipped IDX file is decompressed once. The last
+    `keep` files stay open (inputs are read in order, so one is enough but for the file
+    boundary). Safe to use from the decode threads.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._open: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def array(self, file: str) -> np.ndarray:
+        """The whole file's array (mapped where it can be)."""
+        # Under the lock: two threads must not decompress the same gzipped file twice.
+        with self._lock:
+            array = self._open.get(file)
+            if array is None:
+                if is_idx(file):
+                    array = load_idx(file)
+                else:
+                    array = np.load(file, mmap_mode="r", allow_pickle=False)
+                self._open[file] = array
+                while len(self._open) > self.keep:
+                    self._open.popitem(last=False)
+            else:
+                self._open.move_to_end(file)
+            return array
+
+    def rows(self, file: str, start: int, stop: int, spec: InputSpec) -> np.ndarray:
+        """Rows start..stop-1 of a batch file as one batch the runner takes (a copy).
+
+        InputError names the file: what is wrong is wrong for every row of it.
+        """
+        try:
+            array = self.array(file)
+            idx = is_idx(file)
+            if idx:
+                _idx_images(array.shape)
+            elif _array_images(array, spec) is None:
+                raise ValueError(f"has shape {list(array.shape)}; expected a batch (N, ...)")
+            batch = array[start:stop]
+        except (OSError, ValueError, EOFError) as exc:
+            raise InputError(file, f"not a readable array: {exc}") from None
+        return _as_input(batch, spec, file, pixels=idx)
+
+
+def _load_array(item: InputItem, spec: InputSpec, arrays: ArrayFiles | None) -> np.ndarray:
+    """An image from a .npy/.npz/IDX file, checked against the spec's layout and dtype."""
+    if item.row is not None:
+        try:
+            return (arrays or ArrayFiles()).rows(item.file, item.row, item.row + 1, spec)[0]
+        except InputError as exc:
+            raise InputError(item.key, exc.reason) from None
     try:
         if item.path.suffix.lower() == ".npz":
             with np.load(item.path, allow_pickle=False) as archive:
                 if len(archive.files) != 1:
                     raise ValueError(f"holds {len(archive.files)} arrays; expected exactly one")
                 array = archive[archive.files[0]]
-        elif item.row is not None:
-            # One row of a .npy batch: map the file, or each row would read all of it.
-            array = np.array(np.load(item.path, mmap_mode="r", allow_pickle=False)[item.row])
         else:
             array = np.load(item.path, allow_pickle=False)
-        if item.row is None and _array_images(array, spec) is not None:
+        if _array_images(array, spec) is not None:
             raise ValueError(f"has shape {list(array.shape)}; expected one image")
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(item.key, f"not a readable array: {exc}") from None
-    if array.ndim == 2:
-        array = from_hwc(array[:, :, None], spec.layout)  # one channel: where the layout has it
-    channels, _, _ = single_image_size(spec.layout, array.shape)
-    if channels != spec.channels:
-        raise InputError(
-            item.key,
-            f"shape {list(array.shape)} has {channels} channels in {spec.layout} layout; "
-            f"input.channels={spec.channels}",
-        )
-    if array.dtype == np.float64 and spec.dtype == "float32":
-        array = array.astype(np.float32)
-    if array.dtype.name != spec.dtype:
-        raise InputError(item.key, f"dtype {array.dtype.name} is not input.dtype={spec.dtype}")
-    return np.ascontiguousarray(array)
+    return _as_input(array[None], spec, item.key, pixels=False)[0]
 
 
 def load_item(
-    item: InputItem, spec: InputSpec, resize: tuple[int, int] | None, *, draft: bool = False
+    item: InputItem,
+    spec: InputSpec,
+    resize: tuple[int, int] | None,
+    *,
+    draft: bool = False,
+    arrays: ArrayFiles | None = None,
 ) -> np.ndarray:
     """One image without the batch axis, ready to stack with others of its size and dtype.
 
-    An array file gives the pipeline's input as it is; an image file gives its uint8 pixels in
-    the pipeline's layout (a view), for the pipeline's pixel variant.
+    An array file gives the pipeline's input as it is (an IDX file: its uint8 pixels); an
+    image file gives its uint8 pixels in the pipeline's layout (a view), for the pipeline's
+    pixel variant. `arrays` keeps batch files open between calls (else each call opens the
+    file again).
     """
     if not item.path.is_file():
         raise InputError(item.key, "no such file")
-    if item.path.suffix.lower() in ARRAY_SUFFIXES:
-        return _load_array(item, spec)  # arrays are taken as they are: --resize is for images
+    if item.row is not None or item.path.suffix.lower() in ARRAY_SUFFIXES:
+        return _load_array(item, spec, arrays)  # arrays are taken as is: --resize is for images
     return from_hwc(decode_image(item.path, spec, resize, draft=draft), spec.layout)

@@ -16,7 +16,7 @@ from featmap.contract.ops import layer_costs
 from featmap.contract.spec import Pipeline
 from featmap.contract.tensors import single_image_size
 from featmap.jobs.feed import SizeGroups, load_ahead
-from featmap.jobs.images import InputError, InputItem, load_item
+from featmap.jobs.images import ArrayFiles, InputError, InputItem, load_item
 from featmap.jobs.outputs import Results
 from featmap.jobs.parts import Shard
 
@@ -71,13 +71,23 @@ class _ShardRun:
         return results
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """What the feed loads at once: `count` consecutive inputs of a shard from `start`."""
+
+    run: _ShardRun
+    start: int
+    count: int
+
+
 class Job:
     """One `featmap extract` run; see extract.run_extract.
 
     Inputs are decoded on `decode_threads` threads at most `prefetch` images ahead of the
     runner, grouped by size into batches per shard, and sent to the runner as one stream of
     batches, so that decoding, the wire and onnxruntime overlap across shard boundaries.
-    Image files go as uint8 pixels (the pipeline's pixel variant runs them).
+    Image files go as uint8 pixels (the pipeline's pixel variant runs them). Rows of batch
+    files (.npy, IDX) go as slices of the file, up to `batch_size` rows at a time.
     """
 
     def __init__(
@@ -102,6 +112,7 @@ class Job:
         self.decode_threads = decode_threads
         self.prefetch = prefetch or 2 * batch_size
         self.draft = draft
+        self.arrays = ArrayFiles()
         self.images_computed = 0
 
     def fits(self, image: np.ndarray) -> str | None:
@@ -116,7 +127,9 @@ class Job:
     def load(self, item: InputItem) -> np.ndarray | InputError:
         """One input as the runner takes it, or why it cannot be used (on a decode thread)."""
         try:
-            image = load_item(item, self.pipeline.input, self.resize, draft=self.draft)
+            image = load_item(
+                item, self.pipeline.input, self.resize, draft=self.draft, arrays=self.arrays
+            )
             reason = self.fits(image)
             if reason is not None:
                 raise InputError(item.key, f"{list(image.shape)} is too small: {reason}")
@@ -124,33 +137,84 @@ class Job:
             return exc
         return image
 
+    def load_rows(self, piece: _Piece) -> np.ndarray | InputError:
+        """A piece of consecutive rows of one batch file as one batch, or why none of them
+        can be used (on a decode thread): one slice, checked once."""
+        first = piece.run.shard.items[piece.start]
+        assert first.row is not None
+        try:
+            batch = self.arrays.rows(
+                first.file, first.row, first.row + piece.count, self.pipeline.input
+            )
+            reason = self.fits(batch[0])
+            if reason is not None:
+                raise InputError(first.file, f"{list(batch.shape[1:])} is too small: {reason}")
+        except InputError as exc:
+            return exc
+        return batch
+
+    def pieces(self, runs: list[_ShardRun]) -> Iterator[_Piece]:
+        """The shards' inputs as pieces: an image file alone, or up to a batch of consecutive
+        rows of one batch file."""
+        for run in runs:
+            items = run.shard.items
+            position = 0
+            while position < len(items):
+                item = items[position]
+                count = 1
+                if item.row is not None:
+                    while (
+                        count < self.batch_size
+                        and position + count < len(items)
+                        and items[position + count].file == item.file
+                        and items[position + count].row == item.row + count
+                    ):
+                        count += 1
+                yield _Piece(run, position, count)
+                position += count
+
     def _feed(
         self, runs: list[_ShardRun], sent: collections.deque[tuple[_ShardRun, list[int]]]
     ) -> Iterator[np.ndarray]:
-        """The shards' batches, in order; each noted in `sent` as it goes to the runner."""
-        entries = ((run, position) for run in runs for position in range(len(run.shard.items)))
+        """The shards' batches, in order; each noted in `sent` as it goes to the runner.
 
-        def load(entry: tuple[_ShardRun, int]) -> tuple[_ShardRun, int, np.ndarray | InputError]:
-            run, position = entry
-            return run, position, self.load(run.shard.items[position])
+        Image files are decoded one by one and grouped by size into batches; rows of a batch
+        file go as the batch they were read as (no per-row decode, grouping or stacking).
+        """
 
-        loaded = load_ahead(entries, load, self.decode_threads, self.prefetch)
+        def load(piece: _Piece) -> tuple[_Piece, np.ndarray | InputError]:
+            item = piece.run.shard.items[piece.start]
+            if item.row is None:
+                return piece, self.load(item)
+            return piece, self.load_rows(piece)
+
+        loaded = load_ahead(
+            self.pieces(runs), load, self.decode_threads, self.prefetch, lambda p: p.count
+        )
         groups = SizeGroups(self.batch_size)
         with contextlib.closing(loaded):
-            for run, position, image in loaded:
+            for piece, image in loaded:
+                run, positions = piece.run, range(piece.start, piece.start + piece.count)
+                items = run.shard.items
                 if isinstance(image, InputError):
-                    self.progress(1)
+                    self.progress(piece.count)
                     if self.on_error == "fail":
                         # Stop feeding; the batches already out come back and their shards
                         # are saved before the job fails.
-                        run.failure = JobError(f"{image.path}: {image.reason}")
+                        key = items[piece.start].key
+                        run.failure = JobError(f"{key}: {image.reason}")
                         return
-                    run.rejected[position] = image
-                elif (batch := groups.add(position, image)) is not None:
+                    for position in positions:
+                        run.rejected[position] = InputError(items[position].key, image.reason)
+                elif items[piece.start].row is not None:
+                    run.out += 1
+                    sent.append((run, list(positions)))
+                    yield image
+                elif (batch := groups.add(piece.start, image)) is not None:
                     run.out += 1
                     sent.append((run, batch.positions))
                     yield batch.array
-                if position == len(run.shard.items) - 1:
+                if positions[-1] == len(items) - 1:
                     # Counted out before they go, so the shard is not taken for finished
                     # between its last batches.
                     last = list(groups.flush())
