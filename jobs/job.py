@@ -206,23 +206,23 @@ class Job:
                         return
                     for position in positions:
                         run.rejected[position] = InputError(items[position].key, image.reason)
+                    ready: list[tuple[list[int], np.ndarray]] = []
                 elif items[piece.start].row is not None:
-                    run.out += 1
-                    sent.append((run, list(positions)))
-                    yield image
+                    ready = [(list(positions), image)]
                 elif (batch := groups.add(piece.start, image)) is not None:
-                    run.out += 1
-                    sent.append((run, batch.positions))
-                    yield batch.array
+                    ready = [(batch.positions, batch.array)]
+                else:
+                    ready = []
                 if positions[-1] == len(items) - 1:
-                    # Counted out before they go, so the shard is not taken for finished
-                    # between its last batches.
-                    last = list(groups.flush())
-                    run.out += len(last)
+                    ready += [(batch.positions, batch.array) for batch in groups.flush()]
                     run.fed = True
-                    for batch in last:
-                        sent.append((run, batch.positions))
-                        yield batch.array
+                # Counted out before they go, so the shard is not taken for finished between
+                # its last batches, and fed before its last batch goes, so that it is saved as
+                # soon as that batch is back.
+                run.out += len(ready)
+                for batch_positions, array in ready:
+                    sent.append((run, batch_positions))
+                    yield array
 
     def run(self, shards: Sequence[Shard]) -> Iterator[tuple[Shard, Results]]:
         """Compute the shards; yield each one's results as soon as it is complete, in order."""
