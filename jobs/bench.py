@@ -43,6 +43,8 @@ from featmap.service.reference import reference_outputs
 # Rows the goals table reads.
 JOB_EMBEDDED = "featmap extract, embedded"
 JOB_REMOTE = "featmap extract --server"
+ARRAY_EMBEDDED = "array job, embedded"
+ARRAY_REMOTE = "array job --server"
 TRITON_ROW = "stock tritonclient"
 STREAM_ROW = "featmap stream float32"
 CLIENTS_ROW = "x 1 image, batching on"
@@ -82,7 +84,8 @@ RATIO_FOOTNOTE = (
     "'vs') measured in the same round, seconds apart; the median over alternating rounds. It is\n"
     "not images/s divided by the baseline row's images/s, which is the median of all rounds:\n"
     "on a shared machine the baseline drifts between rounds, and only neighbours compare.\n"
-    "The job rows' baseline is the ceiling: onnxruntime on the images already decoded."
+    "The job rows' baseline is the ceiling: onnxruntime on the images already decoded; the\n"
+    "array job rows', plain onnxruntime on featmap's exported model over the same array."
 )
 
 
@@ -111,6 +114,8 @@ class Report:
         goals = [
             ratio("featmap extract embedded, folder of JPEGs / ceiling", JOB_EMBEDDED, 0.92),
             ratio("featmap extract --server on 127.0.0.1 / ceiling", JOB_REMOTE, 0.85),
+            ratio("array job embedded, .npy batch / plain onnxruntime", ARRAY_EMBEDDED, 0.80),
+            ratio("array job --server, .npy batch / plain onnxruntime", ARRAY_REMOTE, 0.80),
             ratio("stock tritonclient -> our OIP endpoint / in-process", TRITON_ROW, 0.75),
             ratio("stream float32 / in-process", STREAM_ROW, 0.92),
             ratio("single-image clients / in-process batch", CLIENTS_ROW, 0.85),
@@ -296,6 +301,7 @@ def run_bench(
     job: bool = True,
     job_folder: Path | None = None,
     job_images: int = 1536,
+    array_images: int = 10_000,
     rss_images: tuple[int, int] | None = (1000, 20000),
     int8: bool = True,
     log: Callable[[str], None] = print,
@@ -336,6 +342,22 @@ def run_bench(
         for path, images_per_s, ratio, note in measured.rows:
             report.rows.append(Row(path, images_per_s, ratio, note, "ceiling"))
         report.rss = measured.rss
+        if array_images:
+            from featmap.jobs.bench_job import run_array_bench
+
+            arrays = run_array_bench(
+                threads=threads,
+                batch=batch,
+                images=array_images,
+                rounds=rounds,
+                server=lambda: server_process(threads),
+                log=log,
+            )
+            plain = f"plain onnxruntime, {array_images}x1x28x28 uint8 array"
+            note = f"batch {batch}, {threads} threads, best of spinning on/off"
+            report.rows.append(Row(plain, arrays.ceiling, 1.0, note))
+            for path, images_per_s, ratio, note in arrays.rows:
+                report.rows.append(Row(path, images_per_s, ratio, note, "plain onnxruntime"))
     return report
 
 

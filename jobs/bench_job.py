@@ -299,3 +299,99 @@ def run_job_bench(
                 )  # fmt: skip
                 rss.append((count, job.peak_rss_bytes))
     return JobBench(statistics.median(ceilings), rows, rss)
+
+
+# The array job's pipeline: Fashion-MNIST's shape (1x28x28 uint8) through the example's
+# random-features recipe (examples/fashion_mnist): 192 5x5 filters, ReLU, 7x7 average pool,
+# flattened to 3,072 features. Seeded weights: the speed is the example's.
+ARRAY_SPEC: dict[str, Any] = {
+    "input": {"channels": 1, "dtype": "uint8", "scale": 1 / 255},
+    "layers": [
+        {"op": "conv2d", "filters": 192, "kernel_size": 5, "padding": "same",
+         "weights": {"init": "he_normal", "seed": 0}},
+        {"op": "relu"},
+        {"op": "avg_pool2d", "pool_size": 7},
+        {"op": "flatten", "name": "features"},
+    ],
+}  # fmt: skip
+
+
+def generated_array(count: int, where: Path) -> np.ndarray:
+    """(count, 1, 28, 28) uint8 images, smooth shapes plus grain (as Fashion-MNIST's are
+    smooth), saved as a .npy batch; the array itself is returned too."""
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (count, 1, 4, 4)).astype(np.float32)
+    smooth = coarse.repeat(7, axis=2).repeat(7, axis=3)
+    grain = rng.normal(0.0, 12.0, smooth.shape).astype(np.float32)
+    images = np.clip(smooth + grain, 0, 255).astype(np.uint8)
+    np.save(where, images)
+    return images
+
+
+@dataclass
+class ArrayBench:
+    """The array section: plain onnxruntime over the array, and the job rows against it."""
+
+    ceiling: float
+    rows: list[tuple[str, float, float, str]]  # path, images/s, ratio to the ceiling, note
+
+
+def run_array_bench(
+    *,
+    threads: int,
+    batch: int,
+    images: int = 10_000,
+    rounds: int = 3,
+    server: Callable[[], Any],
+    log: Callable[[str], None] = print,
+) -> ArrayBench:
+    """`featmap extract` over a (images, 1, 28, 28) uint8 .npy, embedded and --server, against
+    plain onnxruntime running featmap's exported model over the same array in this process,
+    `batch` rows at a time (the faster of spinning on and off). Fixed costs are differenced
+    out as for the folder rows (the array's first quarter as the smaller job)."""
+    from featmap.contract.spec import parse_pipeline
+
+    pipeline = parse_pipeline(ARRAY_SPEC)
+    with tempfile.TemporaryDirectory(prefix="featmap-bench-array-") as scratch:
+        work = Path(scratch)
+        spec_path = work / "pipeline.yaml"
+        spec_path.write_text(yaml.safe_dump(pipeline.model_dump(mode="json")))
+        array = generated_array(images, work / "images.npy")
+        np.save(work / "first.npy", array[: images // 4])
+        folders = JobFolders(work / "images.npy", images, work / "first.npy", images // 4)
+        sessions = ceiling_sessions(pipeline, threads)
+        batches = [array[start : start + batch] for start in range(0, images, batch)]
+
+        def arguments(extra: list[str]) -> Callable[[Path], list[str]]:
+            common = ["--output", str(work / "features.npz"), "--batch-size", str(batch), *extra]
+            return lambda source: ["--pipeline", str(spec_path), "--input", str(source), *common]
+
+        ceilings: list[float] = []
+        measured: dict[str, list[tuple[float, float]]] = {"embedded": [], "remote": []}
+        peak: dict[str, int] = {}
+        with server() as address:
+            run_job(arguments(["--server", address])(folders.small))  # the server compiles it
+            for index in range(rounds):
+                log(f"array job round {index + 1} of {rounds}...")
+                for path in measured:
+                    ceiling = ceiling_rate(sessions, batches, images)
+                    ceilings.append(ceiling)
+                    extra = ["--threads", str(threads)] if path == "embedded" else []
+                    extra += ["--server", address] if path == "remote" else []
+                    rate, peak[path] = job_rate(folders, arguments(extra))
+                    measured[path].append((rate, rate / ceiling))
+        shape = f"{images}x1x28x28 uint8 .npy"
+        labels = {
+            "embedded": f"array job, embedded, {shape}",
+            "remote": f"array job --server 127.0.0.1, {shape}",
+        }
+        rows = []
+        for path, values in measured.items():
+            note = f"peak RSS {peak[path] / 2**20:.0f} MiB"
+            kept = [(rate, ratio) for rate, ratio in values if math.isfinite(rate)]
+            if len(kept) < len(values):
+                note += f"; {len(values) - len(kept)} of {len(values)} rounds lost in noise"
+            rate = statistics.median(rate for rate, _ in kept) if kept else math.nan
+            ratio = statistics.median(ratio for _, ratio in kept) if kept else math.nan
+            rows.append((labels[path], rate, ratio, note))
+    return ArrayBench(statistics.median(ceilings), rows)

@@ -142,6 +142,7 @@ def _bench(args: argparse.Namespace) -> int:
         service=not only_job,
         job_folder=Path(args.job) if args.job else None,
         job_images=args.job_images,
+        array_images=args.array_images,
         rss_images=(rss[0], rss[1]) if rss else None,
         int8=not (only_job or args.no_int8),
         log=lambda line: print(line, file=sys.stderr, flush=True),
@@ -374,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--job-images", type=int, default=1536, help="generated JPEGs for the job (1536)"
+    )
+    bench.add_argument(
+        "--array-images",
+        type=int,
+        default=10_000,
+        help="rows of the array job's 1x28x28 uint8 .npy (10000; 0 leaves it out)",
     )
     bench.add_argument(
         "--rss-images",

@@ -153,7 +153,7 @@ def load_idx(path: Path | str) -> np.ndarray:
         mapped = np.memmap(path, dtype=header.dtype, mode="r", offset=header.offset)
         return mapped.reshape(header.shape)
     data = np.empty(header.data_bytes, dtype=np.uint8)
-    view = memoryview(data)
+    view = memoryview(data.data)
     filled = 0
     try:
         with gzip.open(path, "rb") as file:

@@ -59,7 +59,7 @@ def test_bench_reports_every_path() -> None:
 def test_bench_job_section(tmp_path: Path) -> None:
     report = run_bench(
         threads=1, batch=2, size=32, seconds=0.05, rounds=1, service=False, job_images=12,
-        rss_images=(6, 12), int8=False, log=lambda line: None,
+        array_images=64, rss_images=(6, 12), int8=False, log=lambda line: None,
     )  # fmt: skip
     paths = [row.path for row in report.rows]
     assert paths == [
@@ -67,12 +67,18 @@ def test_bench_job_section(tmp_path: Path) -> None:
         "hand-written loop (Pillow, stack, /255, run), 12 files",
         "featmap extract, embedded, 12 files",
         "featmap extract --server 127.0.0.1, 12 files",
+        "plain onnxruntime, 64x1x28x28 uint8 array",
+        "array job, embedded, 64x1x28x28 uint8 .npy",
+        "array job --server 127.0.0.1, 64x1x28x28 uint8 .npy",
     ]
+    # The array rows are divided by plain onnxruntime on the same array, and in the goals.
+    assert {row.baseline for row in report.rows[-2:]} == {"plain onnxruntime"}
     assert [count for count, _ in report.rss] == [6, 12]
     assert all(rss > 0 for _, rss in report.rss)
     goals = {goal.path: goal for goal in report.goals()}
     assert goals["featmap extract peak RSS, 6 vs 12 images"].met is not None
     assert goals["stream float32 / in-process"].now == "not measured"
+    assert goals["array job embedded, .npy batch / plain onnxruntime"].goal == ">= 0.80"
 
 
 @pytest.mark.parametrize(("cpu", "met"), [("avx512_vnni", True), ("none", None)])
