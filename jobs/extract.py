@@ -11,9 +11,11 @@ own row in input order.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from featmap.jobs.specfile import SpecFileError, load_weight_tensors
 
 # Arrays of the .npz layout that an output name must not shadow.
 RESERVED_OUTPUT_NAMES = frozenset({"paths", "outputs", "skipped", "skipped_errors"})
+SAVING = 2  # finished shards whose part files are being written while the job goes on
 
 
 @dataclass
@@ -158,12 +161,21 @@ def run_extract(
         prefetch=prefetch,
         draft=draft,
     )
-    try:
-        for shard, results in job.run(todo):
-            parts.save(shard, results)
-            contents.add(shard.index, results)
-    finally:
-        bar.close()
+    # Finished shards are saved on a thread, one at a time, while the next batches compute
+    # (onnxruntime and the file writes release the GIL): at most SAVING shards' results wait.
+    saving: collections.deque[Future[None]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featmap-save") as saver:
+        try:
+            for shard, results in job.run(todo):
+                contents.add(shard.index, results)
+                while len(saving) >= SAVING:
+                    saving.popleft().result()
+                saving.append(saver.submit(parts.save, shard, results))
+        finally:
+            # A failing job keeps the shards it finished: their saves complete first.
+            bar.close()
+            while saving:
+                saving.popleft().result()
     metadata = {**identity, "outputs": pipeline.output_names}
     try:
         write_merged(contents, [parts.results_file(shard) for shard in shards], output, metadata)
