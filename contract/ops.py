@@ -66,9 +66,14 @@ Dims = tuple[Any, ...]
 # --------------------------------------------------------------------------- sliding windows
 
 
+def axis_extent(kernel: int, dilation: int) -> int:
+    """The pixels a dilated window spans along one axis: (k - 1) * d + 1."""
+    return (kernel - 1) * dilation + 1
+
+
 def dilated_extent(kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) a dilated window spans: (k - 1) * d + 1 per axis."""
-    return ((kernel[0] - 1) * dilation[0] + 1, (kernel[1] - 1) * dilation[1] + 1)
+    """The (h, w) a dilated window spans."""
+    return (axis_extent(kernel[0], dilation[0]), axis_extent(kernel[1], dilation[1]))
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,7 @@ def window_output_size(
 ) -> int:
     """Output length along one axis (PyTorch/ONNX formula; ceil_mode drops a window that would
     start in the end padding, as PyTorch does)."""
-    span = size + pad_begin + pad_end - (kernel - 1) * dilation - 1
+    span = size + pad_begin + pad_end - axis_extent(kernel, dilation)
     if span < 0:
         return 0
     if not ceil:
@@ -216,7 +221,7 @@ class _Symbol:
 def _symbolic_window(
     size: _Symbol, pads: tuple[int, int], kernel: int, stride: int, dilation: int, mode: str
 ) -> _Symbol:
-    extent = (kernel - 1) * dilation + 1
+    extent = axis_extent(kernel, dilation)
     if mode == "same":
         return size if stride == 1 else _Symbol(size.over("ceil", 0, stride))
     if stride == 1 and mode == "floor":
@@ -623,12 +628,15 @@ class LayerShape:
         return sum(math.prod(w.shape) for w in self.weights if w.source is not None)
 
 
-def walk(pipeline: Pipeline, size: tuple[Any, Any] = (None, None)) -> list[LayerShape]:
+def walk(
+    pipeline: Pipeline, size: tuple[Any, Any] = (None, None), *, check: bool = False
+) -> list[LayerShape]:
     """Every layer's input and output dims, for an image of `size` (h, w): ints, symbols
     (symbolic_shapes) or None (channels only, what checking a spec and its weights need).
 
-    SpecFieldError for a layer the spec cannot have (an image op after flatten, and each op's
-    own check); InvalidSpec naming the layer when an image of `size` is too small for it.
+    SpecFieldError for a layer the spec cannot have: an image op after flatten and, with
+    `check` (the spec's own validation), what each op's entry checks. InvalidSpec naming the
+    layer when an image of `size` is too small for it.
     """
     names = pipeline.layer_names
     shape: Dims = (pipeline.input.channels, *size)
@@ -639,7 +647,7 @@ def walk(pipeline: Pipeline, size: tuple[Any, Any] = (None, None)) -> list[Layer
             raise SpecFieldError(
                 f"{where}.op", f"{layer.op} needs (N, C, H, W) but follows a flatten layer"
             )
-        if size == (None, None):
+        if check:
             entry.check(layer, shape[0], where)
         out_shape = entry.output_shape(layer, shape, where)
         steps.append(LayerShape(index, names[index], layer, entry, shape, out_shape))

@@ -59,10 +59,16 @@ from featmap.contract.ops import (
     walk,
 )
 
-# The spec's models, where callers have always found them: the field types and weight sources
-# (fields.py) and the layer models of the op table (ops.py).
+# The spec's public names, with the models callers have always found here: the field types and
+# weight sources (fields.py) and the layer models of the op table (ops.py).
 __all__ = [
+    "DEFAULT_MAX_ERROR",
     "LAYER_TYPES",
+    "MAX_LISTED_ERRORS",
+    "NO_TENSORS",
+    "PIPELINE_ID_PATTERN",
+    "PIPELINE_NAME_PATTERN",
+    "RESERVED_NAME",
     "SOURCE_KINDS",
     "SPATIAL_OPS",
     "AvgPool2d",
@@ -83,6 +89,7 @@ __all__ = [
     "Pair",
     "Pipeline",
     "PoolBase",
+    "Precision",
     "PresetSource",
     "Relu",
     "SpecFieldError",
@@ -90,7 +97,13 @@ __all__ = [
     "TensorSource",
     "ValuesSource",
     "WeightSource",
+    "WeightTensors",
+    "check_pipeline_name",
+    "content_id",
+    "json_schema",
+    "json_schema_text",
     "nested_shape",
+    "parse_pipeline",
 ]
 
 
@@ -98,7 +111,6 @@ __all__ = [
 RESERVED_NAME = "images"
 # Validation errors described in one message (a spec may have a million).
 MAX_LISTED_ERRORS = 16
-NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,127}$"
 # How a pipeline computes: float32 throughout, or its graph quantized to int8 (README "int8
 # precision"). The int8 error threshold when the spec sets none: the largest |int8 - float32|
 # over an output, as a fraction of that output's largest |float32|; ordinary pipelines
@@ -240,7 +252,7 @@ class Pipeline(SpecModel):
     def _check_channels(self) -> None:
         # The walk over the op table checks what each layer needs of its input (channels that
         # groups divide, weight values of the right shape, (C, H, W) after no flatten).
-        walk(self)
+        walk(self, check=True)
 
     @property
     def layer_names(self) -> list[str]:

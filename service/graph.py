@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from featmap.contract import __version__
-from featmap.contract.ops import OPS, Window, symbolic_walk, window_of
+from featmap.contract.ops import OPS, Window, symbolic_shapes, window_of
 from featmap.contract.spec import (
     NO_TENSORS,
     RESERVED_NAME,
@@ -268,8 +268,8 @@ def _preprocess(g: GraphBuilder, pipeline: Pipeline) -> str:
 def _output_shapes(pipeline: Pipeline) -> dict[str, list[str | int | None]]:
     """Each layer's output shape for its value info: N, known sizes, None for H/W-dependent."""
     return {
-        step.name: ["N", *(d if isinstance(d, int) else None for d in step.out_shape)]
-        for step in symbolic_walk(pipeline)
+        name: ["N", *(d if isinstance(d, int) else None for d in shape[1:])]
+        for name, shape in symbolic_shapes(pipeline).items()
     }
 
 
