@@ -4,8 +4,9 @@ What belongs here is anything both sides must agree on, with no I/O and light im
 (NumPy, pydantic, grpc and the generated stubs of proto/ only):
 
     spec.py           the pipeline spec (pydantic models), its canonical JSON and id
-    ops.py            per-op rules in one table: output shapes, parameters, FLOPs, activations;
-                      the sliding-window arithmetic (padding, output sizes)
+    fields.py         the spec's building blocks: model base, field types, weight sources
+    ops.py            the op table: each layer kind's model, shapes, window, weights, FLOPs;
+                      the walk over a pipeline's shapes; the sliding-window arithmetic
     limits.py         the request limits and the two admission checks (pipeline, batch)
     tensors.py        which array dtypes travel and how, layout axes, reply sizes
     pixels.py         what a pipeline gets from image pixels; its uint8 pixel variant

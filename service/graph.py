@@ -8,7 +8,7 @@ Height and width stay symbolic, so one compiled pipeline serves any image size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,21 +17,23 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from featmap.contract import __version__
+from featmap.contract.ops import OPS, Window, symbolic_shapes, window_of
 from featmap.contract.spec import (
     NO_TENSORS,
     RESERVED_NAME,
     AvgPool2d,
     Conv2d,
     Flatten,
+    LayerBase,
     LeakyRelu,
-    Padding,
+    MaxPool2d,
     Pipeline,
     PoolBase,
     WeightTensors,
     content_id,
 )
 from featmap.contract.tensors import batch_shape
-from featmap.service.weights import ConvParameters, pipeline_parameters
+from featmap.service.weights import pipeline_weights
 
 OPSET = 21
 IR_VERSION = 10
@@ -61,7 +63,21 @@ class GraphBuilder:
         return output
 
 
-LayerBuilder = Callable[[GraphBuilder, Any, str, str, ConvParameters | None], str]
+# (builder, layer, input tensor, output name, the layer's weights by field) -> output tensor
+LayerBuilder = Callable[[GraphBuilder, Any, str, str, Mapping[str, np.ndarray]], str]
+# One function per op of the table (contract/ops.py OPS), registered with @graph_builder.
+GRAPH_BUILDERS: dict[str, LayerBuilder] = {}
+
+
+def graph_builder(op: str) -> Callable[[LayerBuilder], LayerBuilder]:
+    """Register the function that adds `op`'s nodes to the graph."""
+
+    def register(build: LayerBuilder) -> LayerBuilder:
+        assert op in OPS and op not in GRAPH_BUILDERS, op
+        GRAPH_BUILDERS[op] = build
+        return build
+
+    return register
 
 
 def _same_upper_span(
@@ -69,7 +85,8 @@ def _same_upper_span(
 ) -> tuple[str, str]:
     """(input size [h, w], span the SAME_UPPER windows cover [h, w]) as graph tensors.
 
-    span = (ceil(n / stride) - 1) * stride + extent: the padded size SAME_UPPER needs.
+    span = (ceil(n / stride) - 1) * stride + extent: the padded size SAME_UPPER needs
+    (SamePadding's total padding is max(0, span - n)).
     """
     i64 = np.int64
     stride_array = np.array(stride, dtype=i64)
@@ -90,28 +107,24 @@ def _same_upper_span(
 
 
 def _padding_attributes(
-    g: GraphBuilder,
-    padding: Padding,
-    x: str,
-    out: str,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
+    g: GraphBuilder, window: Window, x: str, out: str
 ) -> tuple[str, dict[str, Any]]:
     """(the input to slide over, the padding attributes) for a sliding-window node."""
+    padding = window.padding
     if padding == "valid":
         return x, {"auto_pad": "VALID"}
     if padding != "same":
         assert not isinstance(padding, str)
         return x, {"pads": list(padding)}  # (top, left, bottom, right) is ONNX's order already
-    extent = (((kernel[0] - 1) * dilation[0] + 1), ((kernel[1] - 1) * dilation[1] + 1))
-    if stride == (1, 1):
+    same = window.same
+    static = same.static_pads
+    if static is not None:
         # SAME with stride 1 pads (extent - 1) whatever the image size: static pads are fastest.
-        totals = [e - 1 for e in extent]
-        return x, {"pads": [t // 2 for t in totals] + [t - t // 2 for t in totals]}
+        return x, {"pads": list(static)}
+    kernel, stride, dilation = window.kernel, window.stride, window.dilation
     if dilation == (1, 1) and all(s <= k for s, k in zip(stride, kernel, strict=True)):
         return x, {"auto_pad": "SAME_UPPER"}
-    size, span = _same_upper_span(g, x, out, extent, stride)
+    size, span = _same_upper_span(g, x, out, same.extent, same.stride)
     if dilation == (1, 1):
         # With stride > kernel, span - n can be negative and onnxruntime's pools then fail on a
         # negative end pad. The pixels past the span reach no window: cropping the input to
@@ -135,14 +148,21 @@ def _padding_attributes(
     return g.node("Pad", [x, pads], f"{out}:padded", mode="constant"), {"auto_pad": "VALID"}
 
 
-def _conv(g: GraphBuilder, layer: Conv2d, x: str, out: str, p: ConvParameters | None) -> str:
-    assert p is not None
-    x, padding = _padding_attributes(
-        g, layer.padding, x, out, layer.kernel_size, layer.stride, layer.dilation
-    )
-    inputs = [x, g.constant(f"{out}:kernel", p.kernel)]
-    if p.bias is not None:
-        inputs.append(g.constant(f"{out}:bias", p.bias))
+def _window(layer: LayerBase) -> Window:
+    window = window_of(layer)
+    assert window is not None
+    return window
+
+
+@graph_builder("conv2d")
+def conv2d(
+    g: GraphBuilder, layer: Conv2d, x: str, out: str, weights: Mapping[str, np.ndarray]
+) -> str:
+    """Conv, its kernel and bias as initializers."""
+    x, padding = _padding_attributes(g, _window(layer), x, out)
+    inputs = [x, g.constant(f"{out}:kernel", weights["weights"])]
+    if "bias" in weights:
+        inputs.append(g.constant(f"{out}:bias", weights["bias"]))
     return g.node(
         "Conv",
         inputs,
@@ -155,48 +175,74 @@ def _conv(g: GraphBuilder, layer: Conv2d, x: str, out: str, p: ConvParameters | 
     )
 
 
-def _pool(g: GraphBuilder, layer: PoolBase, x: str, out: str, _: ConvParameters | None) -> str:
-    kernel, stride = layer.pool_size, layer.stride or layer.pool_size
-    x, padding = _padding_attributes(g, layer.padding, x, out, kernel, stride, (1, 1))
-    attributes = {
-        "kernel_shape": list(kernel),
-        "strides": list(stride),
-        "ceil_mode": int(layer.ceil_mode),
+def _pool_attributes(
+    g: GraphBuilder, layer: PoolBase, x: str, out: str
+) -> tuple[str, dict[str, Any]]:
+    window = _window(layer)
+    x, padding = _padding_attributes(g, window, x, out)
+    return x, {
+        "kernel_shape": list(window.kernel),
+        "strides": list(window.stride),
+        "ceil_mode": int(window.ceil),
         **padding,
     }
-    if isinstance(layer, AvgPool2d):
-        attributes["count_include_pad"] = int(layer.count_include_pad)
-        return g.node("AveragePool", [x], out, **attributes)
+
+
+@graph_builder("max_pool2d")
+def max_pool2d(
+    g: GraphBuilder, layer: MaxPool2d, x: str, out: str, weights: Mapping[str, np.ndarray]
+) -> str:
+    """MaxPool."""
+    x, attributes = _pool_attributes(g, layer, x, out)
     return g.node("MaxPool", [x], out, **attributes)
 
 
-def _leaky_relu(
-    g: GraphBuilder, layer: LeakyRelu, x: str, out: str, _: ConvParameters | None
+@graph_builder("avg_pool2d")
+def avg_pool2d(
+    g: GraphBuilder, layer: AvgPool2d, x: str, out: str, weights: Mapping[str, np.ndarray]
 ) -> str:
+    """AveragePool."""
+    x, attributes = _pool_attributes(g, layer, x, out)
+    attributes["count_include_pad"] = int(layer.count_include_pad)
+    return g.node("AveragePool", [x], out, **attributes)
+
+
+@graph_builder("relu")
+def relu(g: GraphBuilder, layer: Any, x: str, out: str, weights: Mapping[str, np.ndarray]) -> str:
+    """Relu."""
+    return g.node("Relu", [x], out)
+
+
+@graph_builder("leaky_relu")
+def leaky_relu(
+    g: GraphBuilder, layer: LeakyRelu, x: str, out: str, weights: Mapping[str, np.ndarray]
+) -> str:
+    """LeakyRelu."""
     return g.node("LeakyRelu", [x], out, alpha=layer.alpha)
 
 
-def _flatten(g: GraphBuilder, layer: Flatten, x: str, out: str, _: ConvParameters | None) -> str:
+@graph_builder("global_avg_pool2d")
+def global_avg_pool2d(
+    g: GraphBuilder, layer: Any, x: str, out: str, weights: Mapping[str, np.ndarray]
+) -> str:
+    """GlobalAveragePool."""
+    return g.node("GlobalAveragePool", [x], out)
+
+
+@graph_builder("global_max_pool2d")
+def global_max_pool2d(
+    g: GraphBuilder, layer: Any, x: str, out: str, weights: Mapping[str, np.ndarray]
+) -> str:
+    """GlobalMaxPool."""
+    return g.node("GlobalMaxPool", [x], out)
+
+
+@graph_builder("flatten")
+def flatten(
+    g: GraphBuilder, layer: Flatten, x: str, out: str, weights: Mapping[str, np.ndarray]
+) -> str:
+    """Flatten from axis 1."""
     return g.node("Flatten", [x], out, axis=1)
-
-
-def _plain(op_type: str) -> LayerBuilder:
-    def build(g: GraphBuilder, layer: Any, x: str, out: str, _: ConvParameters | None) -> str:
-        return g.node(op_type, [x], out)
-
-    return build
-
-
-GRAPH_BUILDERS: dict[str, LayerBuilder] = {
-    "conv2d": _conv,
-    "relu": _plain("Relu"),
-    "leaky_relu": _leaky_relu,
-    "max_pool2d": _pool,
-    "avg_pool2d": _pool,
-    "global_avg_pool2d": _plain("GlobalAveragePool"),
-    "global_max_pool2d": _plain("GlobalMaxPool"),
-    "flatten": _flatten,
-}
 
 
 def _preprocess(g: GraphBuilder, pipeline: Pipeline) -> str:
@@ -219,18 +265,12 @@ def _preprocess(g: GraphBuilder, pipeline: Pipeline) -> str:
     return x
 
 
-def _output_shape(pipeline: Pipeline, index: int) -> list[str | int | None]:
-    channels = pipeline.input.channels
-    flat = False
-    for layer in pipeline.layers[: index + 1]:
-        if isinstance(layer, Conv2d):
-            channels = layer.filters
-        flat = flat or isinstance(layer, Flatten)
-    if flat:
-        return ["N", None]
-    if pipeline.layers[index].op.startswith("global_"):
-        return ["N", channels, 1, 1]
-    return ["N", channels, None, None]
+def _output_shapes(pipeline: Pipeline) -> dict[str, list[str | int | None]]:
+    """Each layer's output shape for its value info: N, known sizes, None for H/W-dependent."""
+    return {
+        name: ["N", *(d if isinstance(d, int) else None for d in shape[1:])]
+        for name, shape in symbolic_shapes(pipeline).items()
+    }
 
 
 def compile_pipeline(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) -> onnx.ModelProto:
@@ -239,11 +279,11 @@ def compile_pipeline(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) ->
     `tensors` are the weight tensors the spec references by name (checked: see check_tensors).
     """
     g = GraphBuilder()
-    parameters = pipeline_parameters(pipeline, tensors)
+    weights = pipeline_weights(pipeline, tensors)
     x = _preprocess(g, pipeline)
-    names = pipeline.layer_names
-    for index, (layer, name) in enumerate(zip(pipeline.layers, names, strict=True)):
-        x = GRAPH_BUILDERS[layer.op](g, layer, x, name, parameters.get(index))
+    for index, (layer, name) in enumerate(zip(pipeline.layers, pipeline.layer_names, strict=True)):
+        x = GRAPH_BUILDERS[layer.op](g, layer, x, name, weights.get(index, {}))
+    shapes = _output_shapes(pipeline)
     input_shape = list(batch_shape(pipeline.input.layout, "N", pipeline.input.channels, "H", "W"))
     graph = helper.make_graph(
         g.nodes,
@@ -252,9 +292,7 @@ def compile_pipeline(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) ->
             helper.make_tensor_value_info(INPUT_NAME, ELEM_TYPES[pipeline.input.dtype], input_shape)
         ],
         outputs=[
-            helper.make_tensor_value_info(
-                name, TensorProto.FLOAT, _output_shape(pipeline, names.index(name))
-            )
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name])
             for name in pipeline.output_names
         ],
         initializer=g.initializers,
