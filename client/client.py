@@ -19,7 +19,7 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -56,10 +56,12 @@ from featmap.client.retry import (
 )
 from featmap.client.shared_memory import UNIX_TARGET_PREFIX, SharedMemoryTransport
 from featmap.contract.errors import FeatmapError
-from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.contract.tensors import OutputDType, sendable
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from featmap.contract.spec import Pipeline
 
 __all__ = ["AsyncFeatureClient", "FeatmapRpcError", "FeatureClient", "PipelineInfo", "ServerInfo"]
 
@@ -157,6 +159,8 @@ class _ClientBase:
         return known, known is None
 
     def _remember_spec(self, pipeline_id: str, info: PipelineInfo) -> Pipeline | None:
+        from featmap.contract.spec import parse_pipeline
+
         try:
             self._specs[pipeline_id] = parse_pipeline(info.spec)
         except FeatmapError:
