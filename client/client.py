@@ -1,7 +1,8 @@
 """FeatureClient and AsyncFeatureClient: numpy in, numpy out, over featmap's gRPC API.
 
-Both stand on `_ClientBase`, which holds every option and the request planning; the two
-classes only do I/O, blocking or with asyncio. A test compares their public signatures.
+Both stand on `_ClientBase`, which holds every option and the request planning, and drive the
+same exchanges (protocol.py: retries, the shared-memory lease sequence) through their `_run`;
+the two classes only do I/O, blocking or with asyncio. A test compares their public signatures.
 """
 
 from __future__ import annotations
