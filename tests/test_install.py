@@ -6,6 +6,7 @@ modules import (read with ast), and the `featmap` command with the server's modu
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import re
 import subprocess
@@ -62,13 +63,19 @@ def third_party_imports(path: Path) -> set[str]:
 
 
 def files(packages: tuple[str, ...], jobs: bool) -> list[Path]:
-    found = [path for package in packages for path in sorted((ROOT / package).glob("*.py"))]
+    found = [path for package in packages for path in sorted((ROOT / package).rglob("*.py"))]
     return [path for path in found if (path.name in SERVER_JOBS) == jobs]
+
+
+@functools.cache
+def installed() -> dict[str, list[str]]:
+    """Import names -> the distributions that install them, in this environment."""
+    return dict(packages_distributions())
 
 
 def providers(module: str) -> set[str]:
     """The distributions that install the import name `module`."""
-    return {distribution(d) for d in packages_distributions().get(module, [])}
+    return {distribution(d) for d in installed().get(module, [])}
 
 
 def uncovered(paths: list[Path], allowed: set[str]) -> dict[str, set[str]]:
@@ -113,7 +120,7 @@ def featmap_script() -> Any:
 
 
 def test_the_command_knows_which_modules_the_server_extra_brings() -> None:
-    brought = {m for m, dists in packages_distributions().items() if SERVER & {
+    brought = {m for m, dists in installed().items() if SERVER & {
         distribution(d) for d in dists}}  # fmt: skip
     assert set(featmap_script().SERVER_MODULES) <= brought
     # Every distribution of the extra is known to the command by at least one module.
