@@ -12,7 +12,8 @@ import sys
 
 # asyncio is not among them: grpc's Cython core imports it (for grpc.aio) whoever imports grpc,
 # so the blocking client cannot leave it out; it adds no import of its own.
-LAZY = ("pydantic", "pydantic_core", "featmap.contract.spec", "featmap.contract.ops")
+LAZY = ("pydantic", "pydantic_core", "featmap.contract.spec", "featmap.contract.ops",
+        "importlib.metadata")  # fmt: skip
 NEVER = ("onnx", "onnxruntime", "featmap.service", "prometheus_client", "yaml", "PIL")
 
 
