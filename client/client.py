@@ -44,6 +44,7 @@ from featmap.client.messages import (
     is_pipeline_id,
     local_spec,
     outputs_of,
+    parses_specs,
     pipeline_info,
     register_request,
     reply_bytes_per_image,
@@ -53,7 +54,6 @@ from featmap.client.messages import (
 from featmap.client.protocol import Action, Pause, Stepper, Steps
 from featmap.client.retry import balancing_options, is_retryable, with_retries
 from featmap.client.shared_memory import UNIX_TARGET_PREFIX, SharedMemoryTransport
-from featmap.contract.errors import FeatmapError
 from featmap.contract.tensors import OutputDType, sendable
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
@@ -156,16 +156,14 @@ class _ClientBase:
             return local_spec(pipeline), False
         assert isinstance(pipeline, str)
         known = self._specs.get(pipeline)
-        return known, known is None
+        # Without pydantic a fetched spec could not be parsed: no GetPipeline for nothing.
+        return known, known is None and parses_specs()
 
     def _remember_spec(self, pipeline_id: str, info: PipelineInfo) -> Pipeline | None:
-        from featmap.contract.spec import parse_pipeline
-
-        try:
-            self._specs[pipeline_id] = parse_pipeline(info.spec)
-        except FeatmapError:
-            return None
-        return self._specs[pipeline_id]
+        spec = local_spec(info.spec)
+        if spec is not None:
+            self._specs[pipeline_id] = spec
+        return spec
 
     def _per_message(
         self, images: np.ndarray, pipeline: SpecLike, spec: Pipeline | None, output_dtype: str

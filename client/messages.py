@@ -6,10 +6,11 @@ split a batch and how they read a reply is written once, here, on top of the con
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
@@ -18,6 +19,8 @@ import numpy as np
 
 from featmap.contract.errors import FeatmapError
 from featmap.contract.metadata import FIELD_KEY
+from featmap.contract.names import check_pipeline_name
+from featmap.contract.precision import QuantizationReport, report_from_message
 from featmap.contract.tensors import (
     OUTPUT_DTYPES,
     OutputDType,
@@ -35,9 +38,9 @@ from featmap.contract.wire import (
 from featmap.v1 import featmap_pb2 as pb
 
 # The spec's models (pydantic) load when a spec is parsed, not with the client: importing
-# FeatureClient stays light (tests/test_client_import.py).
+# FeatureClient stays light (tests/test_client_import.py), and the client works where pydantic
+# is not installed at all (tests/test_client_only.py).
 if TYPE_CHECKING:
-    from featmap.contract.precision import QuantizationReport
     from featmap.contract.spec import Pipeline
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -125,12 +128,30 @@ def is_pipeline_id(pipeline: SpecLike) -> bool:
     return isinstance(pipeline, str) and not pipeline.lstrip().startswith("{")
 
 
-def local_spec(spec: SpecLike) -> Pipeline | None:
-    """The spec parsed here, for sizing chunks (None if invalid: the server names the field)."""
-    from featmap.contract.spec import parse_pipeline
-
+@functools.cache
+def _spec_parser() -> Callable[[Any], Pipeline] | None:
+    """contract.spec's parse_pipeline, imported when a spec is first parsed; None where the
+    spec's models cannot load (an install without pydantic: `pip install featmap`)."""
     try:
-        return parse_pipeline(dict(spec) if isinstance(spec, Mapping) else spec)
+        from featmap.contract.spec import parse_pipeline
+    except ImportError:
+        return None
+    return parse_pipeline
+
+
+def parses_specs() -> bool:
+    """Whether specs can be parsed here (pydantic is installed)."""
+    return _spec_parser() is not None
+
+
+def local_spec(spec: SpecLike) -> Pipeline | None:
+    """The spec parsed here, for sizing chunks. None if it is invalid (the server names the
+    field) or cannot be parsed here (no pydantic: chunks are sized by the request alone)."""
+    parse = _spec_parser()
+    if parse is None:
+        return None
+    try:
+        return parse(dict(spec) if isinstance(spec, Mapping) else spec)
     except FeatmapError:
         return None
 
@@ -238,8 +259,6 @@ def register_request(
     checked name)."""
     request = pb.RegisterPipelineRequest(spec_json=spec_json(spec), replace=replace)
     if name is not None:
-        from featmap.contract.spec import check_pipeline_name
-
         request.name = check_pipeline_name(name)
     for name, array in (weights or {}).items():
         request.weights[name].CopyFrom(encode_tensor(sendable(array, f"weights[{name!r}]")))
@@ -252,8 +271,6 @@ def register_request(
 
 def pipeline_info(info: pb.PipelineInfo) -> PipelineInfo:
     """A PipelineInfo message as a dataclass."""
-    from featmap.contract.precision import report_from_message
-
     return PipelineInfo(
         pipeline_id=info.pipeline_id,
         spec=json.loads(info.spec_json),

@@ -1,7 +1,9 @@
 """featmap's contract: the rules that the server and its clients share, written once.
 
 What belongs here is anything both sides must agree on, with no I/O and light imports
-(NumPy, pydantic, grpc and the generated stubs of proto/ only):
+(NumPy, pydantic, grpc and the generated stubs of proto/ only). Only the spec's models (spec.py,
+fields.py, ops.py and the modules that take a Pipeline: limits.py, pixels.py) need pydantic;
+the client library imports the others, and parses a spec only where pydantic is installed:
 
     spec.py           the pipeline spec (pydantic models), its canonical JSON and id
     fields.py         the spec's building blocks: model base, field types, weight sources
@@ -15,6 +17,7 @@ What belongs here is anything both sides must agree on, with no I/O and light im
     metadata.py       gRPC metadata keys
     shared_memory.py  shared-memory naming rules
     precision.py      int8's measured error report, its threshold check and its message
+    names.py          what a registered pipeline may be called (names, ids)
 
 Who may import what: featmap.contract imports nothing of featmap but the stubs
 (featmap.v1, featmap.oip); featmap.service and featmap.client import the contract; the client

@@ -10,7 +10,6 @@ import functools
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -42,6 +41,11 @@ from featmap.contract.fields import (
     WeightSource,
     nested_shape,
 )
+from featmap.contract.names import (
+    PIPELINE_ID_PATTERN,
+    PIPELINE_NAME_PATTERN,
+    check_pipeline_name,
+)
 from featmap.contract.ops import (
     LAYER_TYPES,
     OPS,
@@ -58,9 +62,11 @@ from featmap.contract.ops import (
     Relu,
     walk,
 )
+from featmap.contract.precision import DEFAULT_MAX_ERROR
 
 # The spec's public names, with the models callers have always found here: the field types and
-# weight sources (fields.py) and the layer models of the op table (ops.py).
+# weight sources (fields.py), the layer models of the op table (ops.py), the pipeline name rule
+# (names.py) and int8's default threshold (precision.py).
 __all__ = [
     "DEFAULT_MAX_ERROR",
     "LAYER_TYPES",
@@ -112,11 +118,8 @@ RESERVED_NAME = "images"
 # Validation errors described in one message (a spec may have a million).
 MAX_LISTED_ERRORS = 16
 # How a pipeline computes: float32 throughout, or its graph quantized to int8 (README "int8
-# precision"). The int8 error threshold when the spec sets none: the largest |int8 - float32|
-# over an output, as a fraction of that output's largest |float32|; ordinary pipelines
-# measure 0.5-3 %.
+# precision"); the int8 error threshold when the spec sets none is precision.DEFAULT_MAX_ERROR.
 Precision = Literal["float32", "int8"]
-DEFAULT_MAX_ERROR = 0.05
 
 
 # --------------------------------------------------------------------------- input
@@ -397,22 +400,3 @@ def json_schema_text() -> str:
     """The JSON Schema as text, as committed in proto/featmap/v1/pipeline.schema.json and sent
     in GetServerInfo: indented, keys sorted, ending in a newline."""
     return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
-
-
-# A pipeline name: what a person calls a registered pipeline (and what OIP clients address it
-# by). Never 32 lowercase hex digits, which is what a pipeline id looks like: a name can be used
-# wherever an id is, so the two must not be confusable.
-PIPELINE_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
-PIPELINE_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-
-
-def check_pipeline_name(name: str, field: str = "name") -> str:
-    """`name` if it may name a pipeline; InvalidSpec naming `field` otherwise."""
-    if PIPELINE_NAME_PATTERN.fullmatch(name) is None:
-        raise InvalidSpec(
-            field,
-            f"{name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter",
-        )
-    if PIPELINE_ID_PATTERN.fullmatch(name) is not None:
-        raise InvalidSpec(field, f"{name!r} looks like a pipeline id; choose another name")
-    return name

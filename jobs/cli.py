@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +54,7 @@ class ServeHelpAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        require_extra("server")
         from featmap.service.settings import ServerSettings, default_grpc_workers
 
         fields = ServerSettings.model_fields
@@ -544,22 +546,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What `pip install "featmap[server]"` adds, by import name (pyproject.toml's `server` extra;
-# tests/test_install.py keeps the two alike).
+# What the extras add, by import name (pyproject.toml's `cli` and `server` extras;
+# tests/test_install.py keeps them alike). `pip install featmap` alone is the client library:
+# every command needs `cli`; those that compile or run pipelines here need `server`, which
+# brings `cli` too.
+CLI_MODULES = frozenset({"pydantic", "PIL", "yaml", "tqdm"})
 SERVER_MODULES = frozenset(
     {"onnx", "onnxruntime", "grpc_reflection", "pydantic_settings", "prometheus_client"}
 )
+EXTRA_MODULES = {"cli": CLI_MODULES, "server": CLI_MODULES | SERVER_MODULES}
+# The commands that always run pipelines here (so do `extract` without --server and an int8
+# `summary`, which the modules they import find out).
+SERVER_COMMANDS = frozenset({"serve", "bench", "export-onnx", "visualize"})
+MISSING = {"cli": "needs the command line's modules", "server": "runs the server side"}
 
 
-def server_extra_missing(exc: ModuleNotFoundError) -> str | None:
-    """The line to print when a command needs what a client-only install lacks, else None."""
+class MissingExtra(Exception):
+    """A command needs an extra this install lacks: one line, exit status 2."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        super().__init__(
+            f"featmap: error: this command {MISSING[extra]}, which this install lacks (no "
+            f'module {module!r}): pip install "featmap[{extra}]"\n'
+        )
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported here, found without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_extra(extra: str) -> None:
+    """MissingExtra, naming `extra`, when a module it brings is not installed."""
+    missing = sorted(m for m in EXTRA_MODULES[extra] if not installed(m))
+    if missing:
+        raise MissingExtra(missing[0], extra)
+
+
+def command_extra(args: argparse.Namespace) -> str:
+    """The extra a command needs: `server` where it runs pipelines here, `cli` otherwise."""
+    embedded = args.command == "extract" and args.server is None
+    return "server" if args.command in SERVER_COMMANDS or embedded else "cli"
+
+
+def extra_missing(exc: ModuleNotFoundError) -> MissingExtra | None:
+    """MissingExtra for an import that failed on a module of an extra, else None."""
     module = (exc.name or "").split(".")[0]
-    if module not in SERVER_MODULES:
-        return None
-    return (
-        f"featmap: error: this command runs the server side, which this install lacks (no "
-        f'module {module!r}): pip install "featmap[server]"\n'
-    )
+    extra = next((e for e in ("cli", "server") if module in EXTRA_MODULES[e]), None)
+    return None if extra is None else MissingExtra(module, extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -567,17 +604,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)  # `serve --help` reads the server's settings
+        require_extra(command_extra(args))
         return int(args.run(args))
     except UsageError as exc:
         parser.exit(2, f"featmap {args.command}: error: {exc}\n")
+    except MissingExtra as exc:
+        parser.exit(2, str(exc))
     except BrokenPipeError:  # `featmap schema | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
-    except ModuleNotFoundError as exc:  # serve, summary, export-onnx, visualize, bench, embedded
-        message = server_extra_missing(exc)
-        if message is None:
+    except ModuleNotFoundError as exc:  # an int8 summary, or a module the checks above missed
+        missing = extra_missing(exc)
+        if missing is None:
             raise
-        parser.exit(2, message)
+        parser.exit(2, str(missing))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import onnxruntime as ort
 from featmap.contract import __version__
 from featmap.contract.errors import InvalidRequest, InvalidTensor, NotPermitted
 from featmap.contract.limits import DeferredBatch, check_reply_bytes, check_request_bytes
+from featmap.contract.names import check_pipeline_name
 from featmap.contract.precision import report_message
-from featmap.contract.spec import Pipeline, check_pipeline_name, json_schema_text
+from featmap.contract.spec import Pipeline, json_schema_text
 from featmap.contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, reply_message_bytes, wire_dtype
 from featmap.contract.wire import (
     FramedExtractRequest,

@@ -1,6 +1,7 @@
-"""`pip install featmap` is the client; `pip install "featmap[server]"` adds the server and the
+"""`pip install featmap` is the client library; `pip install "featmap[cli]"` adds what the
+`featmap` command needs to work with a server, `pip install "featmap[server]"` the server and the
 embedded runtime. Checked without installing anything: pyproject's lists against what the
-modules import (read with ast), and the `featmap` command with the server's modules hidden.
+modules import (read with ast), and the `featmap` command with the extras' modules hidden.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 
 from featmap.service.server import FeatmapServer
+from tests.test_client_import import LAZY
+from tests.test_layout import imported_names, module_files, resolve
 
 ROOT = Path(__file__).parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -43,11 +46,16 @@ def extra_requirements(name: str) -> list[str]:
 
 
 def extra(name: str) -> set[str]:
-    return {distribution(r) for r in extra_requirements(name)}
+    """The distributions an extra names besides featmap's own extras (`featmap[cli]`)."""
+    return {distribution(r) for r in extra_requirements(name)} - {"featmap"}
 
 
 CLIENT = {distribution(r) for r in PROJECT["dependencies"]}
+CLI = extra("cli")
 SERVER = extra("server")
+# The spec's models, which the client library imports only inside functions, to parse a spec
+# where pydantic is installed (tests/test_client_import.py: they load lazily).
+SPEC_MODELS = {m for m in LAZY if m.startswith("featmap.")}
 
 
 def third_party_imports(path: Path) -> set[str]:
@@ -90,9 +98,13 @@ def uncovered(paths: list[Path], allowed: set[str]) -> dict[str, set[str]]:
 
 
 def test_the_client_install_brings_neither_onnx_nor_onnxruntime() -> None:
-    assert not {"onnx", "onnxruntime", "onnxruntime-gpu"} & CLIENT
+    assert not {"onnx", "onnxruntime", "onnxruntime-gpu"} & (CLIENT | CLI)
     assert {"onnx", "onnxruntime"} <= SERVER
-    # Development (and CI, and `pytest`) has everything.
+    # The client library needs no pydantic, Pillow, PyYAML or tqdm: the command line does.
+    assert not {"pydantic", "pillow", "pyyaml", "tqdm"} & CLIENT
+    assert {"pydantic", "pillow", "pyyaml", "tqdm"} <= CLI
+    # The server runs the commands too; development (and CI, and `pytest`) has everything.
+    assert "featmap[cli]" in extra_requirements("server")
     assert "featmap[server]" in extra_requirements("dev")
     for name, extra_name in OPTIONAL.items():
         assert any(
@@ -100,15 +112,63 @@ def test_the_client_install_brings_neither_onnx_nor_onnxruntime() -> None:
         )
 
 
-def test_the_client_install_has_what_the_client_and_its_commands_import() -> None:
+def library_imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The repo's modules that `module` loads where pydantic is missing: all it imports but
+    under `if TYPE_CHECKING:`, and inside functions, the spec's models (SPEC_MODELS)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and ast.unparse(child.test).endswith("TYPE_CHECKING"):
+                continue
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                source = ast.unparse(child)
+                for name, _ in imported_names(module, path.name == "__init__.py", source):
+                    target = resolve(name, modules)
+                    if target is not None and not (in_function and target in SPEC_MODELS):
+                        found.add(target)
+            functions = ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
+            visit(child, in_function or isinstance(child, functions))
+
+    visit(ast.parse(path.read_text("utf-8")), False)
+    return found
+
+
+def client_library() -> dict[str, Path]:
+    """featmap.client and every module of the repo it loads (library_imports), with the
+    packages above each: what `from featmap.client import ...` may use on the base install."""
+    modules = module_files()
+    pending = [m for m in modules if m == "featmap.client" or m.startswith("featmap.client.")]
+    library: dict[str, Path] = {}
+    while pending:
+        module = pending.pop()
+        if module in library:
+            continue
+        library[module] = modules[module]
+        parents = {module.rsplit(".", n)[0] for n in range(1, module.count("."))}
+        pending += [*library_imports(module, modules[module], modules), *parents & set(modules)]
+    return library
+
+
+def test_the_base_install_has_what_the_client_library_imports() -> None:
+    library = client_library()
+    assert {"featmap.contract.precision", "featmap.contract.names", "featmap.v1"} <= set(library)
+    assert not SPEC_MODELS & set(library)
+    assert uncovered(list(library.values()), CLIENT) == {}
+
+
+def test_the_cli_extra_has_what_the_commands_import() -> None:
     client_files = files(CLIENT_SIDE, jobs=False)
     assert {"client.py", "cli.py", "extract.py", "spec.py"} <= {p.name for p in client_files}
-    assert uncovered(client_files, CLIENT) == {}
+    assert uncovered(client_files, CLIENT | CLI) == {}
+    # ...and nothing the commands do not use.
+    used = {d for path in client_files for m in third_party_imports(path) for d in providers(m)}
+    assert used >= CLI
 
 
 def test_the_server_extra_has_what_the_server_and_the_jobs_import() -> None:
     server_files = files(SERVER_SIDE, jobs=False) + files(CLIENT_SIDE, jobs=True)
-    assert uncovered(server_files, CLIENT | SERVER) == {}
+    assert uncovered(server_files, CLIENT | CLI | SERVER) == {}
     # ...and nothing the server side does not use.
     used = {d for path in server_files for m in third_party_imports(path) for d in providers(m)}
     assert used >= SERVER
@@ -119,27 +179,45 @@ def featmap_script() -> Any:
     return importlib.import_module(PROJECT["scripts"]["featmap"].split(":")[0])
 
 
-def test_the_command_knows_which_modules_the_server_extra_brings() -> None:
-    brought = {m for m, dists in installed().items() if SERVER & {
-        distribution(d) for d in dists}}  # fmt: skip
-    assert set(featmap_script().SERVER_MODULES) <= brought
+@pytest.mark.parametrize("name", ["cli", "server"])
+def test_the_command_knows_which_modules_each_extra_brings(name: str) -> None:
+    extra_dists = extra(name)
+    known = set(getattr(featmap_script(), f"{name.upper()}_MODULES"))
+    brought = {
+        m for m, dists in installed().items() if {distribution(d) for d in dists} & extra_dists
+    }
+    assert known <= brought
     # Every distribution of the extra is known to the command by at least one module.
-    assert {d for m in featmap_script().SERVER_MODULES for d in providers(m)} >= SERVER
+    assert {d for m in known for d in providers(m)} >= extra_dists
 
 
-def client_only(*args: str) -> subprocess.CompletedProcess[str]:
-    """`featmap ARGS` in a fresh interpreter where the server extra's modules cannot load."""
+def run_without(uninstalled: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`featmap ARGS` in a fresh interpreter where the modules the command names in the
+    constant `uninstalled` (SERVER_MODULES, CLI_MODULES, or both) cannot load."""
     script, _, function = PROJECT["scripts"]["featmap"].partition(":")
     probe = (
         "import sys\n"
-        f"from {script} import SERVER_MODULES, {function} as main\n"
-        "for name in SERVER_MODULES:\n"
-        "    sys.modules[name] = None  # what a client-only install gives: ModuleNotFoundError\n"
+        f"from {script} import CLI_MODULES, SERVER_MODULES, {function} as main\n"
+        f"for name in {uninstalled}:\n"
+        "    sys.modules[name] = None  # what an install without them gives: ModuleNotFoundError\n"
         f"sys.exit(main({list(args)!r}))\n"
     )
     return subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
+
+
+def cli_only(*args: str) -> subprocess.CompletedProcess[str]:
+    """`featmap ARGS` where the server extra's modules cannot load (`featmap[cli]`)."""
+    return run_without("SERVER_MODULES", *args)
+
+
+def assert_says_install(result: subprocess.CompletedProcess[str], extra_name: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f'pip install "featmap[{extra_name}]"' in lines[0], result.stderr
+    assert not list(ROOT.glob("unused.*"))
 
 
 @pytest.mark.parametrize(
@@ -156,27 +234,47 @@ def client_only(*args: str) -> subprocess.CompletedProcess[str]:
     ],
     ids=lambda args: " ".join(args[:2]),
 )  # fmt: skip
-def test_server_commands_on_a_client_only_install_say_what_to_install(args: list[str]) -> None:
-    result = client_only(*args)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and 'pip install "featmap[server]"' in lines[0], result.stderr
-    assert not list(ROOT.glob("unused.*"))
+def test_server_commands_on_a_cli_install_say_what_to_install(args: list[str]) -> None:
+    assert_says_install(cli_only(*args), "server")
 
 
-def test_remote_commands_run_on_a_client_only_install(
-    server: FeatmapServer, tmp_path: Path
+@pytest.mark.parametrize(
+    ("args", "extra_name"),
+    [
+        (["schema"], "cli"),
+        (["health", "--server", "127.0.0.1:9"], "cli"),
+        (["summary", "--pipeline", "examples/random_features.yaml"], "cli"),
+        (["extract", "--pipeline", "examples/random_features.yaml", "--input", "examples/images",
+          "--output", "unused.npz", "--server", "127.0.0.1:9"], "cli"),
+        (["extract", "--pipeline", "examples/random_features.yaml", "--input", "examples/images",
+          "--output", "unused.npz"], "server"),
+        (["serve", "--port", "0"], "server"),
+        (["serve", "--help"], "server"),
+        (["export-onnx", "--pipeline", "examples/random_features.yaml", "-o", "unused.onnx"],
+         "server"),
+        (["visualize", "--pipeline", "examples/taps.yaml", "--image",
+          "examples/images/shapes.png", "--layer", "block1_act", "-o", "unused.png"], "server"),
+        (["bench", "--job"], "server"),
+    ],
+    ids=lambda value: " ".join(value[:2]) if isinstance(value, list) else value,
+)  # fmt: skip
+def test_every_command_on_the_client_library_alone_says_what_to_install(
+    args: list[str], extra_name: str
 ) -> None:
+    # `pip install featmap`: neither extra. A server command names `server`, which brings `cli`.
+    assert_says_install(run_without("CLI_MODULES | SERVER_MODULES", *args), extra_name)
+
+
+def test_remote_commands_run_on_a_cli_install(server: FeatmapServer, tmp_path: Path) -> None:
     address = server.address
-    assert client_only("schema").returncode == 0
+    assert cli_only("schema").returncode == 0
     # A float32 pipeline's summary is arithmetic on the spec (int8's measures a session).
-    summary = client_only("summary", "--pipeline", "examples/random_features.yaml")
+    summary = cli_only("summary", "--pipeline", "examples/random_features.yaml")
     assert summary.returncode == 0, summary.stderr
-    health = client_only("health", "--server", address)
+    health = cli_only("health", "--server", address)
     assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
     output = tmp_path / "features.npz"
-    extract = client_only(
+    extract = cli_only(
         "extract", "--pipeline", "examples/random_features.yaml", "--input", "examples/images",
         "--output", str(output), "--server", address, "--quiet",
     )  # fmt: skip
