@@ -30,9 +30,9 @@ import functools
 import itertools
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeAlias, get_args
 
 from pydantic import Field, model_validator
 
@@ -54,8 +54,33 @@ from featmap.contract.fields import (
     nested_shape,
 )
 
-if TYPE_CHECKING:
-    from featmap.contract.spec import Pipeline
+
+class _Input(Protocol):
+    """What the walks read of a pipeline's input (contract.spec.InputSpec)."""
+
+    @property
+    def channels(self) -> int: ...
+
+
+class Pipeline(Protocol):
+    """What the table's functions read of a pipeline (contract.spec.Pipeline, which imports
+    this module: a protocol here keeps the two files out of a circle)."""
+
+    @property
+    def input(self) -> _Input: ...
+
+    @property
+    def layers(self) -> Sequence[LayerBase]: ...
+
+    @property
+    def precision(self) -> str: ...
+
+    @property
+    def layer_names(self) -> list[str]: ...
+
+    @property
+    def pipeline_id(self) -> str: ...
+
 
 # Every layer computes in float32, whatever the input dtype: 4 bytes per output element.
 ACTIVATION_ITEMSIZE = 4

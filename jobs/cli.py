@@ -575,17 +575,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `pip install "featmap[server]"` adds, by import name (pyproject.toml's `server` extra;
+# tests/test_install.py keeps the two alike).
+SERVER_MODULES = frozenset(
+    {"onnx", "onnxruntime", "grpc_reflection", "pydantic_settings", "prometheus_client"}
+)
+
+
+def server_extra_missing(exc: ModuleNotFoundError) -> str | None:
+    """The line to print when a command needs what a client-only install lacks, else None."""
+    module = (exc.name or "").split(".")[0]
+    if module not in SERVER_MODULES:
+        return None
+    return (
+        f"featmap: error: this command runs the server side, which this install lacks (no "
+        f'module {module!r}): pip install "featmap[server]"\n'
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `featmap` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)  # `serve --help` reads the server's settings
         return int(args.run(args))
     except UsageError as exc:
         parser.exit(2, f"featmap {args.command}: error: {exc}\n")
     except BrokenPipeError:  # `featmap schema | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
+    except ModuleNotFoundError as exc:  # serve, summary, export-onnx, visualize, bench, embedded
+        message = server_extra_missing(exc)
+        if message is None:
+            raise
+        parser.exit(2, message)
 
 
 if __name__ == "__main__":
