@@ -197,7 +197,7 @@ def _merge_pad(
             f"a Pad of {pending.value} before {_describe(node)} cannot merge into it: {rule}",
             "featmap pads inside its conv and pool layers only",
         )
-    own = [0, 0, 0, 0] if padding == "valid" else list(padding)
+    own = [0, 0, 0, 0] if isinstance(padding, str) else padding
     return [a + b for a, b in zip(own, pending.pads, strict=True)]
 
 
@@ -264,7 +264,8 @@ def _pool(state: _Importer, node: onnx.NodeProto) -> None:
         if pending is not None:
             count_include_pad = True
     padding = _merge_pad(state, node, padding, accepts, rule)
-    if pending is not None and any(p >= k for p, k in zip(padding, kernel * 2, strict=True)):
+    merged = [] if isinstance(padding, str) else padding
+    if pending is not None and any(p >= k for p, k in zip(merged, kernel * 2, strict=False)):
         raise _fail(
             pending.node,
             f"the pool's padding {list(padding)} is as large as the window {kernel} with it",
@@ -556,8 +557,9 @@ def write_imported(imported: ImportedPipeline, spec_path: str | Path) -> Path:
     npz = weights_path(spec_path)
     with _temporary_beside(spec_path) as spec_tmp, _temporary_beside(npz) as npz_tmp:
         spec_tmp.write_text(yaml.safe_dump(imported.spec, sort_keys=False), encoding="utf-8")
+        savez: Any = np.savez  # numpy's stubs read **arrays as its keyword options
         with npz_tmp.open("wb") as file:
-            np.savez(file, **imported.tensors)
+            savez(file, **imported.tensors)
         os.replace(npz_tmp, npz)
         os.replace(spec_tmp, spec_path)
     return npz
