@@ -338,9 +338,12 @@ def _per_channel(node: onnx.NodeProto, value: np.ndarray) -> np.ndarray:
 
 def _normalise(state: _Importer, node: onnx.NodeProto, head: str) -> None:
     """x * c, x / c, x - c, x + c by a constant right after the input: y = x * a + b so far."""
-    if node.input[0] != head or node.input[1] not in state.constants:
+    operands = list(node.input)
+    if node.op_type in ("Mul", "Add") and operands[1] == head:
+        operands.reverse()  # c * x, c + x
+    if operands[0] != head or operands[1] not in state.constants:
         raise _fail(node, "only x - c, x + c, x * c and x / c by a constant c are the input's")
-    c = _per_channel(node, state.constants[node.input[1]])
+    c = _per_channel(node, state.constants[operands[1]])
     a, b = state.affine
     match node.op_type:
         case "Mul":
