@@ -363,14 +363,19 @@ def _input_normalisation(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     """y = x * a + b as the spec's input fields: scale alone when uniform without offset, else
     (x - mean) / std with mean = -b / a, std = 1 / a."""
     if not b.any() and len(set(a.tolist())) == 1:
-        return {} if a[0] == 1 else {"scale": float(a[0])}
+        return {} if a[0] == 1 else {"scale": _float32(a[0])}
     fields: dict[str, Any] = {}
     mean, std = -b / a, 1.0 / a
     if mean.any():
-        fields["mean"] = [float(v) for v in mean] if mean.size > 1 else float(mean[0])
+        fields["mean"] = [_float32(v) for v in mean] if mean.size > 1 else _float32(mean[0])
     if (std != 1).any():
-        fields["std"] = [float(v) for v in std] if std.size > 1 else float(std[0])
+        fields["std"] = [_float32(v) for v in std] if std.size > 1 else _float32(std[0])
     return fields
+
+
+def _float32(value: Any) -> float:
+    """The shortest decimal of the float32 featmap computes with (0.4, not 0.4000000059604645)."""
+    return float(str(np.float32(value)))
 
 
 def _evaluate(model: onnx.ModelProto, node: onnx.NodeProto, inputs: list[np.ndarray]) -> list[Any]:
