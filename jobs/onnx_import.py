@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import onnx
 import yaml
+from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -456,7 +457,10 @@ def import_onnx(path: str | Path, until: str | None = None) -> ImportedPipeline:
     Raises:
         OnnxImportError naming the node, its op type and what featmap can do instead.
     """
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except DecodeError as exc:
+        raise OnnxImportError(f"{path} is not an ONNX model: {exc}") from None
     graph = model.graph
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     head, channels = _input_channels(graph, set(constants))

@@ -435,6 +435,17 @@ def test_a_branch_is_an_error(tmp_path: Path) -> None:
         import_onnx(save(g.model(), tmp_path))
 
 
+def test_a_file_that_is_no_model_is_an_error(tmp_path: Path, capsys: Any) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"\xff" * 16)
+    with pytest.raises(OnnxImportError, match=r"is not an ONNX model"):
+        import_onnx(tmp_path / "model.onnx")
+    with pytest.raises(SystemExit) as exited:
+        main(["import", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "p.yaml")])
+    assert exited.value.code == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def test_the_command_writes_nothing_on_an_error(tmp_path: Path, capsys: Any) -> None:
     g = Graph(3)
     g.conv(4, 3, 3)
