@@ -237,7 +237,7 @@ def test_pool_forms(op: str, extra: dict[str, Any], form: str, tmp_path: Path) -
     assert_imports(g.model(), tmp_path)
 
 
-def test_a_conv_stack_with_every_op(tmp_path: Path) -> None:
+def test_a_conv_stack_with_every_op(tmp_path: Path, client: FeatureClient) -> None:
     g = Graph(3, seed=1)
     g.node("Identity")
     g.conv(8, 3, 3, pads=[1, 1, 1, 1], strides=[2, 2])
@@ -266,6 +266,10 @@ def test_a_conv_stack_with_every_op(tmp_path: Path) -> None:
     model = compile_pipeline(parse_pipeline(imported.spec), imported.tensors)
     # the first batch norm folds into the conv; the second stays a node
     assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 1
+    images = images_for(3, 21, 19, seed=6)
+    pid = client.register(imported.spec, weights=imported.tensors)
+    (got,) = client.extract(images, pid).values()
+    np.testing.assert_allclose(got, original(g.model(), images), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("pool", ["GlobalAveragePool", "GlobalMaxPool"])
