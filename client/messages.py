@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
 import grpc
 import numpy as np
 
 from featmap.contract.errors import FeatmapError
 from featmap.contract.metadata import FIELD_KEY
-from featmap.contract.ops import layer_costs
-from featmap.contract.precision import QuantizationReport, report_from_message
-from featmap.contract.spec import Pipeline, check_pipeline_name, parse_pipeline
 from featmap.contract.tensors import (
     OUTPUT_DTYPES,
     OutputDType,
@@ -36,10 +34,16 @@ from featmap.contract.wire import (
 )
 from featmap.v1 import featmap_pb2 as pb
 
+# The spec's models (pydantic) load when a spec is parsed, not with the client: importing
+# FeatureClient stays light (tests/test_client_import.py).
+if TYPE_CHECKING:
+    from featmap.contract.precision import QuantizationReport
+    from featmap.contract.spec import Pipeline
+
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 # Room left in a message for everything but the image bytes (spec text aside).
 ENVELOPE_BYTES = 4096
-SpecLike = Pipeline | Mapping[str, Any] | str
+SpecLike: TypeAlias = "Pipeline | Mapping[str, Any] | str"
 EXTRACT_METHOD = "/featmap.v1.FeatureExtractor/Extract"
 EXTRACT_STREAM_METHOD = "/featmap.v1.FeatureExtractor/ExtractStream"
 
@@ -100,11 +104,20 @@ class PipelineInfo:
 
 def spec_json(spec: SpecLike) -> str:
     """The JSON text of a spec given as a model, a mapping, or JSON text already."""
-    if isinstance(spec, Pipeline):
+    if _is_pipeline_model(spec):
         return spec.model_dump_json()
     if isinstance(spec, str):
         return spec
     return json.dumps(spec)
+
+
+def _is_pipeline_model(spec: object) -> TypeGuard[Pipeline]:
+    """Whether `spec` is a contract.spec.Pipeline, without loading pydantic to find out.
+
+    A Pipeline exists only once its module is loaded: until then nothing is one.
+    """
+    module = sys.modules.get("featmap.contract.spec")
+    return module is not None and isinstance(spec, module.Pipeline)
 
 
 def is_pipeline_id(pipeline: SpecLike) -> bool:
@@ -114,8 +127,10 @@ def is_pipeline_id(pipeline: SpecLike) -> bool:
 
 def local_spec(spec: SpecLike) -> Pipeline | None:
     """The spec parsed here, for sizing chunks (None if invalid: the server names the field)."""
+    from featmap.contract.spec import parse_pipeline
+
     try:
-        return parse_pipeline(spec if isinstance(spec, Pipeline | str) else dict(spec))
+        return parse_pipeline(dict(spec) if isinstance(spec, Mapping) else spec)
     except FeatmapError:
         return None
 
@@ -178,6 +193,8 @@ def reply_bytes_per_image(
     """Bytes of outputs one image gives (0 when the spec is unknown or does not fit it)."""
     if pipeline is None or images.ndim != 4:
         return 0
+    from featmap.contract.ops import layer_costs
+
     try:
         _, height, width = image_size(pipeline.input.layout, images.shape)
         shapes = {layer.name: layer.shape for layer in layer_costs(pipeline, height, width)}
@@ -221,6 +238,8 @@ def register_request(
     checked name)."""
     request = pb.RegisterPipelineRequest(spec_json=spec_json(spec), replace=replace)
     if name is not None:
+        from featmap.contract.spec import check_pipeline_name
+
         request.name = check_pipeline_name(name)
     for name, array in (weights or {}).items():
         request.weights[name].CopyFrom(encode_tensor(sendable(array, f"weights[{name!r}]")))
@@ -233,6 +252,8 @@ def register_request(
 
 def pipeline_info(info: pb.PipelineInfo) -> PipelineInfo:
     """A PipelineInfo message as a dataclass."""
+    from featmap.contract.precision import report_from_message
+
     return PipelineInfo(
         pipeline_id=info.pipeline_id,
         spec=json.loads(info.spec_json),

@@ -227,6 +227,23 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from featmap.jobs.onnx_import import OnnxImportError, import_onnx, write_imported
+
+    try:
+        imported = import_onnx(args.model, until=args.until)
+    except OnnxImportError as exc:
+        raise UsageError(str(exc)) from None
+    except (OSError, ValueError) as exc:  # not a readable ONNX file
+        raise UsageError(f"cannot read {args.model}: {exc}") from None
+    try:
+        npz = write_imported(imported, args.output)
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    print(npz)
+    return 0
+
+
 def _visualize(args: argparse.Namespace) -> int:
     from featmap.contract.errors import FeatmapError
     from featmap.jobs.visualize import VisualizeError, visualize
@@ -427,6 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export_onnx)
 
+    importer = commands.add_parser(
+        "import",
+        help="convert an ONNX conv stack to a pipeline spec (YAML) and its weights (.npz "
+        "beside it, whose path it prints)",
+    )
+    importer.add_argument("model", help="the .onnx file")
+    importer.add_argument(
+        "-o", "--output", required=True, help="the spec file to write (.yaml); weights: .npz"
+    )
+    importer.add_argument(
+        "--until", metavar="NODE_OR_OUTPUT", help="end at this node or tensor (cut the graph)"
+    )
+    importer.set_defaults(run=_import)
+
     visualize = commands.add_parser(
         "visualize", help="draw one layer's feature maps for one image as a PNG grid"
     )
@@ -544,17 +575,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `pip install "featmap[server]"` adds, by import name (pyproject.toml's `server` extra;
+# tests/test_install.py keeps the two alike).
+SERVER_MODULES = frozenset(
+    {"onnx", "onnxruntime", "grpc_reflection", "pydantic_settings", "prometheus_client"}
+)
+
+
+def server_extra_missing(exc: ModuleNotFoundError) -> str | None:
+    """The line to print when a command needs what a client-only install lacks, else None."""
+    module = (exc.name or "").split(".")[0]
+    if module not in SERVER_MODULES:
+        return None
+    return (
+        f"featmap: error: this command runs the server side, which this install lacks (no "
+        f'module {module!r}): pip install "featmap[server]"\n'
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `featmap` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)  # `serve --help` reads the server's settings
         return int(args.run(args))
     except UsageError as exc:
         parser.exit(2, f"featmap {args.command}: error: {exc}\n")
     except BrokenPipeError:  # `featmap schema | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
+    except ModuleNotFoundError as exc:  # serve, summary, export-onnx, visualize, bench, embedded
+        message = server_extra_missing(exc)
+        if message is None:
+            raise
+        parser.exit(2, message)
 
 
 if __name__ == "__main__":
