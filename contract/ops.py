@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeAlias, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from featmap.contract.errors import InvalidSpec
 from featmap.contract.fields import (
@@ -508,6 +508,15 @@ class PoolBase(LayerBase):
     padding: Padding = "valid"
     dilation: Pair = (1, 1)
     ceil_mode: bool = False
+
+    @model_serializer(mode="wrap")
+    def _leave_out_no_dilation(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A pool without dilation dumps as it did before pools had the field: the same
+        # canonical JSON and pipeline id, and a spec an older server accepts.
+        data = handler(self)
+        if isinstance(data, dict) and self.dilation == (1, 1):
+            data.pop("dilation", None)
+        return data
 
     @model_validator(mode="after")
     def _ceil_mode_needs_explicit_padding(self) -> PoolBase:

@@ -604,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `featmap schema | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
-    except ModuleNotFoundError as exc:  # serve, summary, export-onnx, visualize, bench, embedded
+    except ModuleNotFoundError as exc:  # serve, summary, export-onnx, import, visualize, bench...
         message = server_extra_missing(exc)
         if message is None:
             raise

@@ -197,7 +197,7 @@ def _merge_pad(
             f"a Pad of {pending.value} before {_describe(node)} cannot merge into it: {rule}",
             "featmap pads inside its conv and pool layers only",
         )
-    own = [0, 0, 0, 0] if padding == "valid" else list(padding)
+    own = [0, 0, 0, 0] if isinstance(padding, str) else padding
     return [a + b for a, b in zip(own, pending.pads, strict=True)]
 
 
@@ -264,7 +264,8 @@ def _pool(state: _Importer, node: onnx.NodeProto) -> None:
         if pending is not None:
             count_include_pad = True
     padding = _merge_pad(state, node, padding, accepts, rule)
-    if pending is not None and any(p >= k for p, k in zip(padding, kernel * 2, strict=True)):
+    merged = [] if isinstance(padding, str) else padding
+    if pending is not None and any(p >= k for p, k in zip(merged, kernel * 2, strict=False)):
         raise _fail(
             pending.node,
             f"the pool's padding {list(padding)} is as large as the window {kernel} with it",
@@ -337,9 +338,12 @@ def _per_channel(node: onnx.NodeProto, value: np.ndarray) -> np.ndarray:
 
 def _normalise(state: _Importer, node: onnx.NodeProto, head: str) -> None:
     """x * c, x / c, x - c, x + c by a constant right after the input: y = x * a + b so far."""
-    if node.input[0] != head or node.input[1] not in state.constants:
+    operands = list(node.input)
+    if node.op_type in ("Mul", "Add") and operands[1] == head:
+        operands.reverse()  # c * x, c + x
+    if operands[0] != head or operands[1] not in state.constants:
         raise _fail(node, "only x - c, x + c, x * c and x / c by a constant c are the input's")
-    c = _per_channel(node, state.constants[node.input[1]])
+    c = _per_channel(node, state.constants[operands[1]])
     a, b = state.affine
     match node.op_type:
         case "Mul":
@@ -556,8 +560,9 @@ def write_imported(imported: ImportedPipeline, spec_path: str | Path) -> Path:
     npz = weights_path(spec_path)
     with _temporary_beside(spec_path) as spec_tmp, _temporary_beside(npz) as npz_tmp:
         spec_tmp.write_text(yaml.safe_dump(imported.spec, sort_keys=False), encoding="utf-8")
+        savez: Any = np.savez  # numpy's stubs read **arrays as its keyword options
         with npz_tmp.open("wb") as file:
-            np.savez(file, **imported.tensors)
+            savez(file, **imported.tensors)
         os.replace(npz_tmp, npz)
         os.replace(spec_tmp, spec_path)
     return npz

@@ -24,7 +24,7 @@ ROOT = Path(__file__).parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # The commands' modules that compile or run pipelines: they may import the server side.
 SERVER_JOBS = {"bench.py", "bench_base.py", "bench_int8.py", "bench_job.py", "export_onnx.py",
-               "visualize.py", "summary.py"}  # fmt: skip
+               "visualize.py", "summary.py", "onnx_import.py"}  # fmt: skip
 # The client's packages, and the command line's wherever it lives (client/ or a jobs/ package).
 CLIENT_SIDE = ("contract", "client", "jobs")
 SERVER_SIDE = ("service",)

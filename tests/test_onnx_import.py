@@ -357,8 +357,9 @@ def test_a_pad_that_cannot_merge_is_an_error(
         ([("Div", 255.0), ("Sub", "mean"), ("Div", "std")], {"mean", "std"}),
         ([("Mul", 1 / 255)], {"scale"}),
         ([("Add", "mean"), ("Mul", "std")], {"mean", "std"}),
+        ([("Mul", 2.0), ("Add", 0.5)], {"mean", "std"}),
     ],
-    ids=["sub_div", "div255_sub_div", "mul", "add_mul"],
+    ids=["sub_div", "div255_sub_div", "mul", "add_mul", "mul_add_scalar"],
 )
 def test_input_normalisation(
     steps: list[tuple[str, Any]], expected: set[str], tmp_path: Path
@@ -396,6 +397,21 @@ def test_until_a_node_or_an_output(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- errors
+
+
+def test_a_constant_first_is_the_same_for_mul_and_add_only(tmp_path: Path) -> None:
+    g = Graph(3)
+    g.nodes.append(helper.make_node("Mul", [g.const(np.float32(0.5)), "x"], ["m"], name="m"))
+    g.head = "m"
+    g.conv(4, 3, 3)
+    imported = assert_imports(g.model(), tmp_path)
+    assert imported.spec["input"] == {"channels": 3, "scale": 0.5}
+    g = Graph(3)
+    g.nodes.append(helper.make_node("Sub", [g.const(np.float32(1)), "x"], ["s"], name="flip"))
+    g.head = "s"
+    g.conv(4, 3, 3)
+    with pytest.raises(OnnxImportError, match=r"node 'flip' \(Sub\): only x - c"):
+        import_onnx(save(g.model(), tmp_path))
 
 
 def test_an_unsupported_node_is_named_with_what_to_do(tmp_path: Path) -> None:

@@ -481,7 +481,7 @@ def conv_layers(draw: st.DrawFn, channels: int) -> dict[str, Any]:
         "kernel_size": kernel,
         "stride": draw(pairs(1, 3)),
         "padding": draw(
-            st.sampled_from(["same", "valid"])
+            st.sampled_from(["same", "same_lower", "valid"])
             | st.integers(0, 2)
             | st.lists(st.integers(0, 2), min_size=4, max_size=4)
         ),
@@ -505,7 +505,7 @@ def pool_layers(draw: st.DrawFn) -> dict[str, Any]:
     pool = draw(pairs(1, 3))
     ph, pw = as_pair(pool)
     padding = draw(
-        st.sampled_from(["same", "valid"])
+        st.sampled_from(["same", "same_lower", "valid"])
         | st.tuples(
             st.integers(0, ph - 1),
             st.integers(0, pw - 1),
@@ -517,11 +517,29 @@ def pool_layers(draw: st.DrawFn) -> dict[str, Any]:
     stride = draw(st.none() | pairs(1, 3))
     if stride is not None:
         layer["stride"] = stride
-    if padding != "same":
+    if padding not in ("same", "same_lower"):
         layer["ceil_mode"] = draw(st.booleans())
+        # dilated pools with SAME padding need stride 1 (the spec says so): explicit only here
+        layer["dilation"] = draw(pairs(1, 2))
     if op == "avg_pool2d":
         layer["count_include_pad"] = draw(st.booleans())
     return layer
+
+
+@st.composite
+def batch_norm_layers(draw: st.DrawFn, channels: int) -> dict[str, Any]:
+    def values(low: float, high: float) -> dict[str, Any]:
+        number = st.floats(low, high, allow_nan=False)
+        return {"values": draw(st.lists(number, min_size=channels, max_size=channels))}
+
+    return {
+        "op": "batch_norm",
+        "scale": values(-2, 2),
+        "shift": values(-1, 1),
+        "mean": values(-1, 1),
+        "var": values(0, 3),
+        "epsilon": draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+    }
 
 
 @st.composite
@@ -565,7 +583,7 @@ def cases(draw: st.DrawFn) -> tuple[Pipeline, np.ndarray]:
     channels = inputs["channels"]
     tail = draw(st.sampled_from(TAILS))
     # conv2d first: hypothesis favours (and shrinks towards) the first choice.
-    body_ops = st.sampled_from(["conv2d", "pool", "conv2d", "relu", "leaky_relu"])
+    body_ops = st.sampled_from(["conv2d", "pool", "conv2d", "relu", "leaky_relu", "batch_norm"])
     body = draw(st.lists(body_ops, min_size=0 if tail else 1, max_size=6 - len(tail)))
     layers: list[dict[str, Any]] = []
     for op in body + tail:
@@ -576,6 +594,8 @@ def cases(draw: st.DrawFn) -> tuple[Pipeline, np.ndarray]:
             layer = draw(pool_layers())
         elif op == "leaky_relu":
             layer = {"op": op, "alpha": draw(st.floats(0, 2, allow_nan=False))}
+        elif op == "batch_norm":
+            layer = draw(batch_norm_layers(channels))
         else:
             layer = {"op": op}
         layers.append(layer)
