@@ -43,7 +43,7 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 def _padding_or_pads(value: Any) -> str | tuple[int, int, int, int]:
-    if value in ("same", "valid"):
+    if value in ("same", "same_lower", "valid"):
         return str(value)
     pads = (value,) * 4 if _is_count(value, 0) else value
     if isinstance(pads, list | tuple) and len(pads) == 4 and all(_is_count(p, 0) for p in pads):
@@ -52,7 +52,8 @@ def _padding_or_pads(value: Any) -> str | tuple[int, int, int, int]:
         # Zero padding on every side is "valid": one meaning, one spelling, one pipeline id.
         return "valid" if max(pads) == 0 else (pads[0], pads[1], pads[2], pads[3])
     raise ValueError(
-        f"must be 'same', 'valid', an int >= 0 or [top, left, bottom, right]; got {value!r}"
+        "must be 'same', 'same_lower', 'valid', an int >= 0 or [top, left, bottom, right]; "
+        f"got {value!r}"
     )
 
 
@@ -77,16 +78,18 @@ Pair = Annotated[
     ),
 ]
 # Explicit padding is an int (all sides) or [top, left, bottom, right] (the ONNX `pads` order),
-# stored as the 4-tuple.
+# stored as the 4-tuple. `same` is ONNX's SAME_UPPER (TF's SAME), `same_lower` ONNX's SAME_LOWER:
+# the same total padding, its odd pixel at the top/left instead of the bottom/right.
 Pads = tuple[int, int, int, int]
+SAME_PADDINGS = ("same", "same_lower")
 Padding = Annotated[
-    Literal["same", "valid"] | Pads,
+    Literal["same", "same_lower", "valid"] | Pads,
     PlainValidator(_padding_or_pads),
     PlainSerializer(lambda v: v if isinstance(v, str) else list(v)),
     WithJsonSchema(
         {
             "anyOf": [
-                {"enum": ["same", "valid"]},
+                {"enum": ["same", "same_lower", "valid"]},
                 {"type": "integer", "minimum": 0},
                 {
                     "type": "array",

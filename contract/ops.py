@@ -19,6 +19,7 @@ FLOPs per image:
                         plus one per output element with a bias
     max/avg pooling     one per window element: out_h * out_w * channels * ph * pw
     global pooling      one per input element
+    batch_norm          2 per element (one multiply-add), as written (folded into a conv: free)
     relu, leaky_relu    one per element
     flatten, input cast and scale/mean/std: 0
 """
@@ -33,13 +34,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeAlias, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from featmap.contract.errors import InvalidSpec
 from featmap.contract.fields import (
     FIXED_PRESET_SIZES,
+    SAME_PADDINGS,
     BiasSource,
     Count,
+    InitSource,
     LayerBase,
     Padding,
     Pair,
@@ -121,28 +124,40 @@ class Window:
 
     @property
     def same(self) -> SamePadding:
-        """The SAME_UPPER rule of this window (whatever its padding says)."""
-        return SamePadding(self.extent, self.stride)
+        """The SAME rule of this window: SAME_LOWER for `same_lower`, else SAME_UPPER."""
+        return SamePadding(self.extent, self.stride, lower=self.padding == "same_lower")
 
 
 @dataclass(frozen=True)
 class SamePadding:
     """`same` padding, TF/Keras/ONNX SAME_UPPER: output = ceil(in / stride), and the total
     padding max(0, (out - 1) * stride + extent - in) split with the odd pixel at the
-    bottom/right. The reference applies `pads`; the graph builder uses `static_pads` where the
-    image size does not matter, else builds this same formula from `extent` and `stride`."""
+    bottom/right; `lower` (`same_lower`, ONNX SAME_LOWER) puts the odd pixel at the top/left.
+    The reference applies `pads`; the graph builder uses `static_pads` where the image size
+    does not matter, else builds this same formula from `extent`, `stride` and `split`."""
 
     extent: tuple[int, int]
     stride: tuple[int, int]
+    lower: bool = False
+
+    @property
+    def auto_pad(self) -> str:
+        """ONNX's name of the rule."""
+        return "SAME_LOWER" if self.lower else "SAME_UPPER"
+
+    def split(self, total: int) -> tuple[int, int]:
+        """(begin, end) of a total padding: the odd pixel at the end, or the beginning (lower)."""
+        small = total // 2
+        return (total - small, small) if self.lower else (small, total - small)
 
     def pads(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
         """(top, left, bottom, right) for an input of `size` (h, w)."""
         begin, end = [], []
         for n, e, s in zip(size, self.extent, self.stride, strict=True):
             out = -(-n // s)
-            total = max(0, (out - 1) * s + e - n)
-            begin.append(total // 2)
-            end.append(total - total // 2)
+            first, last = self.split(max(0, (out - 1) * s + e - n))
+            begin.append(first)
+            end.append(last)
         return (begin[0], begin[1], end[0], end[1])
 
     @property
@@ -150,13 +165,8 @@ class SamePadding:
         """The pads when they do not depend on the image size (stride 1: extent - 1), else None."""
         if self.stride != (1, 1):
             return None
-        totals = [e - 1 for e in self.extent]
-        return (
-            totals[0] // 2,
-            totals[1] // 2,
-            totals[0] - totals[0] // 2,
-            totals[1] - totals[1] // 2,
-        )
+        (top, bottom), (left, right) = (self.split(e - 1) for e in self.extent)
+        return (top, left, bottom, right)
 
 
 def resolve_pads(
@@ -168,12 +178,13 @@ def resolve_pads(
 ) -> tuple[int, int, int, int]:
     """Padding as (top, left, bottom, right) for an input of `size` (h, w).
 
-    `same` is SamePadding (SAME_UPPER); `valid` pads nothing.
+    `same` and `same_lower` are SamePadding (SAME_UPPER, SAME_LOWER); `valid` pads nothing.
     """
     if padding == "valid":
         return (0, 0, 0, 0)
-    if padding == "same":
-        return SamePadding(dilated_extent(kernel, dilation), stride).pads(size)
+    if padding in SAME_PADDINGS:
+        extent = dilated_extent(kernel, dilation)
+        return SamePadding(extent, stride, lower=padding == "same_lower").pads(size)
     assert not isinstance(padding, str)
     return padding
 
@@ -270,7 +281,7 @@ def window_dims(window: Window, height: Any, width: Any, where: str) -> tuple[An
         return None, None
     padding = window.padding
     pads = (0, 0, 0, 0) if isinstance(padding, str) else padding
-    mode = "same" if padding == "same" else "ceil" if window.ceil else "floor"
+    mode = "same" if padding in SAME_PADDINGS else "ceil" if window.ceil else "floor"
     kernel, stride, dilation = window.kernel, window.stride, window.dilation
     new_height, new_width = (
         _symbolic_window(size, (pads[i], pads[i + 2]), kernel[i], stride[i], dilation[i], mode)
@@ -320,6 +331,10 @@ def _no_check(layer: Any, in_channels: int, where: str) -> None:
     return None
 
 
+def _no_weights_check(layer: Any, weights: Any, where: str) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class OpDef:
     """One layer kind, described once: everything about it that is not ONNX nor NumPy."""
@@ -332,6 +347,9 @@ class OpDef:
     window: Callable[[Any], Window] | None = None  # conv and pools
     # What the spec must satisfy given the input channels: SpecFieldError naming the field.
     check: Callable[[Any, int, str], None] = _no_check
+    # What its weights' numbers must satisfy (layer, float32 arrays by field, "layers[i]"):
+    # InvalidSpec naming the field.
+    check_weights: Callable[[Any, Any, str], None] = _no_weights_check
     takes_image: bool = False  # its input must be (C, H, W): no flatten before it
     # onnxruntime's int8 kernel holds a pointer per tap and output pixel (QLinearConv, see
     # INT8_CONV_BYTES_PER_TAP): admit_int8_kernels bounds the taps and the budgets charge them.
@@ -488,13 +506,34 @@ class PoolBase(LayerBase):
     pool_size: Pair
     stride: Pair | None = None
     padding: Padding = "valid"
+    dilation: Pair = (1, 1)
     ceil_mode: bool = False
+
+    @model_serializer(mode="wrap")
+    def _leave_out_no_dilation(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A pool without dilation dumps as it did before pools had the field: the same
+        # canonical JSON and pipeline id, and a spec an older server accepts.
+        data = handler(self)
+        if isinstance(data, dict) and self.dilation == (1, 1):
+            data.pop("dilation", None)
+        return data
 
     @model_validator(mode="after")
     def _ceil_mode_needs_explicit_padding(self) -> PoolBase:
-        if self.ceil_mode and self.padding == "same":
+        if self.ceil_mode and self.padding in SAME_PADDINGS:
             raise SpecFieldError(
-                "ceil_mode", "has no effect with padding='same' (output is ceil(in/stride))"
+                "ceil_mode",
+                f"has no effect with padding={self.padding!r} (output is ceil(in/stride))",
+            )
+        stride = self.stride or self.pool_size
+        if self.padding in SAME_PADDINGS and self.dilation != (1, 1) and stride != (1, 1):
+            # Its padding depends on the image size, and onnxruntime's pools take SAME with
+            # dilation from no attribute: a graph-built pad would have to be -inf for max and
+            # uncounted for average. Explicit pads say the same for a known size.
+            raise SpecFieldError(
+                "padding",
+                f"{self.padding!r} with dilation {self.dilation} needs stride 1 in a pool; "
+                "use explicit padding [top, left, bottom, right]",
             )
         return self
 
@@ -518,7 +557,7 @@ def _pool_window(layer: PoolBase) -> Window:
         "pool_size",
         layer.pool_size,
         stride,
-        (1, 1),
+        layer.dilation,
         layer.padding,
         ceil=layer.ceil_mode,
         pads_below_kernel=True,
@@ -581,6 +620,88 @@ def _no_flops(layer: Any, in_shape: Shape, out_shape: Shape) -> int:
 FLATTEN = OpDef(Flatten, _flatten_shape, _no_flops, takes_image=True)
 
 
+# batch_norm ------------------------------------------------------------------------------------
+
+
+class BatchNorm(LayerBase):
+    """Inference batch normalization per channel: (x - mean) / sqrt(var + epsilon) * scale + shift.
+
+    Right after a conv whose output is not requested, the graph folds it into that conv's kernel
+    and bias (no node of its own); the reference computes it as written.
+    """
+
+    op: Literal["batch_norm"]
+    scale: BiasSource
+    shift: BiasSource
+    mean: BiasSource
+    var: BiasSource
+    epsilon: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-5
+
+
+BATCH_NORM_FIELDS = ("scale", "shift", "mean", "var")
+
+
+def _batch_norm_weights(layer: BatchNorm, in_channels: int) -> tuple[WeightSlot, ...]:
+    return tuple(
+        WeightSlot(field, getattr(layer, field), (in_channels,), in_channels, in_channels,
+                   "(channels,)")
+        for field in BATCH_NORM_FIELDS
+    )  # fmt: skip
+
+
+def _check_batch_norm(layer: BatchNorm, in_channels: int, where: str) -> None:
+    for slot in _batch_norm_weights(layer, in_channels):
+        source = slot.source
+        if isinstance(source, ValuesSource):
+            shape = nested_shape(source.values)
+            if shape != slot.shape:
+                raise SpecFieldError(
+                    f"{where}.{slot.field}.values",
+                    f"has shape {shape}; expected {slot.layout} = {slot.shape}",
+                )
+            if not all(math.isfinite(x) for x in flat_numbers(source.values)):
+                raise SpecFieldError(f"{where}.{slot.field}.values", "contains a non-finite number")
+    var = layer.var
+    if isinstance(var, ValuesSource) and not _positive_variance(
+        flat_numbers(var.values), layer.epsilon
+    ):
+        raise SpecFieldError(f"{where}.var.values", VARIANCE_RULE)
+    if isinstance(var, InitSource) and (var.init != "zeros" or layer.epsilon == 0):
+        raise SpecFieldError(
+            f"{where}.var.init",
+            "a variance must be >= 0: only 'zeros' (with epsilon > 0), or values or a tensor",
+        )
+
+
+VARIANCE_RULE = "var + epsilon must be > 0 in every channel"
+
+
+def _positive_variance(var: Any, epsilon: float) -> bool:
+    return all(float(v) + epsilon > 0 for v in var)
+
+
+def _check_batch_norm_weights(layer: BatchNorm, weights: Any, where: str) -> None:
+    # A tensor's numbers are known only with the tensors: checked where the weights are made.
+    if not _positive_variance(weights["var"].ravel().tolist(), layer.epsilon):
+        raise InvalidSpec(f"{where}.var", VARIANCE_RULE)
+
+
+def _batch_norm_flops(layer: BatchNorm, in_shape: Shape, out_shape: Shape) -> int:
+    # One multiply-add per element (scale and shift folded with mean and var); 0 once folded
+    # into a conv, which the table does not know: the count is the layer as written.
+    return 2 * math.prod(in_shape)
+
+
+BATCH_NORM = OpDef(
+    BatchNorm,
+    output_shape=_same_shape,
+    flops=_batch_norm_flops,
+    weights=_batch_norm_weights,
+    check=_check_batch_norm,
+    check_weights=_check_batch_norm_weights,
+)
+
+
 # --------------------------------------------------------------------------- the table
 
 OPS: dict[str, OpDef] = {
@@ -594,6 +715,7 @@ OPS: dict[str, OpDef] = {
         GLOBAL_AVG_POOL2D,
         GLOBAL_MAX_POOL2D,
         FLATTEN,
+        BATCH_NORM,
     )
 }
 LAYER_TYPES: tuple[type[LayerBase], ...] = tuple(entry.model for entry in OPS.values())

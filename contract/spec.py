@@ -51,6 +51,7 @@ from featmap.contract.ops import (
     OPS,
     SPATIAL_OPS,
     AvgPool2d,
+    BatchNorm,
     Conv2d,
     Flatten,
     GlobalAvgPool2d,
@@ -78,6 +79,7 @@ __all__ = [
     "SOURCE_KINDS",
     "SPATIAL_OPS",
     "AvgPool2d",
+    "BatchNorm",
     "BiasSource",
     "Conv2d",
     "Count",
@@ -278,7 +280,8 @@ class Pipeline(SpecModel):
 
     @property
     def tensor_names(self) -> dict[str, tuple[int, int]]:
-        """Weight tensors the spec references: name -> (layer index, its slot: 0 kernel, 1 bias)."""
+        """Weight tensors the spec references: name -> (layer index, its slot: for conv2d 0
+        kernel, 1 bias; for batch_norm 0-3 scale, shift, mean, var)."""
         names: dict[str, tuple[int, int]] = {}
         for step in walk(self):
             for slot, weight in enumerate(step.weights):

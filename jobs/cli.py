@@ -229,6 +229,23 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from featmap.jobs.onnx_import import OnnxImportError, import_onnx, write_imported
+
+    try:
+        imported = import_onnx(args.model, until=args.until)
+    except OnnxImportError as exc:
+        raise UsageError(str(exc)) from None
+    except (OSError, ValueError) as exc:  # not a readable ONNX file
+        raise UsageError(f"cannot read {args.model}: {exc}") from None
+    try:
+        npz = write_imported(imported, args.output)
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    print(npz)
+    return 0
+
+
 def _visualize(args: argparse.Namespace) -> int:
     from featmap.contract.errors import FeatmapError
     from featmap.jobs.visualize import VisualizeError, visualize
@@ -429,6 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export_onnx)
 
+    importer = commands.add_parser(
+        "import",
+        help="convert an ONNX conv stack to a pipeline spec (YAML) and its weights (.npz "
+        "beside it, whose path it prints)",
+    )
+    importer.add_argument("model", help="the .onnx file")
+    importer.add_argument(
+        "-o", "--output", required=True, help="the spec file to write (.yaml); weights: .npz"
+    )
+    importer.add_argument(
+        "--until", metavar="NODE_OR_OUTPUT", help="end at this node or tensor (cut the graph)"
+    )
+    importer.set_defaults(run=_import)
+
     visualize = commands.add_parser(
         "visualize", help="draw one layer's feature maps for one image as a PNG grid"
     )
@@ -557,7 +588,7 @@ SERVER_MODULES = frozenset(
 EXTRA_MODULES = {"cli": CLI_MODULES, "server": CLI_MODULES | SERVER_MODULES}
 # The commands that always run pipelines here (so do `extract` without --server and an int8
 # `summary`, which the modules they import find out).
-SERVER_COMMANDS = frozenset({"serve", "bench", "export-onnx", "visualize"})
+SERVER_COMMANDS = frozenset({"serve", "bench", "export-onnx", "import", "visualize"})
 MISSING = {"cli": "needs the command line's modules", "server": "runs the server side"}
 
 

@@ -17,7 +17,8 @@ from featmap.contract.spec import Pipeline
 FLOP_CONVENTION = (
     "FLOPs per image: conv2d = 2 x multiply-adds (+1 per output with bias);\n"
     "  pooling = 1 per window element; global pooling = 1 per input element;\n"
-    "  relu/leaky_relu = 1 per element; flatten and input preprocessing = 0."
+    "  relu/leaky_relu = 1 per element; batch_norm = 2 per element (as written; folded\n"
+    "  into the conv before it when compiled); flatten and input preprocessing = 0."
 )
 NO_SIZE_NOTE = "FLOPs need an image size: pass --input-size HxW (e.g. 224x224)."
 

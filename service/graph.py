@@ -2,8 +2,9 @@
 
 The user's words (Keras/PyTorch) become ONNX's here and nowhere else:
 kernel_size -> kernel_shape, stride -> strides, dilation -> dilations, groups -> group,
-padding same -> auto_pad=SAME_UPPER, valid -> VALID, explicit [t, l, b, r] -> pads.
-Height and width stay symbolic, so one compiled pipeline serves any image size.
+padding same -> auto_pad=SAME_UPPER, same_lower -> SAME_LOWER, valid -> VALID, explicit
+[t, l, b, r] -> pads. Height and width stay symbolic, so one compiled pipeline serves any image
+size. A batch_norm right after a conv whose output is not requested folds into that conv.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from featmap.contract.spec import (
     NO_TENSORS,
     RESERVED_NAME,
     AvgPool2d,
+    BatchNorm,
     Conv2d,
     Flatten,
     LayerBase,
@@ -51,6 +53,17 @@ class GraphBuilder:
 
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
+    # The tensors the model returns: a layer whose output is one of them is never folded away.
+    outputs: frozenset[str] = frozenset()
+
+    def initializer(self, name: str) -> np.ndarray:
+        """The value of the initializer `name`."""
+        return numpy_helper.to_array(next(t for t in self.initializers if t.name == name))
+
+    def replace_initializer(self, name: str, value: np.ndarray) -> None:
+        """Give the initializer `name` a new value (same name)."""
+        index = next(i for i, t in enumerate(self.initializers) if t.name == name)
+        self.initializers[index] = numpy_helper.from_array(value, name)
 
     def constant(self, name: str, value: np.ndarray) -> str:
         """Add an initializer; return its name."""
@@ -80,13 +93,13 @@ def graph_builder(op: str) -> Callable[[LayerBuilder], LayerBuilder]:
     return register
 
 
-def _same_upper_span(
+def _same_span(
     g: GraphBuilder, x: str, out: str, extent: tuple[int, int], stride: tuple[int, int]
 ) -> tuple[str, str]:
-    """(input size [h, w], span the SAME_UPPER windows cover [h, w]) as graph tensors.
+    """(input size [h, w], span the SAME windows cover [h, w]) as graph tensors.
 
-    span = (ceil(n / stride) - 1) * stride + extent: the padded size SAME_UPPER needs
-    (SamePadding's total padding is max(0, span - n)).
+    span = (ceil(n / stride) - 1) * stride + extent: the padded size SAME_UPPER and SAME_LOWER
+    need (SamePadding's total padding is max(0, span - n)).
     """
     i64 = np.int64
     stride_array = np.array(stride, dtype=i64)
@@ -113,7 +126,7 @@ def _padding_attributes(
     padding = window.padding
     if padding == "valid":
         return x, {"auto_pad": "VALID"}
-    if padding != "same":
+    if padding not in ("same", "same_lower"):
         assert not isinstance(padding, str)
         return x, {"pads": list(padding)}  # (top, left, bottom, right) is ONNX's order already
     same = window.same
@@ -123,26 +136,28 @@ def _padding_attributes(
         return x, {"pads": list(static)}
     kernel, stride, dilation = window.kernel, window.stride, window.dilation
     if dilation == (1, 1) and all(s <= k for s, k in zip(stride, kernel, strict=True)):
-        return x, {"auto_pad": "SAME_UPPER"}
-    size, span = _same_upper_span(g, x, out, same.extent, same.stride)
+        return x, {"auto_pad": same.auto_pad}
+    size, span = _same_span(g, x, out, same.extent, same.stride)
     if dilation == (1, 1):
         # With stride > kernel, span - n can be negative and onnxruntime's pools then fail on a
         # negative end pad. The pixels past the span reach no window: cropping the input to
-        # min(n, span) changes no output and leaves SAME_UPPER a padding >= 0.
+        # min(n, span) changes no output and leaves SAME a padding >= 0.
         ends = g.node("Min", [size, span], f"{out}:crop_ends")
         starts = g.constant(f"{out}:crop_starts", np.zeros(2, dtype=np.int64))
         axes = g.constant(f"{out}:crop_axes", np.array([2, 3], dtype=np.int64))
         return g.node("Slice", [x, starts, ends, axes], f"{out}:cropped"), {
-            "auto_pad": "SAME_UPPER"
+            "auto_pad": same.auto_pad
         }
-    # onnxruntime rejects auto_pad SAME with dilation (only convs dilate), so the SAME_UPPER
-    # padding max(0, span - n), odd pixel at the end, is applied by a Pad node.
+    # onnxruntime rejects auto_pad SAME with dilation, so the SAME padding max(0, span - n) is
+    # applied by a Pad node of zeros (convs only: the spec refuses it for a strided pool).
     zero = g.constant(f"{out}:zero", np.array(0, dtype=np.int64))
     total = g.node("Max", [g.node("Sub", [span, size], f"{out}:excess"), zero], f"{out}:total")
-    begin = g.node(
-        "Div", [total, g.constant(f"{out}:two", np.array(2, dtype=np.int64))], f"{out}:pad_begin"
+    half = g.node(
+        "Div", [total, g.constant(f"{out}:two", np.array(2, dtype=np.int64))], f"{out}:half"
     )
-    end = g.node("Sub", [total, begin], f"{out}:pad_end")
+    rest = g.node("Sub", [total, half], f"{out}:rest")
+    # SamePadding.split: the odd pixel at the end (SAME_UPPER) or the beginning (SAME_LOWER).
+    begin, end = (rest, half) if same.lower else (half, rest)
     no_pad = g.constant(f"{out}:no_pad", np.zeros(2, dtype=np.int64))
     pads = g.node("Concat", [no_pad, begin, no_pad, end], f"{out}:pads", axis=0)
     return g.node("Pad", [x, pads], f"{out}:padded", mode="constant"), {"auto_pad": "VALID"}
@@ -180,12 +195,15 @@ def _pool_attributes(
 ) -> tuple[str, dict[str, Any]]:
     window = _window(layer)
     x, padding = _padding_attributes(g, window, x, out)
-    return x, {
+    attributes: dict[str, Any] = {
         "kernel_shape": list(window.kernel),
         "strides": list(window.stride),
         "ceil_mode": int(window.ceil),
         **padding,
     }
+    if window.dilation != (1, 1):
+        attributes["dilations"] = list(window.dilation)
+    return x, attributes
 
 
 @graph_builder("max_pool2d")
@@ -245,6 +263,49 @@ def flatten(
     return g.node("Flatten", [x], out, axis=1)
 
 
+def _foldable_conv(g: GraphBuilder, x: str) -> onnx.NodeProto | None:
+    """The Conv node that made `x`, when nothing else reads `x` and the model does not return it."""
+    if not g.nodes or x in g.outputs:
+        return None
+    last = g.nodes[-1]
+    if last.op_type != "Conv" or list(last.output) != [x]:
+        return None
+    return last
+
+
+@graph_builder("batch_norm")
+def batch_norm(
+    g: GraphBuilder, layer: BatchNorm, x: str, out: str, weights: Mapping[str, np.ndarray]
+) -> str:
+    """Folded into the conv before it where there is one (kernel and bias absorb it), else
+    BatchNormalization."""
+    conv = _foldable_conv(g, x)
+    if conv is None:
+        inputs = [
+            g.constant(f"{out}:{field}", weights[field])
+            for field in ("scale", "shift", "mean", "var")
+        ]
+        return g.node("BatchNormalization", [x, *inputs], out, epsilon=layer.epsilon)
+    # y = (conv(x) + b - mean) * factor + shift, factor = scale / sqrt(var + epsilon): the kernel
+    # of filter f times factor[f], the bias (b - mean) * factor + shift. In float64, then float32.
+    scale, shift, mean, var = (
+        weights[field].astype(np.float64) for field in ("scale", "shift", "mean", "var")
+    )
+    factor = scale / np.sqrt(var + layer.epsilon)
+    kernel = g.initializer(conv.input[1]).astype(np.float64)
+    bias = g.initializer(conv.input[2]).astype(np.float64) if len(conv.input) > 2 else 0.0
+    g.replace_initializer(conv.input[1], (kernel * factor.reshape(-1, 1, 1, 1)).astype(np.float32))
+    folded_bias = ((bias - mean) * factor + shift).astype(np.float32)
+    if len(conv.input) > 2:
+        g.replace_initializer(conv.input[2], folded_bias)
+    else:
+        conv.input.append(g.constant(f"{conv.output[0]}:bias", folded_bias))
+    # The conv's node now computes this layer: it takes its name.
+    conv.output[0] = out
+    conv.name = out
+    return out
+
+
 def _preprocess(g: GraphBuilder, pipeline: Pipeline) -> str:
     """Cast to float32, NHWC -> NCHW, then (x * scale - mean) / std, all inside the graph."""
     spec = pipeline.input
@@ -278,7 +339,7 @@ def compile_pipeline(pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS) ->
 
     `tensors` are the weight tensors the spec references by name (checked: see check_tensors).
     """
-    g = GraphBuilder()
+    g = GraphBuilder(outputs=frozenset(pipeline.output_names))
     weights = pipeline_weights(pipeline, tensors)
     x = _preprocess(g, pipeline)
     for index, (layer, name) in enumerate(zip(pipeline.layers, pipeline.layer_names, strict=True)):

@@ -24,6 +24,7 @@ from featmap.contract.ops import (
 from featmap.contract.spec import (
     NO_TENSORS,
     AvgPool2d,
+    BatchNorm,
     Conv2d,
     LayerBase,
     LeakyRelu,
@@ -160,6 +161,16 @@ def global_max_pool2d(layer: Any, x: np.ndarray, _: Mapping[str, np.ndarray]) ->
 def flatten(layer: Any, x: np.ndarray, _: Mapping[str, np.ndarray]) -> np.ndarray:
     """(N, ...) -> (N, prod(...)), row-major."""
     return x.reshape(x.shape[0], -1)
+
+
+@reference_op("batch_norm")
+def batch_norm(layer: BatchNorm, x: np.ndarray, weights: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(x - mean) / sqrt(var + epsilon) * scale + shift per channel, as written (never folded)."""
+    scale, shift, mean, var = (
+        weights[field].astype(np.float64).reshape(1, -1, 1, 1)
+        for field in ("scale", "shift", "mean", "var")
+    )
+    return (x - mean) / np.sqrt(var + layer.epsilon) * scale + shift
 
 
 def preprocess(pipeline: Pipeline, images: np.ndarray) -> np.ndarray:

@@ -163,11 +163,12 @@ def pipeline_weights(
     pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS
 ) -> dict[int, LayerWeights]:
     """The weight tensors of every layer that takes any, keyed by layer index."""
-    return {
-        step.index: layer_weights(step.layer, step.in_shape[0], tensors)
-        for step in walk(pipeline)
-        if step.weights
-    }
+    weights: dict[int, LayerWeights] = {}
+    for step in walk(pipeline):
+        if step.weights:
+            weights[step.index] = layer_weights(step.layer, step.in_shape[0], tensors)
+            step.entry.check_weights(step.layer, weights[step.index], step.where)
+    return weights
 
 
 def expected_tensor_shapes(pipeline: Pipeline) -> dict[str, tuple[tuple[int, ...], str]]:

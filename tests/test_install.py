@@ -27,7 +27,7 @@ ROOT = Path(__file__).parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # The commands' modules that compile or run pipelines: they may import the server side.
 SERVER_JOBS = {"bench.py", "bench_base.py", "bench_int8.py", "bench_job.py", "export_onnx.py",
-               "visualize.py", "summary.py"}  # fmt: skip
+               "visualize.py", "summary.py", "onnx_import.py"}  # fmt: skip
 # The client's packages, and the command line's wherever it lives (client/ or a jobs/ package).
 CLIENT_SIDE = ("contract", "client", "jobs")
 SERVER_SIDE = ("service",)
@@ -228,6 +228,7 @@ def assert_says_install(result: subprocess.CompletedProcess[str], extra_name: st
         ["extract", "--pipeline", "examples/random_features.yaml", "--input", "examples/images",
          "--output", "unused.npz"],
         ["export-onnx", "--pipeline", "examples/random_features.yaml", "-o", "unused.onnx"],
+        ["import", "unused.onnx", "-o", "unused.yaml"],
         ["visualize", "--pipeline", "examples/taps.yaml", "--image",
          "examples/images/shapes.png", "--layer", "block1_act", "-o", "unused.png"],
         ["bench", "--job"],
@@ -252,6 +253,7 @@ def test_server_commands_on_a_cli_install_say_what_to_install(args: list[str]) -
         (["serve", "--help"], "server"),
         (["export-onnx", "--pipeline", "examples/random_features.yaml", "-o", "unused.onnx"],
          "server"),
+        (["import", "unused.onnx", "-o", "unused.yaml"], "server"),
         (["visualize", "--pipeline", "examples/taps.yaml", "--image",
           "examples/images/shapes.png", "--layer", "block1_act", "-o", "unused.png"], "server"),
         (["bench", "--job"], "server"),

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from featmap.contract.errors import InvalidSpec
 from featmap.contract.spec import (
     Conv2d,
     InitSource,
@@ -160,3 +161,21 @@ def test_pipeline_parameters_track_channels() -> None:
 
 def test_init_source_defaults_seed_zero() -> None:
     assert InitSource(init="zeros").seed == 0
+
+
+def test_a_batch_norm_variance_tensor_must_keep_var_plus_epsilon_positive() -> None:
+    spec = {
+        "input": {"channels": 2},
+        "layers": [
+            {"op": "batch_norm", "scale": {"tensor": "s"}, "shift": {"tensor": "b"},
+             "mean": {"tensor": "m"}, "var": {"tensor": "v"}, "epsilon": 0.5},
+        ],
+    }  # fmt: skip
+    pipeline = parse_pipeline(spec)
+    ones = np.ones(2, np.float32)
+    good = {"s": ones, "b": ones, "m": ones, "v": np.array([0.0, -0.25], np.float32)}
+    assert sorted(pipeline_weights(pipeline, good)[0]) == ["mean", "scale", "shift", "var"]
+    bad = {**good, "v": np.array([1.0, -0.5], np.float32)}  # -0.5 + 0.5 is not > 0
+    with pytest.raises(InvalidSpec) as caught:
+        pipeline_weights(pipeline, bad)
+    assert caught.value.field == "layers[0].var"
