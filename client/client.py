@@ -28,8 +28,11 @@ import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from featmap.client.channel import ChannelSecurity, PemSource
-from featmap.client.messages import (
+from ..contract.tensors import OutputDType, sendable
+from ..v1 import featmap_pb2 as pb
+from ..v1 import featmap_pb2_grpc as pb_grpc
+from .channel import ChannelSecurity, PemSource
+from .messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     FeatmapRpcError,
     OutgoingExtract,
@@ -51,15 +54,12 @@ from featmap.client.messages import (
     request_for,
     server_info,
 )
-from featmap.client.protocol import Action, Pause, Stepper, Steps
-from featmap.client.retry import balancing_options, is_retryable, with_retries
-from featmap.client.shared_memory import UNIX_TARGET_PREFIX, SharedMemoryTransport
-from featmap.contract.tensors import OutputDType, sendable
-from featmap.v1 import featmap_pb2 as pb
-from featmap.v1 import featmap_pb2_grpc as pb_grpc
+from .protocol import Action, Pause, Stepper, Steps
+from .retry import balancing_options, is_retryable, with_retries
+from .shared_memory import UNIX_TARGET_PREFIX, SharedMemoryTransport
 
 if TYPE_CHECKING:
-    from featmap.contract.spec import Pipeline
+    from ..contract.spec import Pipeline
 
 Result = TypeVar("Result")
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 import grpc
 import numpy as np
 
-from featmap.contract.errors import FeatmapError
-from featmap.contract.metadata import FIELD_KEY
-from featmap.contract.names import check_pipeline_name
-from featmap.contract.precision import QuantizationReport, report_from_message
-from featmap.contract.tensors import (
+from ..contract.errors import FeatmapError
+from ..contract.metadata import FIELD_KEY
+from ..contract.names import check_pipeline_name
+from ..contract.precision import QuantizationReport, report_from_message
+from ..contract.tensors import (
     OUTPUT_DTYPES,
     OutputDType,
     image_size,
@@ -29,19 +29,19 @@ from featmap.contract.tensors import (
     reply_bytes,
     sendable,
 )
-from featmap.contract.wire import (
+from ..contract.wire import (
     FramedTensor,
     encode_tensor,
     parse_extract_response,
     serialize_extract_request,
 )
-from featmap.v1 import featmap_pb2 as pb
+from ..v1 import featmap_pb2 as pb
 
 # The spec's models (pydantic) load when a spec is parsed, not with the client: importing
 # FeatureClient stays light (tests/test_client_import.py), and the client works where pydantic
 # is not installed at all (tests/test_client_only.py).
 if TYPE_CHECKING:
-    from featmap.contract.spec import Pipeline
+    from ..contract.spec import Pipeline
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 # Room left in a message for everything but the image bytes (spec text aside).
@@ -133,7 +133,7 @@ def _spec_parser() -> Callable[[Any], Pipeline] | None:
     """contract.spec's parse_pipeline, imported when a spec is first parsed; None where the
     spec's models cannot load (an install without pydantic: `pip install featmap`)."""
     try:
-        from featmap.contract.spec import parse_pipeline
+        from ..contract.spec import parse_pipeline
     except ImportError:
         return None
     return parse_pipeline
@@ -214,7 +214,7 @@ def reply_bytes_per_image(
     """Bytes of outputs one image gives (0 when the spec is unknown or does not fit it)."""
     if pipeline is None or images.ndim != 4:
         return 0
-    from featmap.contract.ops import layer_costs
+    from ..contract.ops import layer_costs
 
     try:
         _, height, width = image_size(pipeline.input.layout, images.shape)

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 
 import grpc
 
-from featmap.client.messages import FeatmapRpcError
+from .messages import FeatmapRpcError
 
 Result = TypeVar("Result")
 

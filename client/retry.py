@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 
-from featmap.client.protocol import Call, Pause, Steps
-from featmap.contract.metadata import RETRYABLE_KEY
+from ..contract.metadata import RETRYABLE_KEY
+from .protocol import Call, Pause, Steps
 
 BASE_DELAY_S = 0.05
 MAX_DELAY_S = 2.0

@@ -23,11 +23,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from featmap.client.protocol import Call, Steps
-from featmap.contract.shared_memory import SECRET_PATTERN, owner_id, segment_prefix
-from featmap.contract.tensors import WIRE_DTYPES, wire_dtype
-from featmap.contract.wire import decode_tensor
-from featmap.v1 import featmap_pb2 as pb
+from ..contract.shared_memory import SECRET_PATTERN, owner_id, segment_prefix
+from ..contract.tensors import WIRE_DTYPES, wire_dtype
+from ..contract.wire import decode_tensor
+from ..v1 import featmap_pb2 as pb
+from .protocol import Call, Steps
 
 # (region, key, byte_size): what RegisterSharedMemory must be told, with the pool's secret.
 Registration = tuple[str, str, int]

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.contract.errors import InvalidSpec, InvalidTensor, LimitExceeded
-from featmap.contract.ops import (
+from .errors import InvalidSpec, InvalidTensor, LimitExceeded
+from .ops import (
     INT8_CONV_BYTES_PER_TAP,
     OPS,
     Cost,
@@ -34,8 +34,8 @@ from featmap.contract.ops import (
     parameter_count,
     window_of,
 )
-from featmap.contract.spec import Pipeline
-from featmap.contract.tensors import (
+from .spec import Pipeline
+from .tensors import (
     all_finite,
     first_non_finite,
     image_axes,

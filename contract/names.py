@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from featmap.contract.errors import InvalidSpec
+from .errors import InvalidSpec
 
 PIPELINE_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
 PIPELINE_ID_PATTERN = re.compile(r"[0-9a-f]{32}")

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeAlias, 
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
-from featmap.contract.errors import InvalidSpec
-from featmap.contract.fields import (
+from .errors import InvalidSpec
+from .fields import (
     FIXED_PRESET_SIZES,
     SAME_PADDINGS,
     BiasSource,

@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from featmap.contract.errors import InvalidSpec, listing
-from featmap.contract.fields import (
+from .errors import InvalidSpec, listing
+from .fields import (
     SOURCE_KINDS,
     BiasSource,
     Count,
@@ -41,12 +41,12 @@ from featmap.contract.fields import (
     WeightSource,
     nested_shape,
 )
-from featmap.contract.names import (
+from .names import (
     PIPELINE_ID_PATTERN,
     PIPELINE_NAME_PATTERN,
     check_pipeline_name,
 )
-from featmap.contract.ops import (
+from .ops import (
     LAYER_TYPES,
     OPS,
     SPATIAL_OPS,
@@ -63,7 +63,7 @@ from featmap.contract.ops import (
     Relu,
     walk,
 )
-from featmap.contract.precision import DEFAULT_MAX_ERROR
+from .precision import DEFAULT_MAX_ERROR
 
 # The spec's public names, with the models callers have always found here: the field types and
 # weight sources (fields.py), the layer models of the op table (ops.py), the pipeline name rule

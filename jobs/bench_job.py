@@ -27,9 +27,9 @@ import onnxruntime as ort
 import yaml
 from PIL import Image
 
-from featmap.contract.spec import Pipeline
-from featmap.jobs.images import find_files
-from featmap.service.graph import INPUT_NAME, compile_pipeline
+from ..contract.spec import Pipeline
+from ..service.graph import INPUT_NAME, compile_pipeline
+from .images import find_files
 
 FEATMAP = [sys.executable, "-m", "featmap.jobs.cli"]
 JPEG_QUALITY = 90

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from featmap.jobs.arguments import add_connection_arguments
+from .arguments import add_connection_arguments
 
 
 class UsageError(Exception):
@@ -22,7 +22,7 @@ class VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
-        from featmap.contract import __version__
+        from ..contract import __version__
 
         print(f"featmap {__version__}")
         parser.exit()
@@ -55,7 +55,7 @@ class ServeHelpAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
         require_extra("server")
-        from featmap.service.settings import ServerSettings, default_grpc_workers
+        from ..service.settings import ServerSettings, default_grpc_workers
 
         fields = ServerSettings.model_fields
         for action in parser._actions:
@@ -76,8 +76,8 @@ class ServeHelpAction(argparse.Action):
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from featmap.service.server import serve
-    from featmap.service.settings import ServerSettings
+    from ..service.server import serve
+    from ..service.settings import ServerSettings
 
     overrides = {
         key: value
@@ -107,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise UsageError(f"invalid settings: {problems}") from None
-    from featmap.service.logs import configure_logging
+    from ..service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     try:
@@ -118,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from featmap.contract.spec import json_schema_text
+    from ..contract.spec import json_schema_text
 
     sys.stdout.write(json_schema_text())  # the text of proto/featmap/v1/pipeline.schema.json
     return 0
@@ -127,7 +127,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featmap.jobs.bench import default_threads, run_bench
+    from .bench import default_threads, run_bench
 
     only_job = args.job is not None
     counts = args.rss_images.split(",") if args.rss_images else []
@@ -153,8 +153,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _load_pipeline(path: str) -> Any:
-    from featmap.contract.errors import InvalidSpec
-    from featmap.jobs.specfile import SpecFileError, load_pipeline_file
+    from ..contract.errors import InvalidSpec
+    from .specfile import SpecFileError, load_pipeline_file
 
     try:
         return load_pipeline_file(path)
@@ -163,7 +163,7 @@ def _load_pipeline(path: str) -> Any:
 
 
 def _load_weights(path: str | None) -> dict[str, Any]:
-    from featmap.jobs.specfile import SpecFileError, load_weight_tensors
+    from .specfile import SpecFileError, load_weight_tensors
 
     try:
         return {} if path is None else load_weight_tensors(path)
@@ -174,10 +174,10 @@ def _load_weights(path: str | None) -> dict[str, Any]:
 def _summary(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featmap.contract.errors import FeatmapError, InvalidSpec
-    from featmap.contract.limits import DEFAULT_LIMITS
-    from featmap.jobs.calibration import load_calibration
-    from featmap.jobs.summary import format_summary, measure_int8, parse_input_size
+    from ..contract.errors import FeatmapError, InvalidSpec
+    from ..contract.limits import DEFAULT_LIMITS
+    from .calibration import load_calibration
+    from .summary import format_summary, measure_int8, parse_input_size
 
     pipeline = _load_pipeline(args.pipeline)
     if pipeline.precision != "int8" and args.calibrate:
@@ -208,8 +208,8 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from featmap.contract.errors import FeatmapError
-    from featmap.jobs.export_onnx import export_onnx
+    from ..contract.errors import FeatmapError
+    from .export_onnx import export_onnx
 
     pipeline = _load_pipeline(args.pipeline)
     tensors = _load_weights(args.weights)
@@ -230,7 +230,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from featmap.jobs.onnx_import import OnnxImportError, import_onnx, write_imported
+    from .onnx_import import OnnxImportError, import_onnx, write_imported
 
     try:
         imported = import_onnx(args.model, until=args.until)
@@ -247,8 +247,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _visualize(args: argparse.Namespace) -> int:
-    from featmap.contract.errors import FeatmapError
-    from featmap.jobs.visualize import VisualizeError, visualize
+    from ..contract.errors import FeatmapError
+    from .visualize import VisualizeError, visualize
 
     pipeline = _load_pipeline(args.pipeline)
     tensors = _load_weights(args.weights)
@@ -265,8 +265,8 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from featmap.jobs.arguments import security_from_arguments
-    from featmap.jobs.health import SERVING_EXIT, check_health
+    from .arguments import security_from_arguments
+    from .health import SERVING_EXIT, check_health
 
     result = check_health(
         args.server, args.service, args.timeout, security_from_arguments(args), wait=args.wait
@@ -298,9 +298,9 @@ exit status: 0 done, 1 failed, 2 usage or invalid pipeline, 3 done but inputs we
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from featmap.jobs.extract import command
-    from featmap.jobs.images import parse_size
-    from featmap.jobs.job import JobError
+    from .extract import command
+    from .images import parse_size
+    from .job import JobError
 
     pipeline = _load_pipeline(args.pipeline)
     if args.precision is not None:

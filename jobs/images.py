@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from featmap.contract.spec import InputSpec
-from featmap.contract.tensors import from_hwc, single_image_size
+from ..contract.spec import InputSpec
+from ..contract.tensors import from_hwc, single_image_size
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})

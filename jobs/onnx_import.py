@@ -43,10 +43,10 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from featmap.contract.errors import FeatmapError
-from featmap.contract.fields import NAME_PATTERN
-from featmap.contract.spec import RESERVED_NAME, parse_pipeline
-from featmap.service.weights import check_tensors
+from ..contract.errors import FeatmapError
+from ..contract.fields import NAME_PATTERN
+from ..contract.spec import RESERVED_NAME, parse_pipeline
+from ..service.weights import check_tensors
 
 AUTO_PADS = {"SAME_UPPER": "same", "SAME_LOWER": "same_lower", "VALID": "valid"}
 POOLS = {"MaxPool": "max_pool2d", "AveragePool": "avg_pool2d"}

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from featmap.contract import __version__
-from featmap.contract.ops import OPS, Window, symbolic_shapes, window_of
-from featmap.contract.spec import (
+from ..contract import __version__
+from ..contract.ops import OPS, Window, symbolic_shapes, window_of
+from ..contract.spec import (
     NO_TENSORS,
     RESERVED_NAME,
     AvgPool2d,
@@ -34,8 +34,8 @@ from featmap.contract.spec import (
     WeightTensors,
     content_id,
 )
-from featmap.contract.tensors import batch_shape
-from featmap.service.weights import pipeline_weights
+from ..contract.tensors import batch_shape
+from .weights import pipeline_weights
 
 OPSET = 21
 IR_VERSION = 10

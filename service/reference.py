@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from featmap.contract.ops import (
+from ..contract.ops import (
     OPS,
     Window,
     dilated_extent,
@@ -21,7 +21,7 @@ from featmap.contract.ops import (
     window_output_size,
     window_pads,
 )
-from featmap.contract.spec import (
+from ..contract.spec import (
     NO_TENSORS,
     AvgPool2d,
     BatchNorm,
@@ -32,7 +32,7 @@ from featmap.contract.spec import (
     Pipeline,
     WeightTensors,
 )
-from featmap.service.weights import pipeline_weights
+from .weights import pipeline_weights
 
 # (layer, input, the layer's weights by field) -> output, all float64 but the weights
 ReferenceOp = Callable[[Any, np.ndarray, Mapping[str, np.ndarray]], np.ndarray]

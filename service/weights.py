@@ -10,9 +10,9 @@ import math
 
 import numpy as np
 
-from featmap.contract.errors import InvalidSpec, InvalidTensor, listing
-from featmap.contract.ops import OPS, WeightSlot, walk
-from featmap.contract.spec import (
+from ..contract.errors import InvalidSpec, InvalidTensor, listing
+from ..contract.ops import OPS, WeightSlot, walk
+from ..contract.spec import (
     NO_TENSORS,
     InitSource,
     LayerBase,
