@@ -19,9 +19,9 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/featmap
 ENV PATH=/opt/featmap/bin:$PATH
 COPY . /src
-# The package alone (no dev extras: pytest, mypy, grpcio-tools); then pip goes, and the test
-# suites and test data that wheels carry.
-RUN pip install /src \
+# The package with its server extra (the runtime: onnx, onnxruntime; no dev extras: pytest,
+# mypy, grpcio-tools); then pip goes, and the test suites and test data that wheels carry.
+RUN pip install "/src[server]" \
     && pip uninstall -y pip setuptools \
     && find /opt/featmap -depth -type d \( -name tests -o -path "*/onnx/backend/test/data" \) \
         -exec rm -rf {} +
@@ -56,9 +56,9 @@ RUN python3 -m venv /opt/featmap
 ENV PATH=/opt/featmap/bin:$PATH
 COPY . /src
 # onnxruntime and onnxruntime-gpu install the same `onnxruntime` module and clash: install the
-# package (which pulls the CPU build), then swap the CPU build for the GPU one. Then pip goes,
+# package with its server extra (which pulls the CPU build), then swap the CPU build for the GPU one. Then pip goes,
 # and the test suites and test data that wheels carry.
-RUN pip install /src \
+RUN pip install "/src[server]" \
     && pip uninstall -y onnxruntime \
     && pip install "onnxruntime-gpu>=1.18" \
     && pip uninstall -y pip setuptools \

@@ -10,8 +10,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from featmap.client.client import AsyncFeatureClient, FeatureClient
-    from featmap.client.messages import FeatmapRpcError, PipelineInfo, ServerInfo
+    from .client import AsyncFeatureClient, FeatureClient
+    from .messages import FeatmapRpcError, PipelineInfo, ServerInfo
 
 _HOMES = {
     "AsyncFeatureClient": "featmap.client.client",

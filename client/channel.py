@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from featmap.contract.metadata import bearer
+from ..contract.metadata import bearer
 
 # A PEM file's path, or its bytes.
 PemSource = str | os.PathLike[str] | bytes

@@ -1,7 +1,8 @@
 """FeatureClient and AsyncFeatureClient: numpy in, numpy out, over featmap's gRPC API.
 
-Both stand on `_ClientBase`, which holds every option and the request planning; the two
-classes only do I/O, blocking or with asyncio. A test compares their public signatures.
+Both stand on `_ClientBase`, which holds every option and the request planning, and drive the
+same exchanges (protocol.py: retries, the shared-memory lease sequence) through their `_run`;
+the two classes only do I/O, blocking or with asyncio. A test compares their public signatures.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import threading
+import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -19,15 +21,18 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from featmap.client.channel import ChannelSecurity, PemSource
-from featmap.client.messages import (
+from ..contract.tensors import OutputDType, sendable
+from ..v1 import featmap_pb2 as pb
+from ..v1 import featmap_pb2_grpc as pb_grpc
+from .channel import ChannelSecurity, PemSource
+from .messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     FeatmapRpcError,
     OutgoingExtract,
@@ -42,24 +47,21 @@ from featmap.client.messages import (
     is_pipeline_id,
     local_spec,
     outputs_of,
+    parses_specs,
     pipeline_info,
     register_request,
     reply_bytes_per_image,
     request_for,
     server_info,
 )
-from featmap.client.retry import (
-    balancing_options,
-    call_with_retries,
-    call_with_retries_async,
-    is_retryable,
-)
-from featmap.client.shared_memory import UNIX_TARGET_PREFIX, SharedMemoryTransport
-from featmap.contract.errors import FeatmapError
-from featmap.contract.spec import Pipeline, parse_pipeline
-from featmap.contract.tensors import OutputDType, sendable
-from featmap.v1 import featmap_pb2 as pb
-from featmap.v1 import featmap_pb2_grpc as pb_grpc
+from .protocol import Action, Pause, Stepper, Steps
+from .retry import balancing_options, is_retryable, with_retries
+from .shared_memory import UNIX_TARGET_PREFIX, SharedMemoryTransport
+
+if TYPE_CHECKING:
+    from ..contract.spec import Pipeline
+
+Result = TypeVar("Result")
 
 __all__ = ["AsyncFeatureClient", "FeatmapRpcError", "FeatureClient", "PipelineInfo", "ServerInfo"]
 
@@ -154,14 +156,14 @@ class _ClientBase:
             return local_spec(pipeline), False
         assert isinstance(pipeline, str)
         known = self._specs.get(pipeline)
-        return known, known is None
+        # Without pydantic a fetched spec could not be parsed: no GetPipeline for nothing.
+        return known, known is None and parses_specs()
 
     def _remember_spec(self, pipeline_id: str, info: PipelineInfo) -> Pipeline | None:
-        try:
-            self._specs[pipeline_id] = parse_pipeline(info.spec)
-        except FeatmapError:
-            return None
-        return self._specs[pipeline_id]
+        spec = local_spec(info.spec)
+        if spec is not None:
+            self._specs[pipeline_id] = spec
+        return spec
 
     def _per_message(
         self, images: np.ndarray, pipeline: SpecLike, spec: Pipeline | None, output_dtype: str
@@ -187,13 +189,22 @@ class FeatureClient(_ClientBase):
     def _open_channel(self) -> grpc.Channel:
         return self.security.channel(self.address, self.channel_options)
 
+    def _run(self, steps: Steps[Result]) -> Result:
+        """Make the calls and pauses of an exchange (protocol.py), blocking."""
+        run = Stepper(steps)
+        while run.action is not None:
+            with run.failures():
+                run.reply(self._perform(run.action))
+        return run.result
+
+    @staticmethod
+    def _perform(action: Action) -> Any:
+        if isinstance(action, Pause):
+            return time.sleep(action.seconds)
+        return action.method(action.request, timeout=action.timeout)
+
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return call_with_retries(
-                lambda left: method(request, timeout=left), self.retries, self._timeout(timeout)
-            )
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
+        return self._run(with_retries(method, request, self.retries, self._timeout(timeout)))
 
     def _spec_of(self, pipeline: SpecLike) -> Pipeline | None:
         spec, fetch = self._known_spec(pipeline)
@@ -228,15 +239,12 @@ class FeatureClient(_ClientBase):
             request = request_for(images, pipeline, output_dtype)
             return outputs_of(self._call(self._extract, request, timeout))
 
-        def streamed(left: float | None) -> dict[str, np.ndarray]:
-            parts = self._stream(chunks(images, per_message), pipeline, output_dtype, left)
+        def streamed(batch: np.ndarray, timeout: float | None) -> dict[str, np.ndarray]:
+            parts = self._stream(chunks(batch, per_message), pipeline, output_dtype, timeout)
             return concatenate(list(parts))
 
         # The batch is ours to send again: a stream refused as busy (max_streams) is retried.
-        try:
-            return call_with_retries(streamed, self.retries, self._timeout(timeout))
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
+        return self._call(streamed, images, timeout)
 
     def _extract_shared(
         self,
@@ -245,31 +253,11 @@ class FeatureClient(_ClientBase):
         output_dtype: OutputDType,
         timeout: float | None,
     ) -> dict[str, np.ndarray]:
-        shared, left = self._shared, self._timeout(timeout)
+        shared = self._shared
         assert shared is not None
         message = request_for(None, pipeline, output_dtype).message
-        try:
-            with shared.pool.lock:
-                registrations, request = shared.prepare(images, message)
-                for registration in registrations:
-                    reply = self._stub.RegisterSharedMemory(registration, timeout=left)
-                    shared.registered(reply.lease_seconds)
-                renewal = shared.renewal()
-                if renewal is not None:
-                    self._stub.RenewSharedMemory(renewal, timeout=left)
-                try:
-                    response = self._stub.Extract(request, timeout=left)
-                except grpc.RpcError as exc:
-                    call: Any = exc
-                    if not shared.lease_lost(call.code(), call.details() or ""):
-                        raise
-                    for registration in shared.reregistrations():
-                        reply = self._stub.RegisterSharedMemory(registration, timeout=left)
-                        shared.registered(reply.lease_seconds)
-                    response = self._stub.Extract(request, timeout=left)
-                return shared.finish(response, len(images))
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
+        with shared.pool.lock:
+            return self._run(shared.extract(self._stub, images, message, self._timeout(timeout)))
 
     def extract_stream(
         self,
@@ -447,13 +435,22 @@ class AsyncFeatureClient(_ClientBase):
         self._shared_lock = asyncio.Lock()
         return self.security.aio_channel(self.address, self.channel_options)
 
+    async def _run(self, steps: Steps[Result]) -> Result:
+        """Make the calls and pauses of an exchange (protocol.py), awaiting each."""
+        run = Stepper(steps)
+        while run.action is not None:
+            with run.failures():
+                run.reply(await self._perform(run.action))
+        return run.result
+
+    @staticmethod
+    async def _perform(action: Action) -> Any:
+        if isinstance(action, Pause):
+            return await asyncio.sleep(action.seconds)
+        return await action.method(action.request, timeout=action.timeout)
+
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return await call_with_retries_async(
-                lambda left: method(request, timeout=left), self.retries, self._timeout(timeout)
-            )
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
+        return await self._run(with_retries(method, request, self.retries, self._timeout(timeout)))
 
     async def _spec_of(self, pipeline: SpecLike) -> Pipeline | None:
         spec, fetch = self._known_spec(pipeline)
@@ -483,15 +480,12 @@ class AsyncFeatureClient(_ClientBase):
             request = request_for(images, pipeline, output_dtype)
             return outputs_of(await self._call(self._extract, request, timeout))
 
-        async def streamed(left: float | None) -> dict[str, np.ndarray]:
-            parts = self._stream(chunks(images, per_message), pipeline, output_dtype, left)
+        async def streamed(batch: np.ndarray, timeout: float | None) -> dict[str, np.ndarray]:
+            parts = self._stream(chunks(batch, per_message), pipeline, output_dtype, timeout)
             return concatenate([part async for part in parts])
 
         # The batch is ours to send again: a stream refused as busy (max_streams) is retried.
-        try:
-            return await call_with_retries_async(streamed, self.retries, self._timeout(timeout))
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
+        return await self._call(streamed, images, timeout)
 
     async def _extract_shared(
         self,
@@ -500,30 +494,12 @@ class AsyncFeatureClient(_ClientBase):
         output_dtype: OutputDType,
         timeout: float | None,
     ) -> dict[str, np.ndarray]:
-        shared, left = self._shared, self._timeout(timeout)
+        shared = self._shared
         assert shared is not None
         message = request_for(None, pipeline, output_dtype).message
-        try:
-            async with self._shared_lock:
-                registrations, request = shared.prepare(images, message)
-                for registration in registrations:
-                    reply = await self._stub.RegisterSharedMemory(registration, timeout=left)
-                    shared.registered(reply.lease_seconds)
-                renewal = shared.renewal()
-                if renewal is not None:
-                    await self._stub.RenewSharedMemory(renewal, timeout=left)
-                try:
-                    response = await self._stub.Extract(request, timeout=left)
-                except grpc.aio.AioRpcError as exc:
-                    if not shared.lease_lost(exc.code(), exc.details() or ""):
-                        raise
-                    for registration in shared.reregistrations():
-                        reply = await self._stub.RegisterSharedMemory(registration, timeout=left)
-                        shared.registered(reply.lease_seconds)
-                    response = await self._stub.Extract(request, timeout=left)
-                return shared.finish(response, len(images))
-        except grpc.RpcError as exc:
-            raise FeatmapRpcError.from_rpc_error(exc) from None
+        async with self._shared_lock:
+            steps = shared.extract(self._stub, images, message, self._timeout(timeout))
+            return await self._run(steps)
 
     async def extract_stream(
         self,

@@ -6,21 +6,22 @@ split a batch and how they read a reply is written once, here, on top of the con
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
 import grpc
 import numpy as np
 
-from featmap.contract.errors import FeatmapError
-from featmap.contract.metadata import FIELD_KEY
-from featmap.contract.ops import layer_costs
-from featmap.contract.precision import QuantizationReport, report_from_message
-from featmap.contract.spec import Pipeline, check_pipeline_name, parse_pipeline
-from featmap.contract.tensors import (
+from ..contract.errors import FeatmapError
+from ..contract.metadata import FIELD_KEY
+from ..contract.names import check_pipeline_name
+from ..contract.precision import QuantizationReport, report_from_message
+from ..contract.tensors import (
     OUTPUT_DTYPES,
     OutputDType,
     image_size,
@@ -28,18 +29,24 @@ from featmap.contract.tensors import (
     reply_bytes,
     sendable,
 )
-from featmap.contract.wire import (
+from ..contract.wire import (
     FramedTensor,
     encode_tensor,
     parse_extract_response,
     serialize_extract_request,
 )
-from featmap.v1 import featmap_pb2 as pb
+from ..v1 import featmap_pb2 as pb
+
+# The spec's models (pydantic) load when a spec is parsed, not with the client: importing
+# FeatureClient stays light (tests/test_client_import.py), and the client works where pydantic
+# is not installed at all (tests/test_client_only.py).
+if TYPE_CHECKING:
+    from ..contract.spec import Pipeline
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 # Room left in a message for everything but the image bytes (spec text aside).
 ENVELOPE_BYTES = 4096
-SpecLike = Pipeline | Mapping[str, Any] | str
+SpecLike: TypeAlias = "Pipeline | Mapping[str, Any] | str"
 EXTRACT_METHOD = "/featmap.v1.FeatureExtractor/Extract"
 EXTRACT_STREAM_METHOD = "/featmap.v1.FeatureExtractor/ExtractStream"
 
@@ -100,11 +107,20 @@ class PipelineInfo:
 
 def spec_json(spec: SpecLike) -> str:
     """The JSON text of a spec given as a model, a mapping, or JSON text already."""
-    if isinstance(spec, Pipeline):
+    if _is_pipeline_model(spec):
         return spec.model_dump_json()
     if isinstance(spec, str):
         return spec
     return json.dumps(spec)
+
+
+def _is_pipeline_model(spec: object) -> TypeGuard[Pipeline]:
+    """Whether `spec` is a contract.spec.Pipeline, without loading pydantic to find out.
+
+    A Pipeline exists only once its module is loaded: until then nothing is one.
+    """
+    module = sys.modules.get("featmap.contract.spec")
+    return module is not None and isinstance(spec, module.Pipeline)
 
 
 def is_pipeline_id(pipeline: SpecLike) -> bool:
@@ -112,10 +128,30 @@ def is_pipeline_id(pipeline: SpecLike) -> bool:
     return isinstance(pipeline, str) and not pipeline.lstrip().startswith("{")
 
 
-def local_spec(spec: SpecLike) -> Pipeline | None:
-    """The spec parsed here, for sizing chunks (None if invalid: the server names the field)."""
+@functools.cache
+def _spec_parser() -> Callable[[Any], Pipeline] | None:
+    """contract.spec's parse_pipeline, imported when a spec is first parsed; None where the
+    spec's models cannot load (an install without pydantic: `pip install featmap`)."""
     try:
-        return parse_pipeline(spec if isinstance(spec, Pipeline | str) else dict(spec))
+        from ..contract.spec import parse_pipeline
+    except ImportError:
+        return None
+    return parse_pipeline
+
+
+def parses_specs() -> bool:
+    """Whether specs can be parsed here (pydantic is installed)."""
+    return _spec_parser() is not None
+
+
+def local_spec(spec: SpecLike) -> Pipeline | None:
+    """The spec parsed here, for sizing chunks. None if it is invalid (the server names the
+    field) or cannot be parsed here (no pydantic: chunks are sized by the request alone)."""
+    parse = _spec_parser()
+    if parse is None:
+        return None
+    try:
+        return parse(dict(spec) if isinstance(spec, Mapping) else spec)
     except FeatmapError:
         return None
 
@@ -178,6 +214,8 @@ def reply_bytes_per_image(
     """Bytes of outputs one image gives (0 when the spec is unknown or does not fit it)."""
     if pipeline is None or images.ndim != 4:
         return 0
+    from ..contract.ops import layer_costs
+
     try:
         _, height, width = image_size(pipeline.input.layout, images.shape)
         shapes = {layer.name: layer.shape for layer in layer_costs(pipeline, height, width)}

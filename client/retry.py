@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
-from featmap.contract.metadata import RETRYABLE_KEY
+from ..contract.metadata import RETRYABLE_KEY
+from .protocol import Call, Pause, Steps
 
 BASE_DELAY_S = 0.05
 MAX_DELAY_S = 2.0
-
-Result = TypeVar("Result")
 
 
 def balancing_options() -> list[tuple[str, Any]]:
     """Channel options that spread calls over every address a target resolves to.
 
-    Retries are the client's own (call_with_retries), in that one layer: gRPC's retry policy
+    Retries are the client's own (with_retries), in that one layer: gRPC's retry policy
     would retry inside them (a dead address then took seconds to report), and it keeps only
     256 KiB of a call for resending, so it could not resend image batches anyway. A retry on a
     round-robin channel goes to the next ready replica.
@@ -56,35 +54,19 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
-def call_with_retries(
-    attempt: Callable[[float | None], Result], retries: int, timeout: float | None
-) -> Result:
-    """attempt(timeout_left) until it succeeds, fails for good, or retries/time run out."""
+def with_retries(
+    method: Callable[..., Any], request: Any, retries: int, timeout: float | None
+) -> Steps[Any]:
+    """Call method(request, timeout=time left) until it succeeds, fails for good, or retries or
+    time run out, pausing with backoff_delays in between (an exchange: see protocol.py)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     delays = backoff_delays(retries)
     while True:
         try:
-            return attempt(_remaining(deadline))
-        except grpc.RpcError as exc:
-            delay = next(delays, None) if is_retryable(exc) else None
-            left = _remaining(deadline)
-            if delay is None or (left is not None and left <= delay):
-                raise
-        time.sleep(delay)
-
-
-async def call_with_retries_async(
-    attempt: Callable[[float | None], Awaitable[Result]], retries: int, timeout: float | None
-) -> Result:
-    """As call_with_retries, for grpc.aio calls."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    delays = backoff_delays(retries)
-    while True:
-        try:
-            return await attempt(_remaining(deadline))
+            return (yield Call(method, request, _remaining(deadline)))
         except grpc.RpcError as exc:  # grpc.aio.AioRpcError is one
             delay = next(delays, None) if is_retryable(exc) else None
             left = _remaining(deadline)
             if delay is None or (left is not None and left <= delay):
                 raise
-        await asyncio.sleep(delay)
+        yield Pause(delay)

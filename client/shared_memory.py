@@ -18,13 +18,16 @@ import time
 import weakref
 from multiprocessing.shared_memory import SharedMemory
 from types import TracebackType
+from typing import Any
 
+import grpc
 import numpy as np
 
-from featmap.contract.shared_memory import SECRET_PATTERN, owner_id, segment_prefix
-from featmap.contract.tensors import WIRE_DTYPES, wire_dtype
-from featmap.contract.wire import decode_tensor
-from featmap.v1 import featmap_pb2 as pb
+from ..contract.shared_memory import SECRET_PATTERN, owner_id, segment_prefix
+from ..contract.tensors import WIRE_DTYPES, wire_dtype
+from ..contract.wire import decode_tensor
+from ..v1 import featmap_pb2 as pb
+from .protocol import Call, Steps
 
 # (region, key, byte_size): what RegisterSharedMemory must be told, with the pool's secret.
 Registration = tuple[str, str, int]
@@ -195,8 +198,8 @@ class SharedMemoryPool:
 class SharedMemoryTransport:
     """Extract through a client's shared-memory regions: what to send, and what came back.
 
-    The clients make the calls (blocking or asyncio) around these steps, holding their lock
-    from `prepare` until `finish` has returned, since every request reuses the same segments.
+    `extract` is the whole sequence, which the clients drive (blocking or asyncio), holding
+    their lock until it has returned, since every request reuses the same segments.
     """
 
     def __init__(self) -> None:
@@ -204,6 +207,33 @@ class SharedMemoryTransport:
         self.lease_seconds = 0.0
         self.renewed = 0.0
         self.output_bytes_per_image = 0
+
+    def extract(
+        self, stub: Any, images: np.ndarray, message: pb.ExtractRequest, timeout: float | None
+    ) -> Steps[dict[str, np.ndarray]]:
+        """Extract through the regions with `stub` (blocking or grpc.aio), as an exchange (see
+        protocol.py): register what the server does not know yet, renew the lease when due,
+        and when the server lost the regions (a lease ran out, a restart) register every one
+        again and send the request once more. The caller holds its lock throughout.
+        """
+        registrations, request = self.prepare(images, message)
+        for registration in registrations:
+            reply = yield Call(stub.RegisterSharedMemory, registration, timeout)
+            self.registered(reply.lease_seconds)
+        renewal = self.renewal()
+        if renewal is not None:
+            yield Call(stub.RenewSharedMemory, renewal, timeout)
+        try:
+            response = yield Call(stub.Extract, request, timeout)
+        except grpc.RpcError as exc:  # grpc.aio.AioRpcError is one
+            call: Any = exc
+            if not self.lease_lost(call.code(), call.details() or ""):
+                raise
+            for registration in self.reregistrations():
+                reply = yield Call(stub.RegisterSharedMemory, registration, timeout)
+                self.registered(reply.lease_seconds)
+            response = yield Call(stub.Extract, request, timeout)
+        return self.finish(response, len(images))
 
     def prepare(
         self, images: np.ndarray, message: pb.ExtractRequest

@@ -23,19 +23,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.contract.errors import InvalidSpec, InvalidTensor, LimitExceeded
-from featmap.contract.ops import (
+from .errors import InvalidSpec, InvalidTensor, LimitExceeded
+from .ops import (
     INT8_CONV_BYTES_PER_TAP,
+    OPS,
     Cost,
     LayerCost,
     batch_cost,
     layer_costs,
     parameter_count,
-    window_field,
-    window_geometry,
+    window_of,
 )
-from featmap.contract.spec import Conv2d, Pipeline, PoolBase
-from featmap.contract.tensors import (
+from .spec import Pipeline
+from .tensors import (
     all_finite,
     first_non_finite,
     image_axes,
@@ -244,15 +244,14 @@ def admit_pipeline(pipeline: Pipeline, limits: RequestLimits) -> None:
             "layers", f"{len(pipeline.layers)} layers exceed max_layers={limits.max_layers}"
         )
     for index, layer in enumerate(pipeline.layers):
-        if isinstance(layer, Conv2d | PoolBase):
-            kernel, _, _ = window_geometry(layer)
-            if max(kernel) > limits.max_kernel_size:
-                field = window_field(layer)
-                raise LimitExceeded(
-                    f"layers[{index}].{field}",
-                    f"{field}={list(kernel)} exceeds max_kernel_size={limits.max_kernel_size} "
-                    "per axis",
-                )
+        window = window_of(layer)
+        if window is not None and max(window.kernel) > limits.max_kernel_size:
+            field = window.field
+            raise LimitExceeded(
+                f"layers[{index}].{field}",
+                f"{field}={list(window.kernel)} exceeds max_kernel_size={limits.max_kernel_size} "
+                "per axis",
+            )
     parameters = parameter_count(pipeline)
     if parameters > limits.max_parameters:
         raise LimitExceeded(
@@ -270,12 +269,13 @@ def admit_int8_kernels(pipeline: Pipeline) -> None:
     conv is bound by its multiply-adds, where int8 gains least.
     """
     for index, layer in enumerate(pipeline.layers):
-        if isinstance(layer, Conv2d):
-            height, width = layer.kernel_size
+        window = window_of(layer)
+        if OPS[layer.op].int8_taps and window is not None:
+            height, width = window.kernel
             if height * width > INT8_MAX_KERNEL_TAPS:
                 raise InvalidSpec(
-                    f"layers[{index}].kernel_size",
-                    f"kernel_size={[height, width]} has {height * width} taps; int8 convs take "
+                    f"layers[{index}].{window.field}",
+                    f"{window.field}={[height, width]} has {height * width} taps; int8 convs take "
                     f"at most {INT8_MAX_KERNEL_TAPS} (11x11): onnxruntime's int8 conv keeps "
                     f"{INT8_CONV_BYTES_PER_TAP} bytes per tap and output pixel. Use precision "
                     "float32 for this pipeline",

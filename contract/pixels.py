@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from featmap.contract.spec import InputSpec, Pipeline, parse_pipeline
-from featmap.contract.tensors import from_hwc
+from .spec import InputSpec, Pipeline, parse_pipeline
+from .tensors import from_hwc
 
 PIXEL_DTYPE = "uint8"
 # What the float path divides by; the variant multiplies by its float32 reciprocal.

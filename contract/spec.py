@@ -10,221 +10,118 @@ import functools
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
     Field,
-    PlainSerializer,
-    PlainValidator,
     SerializerFunctionWrapHandler,
-    Tag,
     ValidationError,
-    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
 )
 
-from featmap.contract.errors import InvalidSpec, listing
+from .errors import InvalidSpec, listing
+from .fields import (
+    SOURCE_KINDS,
+    BiasSource,
+    Count,
+    InitSource,
+    LayerBase,
+    Padding,
+    Pads,
+    Pair,
+    PresetSource,
+    SpecFieldError,
+    SpecModel,
+    TensorSource,
+    ValuesSource,
+    WeightSource,
+    nested_shape,
+)
+from .names import (
+    PIPELINE_ID_PATTERN,
+    PIPELINE_NAME_PATTERN,
+    check_pipeline_name,
+)
+from .ops import (
+    LAYER_TYPES,
+    OPS,
+    SPATIAL_OPS,
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    GlobalMaxPool2d,
+    Layer,
+    LeakyRelu,
+    MaxPool2d,
+    PoolBase,
+    Relu,
+    walk,
+)
+from .precision import DEFAULT_MAX_ERROR
 
-# Strict: JSON `true` is not a count. The upper bounds are sanity bounds on what any conv
-# framework accepts; the server's configurable limits (parameters, pixels) sit below them.
-MAX_CHANNELS = 65536
-MAX_WINDOW = 1024
-Count = Annotated[int, Field(strict=True, ge=1, le=MAX_CHANNELS)]
-
-
-def _is_count(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    pair = (value, value) if _is_count(value, 1) else value
-    if isinstance(pair, list | tuple) and len(pair) == 2 and all(_is_count(v, 1) for v in pair):
-        if max(pair) > MAX_WINDOW:
-            raise ValueError(f"must be at most {MAX_WINDOW} on each axis; got {value!r}")
-        return (pair[0], pair[1])
-    raise ValueError(f"must be an int >= 1 or [h, w] of ints >= 1; got {value!r}")
-
-
-def _padding_or_pads(value: Any) -> str | tuple[int, int, int, int]:
-    if value in ("same", "valid"):
-        return str(value)
-    pads = (value,) * 4 if _is_count(value, 0) else value
-    if isinstance(pads, list | tuple) and len(pads) == 4 and all(_is_count(p, 0) for p in pads):
-        if max(pads) > MAX_WINDOW:
-            raise ValueError(f"must be at most {MAX_WINDOW} on each side; got {value!r}")
-        # Zero padding on every side is "valid": one meaning, one spelling, one pipeline id.
-        return "valid" if max(pads) == 0 else (pads[0], pads[1], pads[2], pads[3])
-    raise ValueError(
-        f"must be 'same', 'valid', an int >= 0 or [top, left, bottom, right]; got {value!r}"
-    )
-
-
-# Spatial pairs are written as an int (both axes) or [h, w] and stored as (h, w), so that
-# `3` and `[3, 3]` are the same spec (and the same pipeline id).
-Pair = Annotated[
-    tuple[int, int],
-    PlainValidator(_pair),
-    PlainSerializer(list),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "integer", "minimum": 1},
-                {
-                    "type": "array",
-                    "items": {"type": "integer", "minimum": 1},
-                    "minItems": 2,
-                    "maxItems": 2,
-                },
-            ]
-        }
-    ),
+# The spec's public names, with the models callers have always found here: the field types and
+# weight sources (fields.py), the layer models of the op table (ops.py), the pipeline name rule
+# (names.py) and int8's default threshold (precision.py).
+__all__ = [
+    "DEFAULT_MAX_ERROR",
+    "LAYER_TYPES",
+    "MAX_LISTED_ERRORS",
+    "NO_TENSORS",
+    "PIPELINE_ID_PATTERN",
+    "PIPELINE_NAME_PATTERN",
+    "RESERVED_NAME",
+    "SOURCE_KINDS",
+    "SPATIAL_OPS",
+    "AvgPool2d",
+    "BatchNorm",
+    "BiasSource",
+    "Conv2d",
+    "Count",
+    "Flatten",
+    "GlobalAvgPool2d",
+    "GlobalMaxPool2d",
+    "InitSource",
+    "InputSpec",
+    "Layer",
+    "LayerBase",
+    "LeakyRelu",
+    "MaxPool2d",
+    "Padding",
+    "Pads",
+    "Pair",
+    "Pipeline",
+    "PoolBase",
+    "Precision",
+    "PresetSource",
+    "Relu",
+    "SpecFieldError",
+    "SpecModel",
+    "TensorSource",
+    "ValuesSource",
+    "WeightSource",
+    "WeightTensors",
+    "check_pipeline_name",
+    "content_id",
+    "json_schema",
+    "json_schema_text",
+    "nested_shape",
+    "parse_pipeline",
 ]
-# Explicit padding is an int (all sides) or [top, left, bottom, right] (the ONNX `pads` order),
-# stored as the 4-tuple.
-Pads = tuple[int, int, int, int]
-Padding = Annotated[
-    Literal["same", "valid"] | Pads,
-    PlainValidator(_padding_or_pads),
-    PlainSerializer(lambda v: v if isinstance(v, str) else list(v)),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"enum": ["same", "valid"]},
-                {"type": "integer", "minimum": 0},
-                {
-                    "type": "array",
-                    "items": {"type": "integer", "minimum": 0},
-                    "minItems": 4,
-                    "maxItems": 4,
-                },
-            ]
-        }
-    ),
-]
+
+
 # Layer names become ONNX tensor names; graph-internal tensors use ":" to stay out of their way.
 RESERVED_NAME = "images"
 # Validation errors described in one message (a spec may have a million).
 MAX_LISTED_ERRORS = 16
-NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,127}$"
 # How a pipeline computes: float32 throughout, or its graph quantized to int8 (README "int8
-# precision"). The int8 error threshold when the spec sets none: the largest |int8 - float32|
-# over an output, as a fraction of that output's largest |float32|; ordinary pipelines
-# measure 0.5-3 %.
+# precision"); the int8 error threshold when the spec sets none is precision.DEFAULT_MAX_ERROR.
 Precision = Literal["float32", "int8"]
-DEFAULT_MAX_ERROR = 0.05
-
-
-class SpecModel(BaseModel):
-    """Base of every spec model: unknown fields are errors and models are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SpecFieldError(ValueError):
-    """A cross-field check failed; `field` is the dotted path of the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-# --------------------------------------------------------------------------- weight sources
-
-
-class ValuesSource(SpecModel):
-    """Literal numbers, nested lists in (filters, in_channels/groups, kh, kw) order."""
-
-    values: list[Any]
-
-    @field_validator("values")
-    @classmethod
-    def _as_floats(cls, values: list[Any]) -> list[Any]:
-        # 1 and 1.0 are the same weight: store floats so both give the same canonical JSON.
-        def as_float(v: Any) -> Any:
-            if isinstance(v, list):
-                return [as_float(x) for x in v]
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                return float(v)
-            return v  # left for the shape check to report with its path
-
-        return [as_float(v) for v in values]
-
-
-class InitSource(SpecModel):
-    """A seeded random (or zero) initializer, deterministic across machines."""
-
-    init: Literal["he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "zeros"]
-    seed: Annotated[int, Field(strict=True, ge=0, lt=2**63)] = 0
-
-
-class PresetSource(SpecModel):
-    """A classic 2D kernel copied into every (filter, input channel) slice."""
-
-    preset: Literal["sobel_x", "sobel_y", "laplacian", "gaussian", "box", "identity"]
-    # Gaussian only; default follows OpenCV: 0.3 * ((k - 1) / 2 - 1) + 0.8 per axis.
-    # Finite; whether the kernel it gives is finite too depends on the size (admission checks).
-    sigma: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-
-    @model_validator(mode="after")
-    def _sigma_only_for_gaussian(self) -> PresetSource:
-        if self.sigma is not None and self.preset != "gaussian":
-            raise SpecFieldError(
-                "sigma", f"applies only to the gaussian preset, not {self.preset!r}"
-            )
-        return self
-
-
-class TensorSource(SpecModel):
-    """A weight tensor sent beside the spec to RegisterPipeline, by name."""
-
-    tensor: Annotated[str, Field(min_length=1, max_length=256)]
-
-
-SOURCE_KINDS: dict[str, type[SpecModel]] = {
-    "values": ValuesSource,
-    "init": InitSource,
-    "preset": PresetSource,
-    "tensor": TensorSource,
-}
-
-
-def _source_kind(value: Any) -> str | None:
-    if isinstance(value, dict):
-        keys = SOURCE_KINDS.keys() & value.keys()
-        return keys.pop() if len(keys) == 1 else None
-    return next((kind for kind, cls in SOURCE_KINDS.items() if isinstance(value, cls)), None)
-
-
-WeightSource: TypeAlias = Annotated[
-    Annotated[ValuesSource, Tag("values")]
-    | Annotated[InitSource, Tag("init")]
-    | Annotated[PresetSource, Tag("preset")]
-    | Annotated[TensorSource, Tag("tensor")],
-    Discriminator(
-        _source_kind,
-        custom_error_type="weight_source",
-        custom_error_message="expected exactly one of 'values', 'init', 'preset' or 'tensor'",
-    ),
-]
-BiasSource: TypeAlias = Annotated[
-    Annotated[ValuesSource, Tag("values")]
-    | Annotated[InitSource, Tag("init")]
-    | Annotated[TensorSource, Tag("tensor")],
-    Discriminator(
-        _source_kind,
-        custom_error_type="bias_source",
-        custom_error_message="expected exactly one of 'values', 'init' or 'tensor'",
-    ),
-]
 
 
 # --------------------------------------------------------------------------- input
@@ -272,130 +169,6 @@ class InputSpec(SpecModel):
         """Broadcast a scalar or one-element mean/std to one value per channel."""
         values = [float(value)] if isinstance(value, float | int) else [float(x) for x in value]
         return values * self.channels if len(values) == 1 else values
-
-
-# --------------------------------------------------------------------------- layers
-
-
-class LayerBase(SpecModel):
-    """Fields every layer has."""
-
-    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
-
-
-class Conv2d(LayerBase):
-    """2D convolution (cross-correlation, as in every framework), NCHW."""
-
-    op: Literal["conv2d"]
-    filters: Count
-    kernel_size: Pair
-    stride: Pair = (1, 1)
-    padding: Padding = "valid"
-    dilation: Pair = (1, 1)
-    groups: Count = 1
-    weights: WeightSource
-    bias: BiasSource | None = None
-
-
-class Relu(LayerBase):
-    """max(x, 0)."""
-
-    op: Literal["relu"]
-
-
-class LeakyRelu(LayerBase):
-    """x if x >= 0 else alpha * x (default alpha as PyTorch and ONNX: 0.01)."""
-
-    op: Literal["leaky_relu"]
-    alpha: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.01
-
-
-class PoolBase(LayerBase):
-    """Fields shared by max and average pooling."""
-
-    pool_size: Pair
-    stride: Pair | None = None
-    padding: Padding = "valid"
-    ceil_mode: bool = False
-
-    @model_validator(mode="after")
-    def _ceil_mode_needs_explicit_padding(self) -> PoolBase:
-        if self.ceil_mode and self.padding == "same":
-            raise SpecFieldError(
-                "ceil_mode", "has no effect with padding='same' (output is ceil(in/stride))"
-            )
-        return self
-
-
-class MaxPool2d(PoolBase):
-    """Max over each window; padding never wins a max."""
-
-    op: Literal["max_pool2d"]
-
-
-class AvgPool2d(PoolBase):
-    """Mean over each window; padding counts only with count_include_pad."""
-
-    op: Literal["avg_pool2d"]
-    count_include_pad: bool = False
-
-
-class GlobalAvgPool2d(LayerBase):
-    """Mean over H and W, keeping (N, C, 1, 1)."""
-
-    op: Literal["global_avg_pool2d"]
-
-
-class GlobalMaxPool2d(LayerBase):
-    """Max over H and W, keeping (N, C, 1, 1)."""
-
-    op: Literal["global_max_pool2d"]
-
-
-class Flatten(LayerBase):
-    """(N, C, H, W) -> (N, C*H*W), row-major as torch.flatten(x, 1)."""
-
-    op: Literal["flatten"]
-
-
-Layer: TypeAlias = Annotated[
-    Conv2d | Relu | LeakyRelu | MaxPool2d | AvgPool2d | GlobalAvgPool2d | GlobalMaxPool2d | Flatten,
-    Field(discriminator="op"),
-]
-LAYER_TYPES: tuple[type[LayerBase], ...] = (
-    Conv2d,
-    Relu,
-    LeakyRelu,
-    MaxPool2d,
-    AvgPool2d,
-    GlobalAvgPool2d,
-    GlobalMaxPool2d,
-    Flatten,
-)
-SPATIAL_OPS = {"conv2d", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "global_max_pool2d"}
-FIXED_PRESET_SIZES = {"sobel_x": (3, 3), "sobel_y": (3, 3), "laplacian": (3, 3)}
-
-
-def nested_shape(values: Any) -> tuple[int, ...] | None:
-    """Shape of a rectangular nested list of numbers, or None if ragged or not numeric."""
-    if isinstance(values, bool):
-        return None
-    if isinstance(values, int | float):
-        return ()
-    if not isinstance(values, list) or not values:
-        return None
-    shapes = {nested_shape(v) for v in values}
-    if len(shapes) != 1 or None in shapes:
-        return None
-    (inner,) = shapes
-    assert inner is not None
-    return (len(values), *inner)
-
-
-def _flat_numbers(values: Any) -> list[float]:
-    if isinstance(values, list):
-        return [x for v in values for x in _flat_numbers(v)]
-    return [float(values)]
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -482,19 +255,9 @@ class Pipeline(SpecModel):
         return self
 
     def _check_channels(self) -> None:
-        channels = self.input.channels
-        flat = False
-        for index, layer in enumerate(self.layers):
-            where = f"layers[{index}]"
-            if flat and layer.op in SPATIAL_OPS | {"flatten"}:
-                raise SpecFieldError(
-                    f"{where}.op", f"{layer.op} needs (N, C, H, W) but follows a flatten layer"
-                )
-            if isinstance(layer, Conv2d):
-                _check_conv(layer, channels, where)
-                channels = layer.filters
-            elif isinstance(layer, Flatten):
-                flat = True
+        # The walk over the op table checks what each layer needs of its input (channels that
+        # groups divide, weight values of the right shape, (C, H, W) after no flatten).
+        walk(self, check=True)
 
     @property
     def layer_names(self) -> list[str]:
@@ -517,13 +280,13 @@ class Pipeline(SpecModel):
 
     @property
     def tensor_names(self) -> dict[str, tuple[int, int]]:
-        """Weight tensors the spec references: name -> (layer index, 0 kernel / 1 bias)."""
+        """Weight tensors the spec references: name -> (layer index, its slot: for conv2d 0
+        kernel, 1 bias; for batch_norm 0-3 scale, shift, mean, var)."""
         names: dict[str, tuple[int, int]] = {}
-        for index, layer in enumerate(self.layers):
-            if isinstance(layer, Conv2d):
-                for slot, source in enumerate((layer.weights, layer.bias)):
-                    if isinstance(source, TensorSource):
-                        names.setdefault(source.tensor, (index, slot))
+        for step in walk(self):
+            for slot, weight in enumerate(step.weights):
+                if isinstance(weight.source, TensorSource):
+                    names.setdefault(weight.source.tensor, (step.index, slot))
         return names
 
     @functools.cached_property
@@ -532,61 +295,10 @@ class Pipeline(SpecModel):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:32]
 
 
-def _check_conv(layer: Conv2d, in_channels: int, where: str) -> None:
-    if in_channels % layer.groups:
-        raise SpecFieldError(
-            f"{where}.groups",
-            f"groups={layer.groups} does not divide the {in_channels} input channels",
-        )
-    if layer.filters % layer.groups:
-        raise SpecFieldError(
-            f"{where}.groups", f"groups={layer.groups} does not divide filters={layer.filters}"
-        )
-    kh, kw = layer.kernel_size
-    expected = (layer.filters, in_channels // layer.groups, kh, kw)
-    weights = layer.weights
-    if isinstance(weights, ValuesSource):
-        shape = nested_shape(weights.values)
-        if shape is None:
-            raise SpecFieldError(
-                f"{where}.weights.values", "must be a rectangular nested list of numbers"
-            )
-        if shape != expected:
-            raise SpecFieldError(
-                f"{where}.weights.values",
-                f"has shape {shape}; expected (filters, in_channels/groups, kh, kw) = {expected}",
-            )
-        if not all(math.isfinite(x) for x in _flat_numbers(weights.values)):
-            raise SpecFieldError(f"{where}.weights.values", "contains a non-finite number")
-    elif isinstance(weights, PresetSource):
-        fixed = FIXED_PRESET_SIZES.get(weights.preset)
-        if fixed is not None and fixed != (kh, kw):
-            raise SpecFieldError(
-                f"{where}.kernel_size",
-                f"preset {weights.preset!r} is {fixed[0]}x{fixed[1]}; kernel_size is {kh}x{kw}",
-            )
-        if weights.preset == "identity" and (kh % 2 == 0 or kw % 2 == 0):
-            raise SpecFieldError(
-                f"{where}.kernel_size", f"identity preset needs odd sizes; got {kh}x{kw}"
-            )
-    bias = layer.bias
-    if isinstance(bias, ValuesSource):
-        shape = nested_shape(bias.values)
-        if shape != (layer.filters,):
-            raise SpecFieldError(
-                f"{where}.bias.values", f"has shape {shape}; expected (filters,) = {expected[:1]}"
-            )
-        if not all(math.isfinite(x) for x in _flat_numbers(bias.values)):
-            raise SpecFieldError(f"{where}.bias.values", "contains a non-finite number")
-
-
 # --------------------------------------------------------------------------- parsing
 
 
-_LAYER_TAGS = frozenset(
-    t.model_fields["op"].annotation.__args__[0]  # type: ignore[union-attr]
-    for t in LAYER_TYPES
-)
+_LAYER_TAGS = frozenset(OPS)
 _SOURCE_TAGS = frozenset(SOURCE_KINDS)
 
 
@@ -691,22 +403,3 @@ def json_schema_text() -> str:
     """The JSON Schema as text, as committed in proto/featmap/v1/pipeline.schema.json and sent
     in GetServerInfo: indented, keys sorted, ending in a newline."""
     return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
-
-
-# A pipeline name: what a person calls a registered pipeline (and what OIP clients address it
-# by). Never 32 lowercase hex digits, which is what a pipeline id looks like: a name can be used
-# wherever an id is, so the two must not be confusable.
-PIPELINE_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
-PIPELINE_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-
-
-def check_pipeline_name(name: str, field: str = "name") -> str:
-    """`name` if it may name a pipeline; InvalidSpec naming `field` otherwise."""
-    if PIPELINE_NAME_PATTERN.fullmatch(name) is None:
-        raise InvalidSpec(
-            field,
-            f"{name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter",
-        )
-    if PIPELINE_ID_PATTERN.fullmatch(name) is not None:
-        raise InvalidSpec(field, f"{name!r} looks like a pipeline id; choose another name")
-    return name

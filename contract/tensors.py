@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from featmap.contract.errors import InvalidTensor
-from featmap.v1 import featmap_pb2 as pb
+from ..v1 import featmap_pb2 as pb
+from .errors import InvalidTensor
 
 # Wire dtype codes and the NumPy dtypes they carry (little-endian on the wire).
 WIRE_DTYPES: dict[int, np.dtype] = {

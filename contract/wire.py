@@ -13,10 +13,10 @@ from typing import NamedTuple, TypeAlias
 
 import numpy as np
 
-from featmap.contract.errors import InvalidTensor
-from featmap.contract.tensors import DTYPE_NAMES, WIRE_DTYPES, wire_dtype
-from featmap.oip import grpc_predict_v2_pb2 as oip
-from featmap.v1 import featmap_pb2 as pb
+from ..oip import grpc_predict_v2_pb2 as oip
+from ..v1 import featmap_pb2 as pb
+from .errors import InvalidTensor
+from .tensors import DTYPE_NAMES, WIRE_DTYPES, wire_dtype
 
 Buffer: TypeAlias = bytes | memoryview
 # No real image or batch comes near; larger values are garbage (and overflow NumPy's shapes).

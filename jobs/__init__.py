@@ -1,2 +1,2 @@
 """featmap jobs: the `featmap` command and its jobs (extract, bench, summary, visualize,
-export-onnx), which may use both the client library and the service."""
+export-onnx, import), which may use both the client library and the service."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from featmap.client.channel import ChannelSecurity
+    from ..client.channel import ChannelSecurity
 
 TOKEN_ENV = "FEATMAP_TOKEN"
 
@@ -33,7 +33,7 @@ def security_from_arguments(args: argparse.Namespace) -> ChannelSecurity:
     token = os.environ.get(TOKEN_ENV) or None
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
-    from featmap.client.channel import ChannelSecurity
+    from ..client.channel import ChannelSecurity
 
     return ChannelSecurity(
         tls=args.tls,

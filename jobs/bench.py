@@ -23,13 +23,15 @@ from typing import Any
 import grpc
 import numpy as np
 
-from featmap.client.client import FeatureClient
-from featmap.client.messages import request_for
-from featmap.contract.errors import FeatmapError
-from featmap.contract.spec import (
+from ..client.client import FeatureClient
+from ..client.messages import request_for
+from ..contract.errors import FeatmapError
+from ..contract.spec import (
     parse_pipeline,
 )
-from featmap.jobs.bench_base import (
+from ..service.graph import INPUT_NAME
+from ..service.reference import reference_outputs
+from .bench_base import (
     Row,
     compare,
     in_process_session,
@@ -37,8 +39,6 @@ from featmap.jobs.bench_base import (
     server_process,
     standard_spec,
 )
-from featmap.service.graph import INPUT_NAME
-from featmap.service.reference import reference_outputs
 
 # Rows the goals table reads.
 JOB_EMBEDDED = "featmap extract, embedded"
@@ -69,7 +69,7 @@ class Goal:
 def int8_goal(row: Row | None) -> Goal:
     """int8 at least 1.7x float32 in this process, where the CPU has int8 dot products; on a
     CPU without them the ratio is what int8 gives there, with no goal to meet."""
-    from featmap.service.int8 import cpu_int8_support, has_int8_dot_products
+    from ..service.int8 import cpu_int8_support, has_int8_dot_products
 
     label = "int8 / float32, in-process (x)"
     if row is None or not math.isfinite(row.ratio):
@@ -313,7 +313,7 @@ def run_bench(
     if service:
         service_rows(report, threads, batch, size, seconds, clients, latency_requests, rounds, log)
     if int8:
-        from featmap.jobs.bench_int8 import run_int8_bench
+        from .bench_int8 import run_int8_bench
 
         try:
             report.rows += run_int8_bench(
@@ -322,7 +322,7 @@ def run_bench(
         except FeatmapError as exc:  # e.g. int8 refused for its measured error on this CPU
             report.skipped.append(f"int8 rows: {exc}")
     if job:
-        from featmap.jobs.bench_job import run_job_bench
+        from .bench_job import run_job_bench
 
         pipeline = parse_pipeline(standard_spec("float32"))
         measured = run_job_bench(

@@ -16,9 +16,9 @@ from typing import Any
 
 import onnxruntime as ort
 
-from featmap.contract.pixels import PIXEL_DTYPE, PIXEL_SCALE
-from featmap.contract.spec import Pipeline
-from featmap.service.graph import compile_pipeline
+from ..contract.pixels import PIXEL_DTYPE, PIXEL_SCALE
+from ..contract.spec import Pipeline
+from ..service.graph import compile_pipeline
 
 
 def standard_spec(dtype: str = "float32") -> dict[str, Any]:

@@ -19,18 +19,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from featmap.client.client import FeatureClient
-from featmap.contract.spec import parse_pipeline
-from featmap.jobs.bench_base import (
+from ..client.client import FeatureClient
+from ..contract.spec import parse_pipeline
+from ..service.graph import INPUT_NAME
+from ..service.int8 import cpu_int8_support, has_int8_dot_products, weight_bits_for
+from ..service.runtime import CPU, SessionCache
+from .bench_base import (
     Row,
     compare,
     in_process_session,
     server_process,
     standard_spec,
 )
-from featmap.service.graph import INPUT_NAME
-from featmap.service.int8 import cpu_int8_support, has_int8_dot_products, weight_bits_for
-from featmap.service.runtime import CPU, SessionCache
 
 # Streams of this many batches, as the float32 stream row.
 CHUNKS_PER_STREAM = 8

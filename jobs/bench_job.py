@@ -27,9 +27,9 @@ import onnxruntime as ort
 import yaml
 from PIL import Image
 
-from featmap.contract.spec import Pipeline
-from featmap.jobs.images import find_files
-from featmap.service.graph import INPUT_NAME, compile_pipeline
+from ..contract.spec import Pipeline
+from ..service.graph import INPUT_NAME, compile_pipeline
+from .images import find_files
 
 FEATMAP = [sys.executable, "-m", "featmap.jobs.cli"]
 JPEG_QUALITY = 90
@@ -386,8 +386,8 @@ def run_array_bench(
     against onnxruntime in this process (the faster of spinning on and off), as the folder
     rows. Each round measures the baselines right before the jobs.
     """
-    from featmap.contract.spec import parse_pipeline
-    from featmap.jobs.export_onnx import export_onnx
+    from ..contract.spec import parse_pipeline
+    from .export_onnx import export_onnx
 
     pipeline = parse_pipeline(ARRAY_SPEC)
     with tempfile.TemporaryDirectory(prefix="featmap-bench-array-") as scratch:

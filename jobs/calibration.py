@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featmap.contract.limits import SYNTHETIC_CALIBRATION
-from featmap.contract.pixels import pixel_values
-from featmap.contract.spec import InputSpec, Pipeline
-from featmap.jobs.images import ArrayFiles, InputError, expand, find_files, load_item
+from ..contract.limits import SYNTHETIC_CALIBRATION
+from ..contract.pixels import pixel_values
+from ..contract.spec import InputSpec, Pipeline
+from .images import ArrayFiles, InputError, expand, find_files, load_item
 
 # `featmap extract --precision int8` calibrates on this many of the job's first inputs unless
 # --calibrate says otherwise: as many as the synthetic set, enough to measure the error on.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from featmap.jobs.arguments import add_connection_arguments
+from .arguments import add_connection_arguments
 
 
 class UsageError(Exception):
@@ -21,7 +22,7 @@ class VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
-        from featmap.contract import __version__
+        from ..contract import __version__
 
         print(f"featmap {__version__}")
         parser.exit()
@@ -53,7 +54,8 @@ class ServeHelpAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
-        from featmap.service.settings import ServerSettings, default_grpc_workers
+        require_extra("server")
+        from ..service.settings import ServerSettings, default_grpc_workers
 
         fields = ServerSettings.model_fields
         for action in parser._actions:
@@ -74,8 +76,8 @@ class ServeHelpAction(argparse.Action):
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from featmap.service.server import serve
-    from featmap.service.settings import ServerSettings
+    from ..service.server import serve
+    from ..service.settings import ServerSettings
 
     overrides = {
         key: value
@@ -105,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise UsageError(f"invalid settings: {problems}") from None
-    from featmap.service.logs import configure_logging
+    from ..service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     try:
@@ -116,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from featmap.contract.spec import json_schema_text
+    from ..contract.spec import json_schema_text
 
     sys.stdout.write(json_schema_text())  # the text of proto/featmap/v1/pipeline.schema.json
     return 0
@@ -125,7 +127,7 @@ def _schema(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featmap.jobs.bench import default_threads, run_bench
+    from .bench import default_threads, run_bench
 
     only_job = args.job is not None
     counts = args.rss_images.split(",") if args.rss_images else []
@@ -152,8 +154,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _load_pipeline(path: str) -> Any:
-    from featmap.contract.errors import InvalidSpec
-    from featmap.jobs.specfile import SpecFileError, load_pipeline_file
+    from ..contract.errors import InvalidSpec
+    from .specfile import SpecFileError, load_pipeline_file
 
     try:
         return load_pipeline_file(path)
@@ -162,7 +164,7 @@ def _load_pipeline(path: str) -> Any:
 
 
 def _load_weights(path: str | None) -> dict[str, Any]:
-    from featmap.jobs.specfile import SpecFileError, load_weight_tensors
+    from .specfile import SpecFileError, load_weight_tensors
 
     try:
         return {} if path is None else load_weight_tensors(path)
@@ -173,10 +175,10 @@ def _load_weights(path: str | None) -> dict[str, Any]:
 def _summary(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featmap.contract.errors import FeatmapError, InvalidSpec
-    from featmap.contract.limits import DEFAULT_LIMITS
-    from featmap.jobs.calibration import load_calibration
-    from featmap.jobs.summary import format_summary, measure_int8, parse_input_size
+    from ..contract.errors import FeatmapError, InvalidSpec
+    from ..contract.limits import DEFAULT_LIMITS
+    from .calibration import load_calibration
+    from .summary import format_summary, measure_int8, parse_input_size
 
     pipeline = _load_pipeline(args.pipeline)
     if pipeline.precision != "int8" and args.calibrate:
@@ -207,8 +209,8 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from featmap.contract.errors import FeatmapError
-    from featmap.jobs.export_onnx import export_onnx
+    from ..contract.errors import FeatmapError
+    from .export_onnx import export_onnx
 
     pipeline = _load_pipeline(args.pipeline)
     tensors = _load_weights(args.weights)
@@ -228,9 +230,26 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from .onnx_import import OnnxImportError, import_onnx, write_imported
+
+    try:
+        imported = import_onnx(args.model, until=args.until)
+    except OnnxImportError as exc:
+        raise UsageError(str(exc)) from None
+    except (OSError, ValueError) as exc:  # not a readable ONNX file
+        raise UsageError(f"cannot read {args.model}: {exc}") from None
+    try:
+        npz = write_imported(imported, args.output)
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    print(npz)
+    return 0
+
+
 def _visualize(args: argparse.Namespace) -> int:
-    from featmap.contract.errors import FeatmapError
-    from featmap.jobs.visualize import VisualizeError, visualize
+    from ..contract.errors import FeatmapError
+    from .visualize import VisualizeError, visualize
 
     pipeline = _load_pipeline(args.pipeline)
     tensors = _load_weights(args.weights)
@@ -247,8 +266,8 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from featmap.jobs.arguments import security_from_arguments
-    from featmap.jobs.health import SERVING_EXIT, check_health
+    from .arguments import security_from_arguments
+    from .health import SERVING_EXIT, check_health
 
     result = check_health(
         args.server, args.service, args.timeout, security_from_arguments(args), wait=args.wait
@@ -280,9 +299,9 @@ exit status: 0 done, 1 failed, 2 usage or invalid pipeline, 3 done but inputs we
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from featmap.jobs.extract import command
-    from featmap.jobs.images import parse_size
-    from featmap.jobs.job import JobError
+    from .extract import command
+    from .images import parse_size
+    from .job import JobError
 
     pipeline = _load_pipeline(args.pipeline)
     if args.precision is not None:
@@ -434,6 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export_onnx)
 
+    importer = commands.add_parser(
+        "import",
+        help="convert an ONNX conv stack to a pipeline spec (YAML) and its weights (.npz "
+        "beside it, whose path it prints)",
+    )
+    importer.add_argument("model", help="the .onnx file")
+    importer.add_argument(
+        "-o", "--output", required=True, help="the spec file to write (.yaml); weights: .npz"
+    )
+    importer.add_argument(
+        "--until", metavar="NODE_OR_OUTPUT", help="end at this node or tensor (cut the graph)"
+    )
+    importer.set_defaults(run=_import)
+
     visualize = commands.add_parser(
         "visualize", help="draw one layer's feature maps for one image as a PNG grid"
     )
@@ -551,17 +584,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the extras add, by import name (pyproject.toml's `cli` and `server` extras;
+# tests/test_install.py keeps them alike). `pip install featmap` alone is the client library:
+# every command needs `cli`; those that compile or run pipelines here need `server`, which
+# brings `cli` too.
+CLI_MODULES = frozenset({"pydantic", "PIL", "yaml", "tqdm"})
+SERVER_MODULES = frozenset(
+    {"onnx", "onnxruntime", "grpc_reflection", "pydantic_settings", "prometheus_client"}
+)
+EXTRA_MODULES = {"cli": CLI_MODULES, "server": CLI_MODULES | SERVER_MODULES}
+# The commands that always run pipelines here (so do `extract` without --server and an int8
+# `summary`, which the modules they import find out).
+SERVER_COMMANDS = frozenset({"serve", "bench", "export-onnx", "import", "visualize"})
+MISSING = {"cli": "needs the command line's modules", "server": "runs the server side"}
+
+
+class MissingExtra(Exception):
+    """A command needs an extra this install lacks: one line, exit status 2."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        super().__init__(
+            f"featmap: error: this command {MISSING[extra]}, which this install lacks (no "
+            f'module {module!r}): pip install "featmap[{extra}]"\n'
+        )
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported here, found without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_extra(extra: str) -> None:
+    """MissingExtra, naming `extra`, when a module it brings is not installed."""
+    missing = sorted(m for m in EXTRA_MODULES[extra] if not installed(m))
+    if missing:
+        raise MissingExtra(missing[0], extra)
+
+
+def command_extra(args: argparse.Namespace) -> str:
+    """The extra a command needs: `server` where it runs pipelines here, `cli` otherwise."""
+    embedded = args.command == "extract" and args.server is None
+    return "server" if args.command in SERVER_COMMANDS or embedded else "cli"
+
+
+def extra_missing(exc: ModuleNotFoundError) -> MissingExtra | None:
+    """MissingExtra for an import that failed on a module of an extra, else None."""
+    module = (exc.name or "").split(".")[0]
+    extra = next((e for e in ("cli", "server") if module in EXTRA_MODULES[e]), None)
+    return None if extra is None else MissingExtra(module, extra)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `featmap` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)  # `serve --help` reads the server's settings
+        require_extra(command_extra(args))
         return int(args.run(args))
     except UsageError as exc:
         parser.exit(2, f"featmap {args.command}: error: {exc}\n")
+    except MissingExtra as exc:
+        parser.exit(2, str(exc))
     except BrokenPipeError:  # `featmap schema | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
+    except ModuleNotFoundError as exc:  # an int8 summary, or a module the checks above missed
+        missing = extra_missing(exc)
+        if missing is None:
+            raise
+        parser.exit(2, str(missing))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from typing import Literal
 
 import onnx
 
-from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors
-from featmap.service.graph import compile_pipeline
-from featmap.service.weights import check_tensors
+from ..contract.spec import NO_TENSORS, Pipeline, WeightTensors
+from ..service.graph import compile_pipeline
+from ..service.weights import check_tensors
 
 
 def export_onnx(
@@ -35,7 +35,7 @@ def export_onnx(
     checked = check_tensors(pipeline, tensors)
     if pipeline.precision == "int8":
         # 0.3 s: only when needed
-        from featmap.service.int8 import DEFAULT_SETTINGS, quantize_pipeline
+        from ..service.int8 import DEFAULT_SETTINGS, quantize_pipeline
 
         settings = replace(
             DEFAULT_SETTINGS, pooled_conv_blocks=not standard_ops, weight_bits=weight_bits

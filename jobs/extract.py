@@ -20,17 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featmap.client.client import FeatmapRpcError
-from featmap.contract.errors import FeatmapError
-from featmap.contract.spec import Pipeline, content_id
-from featmap.jobs.arguments import security_from_arguments
-from featmap.jobs.calibration import job_calibration
-from featmap.jobs.images import expand, find_files
-from featmap.jobs.job import Job, JobError, OnError, Runner
-from featmap.jobs.outputs import OUTPUT_SUFFIXES, Contents, write_merged
-from featmap.jobs.parts import PartsDir, Shard
-from featmap.jobs.runners import EmbeddedRunner, RemoteRunner
-from featmap.jobs.specfile import SpecFileError, load_weight_tensors
+from ..client.client import FeatmapRpcError
+from ..contract.errors import FeatmapError
+from ..contract.spec import Pipeline, content_id
+from .arguments import security_from_arguments
+from .calibration import job_calibration
+from .images import expand, find_files
+from .job import Job, JobError, OnError, Runner
+from .outputs import OUTPUT_SUFFIXES, Contents, write_merged
+from .parts import PartsDir, Shard
+from .runners import EmbeddedRunner, RemoteRunner
+from .specfile import SpecFileError, load_weight_tensors
 
 # Arrays of the .npz layout that an output name must not shadow.
 RESERVED_OUTPUT_NAMES = frozenset({"paths", "outputs", "skipped", "skipped_errors"})

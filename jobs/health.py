@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from featmap.client.channel import ChannelSecurity
+from ..client.channel import ChannelSecurity
 
 SERVING_EXIT = 0
 NOT_SERVING_EXIT = 1

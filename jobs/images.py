@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from featmap.contract.pixels import PIXEL_DTYPE
-from featmap.contract.spec import InputSpec
-from featmap.contract.tensors import from_hwc, single_image_size
-from featmap.jobs.idx import is_idx_name, load_idx, read_header
+from ..contract.pixels import PIXEL_DTYPE
+from ..contract.spec import InputSpec
+from ..contract.tensors import from_hwc, single_image_size
+from .idx import is_idx_name, load_idx, read_header
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})

@@ -11,14 +11,14 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from featmap.contract.errors import FeatmapError
-from featmap.contract.ops import layer_costs
-from featmap.contract.spec import Pipeline
-from featmap.contract.tensors import single_image_size
-from featmap.jobs.feed import SizeGroups, load_ahead
-from featmap.jobs.images import ArrayFiles, InputError, InputItem, load_item
-from featmap.jobs.outputs import Results
-from featmap.jobs.parts import Shard
+from ..contract.errors import FeatmapError
+from ..contract.ops import layer_costs
+from ..contract.spec import Pipeline
+from ..contract.tensors import single_image_size
+from .feed import SizeGroups, load_ahead
+from .images import ArrayFiles, InputError, InputItem, load_item
+from .outputs import Results
+from .parts import Shard
 
 OnError = Literal["skip", "fail"]
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featmap.jobs.images import InputItem
-from featmap.jobs.outputs import Results, atomic_path, read_npz, write_npz
+from .images import InputItem
+from .outputs import Results, atomic_path, read_npz, write_npz
 
 
 @dataclass(frozen=True)

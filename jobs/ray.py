@@ -24,15 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from featmap.client.client import FeatureClient
-from featmap.contract.pixels import image_values
-from featmap.contract.precision import QuantizationReport
-from featmap.contract.spec import (
+from ..client.client import FeatureClient
+from ..contract.pixels import image_values
+from ..contract.precision import QuantizationReport
+from ..contract.spec import (
     Pipeline,
     parse_pipeline,
 )
-from featmap.jobs.runners import EmbeddedRunner
-from featmap.jobs.specfile import load_pipeline_file
+from .runners import EmbeddedRunner
+from .specfile import load_pipeline_file
 
 PipelineLike = Pipeline | Mapping[str, Any] | str | Path
 Batch = dict[str, np.ndarray]

@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featmap.client.channel import ChannelSecurity
-from featmap.contract.limits import DEFAULT_LIMITS
-from featmap.contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
-from featmap.contract.precision import QuantizationReport
-from featmap.contract.spec import Pipeline
-from featmap.jobs.targets import grpc_target, target_addresses
+from ..client.channel import ChannelSecurity
+from ..contract.limits import DEFAULT_LIMITS
+from ..contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
+from ..contract.precision import QuantizationReport
+from ..contract.spec import Pipeline
+from .targets import grpc_target, target_addresses
 
 if TYPE_CHECKING:
-    from featmap.service.extractor import Target
+    from ..service.extractor import Target
 
 
 def pipelines_by_dtype(pipeline: Pipeline) -> dict[str, Pipeline]:
@@ -60,9 +60,9 @@ class EmbeddedRunner:
         calibration: np.ndarray | None = None,
     ) -> None:
         # The runtime is imported here, when used: a job with --server never loads onnxruntime.
-        from featmap.service.extractor import Extractor
-        from featmap.service.runtime import SessionCache, resolve_providers
-        from featmap.service.weights import check_tensors
+        from ..service.extractor import Extractor
+        from ..service.runtime import SessionCache, resolve_providers
+        from ..service.weights import check_tensors
 
         self.pipeline = pipeline
         self.pipelines = pipelines_by_dtype(pipeline)
@@ -89,7 +89,7 @@ class EmbeddedRunner:
 
     def target(self, batch: np.ndarray) -> Target:
         """What a batch of this dtype runs as (the session built on first use)."""
-        from featmap.service.extractor import Target
+        from ..service.extractor import Target
 
         dtype = batch.dtype.name
         target = self.targets.get(dtype)
@@ -130,7 +130,7 @@ class RemoteRunner:
         replace_name: bool = False,
         calibration: np.ndarray | None = None,
     ) -> None:
-        from featmap.client.client import FeatureClient
+        from ..client.client import FeatureClient
 
         target, balanced = grpc_target(servers)
         security = security or ChannelSecurity()

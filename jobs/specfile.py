@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from featmap.contract.spec import (
+from ..contract.spec import (
     Pipeline,
     parse_pipeline,
 )

@@ -7,17 +7,18 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from featmap.contract.errors import InvalidSpec
-from featmap.contract.limits import DEFAULT_LIMITS, admit_calibration
-from featmap.contract.ops import layer_costs, layer_parameters, symbolic_shapes
-from featmap.contract.precision import QuantizationReport, check_error
-from featmap.contract.spec import Pipeline
+from ..contract.errors import InvalidSpec
+from ..contract.limits import DEFAULT_LIMITS, admit_calibration
+from ..contract.ops import layer_costs, layer_parameters, symbolic_shapes
+from ..contract.precision import QuantizationReport, check_error
+from ..contract.spec import Pipeline
 
 # The rules themselves are featmap.contract.ops' table; this is how the table prints them.
 FLOP_CONVENTION = (
     "FLOPs per image: conv2d = 2 x multiply-adds (+1 per output with bias);\n"
     "  pooling = 1 per window element; global pooling = 1 per input element;\n"
-    "  relu/leaky_relu = 1 per element; flatten and input preprocessing = 0."
+    "  relu/leaky_relu = 1 per element; batch_norm = 2 per element (as written; folded\n"
+    "  into the conv before it when compiled); flatten and input preprocessing = 0."
 )
 NO_SIZE_NOTE = "FLOPs need an image size: pass --input-size HxW (e.g. 224x224)."
 
@@ -145,8 +146,8 @@ def measure_int8(
     """The int8 table of a pipeline quantized here as a server would (calibration: images
     admitted as RegisterPipeline admits them; None: the synthetic set)."""
     # The runtime is imported here, when used: the other commands never load onnxruntime.
-    from featmap.service.int8 import quantize_pipeline
-    from featmap.service.weights import check_tensors
+    from ..service.int8 import quantize_pipeline
+    from ..service.weights import check_tensors
 
     weights = check_tensors(pipeline, tensors)
     if calibration is not None:

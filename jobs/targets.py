@@ -7,7 +7,7 @@ import ipaddress
 import socket
 from collections.abc import Sequence
 
-from featmap.jobs.job import JobError
+from .job import JobError
 
 
 def grpc_target(servers: Sequence[str]) -> tuple[str, bool]:

@@ -10,21 +10,21 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageDraw
 
-from featmap.contract.ops import (
+from ..contract.ops import (
     LayerCost,
     layer_costs,
 )
-from featmap.contract.pixels import image_values
-from featmap.contract.spec import (
+from ..contract.pixels import image_values
+from ..contract.spec import (
     NO_TENSORS,
     Pipeline,
     WeightTensors,
     parse_pipeline,
 )
-from featmap.contract.tensors import image_size
-from featmap.jobs.images import InputError, decode_image
-from featmap.service.graph import INPUT_NAME, compile_pipeline
-from featmap.service.weights import check_tensors
+from ..contract.tensors import image_size
+from ..service.graph import INPUT_NAME, compile_pipeline
+from ..service.weights import check_tensors
+from .images import InputError, decode_image
 
 # Grid geometry in pixels; tests compute the PNG's size from these.
 PADDING = 4

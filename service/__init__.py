@@ -10,8 +10,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from featmap.contract import __version__
-    from featmap.contract.errors import (
+    from ..contract import __version__
+    from ..contract.errors import (
         Abandoned,
         Cancelled,
         DeadlineExceeded,
@@ -25,15 +25,15 @@ if TYPE_CHECKING:
         NotFound,
         Unavailable,
     )
-    from featmap.contract.limits import RequestLimits
-    from featmap.contract.ops import layer_costs
-    from featmap.contract.spec import Pipeline, json_schema, parse_pipeline
-    from featmap.service.extractor import Extractor
-    from featmap.service.graph import compile_pipeline
-    from featmap.service.reference import reference_outputs, run_reference
-    from featmap.service.runtime import SessionCache, resolve_providers
-    from featmap.service.server import FeatmapServer, create_server, serve
-    from featmap.service.settings import ServerSettings
+    from ..contract.limits import RequestLimits
+    from ..contract.ops import layer_costs
+    from ..contract.spec import Pipeline, json_schema, parse_pipeline
+    from .extractor import Extractor
+    from .graph import compile_pipeline
+    from .reference import reference_outputs, run_reference
+    from .runtime import SessionCache, resolve_providers
+    from .server import FeatmapServer, create_server, serve
+    from .settings import ServerSettings
 
 # The public API, by the module each name lives in; the modules behind it are free to move.
 _HOMES = {

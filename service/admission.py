@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from featmap.contract.metadata import RETRYABLE_KEY
+from ..contract.metadata import RETRYABLE_KEY
 
 GUARDED_METHODS = ("Extract",)
 STREAM_METHODS = ("ExtractStream",)

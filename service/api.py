@@ -11,30 +11,31 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from featmap.contract import __version__
-from featmap.contract.errors import InvalidRequest, InvalidTensor, NotPermitted
-from featmap.contract.limits import DeferredBatch, check_reply_bytes, check_request_bytes
-from featmap.contract.precision import report_message
-from featmap.contract.spec import Pipeline, check_pipeline_name, json_schema_text
-from featmap.contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, reply_message_bytes, wire_dtype
-from featmap.contract.wire import (
+from ..contract import __version__
+from ..contract.errors import InvalidRequest, InvalidTensor, NotPermitted
+from ..contract.limits import DeferredBatch, check_reply_bytes, check_request_bytes
+from ..contract.names import check_pipeline_name
+from ..contract.precision import report_message
+from ..contract.spec import Pipeline, json_schema_text
+from ..contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, reply_message_bytes, wire_dtype
+from ..contract.wire import (
     FramedExtractRequest,
     FramedExtractResponse,
     check_dtype,
     check_shape,
     decode_tensor,
 )
-from featmap.service.batching import BatchingPolicy, DynamicBatcher
-from featmap.service.extractor import Extractor, Target
-from featmap.service.graph import OPSET
-from featmap.service.registry import PipelineRegistry, RegisteredPipeline
-from featmap.service.runtime import OnGone, SessionCache, available_providers, resolve_providers
-from featmap.service.security import Caller
-from featmap.service.settings import ServerSettings
-from featmap.service.shared_memory import SharedMemoryRegistry
-from featmap.service.specs import SpecCache
-from featmap.service.weights import check_tensors
-from featmap.v1 import featmap_pb2 as pb
+from ..v1 import featmap_pb2 as pb
+from .batching import BatchingPolicy, DynamicBatcher
+from .extractor import Extractor, Target
+from .graph import OPSET
+from .registry import PipelineRegistry, RegisteredPipeline
+from .runtime import OnGone, SessionCache, available_providers, resolve_providers
+from .security import Caller
+from .settings import ServerSettings
+from .shared_memory import SharedMemoryRegistry
+from .specs import SpecCache
+from .weights import check_tensors
 
 OUTPUT_DTYPE_NAMES = {code: name for name, code in OUTPUT_DTYPES.items()}
 SPEC_SCHEMA_JSON = json_schema_text()

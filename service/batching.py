@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from featmap.contract.errors import ExecutionFailed
-from featmap.service import stages
+from ..contract.errors import ExecutionFailed
+from . import stages
 
 if TYPE_CHECKING:
-    from featmap.service.runtime import OnGone
+    from .runtime import OnGone
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from featmap.contract.errors import Busy, LimitExceeded
+from ..contract.errors import Busy, LimitExceeded
 
 # A budget that never refuses (the embedded runner's, and caches built without one).
 UNBOUNDED = 1 << 62

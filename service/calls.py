@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from featmap.contract.errors import (
+from ..contract.errors import (
     Cancelled,
     DeadlineExceeded,
     ExecutionFailed,
@@ -20,8 +20,8 @@ from featmap.contract.errors import (
     InvalidRequest,
     status_for,
 )
-from featmap.contract.metadata import FIELD_KEY, REQUEST_ID_KEY, RETRYABLE_KEY
-from featmap.service.observe import new_request_id
+from ..contract.metadata import FIELD_KEY, REQUEST_ID_KEY, RETRYABLE_KEY
+from .observe import new_request_id
 
 # The server's logger: failed calls are logged as the server's lines.
 log = logging.getLogger("featmap.server")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.contract.errors import NonFiniteResult
-from featmap.contract.limits import (
+from ..contract.errors import NonFiniteResult
+from ..contract.limits import (
     BatchPlan,
     DeferredBatch,
     RequestLimits,
@@ -23,13 +23,13 @@ from featmap.contract.limits import (
     admit_pipeline,
     admit_values,
 )
-from featmap.contract.spec import Pipeline
-from featmap.contract.tensors import all_finite, first_non_finite
-from featmap.service import stages
-from featmap.service.batching import BatchingPolicy, DynamicBatcher
-from featmap.service.budget import UNBOUNDED, MemoryBudget
-from featmap.service.runtime import CompiledPipeline, OnGone, SessionCache
-from featmap.service.weights import check_presets
+from ..contract.spec import Pipeline
+from ..contract.tensors import all_finite, first_non_finite
+from . import stages
+from .batching import BatchingPolicy, DynamicBatcher
+from .budget import UNBOUNDED, MemoryBudget
+from .runtime import CompiledPipeline, OnGone, SessionCache
+from .weights import check_presets
 
 
 @dataclass(frozen=True)

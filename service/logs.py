@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from featmap.contract.errors import shorten
+from ..contract.errors import shorten
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The attribute of a LogRecord that carries a request line's fields (logging's `extra`).

@@ -26,7 +26,7 @@ from prometheus_client.utils import floatToGoString
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from featmap.service.api import FeatureService
+    from .api import FeatureService
 
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

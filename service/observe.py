@@ -11,15 +11,15 @@ from typing import Any
 
 import grpc
 
-from featmap.contract.errors import shorten
-from featmap.contract.metadata import REQUEST_ID_KEY
-from featmap.contract.wire import (
+from ..contract.errors import shorten
+from ..contract.metadata import REQUEST_ID_KEY
+from ..contract.wire import (
     FramedExtractRequest,
     FramedExtractResponse,
 )
-from featmap.service import stages
-from featmap.service.logs import FIELDS_ATTRIBUTE
-from featmap.service.metrics import Metrics
+from . import stages
+from .logs import FIELDS_ATTRIBUTE
+from .metrics import Metrics
 
 log = logging.getLogger("featmap.requests")
 MAX_LOGGED_ID_CHARS = 64  # ids are 32 hex digits

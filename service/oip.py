@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2
 
-from featmap.contract import __version__
-from featmap.contract.errors import (
+from ..contract import __version__
+from ..contract.errors import (
     MAX_FIELD_CHARS,
     InvalidRequest,
     InvalidTensor,
@@ -24,9 +24,9 @@ from featmap.contract.errors import (
     listing,
     shorten,
 )
-from featmap.contract.limits import check_request_bytes
-from featmap.contract.tensors import batch_shape
-from featmap.contract.wire import (
+from ..contract.limits import check_request_bytes
+from ..contract.tensors import batch_shape
+from ..contract.wire import (
     FramedInferRequest,
     FramedInferResponse,
     check_shape,
@@ -34,19 +34,19 @@ from featmap.contract.wire import (
     serialize_infer_response,
     wire_array,
 )
-from featmap.oip import grpc_predict_v2_pb2 as oip
-from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from featmap.service.api import FeatureService
-from featmap.service.calls import (
+from ..oip import grpc_predict_v2_pb2 as oip
+from ..oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from .api import FeatureService
+from .calls import (
     map_errors,
     serialize_message,
     still_wanted,
     tolerant,
     when_gone,
 )
-from featmap.service.registry import RegisteredPipeline
-from featmap.service.runtime import OnGone
-from featmap.service.security import Caller, Tenants, caller_of
+from .registry import RegisteredPipeline
+from .runtime import OnGone
+from .security import Caller, Tenants, caller_of
 
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "featmap"

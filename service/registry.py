@@ -9,19 +9,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.contract.errors import AlreadyExists, InvalidSpec, LimitExceeded, NotFound
-from featmap.contract.limits import DEFAULT_LIMITS, session_memory
-from featmap.contract.ops import (
+from ..contract.errors import AlreadyExists, InvalidSpec, LimitExceeded, NotFound
+from ..contract.limits import DEFAULT_LIMITS, session_memory
+from ..contract.ops import (
     layer_costs,
     symbolic_shapes,
 )
-from featmap.contract.spec import Pipeline, WeightTensors, content_id
-from featmap.contract.tensors import batch_shape
-from featmap.service.batching import BatchingPolicy
-from featmap.service.budget import UNBOUNDED, MemoryBudget
-from featmap.service.runtime import CompiledPipeline, SessionCache
-from featmap.service.security import DEFAULT_TENANT
-from featmap.service.weights import check_tensors
+from ..contract.spec import Pipeline, WeightTensors, content_id
+from ..contract.tensors import batch_shape
+from .batching import BatchingPolicy
+from .budget import UNBOUNDED, MemoryBudget
+from .runtime import CompiledPipeline, SessionCache
+from .security import DEFAULT_TENANT
+from .weights import check_tensors
 
 MAX_WARMUP_SIZE = 4096
 

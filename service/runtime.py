@@ -14,25 +14,25 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from featmap.contract.errors import (
+from ..contract.errors import (
     Abandoned,
     Cancelled,
     ExecutionFailed,
     InvalidSpec,
     Unavailable,
 )
-from featmap.contract.limits import (
+from ..contract.limits import (
     DEFAULT_LIMITS,
     MIB,
     RequestLimits,
     admit_quantization,
     session_memory,
 )
-from featmap.contract.precision import QuantizationReport, check_error
-from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
-from featmap.service.budget import UNBOUNDED, MemoryBudget
-from featmap.service.graph import INPUT_NAME, compile_pipeline
-from featmap.service.sessions import CPU, CUDA, build_session
+from ..contract.precision import QuantizationReport, check_error
+from ..contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
+from .budget import UNBOUNDED, MemoryBudget
+from .graph import INPUT_NAME, compile_pipeline
+from .sessions import CPU, CUDA, build_session
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ class SessionCache:
     ) -> tuple[onnx.ModelProto, QuantizationReport]:
         """The int8 model of a pipeline and its checked report, logged at INFO."""
         # Imported here: onnxruntime's quantization tools cost a float32-only server 0.3 s.
-        from featmap.service.int8 import check_int8_model_runs_here, quantize_pipeline
+        from .int8 import check_int8_model_runs_here, quantize_pipeline
 
         quantized = quantize_pipeline(
             pipeline,

@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 
-from featmap.contract.metadata import AUTHORIZATION_KEY, BEARER_PREFIX
-from featmap.service.settings import ServerSettings
+from ..contract.metadata import AUTHORIZATION_KEY, BEARER_PREFIX
+from .settings import ServerSettings
 
 # Health checks (load balancers, orchestrators) and reflection answer without a token.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

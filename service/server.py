@@ -16,14 +16,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from featmap.contract.errors import FeatmapError
-from featmap.contract.wire import (
+from ..contract.errors import FeatmapError
+from ..contract.wire import (
     FramedExtractRequest,
     FramedExtractResponse,
     parse_extract_request,
     serialize_extract_response,
 )
-from featmap.service.admission import (
+from ..v1 import featmap_pb2 as pb
+from ..v1 import featmap_pb2_grpc as pb_grpc
+from .admission import (
     GUARDED_METHODS,
     STREAM_METHODS,
     Admission,
@@ -31,9 +33,9 @@ from featmap.service.admission import (
     AdmittingHandler,
     Decisions,
 )
-from featmap.service.allocator import Trimmer, tune_allocator
-from featmap.service.api import FeatureService
-from featmap.service.calls import (
+from .allocator import Trimmer, tune_allocator
+from .api import FeatureService
+from .calls import (
     map_errors,
     serialize_message,
     still_wanted,
@@ -41,10 +43,10 @@ from featmap.service.calls import (
     unframed,
     when_gone,
 )
-from featmap.service.metrics import Metrics
-from featmap.service.observe import RequestObserver
-from featmap.service.oip import OIP_SERVICE_NAME, InferenceServicer, inference_handlers
-from featmap.service.security import (
+from .metrics import Metrics
+from .observe import RequestObserver
+from .oip import OIP_SERVICE_NAME, InferenceServicer, inference_handlers
+from .security import (
     Caller,
     Tenants,
     TokenAuthInterceptor,
@@ -53,10 +55,8 @@ from featmap.service.security import (
     caller_of,
     load_tenants,
 )
-from featmap.service.settings import ServerSettings
-from featmap.service.streams import ReadAhead, StreamWatchdog
-from featmap.v1 import featmap_pb2 as pb
-from featmap.v1 import featmap_pb2_grpc as pb_grpc
+from .settings import ServerSettings
+from .streams import ReadAhead, StreamWatchdog
 
 log = logging.getLogger("featmap.server")
 
@@ -266,7 +266,7 @@ class FeatmapServer:
         )
         self.health_services = ("", SERVICE_NAME, OIP_SERVICE_NAME)
         if settings.reflection:
-            from featmap.service.reflection import enable_reflection
+            from .reflection import enable_reflection
 
             enable_reflection(
                 (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME), self.grpc_server

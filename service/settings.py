@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from featmap.contract.limits import DEFAULT_LIMITS, MIB, RequestLimits
+from ..contract.limits import DEFAULT_LIMITS, MIB, RequestLimits
 
 GIB = 1024 * MIB
 

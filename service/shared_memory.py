@@ -30,16 +30,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.contract.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
-from featmap.contract.limits import DeferredBatch
-from featmap.contract.shared_memory import (
+from ..contract.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
+from ..contract.limits import DeferredBatch
+from ..contract.shared_memory import (
     MAX_NAME_LENGTH,
     NAME_PATTERN,
     SECRET_PATTERN,
     owner_id,
     segment_prefix,
 )
-from featmap.v1 import featmap_pb2 as pb
+from ..v1 import featmap_pb2 as pb
 
 # Where Linux keeps POSIX shared-memory objects (shm_open names them /<key>).
 SHM_DIRECTORY = "/dev/shm"

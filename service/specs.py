@@ -13,9 +13,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from featmap.contract.limits import RequestLimits, check_spec_bytes, spec_memory
-from featmap.contract.spec import Pipeline, parse_pipeline
-from featmap.service.budget import MemoryBudget
+from ..contract.limits import RequestLimits, check_spec_bytes, spec_memory
+from ..contract.spec import Pipeline, parse_pipeline
+from .budget import MemoryBudget
 
 
 class SpecCache:

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from featmap.contract.errors import Cancelled, StreamIdle
+from ..contract.errors import Cancelled, StreamIdle
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,15 @@ the meaning of `values`, `init` and `preset`, and its tests pin that meaning by 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from featmap.contract.errors import InvalidSpec, InvalidTensor, listing
-from featmap.contract.spec import (
+from ..contract.errors import InvalidSpec, InvalidTensor, listing
+from ..contract.ops import OPS, WeightSlot, walk
+from ..contract.spec import (
     NO_TENSORS,
-    Conv2d,
     InitSource,
+    LayerBase,
     Pipeline,
     PresetSource,
     TensorSource,
@@ -28,12 +28,9 @@ SOBEL_Y = SOBEL_X.T.copy()
 LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
 
 
-@dataclass(frozen=True)
-class ConvParameters:
-    """A conv layer's kernel (filters, in_channels/groups, kh, kw) and optional bias (filters,)."""
-
-    kernel: np.ndarray
-    bias: np.ndarray | None
+# One layer's weight tensors as float32, by the spec field that names each (conv2d: "weights",
+# the kernel (filters, in_channels/groups, kh, kw), and "bias" (filters,) when it has one).
+LayerWeights = dict[str, np.ndarray]
 
 
 def uniform(seed: int, count: int) -> np.ndarray:
@@ -119,89 +116,77 @@ def preset_kernel(source: PresetSource, kernel_size: tuple[int, int]) -> np.ndar
 
 def check_presets(pipeline: Pipeline) -> None:
     """InvalidSpec naming `layers[i].weights.sigma` for a gaussian float64 cannot compute."""
-    for index, layer in enumerate(pipeline.layers):
-        if not isinstance(layer, Conv2d) or not isinstance(layer.weights, PresetSource):
-            continue
-        if layer.weights.preset != "gaussian":
-            continue
-        for size in set(layer.kernel_size):
-            try:
-                gaussian_1d(size, layer.weights.sigma)
-            except ValueError as exc:
-                raise InvalidSpec(
-                    f"layers[{index}].weights.sigma",
-                    f"{layer.weights.sigma} gives no finite {size}-tap gaussian: {exc}",
-                ) from None
+    for step in walk(pipeline):
+        for slot in step.weights:
+            source = slot.source
+            if not isinstance(source, PresetSource) or source.preset != "gaussian":
+                continue
+            for size in set(slot.shape[-2:]):
+                try:
+                    gaussian_1d(size, source.sigma)
+                except ValueError as exc:
+                    raise InvalidSpec(
+                        f"{step.where}.{slot.field}.sigma",
+                        f"{source.sigma} gives no finite {size}-tap gaussian: {exc}",
+                    ) from None
 
 
-def conv_parameters(
-    layer: Conv2d, in_channels: int, tensors: WeightTensors = NO_TENSORS
-) -> ConvParameters:
-    """The float32 kernel and bias of one conv layer fed `in_channels` channels."""
-    kh, kw = layer.kernel_size
-    shape = (layer.filters, in_channels // layer.groups, kh, kw)
-    fan_in, fan_out = shape[1] * kh * kw, layer.filters * kh * kw
-    source = layer.weights
+def weight_tensor(slot: WeightSlot, tensors: WeightTensors = NO_TENSORS) -> np.ndarray:
+    """The float32 numbers of one weight slot (whose source is set)."""
+    source = slot.source
     if isinstance(source, ValuesSource):
-        kernel = np.asarray(source.values, dtype=np.float64)
+        values = np.asarray(source.values, dtype=np.float64)
     elif isinstance(source, TensorSource):
-        kernel = tensors[source.tensor]
+        values = tensors[source.tensor]
     elif isinstance(source, InitSource):
-        kernel = initializer(source, shape, fan_in, fan_out)
+        values = initializer(source, slot.shape, slot.fan_in, slot.fan_out)
     else:
         # Every (filter, input channel) slice is the 2D kernel: each output channel applies it
         # to the sum of its group's input channels (per channel when groups == channels).
-        kernel = np.broadcast_to(preset_kernel(source, (kh, kw)), shape)
-    bias: np.ndarray | None = None
-    if isinstance(layer.bias, ValuesSource):
-        bias = np.asarray(layer.bias.values, dtype=np.float64)
-    elif isinstance(layer.bias, TensorSource):
-        bias = tensors[layer.bias.tensor]
-    elif isinstance(layer.bias, InitSource):
-        bias = initializer(layer.bias, (layer.filters,), fan_in, fan_out)
-    return ConvParameters(
-        kernel=np.ascontiguousarray(kernel, dtype=np.float32),
-        bias=None if bias is None else bias.astype(np.float32),
-    )
+        kh, kw = slot.shape[-2:]
+        values = np.broadcast_to(preset_kernel(source, (kh, kw)), slot.shape)
+    return np.ascontiguousarray(values, dtype=np.float32)
 
 
-def pipeline_parameters(
+def layer_weights(
+    layer: LayerBase, in_channels: int, tensors: WeightTensors = NO_TENSORS
+) -> LayerWeights:
+    """The float32 weight tensors of one layer fed `in_channels` channels, by field."""
+    return {
+        slot.field: weight_tensor(slot, tensors)
+        for slot in OPS[layer.op].weights(layer, in_channels)
+        if slot.source is not None
+    }
+
+
+def pipeline_weights(
     pipeline: Pipeline, tensors: WeightTensors = NO_TENSORS
-) -> dict[int, ConvParameters]:
-    """Parameters of every conv layer, keyed by layer index."""
-    parameters: dict[int, ConvParameters] = {}
-    channels = pipeline.input.channels
-    for index, layer in enumerate(pipeline.layers):
-        if isinstance(layer, Conv2d):
-            parameters[index] = conv_parameters(layer, channels, tensors)
-            channels = layer.filters
-    return parameters
+) -> dict[int, LayerWeights]:
+    """The weight tensors of every layer that takes any, keyed by layer index."""
+    weights: dict[int, LayerWeights] = {}
+    for step in walk(pipeline):
+        if step.weights:
+            weights[step.index] = layer_weights(step.layer, step.in_shape[0], tensors)
+            step.entry.check_weights(step.layer, weights[step.index], step.where)
+    return weights
 
 
 def expected_tensor_shapes(pipeline: Pipeline) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape each referenced weight tensor must have, with the spec field that references it."""
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-    channels = pipeline.input.channels
-    for index, layer in enumerate(pipeline.layers):
-        if not isinstance(layer, Conv2d):
-            continue
-        kh, kw = layer.kernel_size
-        kernel_shape = (layer.filters, channels // layer.groups, kh, kw)
-        for slot, source, shape in (
-            ("weights", layer.weights, kernel_shape),
-            ("bias", layer.bias, (layer.filters,)),
-        ):
+    for step in walk(pipeline):
+        for slot in step.weights:
+            source = slot.source
             if isinstance(source, TensorSource):
-                field = f"layers[{index}].{slot}.tensor"
+                field = f"{step.where}.{slot.field}.tensor"
                 known = shapes.get(source.tensor)
-                if known is not None and known[0] != shape:
+                if known is not None and known[0] != slot.shape:
                     raise InvalidSpec(
                         field,
-                        f"{source.tensor!r} is used with shape {shape} here and {known[0]} "
+                        f"{source.tensor!r} is used with shape {slot.shape} here and {known[0]} "
                         f"at {known[1]}",
                     )
-                shapes.setdefault(source.tensor, (shape, field))
-        channels = layer.filters
+                shapes.setdefault(source.tensor, (slot.shape, field))
     return shapes
 
 

@@ -101,6 +101,22 @@ def test_async_client_through_shared_memory(
     assert regions.renew("", secret) == 0  # unregistered on close
 
 
+def test_async_client_registers_a_lost_lease_again(
+    shm_server: FeatmapServer, readme_pipeline: Pipeline
+) -> None:
+    # As test_shared_memory's blocking twin: the lease sequence is one exchange for both.
+    images = np.random.default_rng(74).random((2, 3, 16, 16), dtype=np.float32)
+
+    async def run() -> dict[str, np.ndarray]:
+        async with AsyncFeatureClient(local(shm_server), shared_memory=True) as client:
+            await client.extract(images, README_SPEC)
+            assert client._shared is not None
+            shm_server.service.shared_memory.unregister("", client._shared.pool.secret)
+            return await client.extract(images, README_SPEC)
+
+    assert_matches_reference(asyncio.run(run()), readme_pipeline, images)
+
+
 def test_async_stream_sends_at_most_in_flight_ahead(server: FeatmapServer) -> None:
     spec = {"input": {"channels": 1}, "layers": [{"op": "relu"}]}
     bases = [np.random.default_rng(i).standard_normal((1, 1, 256, 256)).astype(np.float32)

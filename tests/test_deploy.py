@@ -134,10 +134,11 @@ def test_build_stage_installs_the_package_alone_into_a_venv(
     runs = stage.all("RUN")
     assert any(re.search(r"\bvenv /opt/featmap$", run) for run in runs)
     assert "PATH=/opt/featmap/bin:$PATH" in stage.all("ENV")
-    # The whole context (what .dockerignore lets through), installed without dev extras.
+    # The whole context (what .dockerignore lets through), installed with the server's extra
+    # (`pip install /src` alone is the client) and without dev extras.
     assert stage.all("COPY") == [". /src"]
     steps = [step.strip() for step in " && ".join(runs).split("&&")]
-    assert "pip install /src" in steps
+    assert 'pip install "/src[server]"' in steps
     assert not [step for step in steps if "[dev]" in step]
     # pip goes last: nothing may need it after.
     assert steps.index("pip uninstall -y pip setuptools") > max(
@@ -184,7 +185,7 @@ def test_stage_runs_featmap_serve_as_non_root(stages: dict[str, Stage], stage_na
 def test_cuda_stage_swaps_onnxruntime_for_onnxruntime_gpu(stages: dict[str, Stage]) -> None:
     installs = " && ".join(stages["cuda-build"].all("RUN"))
     steps = [step.strip() for step in installs.split("&&")]
-    install = steps.index("pip install /src")
+    install = steps.index('pip install "/src[server]"')
     uninstall = steps.index("pip uninstall -y onnxruntime")
     gpu = next(i for i, s in enumerate(steps) if s.startswith("pip install") and "gpu" in s)
     assert install < uninstall < gpu

@@ -137,3 +137,41 @@ def test_keras_words_become_onnx_attributes() -> None:
     assert attributes["strides"] == [2, 1]
     assert attributes["dilations"] == [1, 2]
     assert attributes["group"] == 1
+
+
+BN = {
+    "op": "batch_norm",
+    "name": "bn",
+    "scale": {"values": [2.0, 0.5]},
+    "shift": {"values": [1.0, -1.0]},
+    "mean": {"values": [0.5, -0.5]},
+    "var": {"values": [1.0, 3.0]},
+}
+BN_CONV = {"op": "conv2d", "name": "conv", "filters": 2, "kernel_size": 3,
+           "weights": {"init": "he_normal", "seed": 3}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("layers", "outputs", "op_types"),
+    [
+        # folded: the conv's kernel and bias absorb it, and its node computes `bn`
+        ([BN_CONV, BN], None, ["Conv"]),
+        # the conv's own output is requested: it must survive, so the batch norm stays a node
+        ([BN_CONV, BN], ["conv", "bn"], ["Conv", "BatchNormalization"]),
+        # no conv before it
+        ([BN_CONV, {"op": "relu"}, BN], None, ["Conv", "Relu", "BatchNormalization"]),
+    ],
+    ids=["folded", "conv_requested", "after_relu"],
+)
+def test_batch_norm_folds_into_the_conv_before_it(
+    layers: list[dict[str, Any]], outputs: list[str] | None, op_types: list[str]
+) -> None:
+    spec: dict[str, Any] = {"input": {"channels": 3}, "layers": layers}
+    if outputs is not None:
+        spec["outputs"] = outputs
+    p = parse_pipeline(spec)
+    model = compile_pipeline(p)
+    assert [node.op_type for node in model.graph.node] == op_types
+    assert [o.name for o in model.graph.output] == p.output_names
+    images = np.random.default_rng(0).normal(size=(2, 3, 7, 6)).astype(np.float32)
+    assert_matches_reference(run_onnx(p, images), p, images)

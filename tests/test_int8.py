@@ -592,3 +592,36 @@ def test_bench_int8_rows() -> None:
     ]
     assert all(row.images_per_s > 0 and math.isfinite(row.ratio) for row in rows)
     assert "CPU int8: " in rows[0].note and "CPU int8 dot products" in lines[0]
+
+
+# --------------------------------------------------------------------------- batch_norm
+
+
+def _batch_norm(channels: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {
+        "op": "batch_norm",
+        "scale": {"values": rng.uniform(0.5, 1.5, channels).tolist()},
+        "shift": {"values": rng.uniform(-0.2, 0.2, channels).tolist()},
+        "mean": {"values": rng.uniform(-0.1, 0.1, channels).tolist()},
+        "var": {"values": rng.uniform(0.5, 2.0, channels).tolist()},
+    }
+
+
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "standalone"])
+def test_batch_norm_in_int8(folded: bool) -> None:
+    # Folded into the conv, it adds no node to quantize; after the ReLU it is a
+    # BatchNormalization node, which has no int8 kernel and stays float32 between Q/DQ pairs.
+    conv = {"op": "conv2d", "filters": 16, "kernel_size": 3, "padding": "same",
+            "weights": {"init": "he_normal", "seed": 1}}  # fmt: skip
+    layers = [conv, _batch_norm(16, 2), {"op": "relu"}]
+    if not folded:
+        layers = [conv, {"op": "relu"}, _batch_norm(16, 2)]
+    pipeline = parse_pipeline({"input": {"channels": 3}, "layers": [*layers,
+                               {"op": "global_avg_pool2d", "name": "features"}]})  # fmt: skip
+    quantized = quantize_pipeline(pipeline, calibration=CALIBRATION)
+    op_types = [node.op_type for node in quantized.model.graph.node]
+    assert op_types.count("BatchNormalization") == (0 if folded else 1)
+    assert not any(t.startswith("QLinearBatch") for t in op_types)
+    outputs = run_model(quantized.model, CALIBRATION)
+    assert_within_reported(outputs, pipeline, CALIBRATION, quantized.report)

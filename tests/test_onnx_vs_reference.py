@@ -78,7 +78,13 @@ def single_layer(layer: dict[str, Any], channels: int) -> dict[str, Any]:
 CONV_CHANNELS = 4
 KERNELS: dict[str, Any] = {"k1": 1, "k2": 2, "k3": 3, "k5": 5, "k3x1": [3, 1]}
 STRIDES: dict[str, Any] = {"s1": 1, "s2": 2, "s3": 3, "s2x1": [2, 1]}
-PADDINGS: dict[str, Any] = {"same": "same", "valid": "valid", "pad1": 1, "pad0121": [0, 1, 2, 1]}
+PADDINGS: dict[str, Any] = {
+    "same": "same",
+    "same_lower": "same_lower",
+    "valid": "valid",
+    "pad1": 1,
+    "pad0121": [0, 1, 2, 1],
+}
 DILATIONS: dict[str, Any] = {"d1": 1, "d2": 2, "d1x2": [1, 2]}
 # (groups, filters) over the 4 input channels: dense 4 -> 3; two groups of 2 channels, 3 filters
 # each; depthwise, one filter per channel.
@@ -129,6 +135,7 @@ POOL_SIZES: dict[str, Any] = {"p2": 2, "p3": 3, "p2x3": [2, 3]}
 POOL_STRIDES: dict[str, Any] = {"s_default": None, "s1": 1, "s2": 2, "s3": 3}
 POOL_PADDINGS: dict[str, Any] = {
     "same": "same",
+    "same_lower": "same_lower",
     "valid": "valid",
     "pad1": 1,
     "pad1001": [1, 0, 0, 1],
@@ -141,7 +148,7 @@ def pool_cases(op: str) -> list[Any]:
     for size, stride, padding, ceil, count in itertools.product(
         POOL_SIZES, POOL_STRIDES, POOL_PADDINGS, [False, True], include_pad
     ):
-        if ceil and padding == "same":
+        if ceil and padding in ("same", "same_lower"):
             continue  # the spec rejects it: ceil_mode has no effect with same padding
         layer: dict[str, Any] = {
             "op": op,
@@ -174,12 +181,47 @@ def test_avg_pool2d(spec: dict[str, Any], request: pytest.FixtureRequest) -> Non
     check_sizes(spec, request.node.callspec.id)
 
 
+def dilated_pool_cases() -> list[Any]:
+    """max and avg pooling with dilation: valid and explicit padding, floor and ceil, and both
+    SAME rules (stride 1: the spec refuses SAME with dilation and a larger stride)."""
+    cases = []
+    paddings: dict[str, Any] = {"valid": "valid", "pad1": 1, "same": "same", "lower": "same_lower"}
+    for op, dilation, padding, ceil in itertools.product(
+        ("max_pool2d", "avg_pool2d"), ("d2", "d1x2"), paddings, (False, True)
+    ):
+        same = padding in ("same", "lower")
+        if same and ceil:
+            continue
+        layer: dict[str, Any] = {
+            "op": op,
+            "pool_size": 2,
+            "dilation": 2 if dilation == "d2" else [1, 2],
+            "padding": paddings[padding],
+            "stride": 1 if same else 2 if ceil else [1, 2],
+            "ceil_mode": ceil,
+        }
+        if op == "avg_pool2d":
+            layer["count_include_pad"] = padding == "pad1" and ceil
+        words = [op, dilation, padding, "ceil" if ceil else "floor"]
+        cases.append(pytest.param(single_layer(layer, POOL_CHANNELS), id="-".join(words)))
+    return cases
+
+
+DILATED_POOL_CASES = dilated_pool_cases()
+
+
+@pytest.mark.parametrize("spec", DILATED_POOL_CASES)
+def test_dilated_pools(spec: dict[str, Any], request: pytest.FixtureRequest) -> None:
+    check_sizes(spec, request.node.callspec.id)
+
+
 def test_the_matrix_mostly_runs() -> None:
     """Skipped (case, image size) pairs stay few: the matrix tests what it says it tests."""
     for name, cases, expected_cases, at_least in [
-        ("conv2d", CONV_CASES, 5 * 4 * 4 * 3 * 3 * 3, 0.85),
-        ("max_pool2d", MAX_POOL_CASES, 3 * 4 * 4 * 2 - 3 * 4, 0.9),
-        ("avg_pool2d", AVG_POOL_CASES, 2 * (3 * 4 * 4 * 2 - 3 * 4), 0.9),
+        ("conv2d", CONV_CASES, 5 * 4 * 5 * 3 * 3 * 3, 0.85),
+        ("max_pool2d", MAX_POOL_CASES, 3 * 4 * 5 * 2 - 2 * 3 * 4, 0.9),
+        ("avg_pool2d", AVG_POOL_CASES, 2 * (3 * 4 * 5 * 2 - 2 * 3 * 4), 0.9),
+        ("dilated pools", DILATED_POOL_CASES, 2 * 2 * (2 * 2 + 2), 0.75),
     ]:
         assert len(cases) == expected_cases, name
         pipelines = [parse_pipeline(case.values[0]) for case in cases]
@@ -202,6 +244,53 @@ OTHER_CASES = [
     pytest.param({"op": "global_max_pool2d"}, id="global_max_pool2d"),
     pytest.param({"op": "flatten"}, id="flatten"),
 ]
+
+
+# batch_norm alone, after a conv (folded into it), and after a conv whose output is requested
+# (so it stays a BatchNormalization node).
+BATCH_NORM_LAYER: dict[str, Any] = {
+    "op": "batch_norm",
+    "name": "bn",
+    "scale": {"values": [1.5, -0.5, 2.0]},
+    "shift": {"init": "he_normal", "seed": 4},
+    "mean": {"values": [0.25, -1.0, 0.0]},
+    "var": {"values": [0.5, 2.0, 0.0]},
+    "epsilon": 1e-3,
+}
+BN_CONV: dict[str, Any] = {
+    "op": "conv2d",
+    "name": "conv",
+    "filters": 3,
+    "kernel_size": 3,
+    "padding": "same",
+    "weights": {"init": "he_normal", "seed": 1},
+}
+BATCH_NORM_CASES = [
+    pytest.param(single_layer(BATCH_NORM_LAYER, 3), id="batch_norm_alone"),
+    pytest.param(
+        {"input": {"channels": 2}, "layers": [BN_CONV, BATCH_NORM_LAYER]}, id="batch_norm_folded"
+    ),
+    pytest.param(
+        {
+            "input": {"channels": 2},
+            "layers": [{**BN_CONV, "bias": {"values": [1, 2, 3]}}, BATCH_NORM_LAYER],
+        },
+        id="batch_norm_folded_with_bias",
+    ),
+    pytest.param(
+        {
+            "input": {"channels": 2},
+            "layers": [BN_CONV, BATCH_NORM_LAYER, {"op": "relu"}],
+            "outputs": ["conv", "bn", "relu_2"],
+        },
+        id="batch_norm_after_a_requested_conv",
+    ),
+]
+
+
+@pytest.mark.parametrize("spec", BATCH_NORM_CASES)
+def test_batch_norm(spec: dict[str, Any], request: pytest.FixtureRequest) -> None:
+    check_sizes(spec, request.node.callspec.id)
 
 
 @pytest.mark.parametrize("layer", OTHER_CASES)
@@ -392,7 +481,7 @@ def conv_layers(draw: st.DrawFn, channels: int) -> dict[str, Any]:
         "kernel_size": kernel,
         "stride": draw(pairs(1, 3)),
         "padding": draw(
-            st.sampled_from(["same", "valid"])
+            st.sampled_from(["same", "same_lower", "valid"])
             | st.integers(0, 2)
             | st.lists(st.integers(0, 2), min_size=4, max_size=4)
         ),
@@ -416,7 +505,7 @@ def pool_layers(draw: st.DrawFn) -> dict[str, Any]:
     pool = draw(pairs(1, 3))
     ph, pw = as_pair(pool)
     padding = draw(
-        st.sampled_from(["same", "valid"])
+        st.sampled_from(["same", "same_lower", "valid"])
         | st.tuples(
             st.integers(0, ph - 1),
             st.integers(0, pw - 1),
@@ -428,11 +517,29 @@ def pool_layers(draw: st.DrawFn) -> dict[str, Any]:
     stride = draw(st.none() | pairs(1, 3))
     if stride is not None:
         layer["stride"] = stride
-    if padding != "same":
+    if padding not in ("same", "same_lower"):
         layer["ceil_mode"] = draw(st.booleans())
+        # dilated pools with SAME padding need stride 1 (the spec says so): explicit only here
+        layer["dilation"] = draw(pairs(1, 2))
     if op == "avg_pool2d":
         layer["count_include_pad"] = draw(st.booleans())
     return layer
+
+
+@st.composite
+def batch_norm_layers(draw: st.DrawFn, channels: int) -> dict[str, Any]:
+    def values(low: float, high: float) -> dict[str, Any]:
+        number = st.floats(low, high, allow_nan=False)
+        return {"values": draw(st.lists(number, min_size=channels, max_size=channels))}
+
+    return {
+        "op": "batch_norm",
+        "scale": values(-2, 2),
+        "shift": values(-1, 1),
+        "mean": values(-1, 1),
+        "var": values(0, 3),
+        "epsilon": draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+    }
 
 
 @st.composite
@@ -476,7 +583,7 @@ def cases(draw: st.DrawFn) -> tuple[Pipeline, np.ndarray]:
     channels = inputs["channels"]
     tail = draw(st.sampled_from(TAILS))
     # conv2d first: hypothesis favours (and shrinks towards) the first choice.
-    body_ops = st.sampled_from(["conv2d", "pool", "conv2d", "relu", "leaky_relu"])
+    body_ops = st.sampled_from(["conv2d", "pool", "conv2d", "relu", "leaky_relu", "batch_norm"])
     body = draw(st.lists(body_ops, min_size=0 if tail else 1, max_size=6 - len(tail)))
     layers: list[dict[str, Any]] = []
     for op in body + tail:
@@ -487,6 +594,8 @@ def cases(draw: st.DrawFn) -> tuple[Pipeline, np.ndarray]:
             layer = draw(pool_layers())
         elif op == "leaky_relu":
             layer = {"op": op, "alpha": draw(st.floats(0, 2, allow_nan=False))}
+        elif op == "batch_norm":
+            layer = draw(batch_norm_layers(channels))
         else:
             layer = {"op": op}
         layers.append(layer)

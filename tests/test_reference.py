@@ -631,3 +631,105 @@ def test_chain_conv_relu_pool_flatten() -> None:
     for results in (reference_outputs(p, x), run_onnx(p, x)):
         np.testing.assert_allclose(results["pooled"], pooled)
         np.testing.assert_allclose(results["flatten_3"], flat)
+
+
+# --------------------------------------------------------------------------- same_lower
+
+
+@pytest.mark.parametrize(
+    ("padding", "expected"),
+    [
+        # SAME_UPPER pads bottom/right: the top-left tap sees x itself.
+        ("same", [[0, 1, 2], [3, 4, 5], [6, 7, 8]]),
+        # SAME_LOWER pads top/left: the top-left tap sees x shifted down and right by one.
+        ("same_lower", [[0, 0, 0], [0, 0, 1], [0, 3, 4]]),
+    ],
+)
+def test_same_lower_puts_the_odd_padding_top_left(padding: str, expected: Any) -> None:
+    # (1, 1, 3, 3) grid; 2x2 kernel picking its top-left tap, stride 1: total padding 1 per axis.
+    p = pipeline([conv([[[[1, 0], [0, 0]]]], padding=padding)])
+    assert_golden(p, grid(3, 3), [[expected]])
+
+
+def test_same_lower_max_pool_pads_top_left() -> None:
+    x = -grid(3, 3)  # (1, 1, 3, 3), pixel (r, c) = -(3r + c): the max is the top-left of a window
+    p = pipeline([{"op": "max_pool2d", "pool_size": 2, "stride": 1, "padding": "same_lower"}])
+    # windows start one row and column up/left (-inf there): max = x[max(r-1, 0), max(c-1, 0)]
+    assert_golden(p, x, [[[[0, 0, -1], [0, 0, -1], [-3, -3, -4]]]])
+
+
+def test_same_lower_strided_avg_pool() -> None:
+    x = grid(4, 4)  # (1, 1, 4, 4), pixel (r, c) = 4r + c
+    p = pipeline([{"op": "avg_pool2d", "pool_size": 3, "stride": 2, "padding": "same_lower"}])
+    # out = ceil(4/2) = 2, total padding (2-1)*2 + 3 - 4 = 1, all of it top/left: windows cover
+    # rows -1..1 and 1..3 (same for columns). Real pixels only:
+    # (0+1+4+5)/4, (1+2+3+5+6+7)/6, (4+5+8+9+12+13)/6, (5+6+7+9+10+11+13+14+15)/9
+    assert_golden(p, x, [[[[2.5, 4], [8.5, 10]]]])
+
+
+# --------------------------------------------------------------------------- dilated pooling
+
+
+@pytest.mark.parametrize(
+    ("op", "expected"),
+    [
+        # taps (r, c), (r, c+2), (r+2, c), (r+2, c+2) of pixel 5r + c: the max is the last one
+        ("max_pool2d", [[12, 13, 14], [17, 18, 19], [22, 23, 24]]),
+        # the mean of the four: 5r + c + (0 + 2 + 10 + 12) / 4
+        ("avg_pool2d", [[6, 7, 8], [11, 12, 13], [16, 17, 18]]),
+    ],
+)
+def test_dilated_pooling(op: str, expected: Any) -> None:
+    # (1, 1, 5, 5) -> pool 2, dilation 2 (extent 3), stride 1 -> (1, 1, 3, 3)
+    p = pipeline([{"op": op, "pool_size": 2, "dilation": 2, "stride": 1}])
+    assert_golden(p, grid(5, 5), [[expected]])
+
+
+@pytest.mark.parametrize(
+    ("count_include_pad", "expected"),
+    # taps of (0,0): rows/columns -1 and 1 -> only pixel (1,1) = 5 is real; (0,1): 5, 7;
+    # (1,0): 5, 13; (1,1): 5, 7, 13, 15. Divided by the real taps, or by all 4.
+    [(False, [[5, 6], [9, 10]]), (True, [[1.25, 3], [4.5, 10]])],
+)
+def test_dilated_avg_pool_with_padding(count_include_pad: bool, expected: Any) -> None:
+    x = grid(4, 4)  # (1, 1, 4, 4) padded by 1 -> 6x6; extent 3, stride 2 -> (1, 1, 2, 2)
+    layer = {
+        "op": "avg_pool2d",
+        "pool_size": 2,
+        "dilation": 2,
+        "stride": 2,
+        "padding": 1,
+        "count_include_pad": count_include_pad,
+    }
+    assert_golden(pipeline([layer]), x, [[expected]])
+
+
+# --------------------------------------------------------------------------- batch_norm
+
+# scale [4, 0.5], shift [1, -1], mean [1, 2], var [3, 0], epsilon 1 -> sqrt(var + eps) = [2, 1]:
+# channel 0: (x - 1) / 2 * 4 + 1 = 2x - 1; channel 1: (x - 2) * 0.5 - 1 = 0.5x - 2
+BATCH_NORM = {
+    "op": "batch_norm",
+    "scale": {"values": [4, 0.5]},
+    "shift": {"values": [1, -1]},
+    "mean": {"values": [1, 2]},
+    "var": {"values": [3, 0]},
+    "epsilon": 1.0,
+}
+
+
+def test_batch_norm_standalone() -> None:
+    x = np.array([[[[1, 3]], [[2, 6]]]], dtype=np.float32)  # (1, 2, 1, 2)
+    # channel 0: 2*1 - 1, 2*3 - 1; channel 1: 0.5*2 - 2, 0.5*6 - 2
+    assert_golden(pipeline([BATCH_NORM], channels=2), x, [[[[1, 5]], [[-1, 1]]]])
+
+
+@pytest.mark.parametrize("bias", [None, [0, 1]], ids=["no_bias", "bias"])
+def test_batch_norm_after_conv(bias: list[float] | None) -> None:
+    x = image([[1, 2]])  # (1, 1, 1, 2)
+    fields = {} if bias is None else {"bias": {"values": bias}}
+    # 1x1 conv: 2x (+ 0) and x (+ 1): channel 0 [2, 4]; channel 1 [1, 2] or [2, 3]
+    p = pipeline([conv([[[[2]]], [[[1]]]], **fields), BATCH_NORM])
+    # then 2y - 1: [3, 7]; 0.5y - 2: [-1.5, -1] or [-1, -0.5]
+    expected = [[[[3, 7]], [[-1.5, -1]]]] if bias is None else [[[[3, 7]], [[-1, -0.5]]]]
+    assert_golden(p, x, expected)

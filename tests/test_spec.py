@@ -28,6 +28,13 @@ def conv(**fields: Any) -> dict[str, Any]:
     return {"op": "conv2d", "filters": 4, "kernel_size": 3, "weights": {"init": "zeros"}, **fields}
 
 
+def batch_norm(**fields: Any) -> dict[str, Any]:
+    """A batch_norm layer over 3 channels: the identity unless overridden."""
+    ones, zeros = {"values": [1, 1, 1]}, {"values": [0, 0, 0]}
+    return {"op": "batch_norm", "scale": ones, "shift": zeros, "mean": zeros, "var": ones,
+            **fields}  # fmt: skip
+
+
 def spec_with(*layers: dict[str, Any], channels: int = 3, **extra: Any) -> dict[str, Any]:
     return {"input": {"channels": channels}, "layers": list(layers), **extra}
 
@@ -40,7 +47,33 @@ INVALID_SPECS: list[tuple[dict[str, Any] | str, str, str]] = [
     (spec_with(conv(kernel_size=0)), "layers[0].kernel_size", "int >= 1"),
     (spec_with(conv(kernel_size=[3, 3, 3])), "layers[0].kernel_size", "[h, w]"),
     (spec_with(conv(stride=0)), "layers[0].stride", "int >= 1"),
-    (spec_with(conv(padding="full")), "layers[0].padding", "'same', 'valid'"),
+    (spec_with(conv(padding="full")), "layers[0].padding", "'same', 'same_lower', 'valid'"),
+    (
+        spec_with({"op": "max_pool2d", "pool_size": 2, "dilation": 2, "padding": "same_lower"}),
+        "layers[0].padding",
+        "'same_lower' with dilation (2, 2) needs stride 1 in a pool",
+    ),
+    (
+        spec_with({"op": "avg_pool2d", "pool_size": 2, "padding": "same_lower", "ceil_mode": True}),
+        "layers[0].ceil_mode",
+        "has no effect with padding='same_lower'",
+    ),
+    (
+        spec_with(batch_norm(var={"values": [1, -1, 0]}), batch_norm(), channels=3),
+        "layers[0].var.values",
+        "var + epsilon must be > 0",
+    ),
+    (
+        spec_with(batch_norm(var={"init": "he_normal"})),
+        "layers[0].var.init",
+        "only 'zeros' (with epsilon > 0)",
+    ),
+    (
+        spec_with(batch_norm(scale={"values": [1, 2]})),
+        "layers[0].scale.values",
+        "expected (channels,) = (3,)",
+    ),
+    (spec_with(batch_norm(epsilon=-1)), "layers[0].epsilon", "greater than or equal to 0"),
     (spec_with(conv(padding=[1, 2])), "layers[0].padding", "[top, left, bottom, right]"),
     (spec_with(conv(groups=2)), "layers[0].groups", "does not divide the 3 input channels"),
     (spec_with(conv(groups=3, filters=4)), "layers[0].groups", "does not divide filters=4"),

@@ -8,15 +8,16 @@ from typing import Any
 import numpy as np
 import pytest
 
+from featmap.contract.errors import InvalidSpec
 from featmap.contract.spec import (
     Conv2d,
     InitSource,
     parse_pipeline,
 )
 from featmap.service.weights import (
-    conv_parameters,
     gaussian_1d,
-    pipeline_parameters,
+    layer_weights,
+    pipeline_weights,
     standard_normal,
     uniform,
 )
@@ -30,7 +31,7 @@ def conv_layer(**fields: Any) -> Conv2d:
 
 
 def test_sobel_x_fills_every_filter_and_channel() -> None:
-    kernel = conv_parameters(conv_layer(weights={"preset": "sobel_x"}), 4).kernel
+    kernel = layer_weights(conv_layer(weights={"preset": "sobel_x"}), 4)["weights"]
     # (filters, in_channels, kh, kw) = (2, 4, 3, 3), each slice the 2D Sobel x kernel
     assert kernel.shape == (2, 4, 3, 3) and kernel.dtype == np.float32
     expected = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float32)
@@ -49,13 +50,13 @@ def test_sobel_x_fills_every_filter_and_channel() -> None:
     ],
 )
 def test_fixed_presets(preset: str, expected: list[list[float]]) -> None:
-    kernel = conv_parameters(conv_layer(weights={"preset": preset}), 4).kernel
+    kernel = layer_weights(conv_layer(weights={"preset": preset}), 4)["weights"]
     np.testing.assert_allclose(kernel[1, 3], np.array(expected, dtype=np.float32), rtol=1e-7)
 
 
 def test_depthwise_preset_has_one_channel_per_filter() -> None:
     layer = conv_layer(filters=4, groups=4, weights={"preset": "laplacian"})
-    assert conv_parameters(layer, 4).kernel.shape == (4, 1, 3, 3)
+    assert layer_weights(layer, 4)["weights"].shape == (4, 1, 3, 3)
 
 
 def test_gaussian_default_sigma_follows_opencv() -> None:
@@ -63,10 +64,12 @@ def test_gaussian_default_sigma_follows_opencv() -> None:
     g = gaussian_1d(3, None)
     side = math.exp(-1 / (2 * 0.8**2))
     np.testing.assert_allclose(g, np.array([side, 1, side]) / (1 + 2 * side))
-    kernel = conv_parameters(conv_layer(kernel_size=[3, 5], weights={"preset": "gaussian"}), 4)
-    assert kernel.kernel.shape == (2, 4, 3, 5)
-    np.testing.assert_allclose(kernel.kernel[0, 0].sum(), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(kernel.kernel[0, 0], kernel.kernel[0, 0][::-1, ::-1], rtol=1e-6)
+    kernel = layer_weights(conv_layer(kernel_size=[3, 5], weights={"preset": "gaussian"}), 4)
+    assert kernel["weights"].shape == (2, 4, 3, 5)
+    np.testing.assert_allclose(kernel["weights"][0, 0].sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        kernel["weights"][0, 0], kernel["weights"][0, 0][::-1, ::-1], rtol=1e-6
+    )
 
 
 def test_gaussian_sigma() -> None:
@@ -78,10 +81,10 @@ def test_gaussian_sigma() -> None:
 def test_values_keep_their_layout() -> None:
     values = np.arange(2 * 4 * 3 * 3, dtype=np.float64).reshape(2, 4, 3, 3) / 7
     layer = conv_layer(weights={"values": values.tolist()}, bias={"values": [0.5, -1.25]})
-    parameters = conv_parameters(layer, 4)
-    np.testing.assert_array_equal(parameters.kernel, values.astype(np.float32))
-    assert parameters.bias is not None
-    np.testing.assert_array_equal(parameters.bias, np.array([0.5, -1.25], dtype=np.float32))
+    parameters = layer_weights(layer, 4)
+    np.testing.assert_array_equal(parameters["weights"], values.astype(np.float32))
+    assert parameters.get("bias") is not None
+    np.testing.assert_array_equal(parameters["bias"], np.array([0.5, -1.25], dtype=np.float32))
 
 
 def test_uniform_is_the_top_53_bits_of_pcg64() -> None:
@@ -116,7 +119,7 @@ def test_standard_normal_statistics() -> None:
 def test_init_scales(init: str, std: float) -> None:
     # fan_in = in_channels/groups * kh * kw = 36; fan_out = filters * kh * kw = 576
     layer = conv_layer(filters=64, weights={"init": init, "seed": 11})
-    kernel = conv_parameters(layer, 4).kernel
+    kernel = layer_weights(layer, 4)["weights"]
     assert kernel.shape == (64, 4, 3, 3)
     assert abs(kernel.std() / std - 1) < 0.05
     if init.endswith("uniform"):
@@ -124,19 +127,19 @@ def test_init_scales(init: str, std: float) -> None:
 
 
 def test_inits_are_deterministic_and_seeded() -> None:
-    a = conv_parameters(conv_layer(weights={"init": "he_normal", "seed": 1}), 4).kernel
-    b = conv_parameters(conv_layer(weights={"init": "he_normal", "seed": 1}), 4).kernel
-    c = conv_parameters(conv_layer(weights={"init": "he_normal", "seed": 2}), 4).kernel
+    a = layer_weights(conv_layer(weights={"init": "he_normal", "seed": 1}), 4)["weights"]
+    b = layer_weights(conv_layer(weights={"init": "he_normal", "seed": 1}), 4)["weights"]
+    c = layer_weights(conv_layer(weights={"init": "he_normal", "seed": 2}), 4)["weights"]
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
 
 def test_zeros_and_bias_init() -> None:
     layer = conv_layer(weights={"init": "zeros"}, bias={"init": "he_uniform", "seed": 5})
-    parameters = conv_parameters(layer, 4)
-    assert not parameters.kernel.any()
-    assert parameters.bias is not None and parameters.bias.shape == (2,)
-    assert np.abs(parameters.bias).max() <= math.sqrt(6 / 36)
+    parameters = layer_weights(layer, 4)
+    assert not parameters["weights"].any()
+    assert parameters.get("bias") is not None and parameters["bias"].shape == (2,)
+    assert np.abs(parameters["bias"]).max() <= math.sqrt(6 / 36)
 
 
 def test_pipeline_parameters_track_channels() -> None:
@@ -150,11 +153,29 @@ def test_pipeline_parameters_track_channels() -> None:
             ],
         }
     )
-    parameters = pipeline_parameters(pipeline)
+    parameters = pipeline_weights(pipeline)
     assert sorted(parameters) == [0, 2]
-    assert parameters[0].kernel.shape == (5, 3, 1, 1)
-    assert parameters[2].kernel.shape == (2, 5, 3, 3)
+    assert parameters[0]["weights"].shape == (5, 3, 1, 1)
+    assert parameters[2]["weights"].shape == (2, 5, 3, 3)
 
 
 def test_init_source_defaults_seed_zero() -> None:
     assert InitSource(init="zeros").seed == 0
+
+
+def test_a_batch_norm_variance_tensor_must_keep_var_plus_epsilon_positive() -> None:
+    spec = {
+        "input": {"channels": 2},
+        "layers": [
+            {"op": "batch_norm", "scale": {"tensor": "s"}, "shift": {"tensor": "b"},
+             "mean": {"tensor": "m"}, "var": {"tensor": "v"}, "epsilon": 0.5},
+        ],
+    }  # fmt: skip
+    pipeline = parse_pipeline(spec)
+    ones = np.ones(2, np.float32)
+    good = {"s": ones, "b": ones, "m": ones, "v": np.array([0.0, -0.25], np.float32)}
+    assert sorted(pipeline_weights(pipeline, good)[0]) == ["mean", "scale", "shift", "var"]
+    bad = {**good, "v": np.array([1.0, -0.5], np.float32)}  # -0.5 + 0.5 is not > 0
+    with pytest.raises(InvalidSpec) as caught:
+        pipeline_weights(pipeline, bad)
+    assert caught.value.field == "layers[0].var"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from featmap.service.int8.blocks import block_kernel
-from featmap.service.int8.calibration import synthetic_calibration
-from featmap.service.int8.cpu import (
+from .blocks import block_kernel
+from .calibration import synthetic_calibration
+from .cpu import (
     CPU_OVERRIDE_VARIABLE,
     DEFAULT_SETTINGS,
     PORTABLE_SETTINGS,
@@ -16,8 +16,8 @@ from featmap.service.int8.cpu import (
     has_int8_dot_products,
     weight_bits_for,
 )
-from featmap.service.int8.error import ErrorMeasure, measure_error, output_error, run_model
-from featmap.service.int8.quantize import (
+from .error import ErrorMeasure, measure_error, output_error, run_model
+from .quantize import (
     PRECISION_PROPERTY,
     QuantizedModel,
     check_int8_model_runs_here,

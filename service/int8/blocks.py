@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from featmap.service.int8.passes import (
+from .passes import (
     CONV_CHANNEL_MULTIPLE,
     CONV_FILTER_MULTIPLE,
     CONV_MIN_FILTERS,

@@ -20,13 +20,13 @@ import onnx
 from onnx import TensorProto
 from onnxruntime.quantization import CalibrationDataReader
 
-from featmap.contract.errors import InvalidTensor
-from featmap.contract.limits import (
+from ...contract.errors import InvalidTensor
+from ...contract.limits import (
     CALIBRATION_BATCH,
     DEFAULT_CALIBRATION_SIZE,
     SYNTHETIC_CALIBRATION,
 )
-from featmap.service.weights import uniform
+from ..weights import uniform
 
 # The calibration set when the user sends none (see synthetic_calibration), at
 # DEFAULT_CALIBRATION_SIZE; the calibration runs CALIBRATION_BATCH images at a time (min/max

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from featmap.contract.errors import Unsupported
+from ...contract.errors import Unsupported
 
 # CPU flags (Linux /proc/cpuinfo) that give onnxruntime int8 dot products, best first.
 INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "i8mm", "asimddp")

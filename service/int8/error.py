@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from featmap.contract.limits import CALIBRATION_BATCH
-from featmap.contract.precision import OutputError
-from featmap.service.int8.calibration import input_info
-from featmap.service.sessions import CPU, build_session
+from ...contract.limits import CALIBRATION_BATCH
+from ...contract.precision import OutputError
+from ..sessions import CPU, build_session
+from .calibration import input_info
 
 
 def run_batches(

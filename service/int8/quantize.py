@@ -27,13 +27,13 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from featmap.contract.errors import InvalidTensor
-from featmap.contract.limits import DEFAULT_CALIBRATION_SIZE
-from featmap.contract.precision import QuantizationReport
-from featmap.contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
-from featmap.service.graph import compile_pipeline
-from featmap.service.int8.blocks import pooled_convs_on_blocks
-from featmap.service.int8.calibration import (
+from ...contract.errors import InvalidTensor
+from ...contract.limits import DEFAULT_CALIBRATION_SIZE
+from ...contract.precision import QuantizationReport
+from ...contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
+from ..graph import compile_pipeline
+from .blocks import pooled_convs_on_blocks
+from .calibration import (
     CalibrationBatches,
     check_calibration,
     image_size,
@@ -41,15 +41,15 @@ from featmap.service.int8.calibration import (
     synthetic_calibration,
     widen_ranges,
 )
-from featmap.service.int8.cpu import (
+from .cpu import (
     DEFAULT_SETTINGS,
     WEIGHT_BITS_PROPERTY,
     Int8Settings,
     check_runs_here,
     cpu_int8_support,
 )
-from featmap.service.int8.error import ErrorMeasure, run_batches
-from featmap.service.int8.passes import (
+from .error import ErrorMeasure, run_batches
+from .passes import (
     QUANTIZED_OP_TYPES,
     align_conv_channels,
     float_nodes,
