@@ -283,6 +283,9 @@ inputs:
   their dtype, unless input.scale is set: then the raw 0..255 values (the graph scales).
   .npy files hold one image or a batch (N, ...), .npz files one image (one array), in the
   pipeline's layout and dtype, taken as they are (--resize is for image files only).
+  IDX files (*-idx3-ubyte, *.idx, gzipped or not: MNIST's format) hold a batch of ubyte
+  images, (N, H, W) or (N, ...) in the pipeline's layout, taken as pixels as image files
+  are; a batch's rows are named file[i]. Batch files are read a batch of rows at a time.
   Without --resize, images of different sizes run in batches of one size each.
   Image files travel as uint8 pixels (a quarter of float32's bytes): the pipeline's pixel
   variant takes them and divides by 255 in the graph (featmap.contract.pixels).
@@ -507,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("--pipeline", required=True, help="pipeline spec, .yaml/.yml or .json")
     extract.add_argument(
-        "--input", required=True, nargs="+", help="folders (searched recursively) or files"
+        "--input",
+        required=True,
+        nargs="+",
+        help="folders (searched recursively) or files: images, .npy/.npz, IDX",
     )
     extract.add_argument("--output", required=True, help="the .npz, .npy or .parquet to write")
     extract.add_argument(
