@@ -63,7 +63,7 @@ log = logging.getLogger("featmap.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureExtractor"].full_name
 
 # Once drained, how long calls already received but not yet handed a thread get to be answered.
-HANDOFF_S = 1.0
+HANDOFF_S = 3.0
 # After the grace, how long terminated runs get to unwind before the server stops anyway.
 TERMINATE_WAIT_S = 1.0
 

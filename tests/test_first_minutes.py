@@ -73,18 +73,23 @@ def test_a_pipeline_of_another_kind_of_file_is_named_as_such(tmp_path: Path) -> 
 
 
 def test_readme_install_commands_do_not_undo_each_other() -> None:
-    # Followed top to bottom, the README installs this tree one way only: `pip install .` after
-    # `pip install -e ".[dev]"` would silently replace the editable install.
+    # The README leads with the user's install and keeps the editable one for Development; the
+    # two are alternatives (`pip install .` after `pip install -e ".[dev]"` would silently
+    # replace the editable install), and Development says so.
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    commands = [
-        line.split("#")[0].strip()
-        for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
-        for line in block.splitlines()
-    ]
-    local_installs = {
-        c for c in commands if re.fullmatch(r"pip install (-e )?\"?\.(\[\w+\])?\"?", c)
-    }
-    assert local_installs == {'pip install -e ".[dev]"'}, local_installs
+    user, development = readme.split("\n## Development\n")
+
+    def installs(text: str) -> list[str]:
+        commands = [
+            line.split("#")[0].strip()
+            for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+            for line in block.splitlines()
+        ]
+        return [c for c in commands if re.fullmatch(r"pip install (-e )?\"?\.(\[\w+\])?\"?", c)]
+
+    assert installs(user) == ['pip install ".[server]"']
+    assert installs(development) == ['pip install -e ".[dev]"']
+    assert "one way or the other, not both" in development
 
 
 def test_the_readme_server_block_waits_for_the_server() -> None:
