@@ -19,6 +19,7 @@ import onnxruntime as ort
 from ..contract.pixels import PIXEL_DTYPE, PIXEL_SCALE
 from ..contract.spec import Pipeline
 from ..service.graph import compile_pipeline
+from ..service.sessions import CPU, build_session
 
 
 def standard_spec(dtype: str = "float32") -> dict[str, Any]:
@@ -67,13 +68,8 @@ class Row:
 
 def in_process_session(pipeline: Pipeline, threads: int) -> ort.InferenceSession:
     """The baseline: the same model in this process, the same thread settings as the server."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(
-        compile_pipeline(pipeline).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    model = compile_pipeline(pipeline).SerializeToString()
+    return build_session(model, [CPU], threads=threads, spinning=False)
 
 
 def rate(images: int, run: Callable[[], Any], seconds: float, warmup: int = 1) -> float:

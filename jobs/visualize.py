@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image, ImageDraw
 
 from ..contract.ops import (
@@ -23,6 +22,7 @@ from ..contract.spec import (
 )
 from ..contract.tensors import image_size
 from ..service.graph import INPUT_NAME, compile_pipeline
+from ..service.sessions import CPU, build_session
 from ..service.weights import check_tensors
 from .images import InputError, decode_image
 
@@ -120,7 +120,7 @@ def run_layer(
     """One layer's float32 output for `images`, run in this process by onnxruntime (CPU)."""
     tapped = parse_pipeline({**pipeline.model_dump(mode="json"), "outputs": [layer]})
     model = compile_pipeline(tapped, check_tensors(tapped, tensors))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = build_session(model.SerializeToString(), [CPU], threads=0, spinning=True)
     (output,) = session.run([layer], {INPUT_NAME: images})
     return np.asarray(output)
 
