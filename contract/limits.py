@@ -262,7 +262,8 @@ def admit_pipeline(pipeline: Pipeline, limits: RequestLimits) -> None:
 
 
 def admit_int8_kernels(pipeline: Pipeline) -> None:
-    """InvalidSpec for an int8 conv with more taps than INT8_MAX_KERNEL_TAPS.
+    """InvalidSpec for an int8 conv with more taps than INT8_MAX_KERNEL_TAPS, or a dilated
+    average pool in an int8 pipeline.
 
     onnxruntime's int8 conv holds 8 bytes per tap and output pixel (INT8_CONV_BYTES_PER_TAP):
     a 64x64 kernel on one 224x224 image is 1.6 GB where float32 works in a few MB, and such a
@@ -280,6 +281,14 @@ def admit_int8_kernels(pipeline: Pipeline) -> None:
                     f"{INT8_CONV_BYTES_PER_TAP} bytes per tap and output pixel. Use precision "
                     "float32 for this pipeline",
                 )
+        if layer.op == "avg_pool2d" and window is not None and window.dilation != (1, 1):
+            # onnxruntime fuses a float AveragePool between quantized neighbours into its int8
+            # QLinearAveragePool, which has no dilations, and then refuses the whole model.
+            raise InvalidSpec(
+                f"layers[{index}].dilation",
+                "int8 takes no dilated avg_pool2d: onnxruntime's int8 average pool has no "
+                "dilations. Use precision float32 for this pipeline",
+            )
 
 
 def check_request_bytes(size: int, limits: RequestLimits, field: str = "images") -> None:

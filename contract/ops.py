@@ -229,7 +229,33 @@ def _window_sizes(window: Window, height: int, width: int, where: str) -> tuple[
             f"{where}.padding",
             f"padding {pads} must be smaller than pool_size {kernel} on every side",
         )
+    if window.pads_below_kernel and dilation != (1, 1):
+        # Undilated, a window smaller than its padding always holds a pixel; dilated, its
+        # taps can straddle the image and all land in the padding, where a pool has no value.
+        for axis, n in enumerate((height, width)):
+            empty = _empty_window(
+                n, pads[axis], kernel[axis], stride[axis], dilation[axis], out[axis]
+            )
+            if empty is not None:
+                raise InvalidSpec(
+                    f"{where}.padding",
+                    f"with dilation {list(dilation)} and padding {pads}, the window at output "
+                    f"{'row' if axis == 0 else 'column'} {empty} lies wholly in the padding",
+                )
     return out[0], out[1]
+
+
+def _empty_window(
+    size: int, pad_begin: int, kernel: int, stride: int, dilation: int, outputs: int
+) -> int | None:
+    """The first output position along an axis whose window has no tap on the image, or None."""
+    for position in range(outputs):
+        start = position * stride - pad_begin
+        first = max(0, -(start // dilation)) if start < 0 else 0  # the first tap at or past 0
+        if first < kernel and start + first * dilation <= size - 1:
+            continue
+        return position
+    return None
 
 
 # --------------------------------------------------------------------------- symbolic sizes

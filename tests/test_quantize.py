@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 from featmap.contract.errors import InvalidSpec, InvalidTensor, Unsupported
+from featmap.contract.limits import DEFAULT_LIMITS, admit_int8_kernels, admit_pipeline
 from featmap.contract.precision import OutputError, QuantizationReport, check_error
 from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.service.graph import compile_pipeline
@@ -702,6 +703,10 @@ def test_random_pipelines_stay_within_their_reported_error(
     case: tuple[Pipeline, np.ndarray], seed: int
 ) -> None:
     pipeline, images = case
+    if any(layer.op == "avg_pool2d" and layer.dilation != (1, 1) for layer in pipeline.layers):
+        with pytest.raises(InvalidSpec):  # int8 refuses these (the test above)
+            admit_int8_kernels(pipeline)
+        return
     layout_nhwc = pipeline.input.layout == "NHWC"
     height, width = images.shape[1:3] if layout_nhwc else images.shape[2:4]
     calibration = random_images(pipeline, 4, height, width, seed)
@@ -724,3 +729,31 @@ def test_the_pipeline_id_does_not_depend_on_the_cpu(monkeypatch: pytest.MonkeyPa
         assert quantized.report.weight_bits == weight_bits_for(cpu)
         ids.add(model_properties(quantized.model)["featmap.pipeline_id"])
     assert ids == {pipeline.pipeline_id}
+
+
+def dilated_pool(op: str, *after: dict[str, Any]) -> dict[str, Any]:
+    pool = {"op": op, "pool_size": 3, "stride": 1, "dilation": 2, "padding": "same"}
+    return {"input": {"channels": 3}, "layers": [conv(16), {"op": "relu"}, pool, *after]}
+
+
+def test_dilated_max_pools_quantize_within_their_report() -> None:
+    pipeline = parse_pipeline(dilated_pool("max_pool2d"))
+    model = compile_pipeline(pipeline)
+    images = synthetic_calibration(model, count=4, size=SIZE)
+    quantized = quantize_with_report(model, images)
+    assert_within_reported(run_model(quantized.model, images), pipeline, images, quantized.report)
+    assert [node.op_type for node in quantized.model.graph.node if "Pool" in node.op_type] == [
+        "MaxPool"
+    ]
+
+
+def test_a_dilated_average_pool_is_refused_for_int8_before_any_work() -> None:
+    # onnxruntime would fuse it into QLinearAveragePool, which has no dilations, and refuse the
+    # model: the spec is refused first, naming the field, on every path.
+    spec = {**dilated_pool("avg_pool2d", {"op": "relu"}), "precision": "int8"}
+    pipeline = parse_pipeline(spec)
+    for refuse in (quantize_pipeline, lambda p: admit_pipeline(p, DEFAULT_LIMITS)):
+        with pytest.raises(InvalidSpec) as caught:
+            refuse(pipeline)
+        assert caught.value.field == "layers[2].dilation"
+        assert "int8 takes no dilated avg_pool2d" in str(caught.value)

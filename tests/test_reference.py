@@ -13,6 +13,7 @@ from typing import Any, get_args
 import numpy as np
 import pytest
 
+from featmap.contract.errors import InvalidSpec
 from featmap.contract.ops import layer_costs
 from featmap.contract.spec import (
     LAYER_TYPES,
@@ -733,3 +734,14 @@ def test_batch_norm_after_conv(bias: list[float] | None) -> None:
     # then 2y - 1: [3, 7]; 0.5y - 2: [-1.5, -1] or [-1, -0.5]
     expected = [[[[3, 7]], [[-1.5, -1]]]] if bias is None else [[[[3, 7]], [[-1, -0.5]]]]
     assert_golden(p, x, expected)
+
+
+def test_a_dilated_window_wholly_in_the_padding_is_refused() -> None:
+    # One row, padded by one above and below; 2 taps 2 apart: rows -1 and 1, both padding.
+    pipeline = parse_pipeline({"input": {"channels": 1}, "layers": [
+        {"op": "max_pool2d", "pool_size": 2, "dilation": 2, "padding": [1, 0, 1, 0]}]})  # fmt: skip
+    with pytest.raises(InvalidSpec) as caught:
+        layer_costs(pipeline, 1, 3)
+    assert caught.value.field == "layers[0].padding"
+    assert "the window at output row 0 lies wholly in the padding" in str(caught.value)
+    assert [cost.shape for cost in layer_costs(pipeline, 3, 3)] == [(1, 2, 1)]  # taller: fine

@@ -95,6 +95,8 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
       input's consumers, not graph outputs), which clips the tapped values at 0.
     - An AveragePool with both ceil_mode and count_include_pad: QLinearAveragePool counts the
       cells ceil_mode adds past the padding, which the float op and our semantics never do.
+    - A dilated AveragePool: QLinearAveragePool has no dilations (onnxruntime refuses the
+      model).
     - A Conv with an all-zero filter: its weight scale is a dummy 1.0, so its int32 bias is
       quantized in steps of the input's scale, and a bias below half a step becomes 0.
     """
@@ -106,7 +108,11 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
         if node.op_type == "Relu":
             return node.input[0] in outputs
         if node.op_type == "AveragePool":
-            return bool(attributes.get("ceil_mode", 0) and attributes.get("count_include_pad", 0))
+            dilated = any(d != 1 for d in attributes.get("dilations", [1, 1]))
+            counted_past_padding = attributes.get("ceil_mode", 0) and attributes.get(
+                "count_include_pad", 0
+            )
+            return bool(dilated or counted_past_padding)
         if node.op_type == "Conv" and node.input[1] in initializers:
             kernel = numpy_helper.to_array(initializers[node.input[1]])
             return not kernel.reshape(len(kernel), -1).any(axis=1).all()

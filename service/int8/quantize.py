@@ -28,7 +28,7 @@ from onnxruntime.quantization import (
 )
 
 from ...contract.errors import InvalidTensor
-from ...contract.limits import DEFAULT_CALIBRATION_SIZE
+from ...contract.limits import DEFAULT_CALIBRATION_SIZE, admit_int8_kernels
 from ...contract.precision import QuantizationReport
 from ...contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
 from ..graph import compile_pipeline
@@ -246,6 +246,7 @@ def quantize_pipeline(
     extract` sends them (the synthetic images follow the same rule). The model's
     featmap.pipeline_id names its content, calibration images included.
     """
+    admit_int8_kernels(pipeline)  # what int8 cannot run, named before any work (InvalidSpec)
     pixel_max = 255.0 if pipeline.input.scale is not None else None
     quantized = quantize_with_report(
         compile_pipeline(pipeline, tensors),
