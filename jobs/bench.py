@@ -344,7 +344,7 @@ def run_bench(
             report.rows.append(Row(path, images_per_s, ratio, note, "ceiling"))
         report.rss = measured.rss
         if array_images:
-            from featmap.jobs.bench_job import run_array_bench
+            from .bench_job import run_array_bench
 
             arrays = run_array_bench(
                 threads=threads,

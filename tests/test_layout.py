@@ -203,3 +203,18 @@ def test_one_service_module_does_not_load_the_server(module: str) -> None:
 def test_the_service_package_still_hands_out_its_names() -> None:
     loaded = loaded_after("from featmap.service import FeatmapServer, compile_pipeline")
     assert "featmap.service.server" in loaded  # loaded when asked for, not before
+
+
+def test_modules_import_featmap_relatively() -> None:
+    # What a path-based tool follows: `from .spec import ...`, `from ..contract.spec import ...`;
+    # the generated stubs (featmap.v1, featmap.oip) as `..v1` alike.
+    absolute = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for module, path in module_files().items()
+        if module.startswith(tuple(HAND_WRITTEN))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and node.level == 0
+        and (node.module or "").split(".")[0] == "featmap"
+    ]
+    assert not absolute, f"absolute featmap imports: {absolute}"
