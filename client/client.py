@@ -170,7 +170,8 @@ class _ClientBase:
     ) -> int:
         """Images per message so that each request and its reply fit in max_message_bytes."""
         reply = reply_bytes_per_image(spec, images, output_dtype)  # type: ignore[arg-type]
-        return images_per_message(images, pipeline, self.max_message_bytes, reply)
+        outputs = 0 if spec is None else len(spec.output_names)
+        return images_per_message(images, pipeline, self.max_message_bytes, reply, outputs)
 
     @staticmethod
     def _stream_requests(

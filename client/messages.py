@@ -27,6 +27,7 @@ from ..contract.tensors import (
     image_size,
     output_itemsize,
     reply_bytes,
+    reply_message_bytes,
     sendable,
 )
 from ..contract.wire import (
@@ -225,13 +226,19 @@ def reply_bytes_per_image(
 
 
 def images_per_message(
-    images: np.ndarray, pipeline: SpecLike, max_message_bytes: int, reply_per_image: int = 0
+    images: np.ndarray,
+    pipeline: SpecLike,
+    max_message_bytes: int,
+    reply_per_image: int = 0,
+    outputs: int = 0,
 ) -> int:
-    """How many images fit in one request and in its reply (at least 1)."""
+    """How many images fit in one request and in its reply (at least 1); the reply's framing
+    for `outputs` outputs is the server's estimate (contract.tensors.reply_message_bytes)."""
     text = len(pipeline) if isinstance(pipeline, str) else len(spec_json(pipeline))
     per_image = max(1, math.prod(images.shape[1:]) * images.dtype.itemsize)
     room = max_message_bytes - text - ENVELOPE_BYTES
-    return max(1, min(room // per_image, room // max(1, reply_per_image)))
+    reply_room = max_message_bytes - reply_message_bytes(0, outputs)
+    return max(1, min(room // per_image, reply_room // max(1, reply_per_image)))
 
 
 def chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -127,3 +127,15 @@ def test_shared_memory_extract_lets_other_refusals_out() -> None:
     finally:
         transport.close()
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_client_plans_replies_with_the_servers_framing() -> None:
+    # One rule for a reply's size: the client splits so that data plus the framing the server
+    # counts (contract.tensors.reply_message_bytes) fit in max_message_bytes.
+    from featmap.client.messages import images_per_message
+    from featmap.contract.tensors import reply_message_bytes
+
+    images = np.zeros((4000, 1, 2, 2), np.uint8)
+    per_message = images_per_message(images, "{}", 2**20, reply_per_image=1000, outputs=32)
+    assert reply_message_bytes(per_message * 1000, 32) <= 2**20
+    assert reply_message_bytes((per_message + 1) * 1000, 32) > 2**20
