@@ -23,6 +23,7 @@ from typing import Any
 from ..client.client import FeatmapRpcError
 from ..contract.errors import FeatmapError
 from ..contract.spec import Pipeline, content_id
+from ..service.specfiles import SpecFileError, load_weight_tensors
 from .arguments import security_from_arguments
 from .calibration import job_calibration
 from .images import expand, find_files
@@ -30,7 +31,6 @@ from .job import Job, JobError, OnError, Runner
 from .outputs import OUTPUT_SUFFIXES, Contents, write_merged
 from .parts import PartsDir, Shard
 from .runners import EmbeddedRunner, RemoteRunner
-from .specfile import SpecFileError, load_weight_tensors
 
 # Arrays of the .npz layout that an output name must not shadow.
 RESERVED_OUTPUT_NAMES = frozenset({"paths", "outputs", "skipped", "skipped_errors"})

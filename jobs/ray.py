@@ -31,8 +31,8 @@ from ..contract.spec import (
     Pipeline,
     parse_pipeline,
 )
+from ..service.specfiles import load_pipeline_file
 from .runners import EmbeddedRunner
-from .specfile import load_pipeline_file
 
 PipelineLike = Pipeline | Mapping[str, Any] | str | Path
 Batch = dict[str, np.ndarray]

@@ -1,0 +1,119 @@
+"""Pipeline spec files (.yaml/.yml/.json) and weight .npz files, read within a byte bound.
+
+One reader for `featmap serve --pipelines` and the commands (`featmap extract --pipeline`...).
+It needs PyYAML, NumPy and the spec's models, never onnx: the `[cli]` install uses it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ..contract.spec import Pipeline, parse_pipeline
+
+YAML_SUFFIXES = (".yaml", ".yml")
+SPEC_SUFFIXES = (*YAML_SUFFIXES, ".json")
+
+
+class SpecFileError(ValueError):
+    """The file cannot be read or is not YAML/JSON; the message names the file."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: each alias would be copied into the spec's JSON, so a
+    few hundred bytes of nested aliases could stand for gigabytes of text."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not read in a pipeline file; write it out", mark
+            )
+        return super().compose_node(parent, index)
+
+
+def read_bounded(path: Path, max_bytes: int | None, setting: str) -> bytes:
+    """The bytes of `path`; SpecFileError, naming `setting`, when it holds over `max_bytes`."""
+    try:
+        with path.open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise SpecFileError(f"{path} is {size} bytes, over {setting}={max_bytes}")
+            data = file.read() if max_bytes is None else file.read(max_bytes + 1)
+    except OSError as exc:
+        raise SpecFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if max_bytes is not None and len(data) > max_bytes:  # it grew since fstat
+        raise SpecFileError(f"{path} is over {setting}={max_bytes} bytes")
+    return data
+
+
+def read_spec_file(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """The spec in a .yaml/.yml or .json file, as a dict (not yet validated).
+
+    `max_bytes`: the file's size bound (the server's max_spec_bytes), checked before reading.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in SPEC_SUFFIXES:
+        raise SpecFileError(
+            f"{path}: a pipeline file is .yaml, .yml or .json (the extension picks the parser)"
+        )
+    raw = read_bounded(path, max_bytes, "max_spec_bytes")
+    is_yaml = path.suffix.lower() in YAML_SUFFIXES
+    try:
+        text = raw.decode("utf-8")
+        # JSON is YAML too, but a .json file gets JSON's stricter parser and its messages.
+        data = yaml.load(text, Loader=_NoAliasLoader) if is_yaml else json.loads(text)
+    except UnicodeDecodeError:
+        raise SpecFileError(f"{path} is not UTF-8 text") from None
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SpecFileError(f"{path} is not valid {'YAML' if is_yaml else 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecFileError(f"{path}: expected a mapping with 'input' and 'layers' at the top")
+    return data
+
+
+def load_pipeline_file(path: str | Path) -> Pipeline:
+    """A validated Pipeline from a spec file; InvalidSpec names the offending field."""
+    return parse_pipeline(read_spec_file(path))
+
+
+def load_weight_tensors(
+    path: str | Path, max_bytes: int | None = None, option: str = "--weights"
+) -> dict[str, np.ndarray]:
+    """Named weight tensors from a .npz file (the names the spec's {"tensor": NAME} uses).
+
+    `max_bytes` bounds the file and its arrays' bytes once unpacked (what a compressed .npz
+    declares; zipfile reads no member past its declared size), before any is read.
+    SpecFileError, saying `option` and why, when the file cannot be read as one.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            if max_bytes is not None:
+                _check_npz_size(file, path, max_bytes)
+            with np.load(file, allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, SpecFileError):
+            raise
+        raise SpecFileError(f"{option}: cannot read {path}: {exc}") from None
+
+
+def _check_npz_size(file: Any, path: Path, max_bytes: int) -> None:
+    """SpecFileError when the .npz, or its members unpacked, hold over `max_bytes`."""
+    size = os.fstat(file.fileno()).st_size
+    if size > max_bytes:
+        raise SpecFileError(f"{path} is {size} bytes, over max_message_bytes={max_bytes}")
+    with zipfile.ZipFile(file) as archive:
+        unpacked = sum(info.file_size for info in archive.infolist())
+    if unpacked > max_bytes:
+        raise SpecFileError(
+            f"{path} unpacks to {unpacked} bytes, over max_message_bytes={max_bytes}"
+        )
+    file.seek(0)
