@@ -23,7 +23,6 @@ from typing import Any
 from ..client.client import FeatmapRpcError
 from ..contract.errors import FeatmapError
 from ..contract.spec import Pipeline, content_id
-from ..service.specfiles import SpecFileError, load_weight_tensors
 from .arguments import security_from_arguments
 from .calibration import job_calibration
 from .images import expand, find_files
@@ -199,6 +198,9 @@ def default_decode_threads() -> int:
 
 def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> int:
     """`featmap extract` after argument parsing; JobError(exit_code=2) is a usage error."""
+    # The spec-file reader lives with the server that shares it; it loads no onnx.
+    from ..service.specfiles import SpecFileError, load_weight_tensors
+
     progress = not args.quiet and (args.progress or sys.stderr.isatty())
     try:
         tensors = {} if args.weights is None else load_weight_tensors(args.weights)

@@ -31,7 +31,6 @@ from ..contract.spec import (
     Pipeline,
     parse_pipeline,
 )
-from ..service.specfiles import load_pipeline_file
 from .runners import EmbeddedRunner
 
 PipelineLike = Pipeline | Mapping[str, Any] | str | Path
@@ -43,6 +42,8 @@ def as_pipeline(pipeline: PipelineLike) -> Pipeline:
     if isinstance(pipeline, Pipeline):
         return pipeline
     if isinstance(pipeline, str | Path):
+        from ..service.specfiles import load_pipeline_file  # no onnx: see specfiles
+
         return load_pipeline_file(pipeline)
     return parse_pipeline(dict(pipeline))
 
