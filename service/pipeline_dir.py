@@ -13,17 +13,13 @@ volume keeps its own `..data` links and timestamped folders there.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..contract.errors import FeatmapError, listing
-from ..contract.limits import RequestLimits
 from ..contract.names import check_pipeline_name
 from ..contract.wire import registration_message
 from .api import FeatureService
@@ -31,8 +27,8 @@ from .security import DEFAULT_TENANT, TENANT_PATTERN, Caller
 from .specfiles import (
     SPEC_SUFFIXES,
     SpecFileError,
+    load_array_file,
     load_weight_tensors,
-    read_bounded,
     read_spec_file,
 )
 
@@ -118,8 +114,16 @@ def register_file(service: FeatureService, file: PipelineFile) -> str:
     try:
         name = check_pipeline_name(file.name)
         spec = json.dumps(read_spec_file(file.spec, limits.max_spec_bytes))
-        tensors = {} if weights is None else load_weight_tensors(weights, limits.max_message_bytes)
-        images = None if calibration is None else _load_calibration(calibration, limits)
+        tensors = (
+            {}
+            if weights is None
+            else load_weight_tensors(weights, limits.max_message_bytes, "weights")
+        )
+        images = (
+            None
+            if calibration is None
+            else load_array_file(calibration, limits.max_message_bytes, "calibration")
+        )
         request = registration_message(spec, tensors, name=name, replace=True, calibration=images)
         response = service.register_pipeline(request, Caller(tenant=file.tenant))
     except SpecFileError as exc:
@@ -130,15 +134,6 @@ def register_file(service: FeatureService, file: PipelineFile) -> str:
         )
         raise PipelineFileError(f"{blamed or file.spec}: {exc}") from None
     return response.pipeline_id
-
-
-def _load_calibration(path: Path, limits: RequestLimits) -> np.ndarray:
-    """The calibration images of a `.calibration.npy`, read within max_message_bytes."""
-    raw = read_bounded(path, limits.max_message_bytes, "max_message_bytes")
-    try:
-        return np.load(io.BytesIO(raw), allow_pickle=False)  # type: ignore[no-any-return]
-    except (ValueError, EOFError, OSError) as exc:
-        raise SpecFileError(f"cannot read {path} as .npy: {exc}") from None
 
 
 def register_pipeline_dir(

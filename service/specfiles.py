@@ -6,13 +6,16 @@ It needs PyYAML, NumPy and the spec's models, never onnx: the `[cli]` install us
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.lib.format as npy_format
 import yaml
 
 from ..contract.spec import Pipeline, parse_pipeline
@@ -94,26 +97,49 @@ def load_weight_tensors(
     """
     path = Path(path)
     try:
-        with path.open("rb") as file:
-            if max_bytes is not None:
-                _check_npz_size(file, path, max_bytes)
-            with np.load(file, allow_pickle=False) as archive:
-                return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, SpecFileError):
-            raise
+        with path.open("rb") as file, zipfile.ZipFile(file) as archive:
+            size = os.fstat(file.fileno()).st_size
+            unpacked = sum(info.file_size for info in archive.infolist())
+            if max_bytes is not None and max(size, unpacked) > max_bytes:
+                raise SpecFileError(
+                    f"{option}: {path} holds {size} bytes, {unpacked} unpacked: over "
+                    f"max_message_bytes={max_bytes}"
+                )
+            return {
+                info.filename.removesuffix(".npy"): npy_array(
+                    archive.read(info), f"{option}: {path}[{info.filename}]"
+                )
+                for info in archive.infolist()
+            }
+    except (OSError, zipfile.BadZipFile) as exc:
         raise SpecFileError(f"{option}: cannot read {path}: {exc}") from None
 
 
-def _check_npz_size(file: Any, path: Path, max_bytes: int) -> None:
-    """SpecFileError when the .npz, or its members unpacked, hold over `max_bytes`."""
-    size = os.fstat(file.fileno()).st_size
-    if size > max_bytes:
-        raise SpecFileError(f"{path} is {size} bytes, over max_message_bytes={max_bytes}")
-    with zipfile.ZipFile(file) as archive:
-        unpacked = sum(info.file_size for info in archive.infolist())
-    if unpacked > max_bytes:
+def load_array_file(path: Path, max_bytes: int | None, option: str) -> np.ndarray:
+    """The array of a .npy file, its size bounded by `max_bytes` (max_message_bytes)."""
+    return npy_array(read_bounded(path, max_bytes, "max_message_bytes"), f"{option}: {path}")
+
+
+def npy_array(raw: bytes, where: str) -> np.ndarray:
+    """The read-only array of .npy bytes, once its header's shape and dtype account for exactly
+    the bytes after it (np.load would allocate what a header claims before reading)."""
+    file = io.BytesIO(raw)
+    try:
+        version = npy_format.read_magic(file)
+        read_header = {
+            (1, 0): npy_format.read_array_header_1_0,
+            (2, 0): npy_format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"unknown .npy version {version}")
+        shape, fortran_order, dtype = read_header(file)
+    except ValueError as exc:
+        raise SpecFileError(f"{where} is not a .npy array: {exc}") from None
+    data = memoryview(raw)[file.tell() :]
+    if dtype.hasobject or data.nbytes != math.prod(shape) * dtype.itemsize:
         raise SpecFileError(
-            f"{path} unpacks to {unpacked} bytes, over max_message_bytes={max_bytes}"
+            f"{where}: a {dtype} array of shape {list(shape)} is not the {data.nbytes} bytes "
+            "the file holds after its header (object arrays are not read)"
         )
-    file.seek(0)
+    array = np.frombuffer(data, dtype=dtype)
+    return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)

@@ -202,7 +202,10 @@ def test_reads_are_bounded_by_the_request_limits(specs: Path) -> None:
     zeros = {"kernel": np.zeros((4, 3, 3, 3), np.float32), "bias": np.zeros(16384, np.float32)}
     np.savez_compressed(specs / "conv.npz", **zeros)
     assert (specs / "conv.npz").stat().st_size < 1024
-    with pytest.raises(PipelineFileError, match=r"conv\.npz unpacks to \d+ bytes, over max_mess"):
+    with pytest.raises(
+        PipelineFileError,
+        match=r"weights: \S+conv\.npz holds \d+ bytes, 66\d+ unpacked: over max_message_bytes=1024",
+    ):
         FeatmapServer(settings(specs, max_message_bytes=1024))
 
 
@@ -264,3 +267,20 @@ def test_the_spec_file_reader_loads_no_onnx() -> None:
     loaded = loaded_after("import featmap.service.specfiles")
     assert "featmap.service.specfiles" in loaded
     assert not {"onnx", "onnxruntime", "featmap.service.api"} & loaded
+
+
+def test_an_npy_header_must_account_for_its_bytes(tmp_path: Path) -> None:
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    (folder / "small.yaml").write_text(yaml.safe_dump(INT8_SPEC), encoding="utf-8")
+    # A header claiming a million images over 64 bytes of data: refused before any allocation.
+    with (folder / "small.calibration.npy").open("wb") as file:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (10**6, 3, 16, 16)}
+        np.lib.format.write_array_header_1_0(file, header)
+        file.write(bytes(64))
+    claimed = r"a float32 array of shape \[1000000, 3, 16, 16\] is not the 64 bytes"
+    with pytest.raises(PipelineFileError, match=rf"calibration: \S+\.calibration\.npy: {claimed}"):
+        FeatmapServer(settings(folder))
+    np.save(folder / "small.calibration.npy", np.array([None, 1], dtype=object))
+    with pytest.raises(PipelineFileError, match=r"object arrays are not read"):
+        FeatmapServer(settings(folder))
