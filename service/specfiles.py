@@ -28,17 +28,52 @@ class SpecFileError(ValueError):
     """The file cannot be read or is not YAML/JSON; the message names the file."""
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without anchors and aliases: each alias would be copied into the spec's JSON, so a
-    few hundred bytes of nested aliases could stand for gigabytes of text."""
+class _BoundedLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a document of more than `max_nodes` nodes, counting an
+    alias (*name) as every node it stands for: a few hundred bytes of nested aliases can stand
+    for gigabytes of spec, and every node is at least a byte of the spec's JSON."""
+
+    def __init__(self, text: str, max_nodes: int | None) -> None:
+        super().__init__(text)
+        self.max_nodes = max_nodes
+        self.nodes = 0
+        self.sizes: dict[int, int] = {}  # id(anchored node) -> the nodes under it
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not read in a pipeline file; write it out", mark
-            )
+        if self.max_nodes is not None:
+            added = 1
+            if self.check_event(yaml.AliasEvent):
+                anchored = self.anchors.get(self.peek_event().anchor)
+                added = 0 if anchored is None else self.size(anchored)
+            self.nodes += added
+            if self.nodes > self.max_nodes:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"its aliases expand past {self.max_nodes} nodes",
+                    self.peek_event().start_mark,
+                )
         return super().compose_node(parent, index)
+
+    def size(self, node: yaml.Node) -> int:
+        """The nodes under `node`, itself included (what an alias of it expands to)."""
+        if id(node) not in self.sizes:
+            children: list[Any] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            self.sizes[id(node)] = 1 + sum(self.size(child) for child in children)
+        return self.sizes[id(node)]
+
+
+def _load_yaml(text: str, max_nodes: int | None) -> Any:
+    """The one document of `text`, within `max_nodes` (as yaml.safe_load, which it is else)."""
+    loader = _BoundedLoader(text, max_nodes)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_bounded(path: Path, max_bytes: int | None, setting: str) -> bytes:
@@ -71,7 +106,7 @@ def read_spec_file(path: str | Path, max_bytes: int | None = None) -> dict[str, 
     try:
         text = raw.decode("utf-8")
         # JSON is YAML too, but a .json file gets JSON's stricter parser and its messages.
-        data = yaml.load(text, Loader=_NoAliasLoader) if is_yaml else json.loads(text)
+        data = _load_yaml(text, max_bytes) if is_yaml else json.loads(text)
     except UnicodeDecodeError:
         raise SpecFileError(f"{path} is not UTF-8 text") from None
     except (yaml.YAMLError, json.JSONDecodeError) as exc:

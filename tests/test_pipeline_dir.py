@@ -209,10 +209,21 @@ def test_reads_are_bounded_by_the_request_limits(specs: Path) -> None:
         FeatmapServer(settings(specs, max_message_bytes=1024))
 
 
-def test_yaml_aliases_are_refused(specs: Path) -> None:
-    text = "input: &in {channels: 3}\nlayers: [{op: relu}]\nextra: *in\n"
-    (specs / "aliased.yaml").write_text(text, encoding="utf-8")
-    with pytest.raises(PipelineFileError, match=r"aliased\.yaml is not valid YAML: .*aliases"):
+def test_yaml_aliases_count_as_what_they_stand_for(specs: Path) -> None:
+    # yaml.safe_dump writes aliases for shared objects: such a file reads as usual.
+    layer = {"op": "relu"}
+    shared = {**README_SPEC, "layers": [*README_SPEC["layers"], layer, layer]}
+    (specs / "shared.yaml").write_text(yaml.safe_dump(shared), encoding="utf-8")
+    assert "*id001" in (specs / "shared.yaml").read_text()
+    with FeatmapServer(settings(specs)) as server:
+        assert len(server.service.registry) == 3
+    # Nine levels of ten aliases each: 10**9 nodes from a few hundred bytes.
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)
+    ]
+    (specs / "bomb.yaml").write_text("\n".join(levels) + "\n", encoding="utf-8")
+    assert (specs / "bomb.yaml").stat().st_size < 1024
+    with pytest.raises(PipelineFileError, match=r"bomb\.yaml is not valid YAML: .*past 1048576"):
         FeatmapServer(settings(specs))
 
 
