@@ -207,6 +207,13 @@ class FeatureClient(_ClientBase):
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         return self._run(with_retries(method, request, self.retries, self._timeout(timeout)))
 
+    def images_per_message(
+        self, images: np.ndarray, pipeline: SpecLike, output_dtype: OutputDType = "float32"
+    ) -> int:
+        """How many images like these fit in one request and its reply (what extract() sends
+        at most per message; a larger batch goes as a stream of chunks)."""
+        return self._per_message(images, pipeline, self._spec_of(pipeline), output_dtype)
+
     def _spec_of(self, pipeline: SpecLike) -> Pipeline | None:
         spec, fetch = self._known_spec(pipeline)
         if fetch:
@@ -452,6 +459,12 @@ class AsyncFeatureClient(_ClientBase):
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         return await self._run(with_retries(method, request, self.retries, self._timeout(timeout)))
+
+    async def images_per_message(
+        self, images: np.ndarray, pipeline: SpecLike, output_dtype: OutputDType = "float32"
+    ) -> int:
+        """As FeatureClient.images_per_message."""
+        return self._per_message(images, pipeline, await self._spec_of(pipeline), output_dtype)
 
     async def _spec_of(self, pipeline: SpecLike) -> Pipeline | None:
         spec, fetch = self._known_spec(pipeline)

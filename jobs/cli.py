@@ -593,6 +593,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="reuse finished shards of an interrupted run"
     )
     extract.add_argument(
+        "--checkpoint-after",
+        type=float,
+        metavar="SECONDS",
+        # The default is parts.CHECKPOINT_AFTER_S (not imported here: the command starts
+        # faster without Pillow); tests/test_extract_edges.py checks this help names it.
+        help="save finished shards for --resume once the job is this old; before, they wait "
+        "in memory, and a hard kill loses them (an error or Ctrl-C saves them) "
+        "(default 10; 0: save each as it finishes)",
+    )
+    extract.add_argument(
         "--on-error",
         choices=["skip", "fail"],
         default="fail",

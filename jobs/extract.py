@@ -3,7 +3,9 @@
 Inputs are processed in shards of `shard_size` images. Each finished shard is written to
 `<output>.parts/` (its results, then a manifest naming the shard, its inputs and the pipeline
 id), so that `resume=True` can reuse it after an interruption; once every shard is done they
-are merged into the output, written atomically, and the parts are removed.
+are merged into the output, written atomically, and the parts are removed. The shards a job
+finishes in its first seconds wait in memory (parts.HeldShards): a short job writes only its
+output.
 
 Images of different sizes are batched by size (never cropped or padded); each image keeps its
 own row in input order.
@@ -27,8 +29,8 @@ from .arguments import security_from_arguments
 from .calibration import job_calibration
 from .images import expand, find_files
 from .job import Job, JobError, OnError, Runner
-from .outputs import OUTPUT_SUFFIXES, Contents, write_merged
-from .parts import PartsDir, Shard
+from .outputs import OUTPUT_SUFFIXES, Contents, Part, Results, write_merged
+from .parts import CHECKPOINT_AFTER_S, HELD_BYTES, HeldShards, PartsDir, Shard
 from .runners import EmbeddedRunner, RemoteRunner
 
 # Arrays of the .npz layout that an output name must not shadow.
@@ -65,6 +67,7 @@ def run_extract(
     decode_threads: int | None = None,
     prefetch: int = 0,
     draft: bool = False,
+    checkpoint_after_s: float | None = None,
 ) -> JobReport:
     """Run `pipeline` over `inputs` into `output`; JobError when the job cannot finish.
 
@@ -74,7 +77,9 @@ def run_extract(
     weight tensors come with the spec. `notice` gets lines worth telling the user.
     `decode_threads` (default one per core; 0 decodes on this thread) decode up to `prefetch`
     images ahead (default two batches); `draft` lets JPEGs decode at a reduced scale when
-    `resize` shrinks them (see images.decode_image).
+    `resize` shrinks them (see images.decode_image). Finished shards are saved as parts once
+    the job is `checkpoint_after_s` old (default CHECKPOINT_AFTER_S; 0: each as it finishes;
+    see HeldShards).
     """
     from tqdm import tqdm
 
@@ -162,22 +167,39 @@ def run_extract(
     )
     # Finished shards are saved on a thread, one at a time, while the next batches compute
     # (onnxruntime and the file writes release the GIL): at most SAVING shards' results wait.
+    # A young job keeps them in memory instead (see HeldShards), so a short job writes only its
+    # output.
     saving: collections.deque[Future[None]] = collections.deque()
+    held = HeldShards(
+        CHECKPOINT_AFTER_S if checkpoint_after_s is None else checkpoint_after_s, HELD_BYTES
+    )
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featmap-save") as saver:
-        try:
-            for shard, results in job.run(todo):
-                contents.add(shard.index, results)
+
+        def save(finished: list[tuple[Shard, Results]]) -> None:
+            for shard, results in finished:
                 while len(saving) >= SAVING:
                     saving.popleft().result()
                 saving.append(saver.submit(parts.save, shard, results))
+
+        try:
+            for shard, results in job.run(todo):
+                contents.add(shard.index, results)
+                save(held.add(shard, results))
+        except BaseException:
+            save(held.release())  # a failing or interrupted job keeps every shard it finished
+            raise
         finally:
-            # A failing job keeps the shards it finished: their saves complete first.
+            # Their saves complete first.
             bar.close()
             while saving:
                 saving.popleft().result()
     metadata = {**identity, "outputs": pipeline.output_names}
+    sources: list[Part] = []
+    for shard in shards:
+        in_memory = held.get(shard.index)
+        sources.append(parts.results_file(shard) if in_memory is None else in_memory)
     try:
-        write_merged(contents, [parts.results_file(shard) for shard in shards], output, metadata)
+        write_merged(contents, sources, output, metadata)
     except ValueError as exc:
         raise JobError(str(exc), 2) from None
     parts.clear()
@@ -261,6 +283,7 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
             notice=notice,
             decode_threads=args.decode_threads,
             draft=args.jpeg_draft,
+            checkpoint_after_s=args.checkpoint_after,
         )
     except JobError as exc:
         if exc.exit_code == 2:

@@ -243,8 +243,9 @@ class Job:
             for batch_outputs in outputs:
                 run, positions = sent.popleft()
                 for row, position in enumerate(positions):
-                    # Copies: a row must not keep its whole batch's output alive.
-                    run.outputs[position] = {n: np.array(a[row]) for n, a in batch_outputs.items()}
+                    # Views, not copies: a batch's rows all belong to this shard, whose
+                    # outputs are kept until it is saved anyway.
+                    run.outputs[position] = {n: a[row] for n, a in batch_outputs.items()}
                 run.out -= 1
                 self.images_computed += len(positions)
                 self.progress(len(positions))

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import secrets
+import struct
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ class Results:
         for name in self.output_names:
             self.outputs[name].extend(other.outputs[name])
         self.skipped.extend(other.skipped)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the outputs' arrays."""
+        return sum(array.nbytes for arrays in self.outputs.values() for array in arrays)
 
     def stacked(self, name: str) -> np.ndarray | None:
         """One output as (N, ...) when every image gave the same shape, else None."""
@@ -194,16 +200,73 @@ class Contents:
         return sorted(str(shape) for shape in shapes)
 
 
-def part_rows(part: Path, name: str) -> np.ndarray | list[np.ndarray]:
-    """One output's rows from a part file: (n, ...) stacked, or one array per row."""
+# What the merge reads a shard from: its part file, or its results still in memory.
+Part = Path | Results
+
+
+def part_rows(part: Part, name: str) -> np.ndarray | list[np.ndarray]:
+    """One output's rows of a shard: (n, ...) stacked, or one array per row."""
+    if isinstance(part, Results):
+        stacked = part.stacked(name)
+        return part.outputs[name] if stacked is None else stacked
+    mapped = _mapped_member(part, f"{name}.npy")
+    if mapped is not None:
+        return mapped
     with part.open("rb") as file, np.load(file, allow_pickle=False) as archive:
         if name in archive.files:
             return np.asarray(archive[name], dtype=OUTPUT_DTYPE)
         return [archive[f"{name}__{i}"] for i in range(len(archive["paths"]))]
 
 
-def part_paths(part: Path) -> list[str]:
-    """The rows' inputs of a part file."""
+# A zip member's local header: 30 fixed bytes, the name's and the extra field's lengths at 26.
+_LOCAL_HEADER = struct.Struct("<4s22xHH")
+
+
+def _mapped_member(part: Path, member: str) -> np.ndarray | None:
+    """A stored (uncompressed) float32 .npy member of a part file, memory-mapped; None when it
+    is not one (absent, compressed, another dtype), so that np.load reads it instead.
+
+    The merge reads every part this way: no copy out of the archive and no CRC pass over
+    outputs that were just written (or, on --resume, read whole and CRC-checked by
+    `PartsDir.reusable` before being reused). The member's declared size is checked against
+    the archive's record, so a damaged part cannot map past its member.
+    """
+    try:
+        with zipfile.ZipFile(part) as archive:
+            info = archive.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with part.open("rb") as file:
+            file.seek(info.header_offset)
+            signature, name_length, extra_length = _LOCAL_HEADER.unpack(
+                file.read(_LOCAL_HEADER.size)
+            )
+            start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+            if signature != b"PK\x03\x04":
+                return None
+            file.seek(start)
+            version = np.lib.format.read_magic(file)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(file)
+            offset = file.tell()
+    except (KeyError, OSError, ValueError, struct.error, zipfile.BadZipFile):
+        return None
+    size = math.prod(shape) * dtype.itemsize
+    if fortran_order or dtype != np.dtype(OUTPUT_DTYPE) or offset + size > start + info.file_size:
+        return None
+    if size == 0:
+        return np.zeros(shape, dtype=OUTPUT_DTYPE)
+    return np.memmap(part, dtype=OUTPUT_DTYPE, mode="r", offset=offset, shape=shape)
+
+
+def part_paths(part: Part) -> list[str]:
+    """The rows' inputs of a shard."""
+    if isinstance(part, Results):
+        return part.paths
     with part.open("rb") as file, np.load(file, allow_pickle=False) as archive:
         return [str(path) for path in archive["paths"]]
 
@@ -224,7 +287,7 @@ def _npy_header(out: IO[bytes], shape: tuple[int, ...]) -> None:
     np.lib.format.write_array_header_1_0(out, header)
 
 
-def _merge_npz(contents: Contents, parts: Sequence[Path], file: IO[bytes]) -> None:
+def _merge_npz(contents: Contents, parts: Sequence[Part], file: IO[bytes]) -> None:
     """The .npz layout of this module's docstring, each output written part after part."""
     skipped = contents.skipped
     paths = contents.paths
@@ -259,7 +322,7 @@ def _merge_npz(contents: Contents, parts: Sequence[Path], file: IO[bytes]) -> No
                     index += 1
 
 
-def _merge_npy(contents: Contents, parts: Sequence[Path], file: IO[bytes]) -> None:
+def _merge_npy(contents: Contents, parts: Sequence[Part], file: IO[bytes]) -> None:
     """The single output as one (N, ...) array, written part after part."""
     (name,) = contents.output_names
     shape = contents.shape(name)
@@ -270,7 +333,7 @@ def _merge_npy(contents: Contents, parts: Sequence[Path], file: IO[bytes]) -> No
 
 
 def _merge_parquet(
-    contents: Contents, parts: Sequence[Path], destination: Path, metadata: dict[str, Any]
+    contents: Contents, parts: Sequence[Part], destination: Path, metadata: dict[str, Any]
 ) -> None:
     """One row per image: `path`, then one list<float32> column per output, flattened.
 
@@ -323,7 +386,7 @@ def _merge_parquet(
 
 
 def write_merged(
-    contents: Contents, parts: Sequence[Path], destination: Path, metadata: dict[str, Any]
+    contents: Contents, parts: Sequence[Part], destination: Path, metadata: dict[str, Any]
 ) -> None:
     """The parts merged into the format the destination's extension names, atomically."""
     suffix = destination.suffix.lower()

@@ -279,15 +279,30 @@ def test_different_keys_never_share_a_batch(
     assert batcher.stats.failed_batches == 0
 
 
-def test_request_larger_than_max_batch_size_runs_whole(
+def test_request_larger_than_max_batch_size_runs_in_pieces_of_it(
     batcher: DynamicBatcher, readme: CompiledPipeline
 ) -> None:
     recording = RecordingPipeline(readme, hold_first=True)
     batches = [random_images(1, seed=0), random_images(5, seed=1), random_images(1, seed=2)]
     callers = start_in_order(batcher, recording, batches, BatchingPolicy(max_batch_size=2))
     for caller, images in zip(callers, batches, strict=True):
-        assert_matches_reference(caller.outcome(), readme.pipeline, images)
-    assert recording.sizes == [1, 5, 1]
+        outputs = caller.outcome()
+        assert all(not array.flags.writeable for array in outputs.values())
+        assert_matches_reference(outputs, readme.pipeline, images)
+    # The 5 go as 2 + 2 + 1 (the 1 may share a batch with the third caller's image).
+    assert max(recording.sizes) == 2
+    assert sum(recording.sizes) == 7
+    assert len(recording.sizes) in (4, 5)
+
+
+def test_a_large_request_alone_runs_as_full_batches(
+    batcher: DynamicBatcher, readme: CompiledPipeline
+) -> None:
+    recording = RecordingPipeline(readme)
+    images = random_images(7, seed=3)
+    outputs = batcher.run(recording, images, BatchingPolicy(max_batch_size=3))
+    assert recording.sizes == [3, 3, 1]
+    assert_matches_reference(outputs, readme.pipeline, images)
 
 
 def test_queue_delay_lets_close_requests_share_a_batch(

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from featmap.contract.errors import InvalidSpec
 from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.jobs.extract import run_extract
 from featmap.jobs.job import JobError
-from featmap.jobs.runners import EmbeddedRunner, RemoteRunner
+from featmap.jobs.outputs import Results, part_rows, write_npz
+from featmap.jobs.parts import CHECKPOINT_AFTER_S, HeldShards, Shard
+from featmap.jobs.runners import EmbeddedRunner, RemoteRunner, request_images
 from featmap.service.server import FeatmapServer
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import FEATMAP, clean_env, free_port
@@ -142,6 +145,45 @@ def test_remote_runner_registers_tensors_on_the_server(server: FeatmapServer) ->
     assert_matches_reference(outputs, pipeline, images, TENSORS)
 
 
+def test_remote_runner_sends_small_batches_together_and_splits_their_outputs_back(
+    server: FeatmapServer,
+) -> None:
+    pipeline = parse_pipeline(README_SPEC)
+    rng = np.random.default_rng(5)
+    # Tiny images: a few kFLOPs each, so every batch of one shape and dtype goes in one request.
+    batches = [rng.random((n, 3, 8, 8)).astype(np.float32) for n in (4, 4, 3)]
+    batches += [rng.random((2, 3, 10, 10)).astype(np.float32)]  # another shape: its own request
+    runner = RemoteRunner(pipeline, [server.address], in_flight=2, timeout=30)
+    sent: list[int] = []
+    extract_iter = runner.client.extract_iter
+
+    def counted(requests: Any, *args: Any, **kwargs: Any) -> Any:
+        def noted() -> Any:
+            for request in requests:
+                sent.append(len(request))
+                yield request
+
+        return extract_iter(noted(), *args, **kwargs)
+
+    runner.client.extract_iter = counted  # type: ignore[method-assign]
+    try:
+        outputs = list(runner.run(iter(batches)))
+    finally:
+        runner.close()
+    assert sent == [11, 2]
+    assert len(outputs) == len(batches)
+    for batch, batch_outputs in zip(batches, outputs, strict=True):
+        assert_matches_reference(batch_outputs, pipeline, batch)
+
+
+def test_large_images_go_one_batch_a_request() -> None:
+    pipeline = parse_pipeline(README_SPEC)
+    small = np.zeros((32, 3, 8, 8), dtype=np.float32)
+    large = np.zeros((32, 3, 2048, 2048), dtype=np.float32)
+    assert request_images(pipeline, large) == 32
+    assert request_images(pipeline, small) > 32
+
+
 SLOW_SPEC: dict[str, Any] = {
     "input": {"channels": 3},
     "layers": [
@@ -168,6 +210,7 @@ def test_ctrl_c_saves_shards_says_how_to_resume_and_exits_130(tmp_path: Path) ->
     args = [
         str(FEATMAP), "extract", "--pipeline", str(spec), "--input", str(images),
         "--output", str(output), "--shard-size", "4", "--batch-size", "4", "--threads", "1",
+        "--checkpoint-after", "0",
     ]  # fmt: skip
     parts = tmp_path / "out.npz.parts"
     with subprocess.Popen(
@@ -187,7 +230,7 @@ def test_ctrl_c_saves_shards_says_how_to_resume_and_exits_130(tmp_path: Path) ->
     assert 1 <= saved < 12 and not output.exists()
 
     rerun = subprocess.run(
-        [*args[:-2], "--threads", "0", "--shard-size", "4"],
+        [*args[:-4], "--threads", "0", "--shard-size", "4"],
         capture_output=True, text=True, timeout=120, env=clean_env(), check=False,
     )  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
@@ -225,3 +268,92 @@ def test_manifests_name_the_weights(photos: Path, tmp_path: Path) -> None:
         manifest = json.loads((tmp_path / "o.npz.parts" / "shard-00000.json").read_text())
         ids.append(manifest["pipeline_id"])
     assert ids[0] != ids[1] and parse_pipeline(TENSOR_SPEC).pipeline_id not in ids
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_a_young_job_keeps_its_shards_in_memory_and_writes_only_its_output(
+    photos: Path, readme_pipeline: Pipeline, tmp_path: Path
+) -> None:
+    parts = tmp_path / "out.npz.parts"
+    seen: list[bool] = []
+    counting = CountingRunner(readme_pipeline)
+    inner_run = counting.run
+
+    def run(batches: Any) -> Any:
+        for outputs in inner_run(batches):
+            seen.append(parts.exists())
+            yield outputs
+
+    counting.run = run  # type: ignore[method-assign]
+    report = run_extract(readme_pipeline, [photos], tmp_path / "out.npz", counting, shard_size=2)
+    assert report.shards > 2 and len(seen) >= report.shards
+    assert not any(seen) and not parts.exists()
+    assert_npz_matches_reference(tmp_path / "out.npz", readme_pipeline)
+
+
+def test_held_shards_go_to_disk_once_the_job_is_old_or_they_are_too_many_bytes() -> None:
+    def finished(index: int, rows: int) -> tuple[Shard, Results]:
+        results = Results(["f"])
+        for row in range(rows):
+            results.add(f"{index}-{row}", {"f": np.full(4, row, dtype=np.float32)})  # 16 bytes
+        return Shard(index, []), results
+
+    young = HeldShards(after_s=3600, most_bytes=40)
+    first, second = finished(0, 2), finished(1, 1)
+    assert young.add(*first) == []  # 32 bytes held
+    assert young.get(0) is first[1]
+    assert young.add(*second) == [first, second]  # 48 > 40: both go, in order
+    assert young.get(0) is None and young.get(1) is None
+    third = finished(2, 1)
+    assert young.add(*third) == [third]  # from then on, each as it finishes
+
+    old = HeldShards(after_s=0, most_bytes=2**30)
+    assert old.add(*first) == [first]
+    failing = HeldShards(after_s=3600, most_bytes=2**30)
+    failing.add(*first)
+    failing.add(*second)
+    assert failing.release() == [first, second] and failing.release() == []
+
+
+def test_the_help_names_the_checkpoint_default() -> None:
+    result = featmap("extract", "--help")
+    assert f"(default {CHECKPOINT_AFTER_S:g};" in " ".join(result.stdout.split())
+
+
+def test_merge_maps_stored_parts_and_reads_any_other_part_as_numpy_does(tmp_path: Path) -> None:
+    results = Results(["f"])
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    for index, row in enumerate(rows):
+        results.add(f"image-{index}", {"f": row})
+    stored = tmp_path / "stored.npz"
+    write_npz(results, stored)
+    mapped = part_rows(stored, "f")
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, rows)
+    # A compressed member, or one with another dtype, is read the way np.load reads it.
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, paths=np.array(results.paths), f=rows)
+    read = part_rows(compressed, "f")
+    assert not isinstance(read, np.memmap)
+    np.testing.assert_array_equal(read, rows)
+    doubles = tmp_path / "doubles.npz"
+    np.savez(doubles, paths=np.array(results.paths), f=rows.astype(np.float64))
+    np.testing.assert_array_equal(part_rows(doubles, "f"), rows)
+    # Results still in memory are read as they are.
+    np.testing.assert_array_equal(part_rows(results, "f"), rows)
+
+
+def test_a_member_claiming_more_rows_than_its_record_holds_is_not_mapped(tmp_path: Path) -> None:
+    rows = np.arange(24, dtype=np.float32).reshape(4, 6)
+    part = tmp_path / "part.npz"
+    np.savez(part, paths=np.array(["a", "b", "c", "d"]), f=rows)
+    data = part.read_bytes()
+    header = b"'shape': (4, 6)"
+    assert data.count(header) == 1
+    part.write_bytes(data.replace(header, b"'shape': (9, 6)"))
+    # Read by np.load instead, which finds the damage (here by the member's CRC).
+    with pytest.raises((ValueError, zipfile.BadZipFile)):
+        part_rows(part, "f")
