@@ -26,10 +26,12 @@ from ..contract.limits import (
     MIB,
     RequestLimits,
     admit_quantization,
+    images_per_run,
     session_memory,
 )
 from ..contract.precision import QuantizationReport, check_error
 from ..contract.spec import NO_TENSORS, Pipeline, WeightTensors, content_id
+from ..contract.tensors import image_size
 from .budget import UNBOUNDED, MemoryBudget
 from .graph import INPUT_NAME, compile_pipeline
 from .sessions import CPU, CUDA, build_session
@@ -117,18 +119,36 @@ class CompiledPipeline:
         """Providers the session actually placed nodes on, in priority order."""
         return list(self.session.get_providers())
 
+    @functools.cached_property
+    def on_cpu(self) -> bool:
+        """Whether onnxruntime runs this session on the CPU (no GPU provider placed first)."""
+        return self.providers[0] == CPU
+
     def run(self, images: np.ndarray, on_gone: OnGone | None = None) -> dict[str, np.ndarray]:
         """The requested outputs for a batch that already passed the extractor's checks.
 
-        `on_gone`, when given, is handed a function that stops this run (onnxruntime checks
-        between nodes); the server calls it once the run's only caller has gone.
+        On the CPU, a batch whose activations outgrow RUN_ACTIVATION_BYTES runs as consecutive
+        runs of images_per_run images (contract.limits). `on_gone`, when given, is handed a
+        function that stops this run (onnxruntime checks between nodes); the server calls it
+        once the run's only caller has gone.
         """
         names = self.pipeline.output_names
         options = self.runs.start()
         if on_gone is not None:
             on_gone(functools.partial(setattr, options, "terminate", True))
+        step = len(images)
+        if self.on_cpu:
+            _, height, width = image_size(self.pipeline.input.layout, images.shape)
+            step = images_per_run(self.pipeline, height, width, images.dtype.itemsize)
         try:
-            results = self.session.run(names, {INPUT_NAME: images}, options)
+            if len(images) <= step:
+                results = self.session.run(names, {INPUT_NAME: images}, options)
+            else:
+                pieces = [
+                    self.session.run(names, {INPUT_NAME: images[start : start + step]}, options)
+                    for start in range(0, len(images), step)
+                ]
+                results = [np.concatenate(outputs) for outputs in zip(*pieces, strict=True)]
         except Exception as exc:
             if options.terminate and not self.runs.terminated:
                 raise Cancelled("request", "the caller went away; its run was stopped") from None

@@ -17,7 +17,7 @@ from featmap.contract.errors import (
     LimitExceeded,
     NonFiniteResult,
 )
-from featmap.contract.limits import RequestLimits
+from featmap.contract.limits import RequestLimits, images_per_run
 from featmap.contract.spec import (
     Pipeline,
     parse_pipeline,
@@ -231,3 +231,35 @@ def test_overflow_is_not_passed_off_as_a_result() -> None:
     with pytest.raises(NonFiniteResult) as caught:
         extract(pipeline, np.full((1, 1, 2, 2), 10.0, np.float32))
     assert caught.value.field == "outputs.huge"
+
+
+def test_a_batch_past_the_run_activation_bound_runs_in_pieces_with_the_same_results() -> None:
+    pipeline = parse_pipeline(
+        {
+            "input": {"channels": 3},
+            "layers": [
+                {
+                    "op": "conv2d",
+                    "filters": 64,
+                    "kernel_size": 3,
+                    "padding": "same",
+                    "weights": {"init": "he_normal", "seed": 0},
+                },
+                {"op": "relu"},
+                {"op": "max_pool2d", "pool_size": 4, "name": "pooled"},
+                {"op": "global_avg_pool2d", "name": "features"},
+            ],
+            "outputs": ["pooled", "features"],
+        }
+    )
+    per_run = images_per_run(pipeline, 128, 128, 4)  # MBs of activations an image
+    images = np.random.default_rng(3).random((per_run * 2 + 1, 3, 128, 128), dtype=np.float32)
+    assert per_run > 1  # three runs: two full, one of a single image
+    compiled = SessionCache(capacity=1, providers=[CPU]).get(pipeline)
+    assert compiled.on_cpu
+    outputs = compiled.run(images)
+    assert {name: a.shape[0] for name, a in outputs.items()} == {
+        "pooled": len(images),
+        "features": len(images),
+    }
+    assert_matches_reference(outputs, pipeline, images)
