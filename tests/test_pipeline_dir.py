@@ -141,6 +141,13 @@ def test_tenant_folders_hold_each_tenants_pipelines_apart(tmp_path: Path) -> Non
             assert caught.value.code.name == "NOT_FOUND"
 
 
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_a_missing_folder_is_refused_even_when_skipping(tmp_path: Path, skip_invalid: bool) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(PipelineFileError, match=rf"pipelines_dir: {missing} is not a folder"):
+        FeatmapServer(settings(missing, skip_invalid_pipelines=skip_invalid))
+
+
 def test_a_folder_that_names_no_tenant_is_refused(specs: Path) -> None:
     (specs / "nobody").mkdir()
     with pytest.raises(PipelineFileError, match=r"nobody: .*tenant.*\['acme'\]"):
