@@ -110,17 +110,31 @@ def test_a_restart_on_the_same_folder_gives_the_same_ids(specs: Path) -> None:
     assert ids[0] == ids[1] and len(ids[0]) == 2
 
 
-def test_the_files_name_wins_over_a_name_given_at_runtime(specs: Path) -> None:
+def test_the_files_name_wins_at_each_start_and_the_store_keeps_one_entry(
+    specs: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    conv_id = content_id(parse_pipeline(TENSOR_SPEC), TENSORS)
+    readme_id = parse_pipeline(README_SPEC).pipeline_id
     with (
-        FeatmapServer(settings(specs)) as server,
+        FeatmapServer(settings(specs, pipeline_store=str(store))) as server,
         FeatureClient(server.address, timeout=30) as client,
     ):
-        other = client.register(README_SPEC, name="elsewhere")
-        assert client.register(TENSOR_SPEC, TENSORS) == client.get_pipeline("conv").pipeline_id
-        assert other == client.get_pipeline("readme").pipeline_id
-        # A runtime registration may move a file's name (replace); the next start moves it back.
+        assert client.get_pipeline("conv").pipeline_id == conv_id
+        # A runtime registration moves the file's name to another pipeline (replace) ...
         client.register(README_SPEC, name="conv", replace=True)
-        assert client.get_pipeline("conv").pipeline_id == other
+        assert client.get_pipeline("conv").pipeline_id == readme_id
+    entries = sorted(p.name for p in store.rglob("*.entry"))
+    # ... the next start on the same folder and store moves it back, and writes nothing twice.
+    with (
+        FeatmapServer(settings(specs, pipeline_store=str(store))) as server,
+        FeatureClient(server.address, timeout=30) as client,
+    ):
+        assert client.get_pipeline("conv").pipeline_id == conv_id
+        outputs = client.extract(IMAGES, "conv")
+    assert_matches_reference(outputs, parse_pipeline(TENSOR_SPEC), IMAGES, TENSORS)
+    assert sorted(p.name for p in store.rglob("*.entry")) == entries
+    assert entries == sorted([f"{conv_id}.entry", f"{readme_id}.entry"])
 
 
 def test_tenant_folders_hold_each_tenants_pipelines_apart(tmp_path: Path) -> None:
