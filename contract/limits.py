@@ -172,7 +172,7 @@ def calibration_memory(pipeline: Pipeline, calibration: tuple[int, ...] | None) 
             f"{exc.message}: without calibration images an int8 pipeline is calibrated on "
             f"{height}x{width} synthetic images; register it with calibration images it takes",
         ) from None
-    run = batch_cost(pipeline, CALIBRATION_BATCH, height, width, itemsize, layers)
+    run = batch_cost(pipeline, CALIBRATION_BATCH, height, width, itemsize)
     image_bytes = spec.channels * height * width * itemsize
     shapes = {layer.name: layer.shape for layer in layers}
     outputs = reply_bytes((shapes[name] for name in pipeline.output_names), CALIBRATION_BATCH)
@@ -402,7 +402,7 @@ def admit_batch(
             f"max_pixels_per_image={limits.max_pixels_per_image}",
         )
     layers = layer_costs(pipeline, height, width)
-    cost = batch_cost(pipeline, n, height, width, images.dtype.itemsize, layers)
+    cost = batch_cost(pipeline, n, height, width, images.dtype.itemsize)
     if cost.flops > limits.max_flops:
         raise LimitExceeded(
             f"{field}.shape",
