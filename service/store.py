@@ -22,6 +22,7 @@ folder; on an object store a single PUT of the finished object. Folders are 0700
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,14 +30,14 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import numpy as np
 
-from ..contract.errors import FeatmapError, LimitExceeded
+from ..contract.errors import FeatmapError, LimitExceeded, Unavailable
 from ..contract.limits import RequestLimits
 from ..contract.names import PIPELINE_ID_PATTERN, PIPELINE_NAME_PATTERN
 from ..contract.tensors import WIRE_DTYPES, wire_dtype
@@ -61,6 +62,29 @@ FSSPEC_EXTRA = 'pip install "featmap[store-fsspec]"'
 
 class DamagedEntry(Exception):
     """A store file that fails a check: never served, logged and skipped."""
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def reaching(method: Callable[P, R]) -> Callable[P, R]:
+    """A store operation whose I/O errors (a full disk, a bucket out of reach) are Unavailable:
+    logged here in full, answered to the caller without the store's location."""
+
+    @functools.wraps(method)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except OSError as exc:
+            log.error("pipeline store: %s failed: %r", method.__name__, exc)
+            raise Unavailable(
+                "pipeline_store",
+                f"the pipeline store cannot be read or written now ({type(exc).__name__}): "
+                "retry shortly",
+            ) from None
+
+    return wrapped
 
 
 def tenant_key(tenant: str) -> str:
@@ -355,9 +379,17 @@ class PipelineStore:
 
     def __init__(self, location: str, tenant_bytes: int, limits: RequestLimits) -> None:
         self.location = location
-        self.files: Files = (
-            FsspecFiles(location) if "://" in location else LocalFiles(Path(location).expanduser())
-        )
+        try:
+            self.files: Files = (
+                FsspecFiles(location)
+                if "://" in location
+                else LocalFiles(Path(location).expanduser())
+            )
+        except OSError as exc:
+            raise ValueError(
+                f"pipeline_store={location!r} cannot be used: {exc.strerror or exc} "
+                "(--pipeline-store DIR; none: memory only)"
+            ) from None
         self.tenant_bytes = tenant_bytes
         self.limits = limits
         self.entry_limit = max_entry_bytes(limits)
@@ -382,6 +414,7 @@ class PipelineStore:
 
     # ------------------------------------------------------------------ entries
 
+    @reaching
     def ids(self, tenant: str) -> set[str]:
         """The ids of the tenant's entries."""
         return set(self._entry_sizes(tenant))
@@ -395,11 +428,7 @@ class PipelineStore:
             and PIPELINE_ID_PATTERN.fullmatch(name.removesuffix(ENTRY_SUFFIX))
         }
 
-    def used_bytes(self, tenant: str) -> int:
-        """The tenant's bytes in the store: entries and names."""
-        names = self.files.sizes(self._folder(tenant, "names"))
-        return sum(self._entry_sizes(tenant).values()) + sum(names.values())
-
+    @reaching
     def check_room(self, tenant: str, pipeline_id: str, size: int) -> None:
         """LimitExceeded naming store_tenant_bytes unless an entry of `size` bytes fits."""
         entries = self._entry_sizes(tenant)
@@ -419,23 +448,27 @@ class PipelineStore:
                 "entry may have (twice max_message_bytes, plus max_spec_bytes)",
             )
 
+    @reaching
     def put(self, tenant: str, pipeline_id: str, data: bytes) -> None:
         """Write an encoded entry whole, within the tenant's quota (checked again here)."""
         self.check_room(tenant, pipeline_id, len(data))
         self.files.write(self.entry_path(tenant, pipeline_id), data)
 
+    @reaching
     def get(self, tenant: str, pipeline_id: str) -> StoredEntry | None:
         """The tenant's entry for `pipeline_id` (None if absent); DamagedEntry if it fails a
         check. The content id is the registry's to verify (it needs the admitted spec)."""
         data = self.files.read(self.entry_path(tenant, pipeline_id), self.entry_limit)
         return None if data is None else decode_entry(data, self.limits)
 
+    @reaching
     def remove(self, tenant: str, pipeline_id: str) -> bool:
         """Remove the tenant's entry; False if it had none."""
         return self.files.remove(self.entry_path(tenant, pipeline_id))
 
     # ------------------------------------------------------------------ names
 
+    @reaching
     def names(self, tenant: str) -> dict[str, str]:
         """The tenant's names and the ids they stand for (unreadable name files are skipped)."""
         found: dict[str, str] = {}
@@ -447,6 +480,7 @@ class PipelineStore:
                 found[name] = pipeline_id
         return found
 
+    @reaching
     def name(self, tenant: str, name: str) -> str | None:
         """The id a name stands for in the tenant (None if unnamed or unreadable)."""
         path = self._name_path(tenant, name)
@@ -469,11 +503,13 @@ class PipelineStore:
             return None
         return pipeline_id
 
+    @reaching
     def put_name(self, tenant: str, name: str, pipeline_id: str) -> None:
         """Point the tenant's `name` at `pipeline_id` (written whole)."""
         self.entry_path(tenant, pipeline_id)  # checks the id
         self.files.write(self._name_path(tenant, name), f"{pipeline_id}\n".encode())
 
+    @reaching
     def remove_name(self, tenant: str, name: str) -> None:
         """Forget one of the tenant's names."""
         self.files.remove(self._name_path(tenant, name))

@@ -26,6 +26,7 @@ from featmap.contract.limits import DEFAULT_LIMITS
 from featmap.contract.spec import parse_pipeline
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from featmap.service.security import DEFAULT_TENANT
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings, default_pipeline_store
 from featmap.service.store import (
@@ -38,7 +39,7 @@ from featmap.service.store import (
     tenant_key,
 )
 from tests.conftest import README_SPEC, assert_matches_reference
-from tests.test_cli import clean_env, featmap_serve
+from tests.test_cli import clean_env, featmap_serve, run_featmap
 from tests.test_registry import TENSOR_SPEC, make_tensors
 
 REFRESH_S = 0.5
@@ -362,6 +363,28 @@ def test_a_full_tenant_is_refused_and_others_are_not(tmp_path: Path) -> None:
     for path in [store, *store.rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_a_store_that_cannot_be_written_is_unavailable_and_nothing_is_kept(store: Path) -> None:
+    with FeatmapServer(settings(store)) as server, connect(server) as client:
+        # The tenant's folder is a file: every write and listing in it fails.
+        tenant = store / LAYOUT / tenant_key(DEFAULT_TENANT)
+        tenant.parent.mkdir(parents=True)
+        tenant.write_bytes(b"")
+        with pytest.raises(FeatmapRpcError) as refused:
+            client.register(README_SPEC)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.field == "pipeline_store"
+        assert str(store) not in refused.value.details  # the location stays in the log
+        assert len(server.service.registry) == 0
+
+
+def test_serve_names_a_store_it_cannot_create(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_bytes(b"")
+    result = run_featmap("serve", "--port", "0", "--pipeline-store", str(blocked / "store"))
+    assert result.returncode == 2
+    assert f"pipeline_store='{blocked / 'store'}' cannot be used" in result.stderr
 
 
 def test_ids_and_names_never_become_paths(store: Path) -> None:
