@@ -330,6 +330,7 @@ class FeatureService:
             replace=request.replace,
             calibration=calibration,
             still_wanted=still_wanted,
+            spec_json=request.spec_json,
         )
         return pb.RegisterPipelineResponse(
             pipeline_id=registered.pipeline_id,

@@ -152,22 +152,23 @@ class PipelineRegistry:
         replace: bool = False,
         calibration: np.ndarray | None = None,
         still_wanted: Callable[[], None] | None = None,
+        spec_json: str | None = None,
     ) -> RegisteredPipeline:
         """Check the weights, compile and warm the session, and keep it under its content id
         (and `name`, if given: see the class docstring for what `replace` does).
 
         `calibration`: an int8 pipeline's calibration images, already admitted
         (Extractor.admit_calibration); they are part of the content id. With a store, the
-        entry is written whole before this returns.
+        entry is written whole before this returns, with `spec_json`, the text the pipeline was
+        parsed from (default: its canonical JSON): read back, it passes the checks it passed.
         """
         weights = check_tensors(pipeline, tensors)
         pipeline_id = content_id(pipeline, weights, calibration)
         key = (tenant, pipeline_id)
         entry: bytes | None = None
         if self.store is not None:
-            entry = encode_entry(
-                StoredEntry(pipeline.canonical_json(), weights, calibration, batching)
-            )
+            text = pipeline.canonical_json() if spec_json is None else spec_json
+            entry = encode_entry(StoredEntry(text, weights, calibration, batching))
             self.store.check_room(tenant, pipeline_id, len(entry))  # before compiling anything
             self._view(tenant)  # other replicas' names, for the name check
         if name is not None:

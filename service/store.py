@@ -149,7 +149,10 @@ def decode_entry(data: bytes, limits: RequestLimits) -> StoredEntry:
         raise DamagedEntry(f"its header claims {head_size} bytes")
     try:
         header = json.loads(bytes(body[start : start + head_size]))
-        spec_end = start + head_size + int(header["spec_bytes"])
+        spec_bytes = int(header["spec_bytes"])
+        if not 0 < spec_bytes <= len(body) - start - head_size:
+            raise DamagedEntry(f"its spec claims {spec_bytes} bytes")
+        spec_end = start + head_size + spec_bytes
         spec_json = bytes(body[start + head_size : spec_end]).decode()
         arrays: list[tuple[str, np.ndarray]] = []
         offset = spec_end

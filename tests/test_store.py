@@ -6,6 +6,7 @@ directory or one fsspec memory:// store; results checked against the NumPy refer
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -207,6 +208,28 @@ def test_int8_registrations_keep_their_calibration(
         got, want = on_b.extract(batch, pipeline_id), on_a.extract(batch, pipeline_id)
         for name in want:
             np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_an_entry_keeps_the_spec_text_that_passed_max_spec_bytes(store: Path) -> None:
+    # 12 minimal convs: about 1 KiB as sent, twice that as canonical JSON (defaults filled in).
+    layer = {"op": "conv2d", "filters": 3, "kernel_size": 1}
+    spec = {
+        "input": {"channels": 3},
+        "layers": [{**layer, "weights": {"init": "he_normal", "seed": i}} for i in range(12)],
+    }
+    text = json.dumps(spec, separators=(",", ":"))
+    pipeline = parse_pipeline(spec)
+    assert len(text) <= 2048 < len(pipeline.canonical_json())
+    batch = images(12)
+    small = settings(store, max_spec_bytes=2048)
+    with (
+        FeatmapServer(small) as a,
+        FeatmapServer(small) as b,
+        connect(a) as on_a,
+        connect(b) as on_b,
+    ):
+        pipeline_id = on_a.register(text)
+        assert_matches_reference(on_b.extract(batch, pipeline_id), pipeline, batch)
 
 
 def test_a_full_cache_evicts_what_the_store_keeps(store: Path) -> None:
