@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..contract.errors import AlreadyExists, FeatmapError, InvalidSpec, LimitExceeded, NotFound
+from ..contract.errors import (
+    AlreadyExists,
+    Busy,
+    FeatmapError,
+    InvalidSpec,
+    LimitExceeded,
+    NotFound,
+)
 from ..contract.limits import DEFAULT_LIMITS, session_memory
 from ..contract.names import PIPELINE_ID_PATTERN, PIPELINE_NAME_PATTERN
 from ..contract.ops import (
@@ -368,11 +375,17 @@ class PipelineRegistry:
             seen = self._damaged.get(key)
             if seen is not None and time.monotonic() - seen < self.refresh_s:
                 raise missing
+            self._compiling.add(key)  # claimed, from the read to the keep
+        reserved = 0
         try:
             stored = self.store.get(tenant, pipeline_id)
             if stored is None:
                 raise missing
             pipeline, weights = self._verify(stored, pipeline_id)
+            built = self._build(key, pipeline, weights, stored.calibration, stored.batching, None)
+            reserved = built.reserved
+            with self._tenant_lock(tenant), self._lock:
+                return self._keep_locked(key, built)
         except DamagedEntry as exc:
             log.warning(
                 "pipeline store: skipped entry %s at %s: %s",
@@ -382,22 +395,20 @@ class PipelineRegistry:
             )
             with self._lock:
                 self._damaged[key] = time.monotonic()
+                self._release_locked(key, 0)
             raise missing from None
-        built = self._build(key, pipeline, weights, stored.calibration, stored.batching, None)
-        try:
-            with self._tenant_lock(tenant), self._lock:
-                registered = self._keep_locked(key, built)
         except BaseException:
             with self._lock:
-                self._release_locked(key, built.reserved)
+                self._release_locked(key, reserved)
             raise
-        return registered
 
     def _verify(self, stored: StoredEntry, pipeline_id: str) -> tuple[Pipeline, WeightTensors]:
         """The entry's admitted pipeline and weights, if its content hashes to its id."""
         try:
             pipeline = self.admit(stored)
             weights = check_tensors(pipeline, stored.tensors)
+        except Busy:
+            raise  # a budget held by work in flight: the entry may be fine, the caller retries
         except FeatmapError as exc:
             raise DamagedEntry(f"refused as a registration would be: {exc}") from None
         found = content_id(pipeline, weights, stored.calibration)

@@ -194,6 +194,33 @@ def test_the_same_content_registered_on_both_at_once(
     assert_matches_reference(out, TENSOR_PIPELINE, batch, make_tensors(seed=5))
 
 
+def test_calls_at_once_on_a_replica_that_never_saw_the_pipeline(
+    pair: tuple[FeatmapServer, FeatmapServer],
+) -> None:
+    a, b = pair
+    tensors = make_tensors(seed=15)
+    with connect(a) as on_a:
+        pipeline_id = on_a.register(TENSOR_SPEC, tensors)
+    results: dict[int, dict[str, np.ndarray] | BaseException] = {}
+
+    def extract(seed: int) -> None:
+        try:
+            with connect(b) as on_b:
+                results[seed] = on_b.extract(images(seed), pipeline_id)
+        except BaseException as exc:  # reported below, with the seed
+            results[seed] = exc
+
+    threads = [threading.Thread(target=extract, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed, out in sorted(results.items()):
+        assert isinstance(out, dict), (seed, out)
+        assert_matches_reference(out, TENSOR_PIPELINE, images(seed), tensors)
+    assert len(results) == 8 and len(b.service.registry) == 1
+
+
 def test_int8_registrations_keep_their_calibration(
     pair: tuple[FeatmapServer, FeatmapServer],
 ) -> None:
