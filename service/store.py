@@ -160,11 +160,12 @@ def decode_entry(data: bytes, limits: RequestLimits) -> StoredEntry:
             dtype = WIRE_DTYPES.get(code)
             if dtype is None or not isinstance(name, str):
                 raise DamagedEntry(f"array {str(name)[:64]!r} has dtype code {code}")
-            size = check_shape(tuple(shape), name or "calibration", dtype.itemsize)
+            field = name or "calibration"
+            size = check_shape(tuple(shape), field, dtype.itemsize)
             if offset + size > len(body):
-                raise DamagedEntry(f"array {name[:64]!r} runs past the end of the file")
+                raise DamagedEntry(f"array {field[:64]!r} runs past the end of the file")
             arrays.append(
-                (name, tensor_view(code, tuple(shape), body[offset : offset + size], name))
+                (name, tensor_view(code, tuple(shape), body[offset : offset + size], field))
             )
             offset += size
         if offset != len(body):
