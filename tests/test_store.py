@@ -259,9 +259,18 @@ def test_an_entry_keeps_the_spec_text_that_passed_max_spec_bytes(store: Path) ->
         assert_matches_reference(on_b.extract(batch, pipeline_id), pipeline, batch)
 
 
-def test_a_full_cache_evicts_what_the_store_keeps(store: Path) -> None:
+@pytest.mark.parametrize(
+    "bound",
+    [
+        {"max_registered_pipelines": 1},
+        # Each of the two sessions is estimated at just over 1 MiB (contract.limits).
+        {"registry_bytes": 2 * 1024 * 1024},
+    ],
+    ids=["count", "bytes"],
+)
+def test_a_full_cache_evicts_what_the_store_keeps(store: Path, bound: dict[str, int]) -> None:
     batch = images(5)
-    one_kept = settings(store, max_registered_pipelines=1)
+    one_kept = settings(store, **bound)
     with FeatmapServer(one_kept) as server, connect(server) as client:
         first = client.register(README_SPEC)
         second = client.register(TENSOR_SPEC, make_tensors(seed=6))
