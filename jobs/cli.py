@@ -40,6 +40,7 @@ SERVE_FLAGS = {
     "--log-level": "log_level",
     "--log-format": "log_format",
     "--metrics-port": "metrics_port",
+    "--pipeline-store": "pipeline_store",
 }
 
 
@@ -99,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
             "metrics_port": args.metrics_port,
             "unix_socket": args.unix_socket,
             "shared_memory": args.shared_memory,
+            "pipeline_store": args.pipeline_store,
         }.items()
         if value is not None
     }
@@ -372,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="offer shared memory to callers on --unix-socket (off by default)",
+    )
+    serve.add_argument(
+        "--pipeline-store",
+        metavar="DIR_OR_URL",
+        help="keep registered pipelines here, shared by replicas: a directory or an fsspec URL "
+        "(s3://, gs://); none: in memory only",
     )
     serve.set_defaults(run=_serve)
 

@@ -35,6 +35,7 @@ from .security import Caller
 from .settings import ServerSettings
 from .shared_memory import SharedMemoryRegistry
 from .specs import SpecCache
+from .store import StoredEntry, open_store
 from .weights import check_tensors
 
 OUTPUT_DTYPE_NAMES = {code: name for name, code in OUTPUT_DTYPES.items()}
@@ -106,17 +107,20 @@ class FeatureService:
         self.extractor = Extractor(
             self.cache, self.limits, self.batcher, run_bytes=settings.run_bytes
         )
-        self.registry = PipelineRegistry(
-            self.cache,
-            settings.max_registered_pipelines,
-            settings.registry_bytes,
-            max_names=settings.max_names_per_pipeline,
-        )
         # Per service: admission depends on this server's limits. Inline specs are kept once
         # admitted (a client sending the same text with every request pays for it once; models
         # are frozen, so sharing them is safe); specs to register are parsed, not kept.
         self.inline_specs = SpecCache(self._admit_inline, self.limits, settings.spec_cache_bytes)
         self.specs = SpecCache(self.extractor.admit, self.limits, settings.spec_cache_bytes)
+        self.registry = PipelineRegistry(
+            self.cache,
+            settings.max_registered_pipelines,
+            settings.registry_bytes,
+            max_names=settings.max_names_per_pipeline,
+            store=open_store(settings.pipeline_store, settings.store_tenant_bytes, self.limits),
+            admit=self._admit_stored,
+            refresh_s=settings.store_refresh_s,
+        )
         self.shared_memory = SharedMemoryRegistry(
             lease_seconds=settings.shared_memory_lease_s,
             max_regions=settings.max_shared_memory_regions,
@@ -157,6 +161,14 @@ class FeatureService:
         pipeline = self.extractor.admit(pipeline)
         if pipeline.tensor_names:
             check_tensors(pipeline, {})  # names the first {"tensor": ...} it cannot have
+        return pipeline
+
+    def _admit_stored(self, entry: StoredEntry) -> Pipeline:
+        """A stored entry's spec (and calibration), admitted as a registration would be: a
+        store file is trusted no more than a request."""
+        pipeline = self.specs.parse(entry.spec_json, "spec_json")
+        if entry.calibration is not None:
+            self.extractor.admit_calibration(pipeline, entry.calibration)
         return pipeline
 
     def images(self, request: FramedExtractRequest, caller: Caller) -> np.ndarray | DeferredBatch:
@@ -318,6 +330,7 @@ class FeatureService:
             replace=request.replace,
             calibration=calibration,
             still_wanted=still_wanted,
+            spec_json=request.spec_json,
         )
         return pb.RegisterPipelineResponse(
             pipeline_id=registered.pipeline_id,
