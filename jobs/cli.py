@@ -534,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-flight", type=int, default=4, help="requests in flight with --server (4)"
     )
     extract.add_argument(
+        "--request-images",
+        type=int,
+        metavar="N",
+        help="with --server, at most N images a request (batches are joined, never split); "
+        "default: small images' batches are joined up to about 2 GFLOPs a request",
+    )
+    extract.add_argument(
         "--name",
         help="with --server: register the pipeline under this name on every server (OIP "
         "clients and others can then use the name); a name of another pipeline is an error",

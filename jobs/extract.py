@@ -233,6 +233,8 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
     runner: EmbeddedRunner | RemoteRunner
     if args.name and not args.server:
         raise JobError("--name registers the pipeline on servers: it needs --server", 2)
+    if args.request_images is not None and args.request_images < 1:
+        raise JobError(f"--request-images must be >= 1, not {args.request_images}", 2)
     try:
         calibration = job_calibration(pipeline, args.input, args.calibrate, resize)
     except ValueError as exc:  # --calibrate without int8, or an --input that is not there
@@ -252,6 +254,7 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
                 args.name,
                 args.replace_name,
                 images,
+                args.request_images,
             )
         else:
             runner = EmbeddedRunner(pipeline, args.threads, tensors, images)

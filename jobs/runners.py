@@ -51,16 +51,25 @@ def calibration_by_dtype(
 REQUEST_FLOPS = 2 * 10**9
 
 
-def request_images(pipeline: Pipeline, batch: np.ndarray) -> int:
+def request_images(pipeline: Pipeline, batch: np.ndarray, limits: Mapping[str, Any]) -> int:
     """Images per request for a job's batches like `batch`: at least the batch, and as many
-    as bring a request's work to REQUEST_FLOPS.
+    as bring a request's work to REQUEST_FLOPS, within the server's `limits` (GetServerInfo's:
+    images, FLOPs and activation bytes per request).
 
     The server runs a larger request as batches of its max_batch_size, so onnxruntime's runs
     stay the size they are fastest at; the client still bounds it by the message size.
     """
     _, height, width = single_image_size(pipeline.input.layout, batch.shape[1:])
-    flops = batch_cost(pipeline, 1, height, width, batch.dtype.itemsize).flops
-    return max(len(batch), math.ceil(REQUEST_FLOPS / max(1, flops)))
+    one = batch_cost(pipeline, 1, height, width, batch.dtype.itemsize)
+    images = [math.ceil(REQUEST_FLOPS / max(1, one.flops))]
+    for limit, per_image in (
+        ("max_images_per_request", 1),
+        ("max_flops", one.flops),
+        ("max_activation_bytes", one.memory_bytes),
+    ):
+        if limits.get(limit):  # a limit the server did not report bounds nothing
+            images.append(int(limits[limit]) // max(1, per_image))
+    return max(len(batch), min(images))
 
 
 class EmbeddedRunner:
@@ -132,7 +141,8 @@ class EmbeddedRunner:
 
 
 class RemoteRunner:
-    """Batches sent through FeatureClient, `in_flight` requests at a time.
+    """Batches sent through FeatureClient, `in_flight` requests at a time, consecutive small
+    ones joined into one request (`request_images`).
 
     A spec with {"tensor": NAME} weights, an int8 spec, or one given a `name`, is registered
     (with `tensors` and `calibration`, under `name`) on every address the servers resolve to (a
@@ -151,8 +161,14 @@ class RemoteRunner:
         name: str | None = None,
         replace_name: bool = False,
         calibration: np.ndarray | None = None,
+        request_images: int | None = None,
     ) -> None:
         from ..client.client import FeatureClient
+
+        # None: batches of small images are joined (see request_images); a number: at most
+        # that many images a request (a batch is never split).
+        self.request_images = request_images
+        self.server_limits: dict[str, int] | None = None
 
         target, balanced = grpc_target(servers)
         security = security or ChannelSecurity()
@@ -217,10 +233,13 @@ class RemoteRunner:
         first = next(batches, None)
         if first is None:
             return
-        most = min(
-            request_images(self.pipeline, first),
-            self.client.images_per_message(first, pipeline),
-        )
+        if self.request_images is None:
+            if self.server_limits is None:
+                self.server_limits = self.client.server_info().limits
+            most = request_images(self.pipeline, first, self.server_limits)
+        else:
+            most = self.request_images
+        most = min(most, self.client.images_per_message(first, pipeline))
         held: list[np.ndarray] = [first]
         for batch in itertools.chain(batches, [None]):
             if batch is not None and sum(map(len, held)) + len(batch) <= most:
