@@ -1,8 +1,9 @@
 """Inputs of `featmap extract`: finding image and array files, decoding them to the spec's input.
 
 Rules, also in `featmap extract --help` and the README:
-- Image files (PNG, JPEG, BMP, TIFF) are decoded with Pillow and converted to the pipeline's
-  channel count (1 -> "L", 3 -> "RGB", 4 -> "RGBA"; other counts cannot come from an image).
+- Image files (PNG, JPEG, WebP, BMP, TIFF) are decoded with Pillow, by the decoder the server
+  uses for encoded images (featmap.contract.images), and converted to the pipeline's channel
+  count (1 -> "L", 3 -> "RGB", 4 -> "RGBA"; other counts cannot come from an image).
   They stay uint8 pixels, in the pipeline's layout: the job runs them through the pipeline's
   pixel variant (featmap.contract.pixels), which gives the values the pipeline's own rule does.
 - `.npy` holds one image, or a batch (N, ...) of them; `.npz` holds exactly one array, one image.
@@ -25,16 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from ..contract.errors import FeatmapError
+from ..contract.images import decode_pixels
 from ..contract.pixels import PIXEL_DTYPE
 from ..contract.spec import InputSpec
 from ..contract.tensors import from_hwc, single_image_size
 from .idx import is_idx_name, load_idx, read_header
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
-PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 class InputError(Exception):
@@ -180,32 +181,13 @@ def expand(files: Iterable[str], spec: InputSpec) -> tuple[list[InputItem], list
 def decode_image(
     path: Path, spec: InputSpec, resize: tuple[int, int] | None, *, draft: bool = False
 ) -> np.ndarray:
-    """Pixels of an image file as (H, W, C) uint8.
-
-    `draft` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (the smallest still at least `resize`)
-    before the bilinear resize: several times faster for large photos, but the pixels differ
-    a little from a full decode's, so it is the caller's choice.
+    """Pixels of an image file as (H, W, C) uint8, by the decoder the server uses for encoded
+    images (featmap.contract.images): the same pixels whether a job decodes or its server does.
     """
-    mode = PIL_MODES.get(spec.channels)
-    if mode is None:
-        raise InputError(
-            str(path), f"an image has 1, 3 or 4 channels; input.channels={spec.channels}"
-        )
     try:
-        with Image.open(path) as image:
-            if draft and resize is not None:
-                image.draft(mode, (resize[1], resize[0]))  # a no-op for anything but JPEG
-            image.load()  # Pillow decodes lazily: a truncated file must fail here
-            # convert() copies even to the same mode: most photos are RGB already.
-            converted = image if image.mode == mode else image.convert(mode)
-            if resize is not None:
-                height, width = resize
-                converted = converted.resize((width, height), Image.Resampling.BILINEAR)
-            # Read out before the file closes (closing releases a loaded image's memory).
-            pixels = np.asarray(converted, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise InputError(str(path), f"cannot decode image: {exc}") from None
-    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+        return decode_pixels(path, spec.channels, resize, draft=draft, field=str(path))
+    except FeatmapError as exc:
+        raise InputError(str(path), exc.message) from None
 
 
 def _as_input(batch: np.ndarray, spec: InputSpec, name: str, *, pixels: bool) -> np.ndarray:

@@ -109,6 +109,8 @@ class Extractor:
             output_names=output_names,
         )
         memory = plan.cost.memory_bytes
+        if isinstance(images, DeferredBatch):
+            memory += images.scratch_bytes  # what reading it costs beside it (decoding)
         with self._runs_lock:
             self.runs.reserve(memory, "images.shape", "running this batch")
         try:
