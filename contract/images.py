@@ -60,7 +60,7 @@ def _open(
 
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        image = Image.open(stream, formats=formats)
+        image = Image.open(stream, formats=None if formats is None else list(formats))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard (an error past twice its MAX_IMAGE_PIXELS, a warning past it that
         # a warnings filter may raise): either way a header too large to decode.
@@ -83,7 +83,7 @@ def _open(
     return image
 
 
-def read_header(
+def read_image_header(
     source: bytes | Path,
     field: str,
     *,

@@ -28,14 +28,28 @@ from pathlib import Path
 import numpy as np
 
 from ..contract.errors import FeatmapError
-from ..contract.images import decode_pixels
+from ..contract.images import PIL_MODES, decode_pixels, read_image_header
+from ..contract.limits import DEFAULT_LIMITS, ENCODED_FORMATS
 from ..contract.pixels import PIXEL_DTYPE
 from ..contract.spec import InputSpec
 from ..contract.tensors import from_hwc, single_image_size
 from .idx import is_idx_name, load_idx, read_header
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+# Image files a job may send to a server as they are (contract.limits.ENCODED_FORMATS); others
+# (BMP, TIFF) are decoded here and sent as pixels.
+ENCODED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """An image file's bytes, for the server to decode; `height` x `width` is the size it
+    will have (the resize, else its header's)."""
+
+    data: bytes
+    height: int
+    width: int
 
 
 class InputError(Exception):
@@ -308,3 +322,26 @@ def load_item(
     if item.row is not None or item.path.suffix.lower() in ARRAY_SUFFIXES:
         return _load_array(item, spec, arrays)  # arrays are taken as is: --resize is for images
     return from_hwc(decode_image(item.path, spec, resize, draft=draft), spec.layout)
+
+
+def load_encoded(
+    item: InputItem, spec: InputSpec, resize: tuple[int, int] | None
+) -> EncodedImage | None:
+    """An image file's bytes and size (from its header: nothing is decoded), for a server to
+    decode; None for anything else, or a file a server would not take as it is (too many
+    bytes, a format it refuses, a header Pillow cannot read): load_item decodes that one here,
+    and says what is wrong if it cannot."""
+    if item.row is not None or item.path.suffix.lower() not in ENCODED_SUFFIXES:
+        return None
+    if spec.channels not in PIL_MODES:
+        return None  # decode_image says why, for every image
+    path = item.path
+    try:
+        if path.stat().st_size > DEFAULT_LIMITS.max_encoded_image_bytes:
+            return None
+        data = path.read_bytes()
+        header = read_image_header(data, str(path), formats=ENCODED_FORMATS)
+    except (OSError, FeatmapError):
+        return None
+    height, width = resize or (header.height, header.width)
+    return EncodedImage(data, height, width)

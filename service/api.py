@@ -227,6 +227,7 @@ class FeatureService:
             reply_in_message=not to_region,
             before_run=before_run,
             on_gone=on_gone,
+            field="encoded" if message.HasField("encoded") else "images",
         )
         outputs = result.outputs
         response = pb.ExtractResponse(pipeline_id=result.pipeline_id)

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ..contract.errors import InvalidRequest, InvalidTensor
-from ..contract.images import DECODE_BYTES_PER_PIXEL, decode_pixels, image_mode, read_header
+from ..contract.images import DECODE_BYTES_PER_PIXEL, decode_pixels, image_mode, read_image_header
 from ..contract.limits import ENCODED_FORMATS, DeferredBatch, RequestLimits, admit_encoded
 from ..contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
 from ..contract.spec import InputSpec, Pipeline
@@ -88,7 +88,7 @@ class ImageDecoder:
         if draft and resize is None:
             raise InvalidRequest(f"{field}.draft", "needs a resize: set height and width")
         headers = [
-            read_header(
+            read_image_header(
                 image,
                 f"{field}.images[{index}]",
                 formats=ENCODED_FORMATS,
