@@ -10,7 +10,7 @@ import functools
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
@@ -87,7 +87,7 @@ class ServerInfo:
     onnxruntime_version: str
     available_providers: list[str]
     active_providers: list[str]
-    limits: dict[str, int]
+    limits: dict[str, Any]
     onnx_opset: int
     intra_op_threads: int
     grpc_workers: int
@@ -349,7 +349,11 @@ def server_info(info: pb.GetServerInfoResponse) -> ServerInfo:
         onnxruntime_version=info.onnxruntime_version,
         available_providers=list(info.available_providers),
         active_providers=list(info.active_providers),
-        limits={field.name: value for field, value in info.limits.ListFields()},
+        # Numbers and flags; encoded_formats a list of names.
+        limits={
+            field.name: list(value) if isinstance(value, Iterable) else value
+            for field, value in info.limits.ListFields()
+        },
         onnx_opset=info.onnx_opset,
         intra_op_threads=info.intra_op_threads,
         grpc_workers=info.grpc_workers,

@@ -67,10 +67,10 @@ def _open(
         raise LimitExceeded(field, f"is a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         kinds = f"a {', '.join(formats)} image" if formats else "an image Pillow reads"
-        raise InvalidTensor(field, f"is not {kinds}") from None
+        raise InvalidTensor(field, f"cannot decode image: not {kinds}") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise InvalidTensor(
-            field, f"cannot be read: {shorten(str(exc), MAX_REASON_CHARS)}"
+            field, f"cannot decode image: {shorten(str(exc), MAX_REASON_CHARS)}"
         ) from None
     width, height = image.size
     if max_pixels is not None and height * width > max_pixels:
@@ -132,5 +132,5 @@ def decode_pixels(
             pixels = np.asarray(converted, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
             reason = shorten(str(exc), MAX_REASON_CHARS)
-            raise InvalidTensor(field, f"cannot be decoded: {reason}") from None
+            raise InvalidTensor(field, f"cannot decode image: {reason}") from None
     return pixels[:, :, None] if pixels.ndim == 2 else pixels

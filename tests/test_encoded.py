@@ -172,7 +172,7 @@ def test_formats_beyond_jpeg_png_webp_are_refused(client: FeatureClient, kind: s
     error = refusal(lambda: client.extract_encoded([data], README_SPEC))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.field == "encoded.images[0]"
-    assert "is not a JPEG, PNG, WEBP image" in error.details
+    assert "cannot decode image: not a JPEG, PNG, WEBP image" in error.details
 
 
 def test_garbage_and_empty_files_are_refused(client: FeatureClient, files: list[bytes]) -> None:
