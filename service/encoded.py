@@ -25,24 +25,33 @@ import numpy as np
 
 from ..contract.errors import InvalidRequest, InvalidTensor
 from ..contract.images import DECODE_BYTES_PER_PIXEL, decode_pixels, image_mode, read_image_header
-from ..contract.limits import ENCODED_FORMATS, DeferredBatch, RequestLimits, admit_encoded
+from ..contract.limits import (
+    ENCODED_FORMATS,
+    DeferredBatch,
+    RequestLimits,
+    admit_encoded,
+    spec_memory,
+)
 from ..contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
 from ..contract.spec import InputSpec, Pipeline
 from ..contract.tensors import batch_shape, from_hwc
 from .extractor import Target
 
-# Inline specs whose pixel variant is kept (each a parsed spec: small).
-PIXEL_VARIANTS = 16
+# The pixel variants of inline specs kept, by their estimated bytes (contract.limits.spec_memory
+# of their text): a spec with big `values` weights costs as much as its parse.
+VARIANT_BYTES = 64 << 20
 
 
 class ImageDecoder:
-    """Decodes encoded images for every call, on `threads` threads (0: one a core)."""
+    """Decodes encoded images for every call, on `threads` threads (0: one a core), and keeps
+    the pixel variants of the inline specs they run through."""
 
     def __init__(self, threads: int = 0) -> None:
         self.threads = threads or os.cpu_count() or 1
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._variants: OrderedDict[str, Pipeline] = OrderedDict()
+        self._variants: OrderedDict[str, tuple[Pipeline, int]] = OrderedDict()
+        self._variant_bytes = 0
 
     def _executor(self) -> ThreadPoolExecutor:
         # Started on the first encoded request: a server that never gets one starts no threads.
@@ -56,18 +65,28 @@ class ImageDecoder:
         pipeline = target.pipeline
         if pipeline.input.dtype == PIXEL_DTYPE or target.compiled is not None:
             return target
+        return Target(self._variant(pipeline), None, target.batching)
+
+    def _variant(self, pipeline: Pipeline) -> Pipeline:
+        """An inline spec's pixel variant, kept (LRU, VARIANT_BYTES) for its next request."""
         key = pipeline.pipeline_id
         with self._lock:
-            variant = self._variants.get(key)
-            if variant is not None:
+            kept = self._variants.get(key)
+            if kept is not None:
                 self._variants.move_to_end(key)
-        if variant is None:
-            variant = pixel_pipeline(pipeline)
-            with self._lock:
-                self._variants[key] = variant
-                while len(self._variants) > PIXEL_VARIANTS:
-                    self._variants.popitem(last=False)
-        return Target(variant, None, target.batching)
+                return kept[0]
+        variant = pixel_pipeline(pipeline)
+        size = spec_memory(len(variant.canonical_json()))
+        if size > VARIANT_BYTES:
+            return variant  # used for this request only
+        with self._lock:
+            if key not in self._variants:
+                self._variants[key] = (variant, size)
+                self._variant_bytes += size
+            while self._variant_bytes > VARIANT_BYTES:
+                _, (_, freed) = self._variants.popitem(last=False)
+                self._variant_bytes -= freed
+        return variant
 
     def batch(
         self,
