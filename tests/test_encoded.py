@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from featmap.jobs.job import JobError
 from featmap.jobs.runners import RemoteRunner
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from featmap.service.reference import reference_outputs
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
 from tests.conftest import README_SPEC, assert_matches_reference
@@ -259,6 +262,53 @@ def test_registered_float_and_pixel_pipelines(
     float_id = client.register(README_SPEC)
     served = client.extract_encoded(files[:3], float_id, size=SIZE)
     assert_matches_reference(served, readme, pixel_values(pixels, readme.input))
+
+
+def test_decoded_batches_join_the_dynamic_batcher(
+    tight_batching: FeatmapServer, files: list[bytes], readme: Pipeline
+) -> None:
+    with FeatureClient(tight_batching.address, timeout=60) as client:
+        model = client.register(pixel_pipeline(readme))
+        before = tight_batching.service.batcher.stats
+        barrier = threading.Barrier(6)
+
+        def one(index: int) -> dict[str, np.ndarray]:
+            barrier.wait()
+            return client.extract_encoded([files[index % 3]], model, size=SIZE)
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(one, range(6)))
+        after = tight_batching.service.batcher.stats
+    pixels = local_pixels(files[:3], SIZE, "NCHW")
+    expected = client_free_reference(readme, pixels)
+    for index, result in enumerate(results):
+        np.testing.assert_allclose(result["features"][0], expected[index % 3], rtol=1e-4, atol=1e-5)
+    assert after.requests - before.requests == 6
+    # The queue delay lets the six single-image calls share onnxruntime runs.
+    assert after.batches - before.batches < 6
+
+
+def client_free_reference(pipeline: Pipeline, pixels: np.ndarray) -> np.ndarray:
+    """The reference features of uint8 pixels, by the pixel rule."""
+    return reference_outputs(pipeline, pixel_values(pixels, pipeline.input))["features"]
+
+
+@pytest.fixture(scope="module")
+def tight_batching() -> Iterator[FeatmapServer]:
+    """A server whose batcher waits up to 5 s for six images (a full batch goes at once), one
+    batch at a time (two leaders gathering with a delay can pop each other's requests:
+    reported, not this test's subject)."""
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        intra_op_threads=1,
+        grpc_workers=8,
+        max_queue_delay_us=5_000_000,
+        max_batch_size=6,
+        concurrent_batches=1,
+    )
+    with FeatmapServer(settings) as running:
+        yield running
 
 
 # --------------------------------------------------------------------------- limits
