@@ -52,6 +52,7 @@ class ImageDecoder:
         self._lock = threading.Lock()
         self._variants: OrderedDict[str, tuple[Pipeline, int]] = OrderedDict()
         self._variant_bytes = 0
+        self.decoded = 0  # images decoded so far
 
     def _executor(self) -> ThreadPoolExecutor:
         # Started on the first encoded request: a server that never gets one starts no threads.
@@ -184,6 +185,8 @@ class ImageDecoder:
         finally:
             for future in futures:
                 future.cancel()
+        with self._lock:
+            self.decoded += len(images)
         return out
 
     def close(self) -> None:

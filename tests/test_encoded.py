@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import struct
+import subprocess
 import threading
 import zlib
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from featmap.service.reference import reference_outputs
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
 from tests.conftest import README_SPEC, assert_matches_reference
+from tests.test_cli import FEATMAP, clean_env
 
 SIZE = (24, 20)  # what the tests resize to (H, W)
 # 32 filters at full resolution: 3 images of 64x64 hold 1.5 MiB of activations.
@@ -480,3 +483,27 @@ def test_the_job_skips_a_file_the_server_cannot_decode(
     np.testing.assert_array_equal(out["features"][0], out["features"][1])
     with pytest.raises(JobError, match=r"a1\.jpg: .*truncated"):
         job(readme, [folder], tmp_path / "fail.npz", server.address, resize=SIZE, encoded=True)
+
+
+def test_the_command_sends_files_unless_told_to_decode_locally(
+    server: FeatmapServer, folder: Path, tmp_path: Path
+) -> None:
+    spec = tmp_path / "pipeline.json"
+    spec.write_text(json.dumps(README_SPEC))
+    before = server.service.decoder.decoded
+    outputs = {}
+    for mode, extra in (("sent", []), ("local", ["--decode-locally"])):
+        output = tmp_path / f"{mode}.npz"
+        done = subprocess.run(
+            [str(FEATMAP), "extract", "--pipeline", str(spec), "--input", str(folder),
+             "--output", str(output), "--resize", "24x20", "--server", server.address,
+             "--quiet", *extra],
+            capture_output=True, text=True, timeout=120, env=clean_env(), check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with np.load(output, allow_pickle=False) as archive:
+            outputs[mode] = archive["features"]
+        if mode == "sent":  # the four JPEG, PNG and WebP files; the BMP is decoded here
+            assert server.service.decoder.decoded - before == 4
+    np.testing.assert_array_equal(outputs["sent"], outputs["local"])
+    assert server.service.decoder.decoded - before == 4  # --decode-locally sent none
