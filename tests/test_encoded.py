@@ -99,6 +99,13 @@ def refusal(call: Any) -> FeatmapRpcError:
     return failure.value
 
 
+def serving(**settings: Any) -> Iterator[FeatmapServer]:
+    """A real server on 127.0.0.1, port 0, one intra-op thread, with these settings."""
+    options = ServerSettings(host="127.0.0.1", port=0, intra_op_threads=1, **settings)
+    with FeatmapServer(options) as running:
+        yield running
+
+
 def rss_bytes() -> int:
     """This process's resident memory now (the session's server runs in it)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -301,17 +308,9 @@ def tight_batching() -> Iterator[FeatmapServer]:
     """A server whose batcher waits up to 5 s for six images (a full batch goes at once), one
     batch at a time (two leaders gathering with a delay can pop each other's requests:
     reported, not this test's subject)."""
-    settings = ServerSettings(
-        host="127.0.0.1",
-        port=0,
-        intra_op_threads=1,
-        grpc_workers=8,
-        max_queue_delay_us=5_000_000,
-        max_batch_size=6,
-        concurrent_batches=1,
+    yield from serving(
+        grpc_workers=8, max_queue_delay_us=5_000_000, max_batch_size=6, concurrent_batches=1
     )
-    with FeatmapServer(settings) as running:
-        yield running
 
 
 # --------------------------------------------------------------------------- limits
@@ -320,18 +319,13 @@ def tight_batching() -> Iterator[FeatmapServer]:
 @pytest.fixture(scope="module")
 def tight() -> Iterator[FeatmapServer]:
     """A server with small limits for encoded images."""
-    settings = ServerSettings(
-        host="127.0.0.1",
-        port=0,
-        intra_op_threads=1,
+    yield from serving(
         grpc_workers=2,
         max_encoded_image_bytes=6000,
         max_images_per_request=3,
         max_pixels_per_image=64 * 64,
         run_bytes=1 << 20,
     )
-    with FeatmapServer(settings) as running:
-        yield running
 
 
 def test_limits_before_decoding(tight: FeatmapServer, files: list[bytes]) -> None:
