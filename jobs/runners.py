@@ -18,10 +18,23 @@ from ..contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
 from ..contract.precision import QuantizationReport
 from ..contract.spec import Pipeline
 from ..contract.tensors import single_image_size
+from ..contract.wire import EncodedBatch
 from .targets import grpc_target, target_addresses
 
 if TYPE_CHECKING:
     from ..service.extractor import Target
+    from .job import JobBatch
+
+
+ENCODED = "encoded"
+
+
+def batch_key(batch: JobBatch) -> tuple[str, object]:
+    """(the dtype a batch runs as, what batches joined with it share): its dtype and image
+    shape, or uint8 pixels for encoded image files (ENCODED)."""
+    if isinstance(batch, EncodedBatch):
+        return PIXEL_DTYPE, ENCODED
+    return batch.dtype.name, batch.shape[1:]
 
 
 def pipelines_by_dtype(pipeline: Pipeline) -> dict[str, Pipeline]:
@@ -131,9 +144,11 @@ class EmbeddedRunner:
             target = self.targets[dtype] = Target(pipeline, compiled, None)
         return target
 
-    def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    def run(self, batches: Iterable[JobBatch]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs (no reply to fit in a message: reply_in_message off)."""
         for batch in batches:
+            if not isinstance(batch, np.ndarray):
+                raise TypeError("encoded images go to a server: decode them for this runner")
             yield self.extractor.extract(self.target(batch), batch, reply_in_message=False).outputs
 
     def close(self) -> None:
@@ -203,20 +218,24 @@ class RemoteRunner:
                         if pipeline.precision == "int8" and self.report is None:
                             self.report = replica.get_pipeline(pipeline_id).int8
 
-    def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    def run(self, batches: Iterable[JobBatch]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs from the server(s), in order.
 
         Consecutive batches of one dtype and image shape share one extract_iter, `in_flight`
         requests deep; small ones travel together (see request_images), and their outputs
-        are split back into the job's batches (views).
+        are split back into the job's batches (views). Encoded image files go to the pixel
+        variant, as pixels do (the server decodes them by the job's own decoder), each batch
+        a request: its files' bytes bound it (feed.ENCODED_BATCH_BYTES).
         """
-        for (dtype, _), group in itertools.groupby(
-            batches, key=lambda batch: (batch.dtype.name, batch.shape[1:])
-        ):
+        for (dtype, kind), group in itertools.groupby(batches, key=batch_key):
             # An unexpected dtype goes with the pipeline: the server names images.dtype.
             pipeline = self.pipelines.get(dtype, self.pipelines[self.pipeline.input.dtype])
+            if kind == ENCODED:
+                yield from self.client.extract_iter(group, pipeline)
+                continue
             sizes: collections.deque[list[int]] = collections.deque()
-            requests = self._requests(group, pipeline, sizes)
+            arrays = (batch for batch in group if isinstance(batch, np.ndarray))  # all are
+            requests = self._requests(arrays, pipeline, sizes)
             for outputs in self.client.extract_iter(requests, pipeline):
                 bounds = list(itertools.accumulate(sizes.popleft(), initial=0))
                 for start, stop in itertools.pairwise(bounds):

@@ -101,6 +101,9 @@ class ServerSettings(BaseSettings):
     allow_non_finite_input: bool = DEFAULT_LIMITS.allow_non_finite_input
     max_calibration_images: int = Field(default=DEFAULT_LIMITS.max_calibration_images, ge=1)
     max_names_per_pipeline: int = Field(default=DEFAULT_LIMITS.max_names_per_pipeline, ge=1)
+    max_encoded_image_bytes: int = Field(default=DEFAULT_LIMITS.max_encoded_image_bytes, ge=1)
+    # Threads decoding encoded images (ExtractRequest.encoded), shared by all calls; 0: one a core.
+    decode_threads: int = Field(default=0, ge=0)
     # Extract/ExtractStream calls admitted at once (running or waiting for a handler thread);
     # None: 4 x grpc_workers. Beyond it, RESOURCE_EXHAUSTED at once, marked retryable.
     max_queued_requests: int | None = Field(default=None, ge=1)
