@@ -274,7 +274,7 @@ def run_job_bench(
         labels = {
             "hand": f"hand-written loop (Pillow, stack, /255, run), {count} files",
             "embedded": f"featmap extract, embedded, {count} files",
-            "remote": f"featmap extract --server 127.0.0.1, {count} files",
+            "remote": f"featmap extract --server 127.0.0.1, {count} files sent encoded",
         }
         rows = []
         for path, values in measured.items():
