@@ -944,23 +944,35 @@ def batch_cost(
     height: int,
     width: int,
     input_itemsize: int,
-    costs: list[LayerCost] | None = None,
 ) -> Cost:
     """FLOPs and peak activation bytes for `batch` images of height x width.
 
     Activation memory is the input plus the largest pair of consecutive layer outputs (float32),
     since onnxruntime frees a tensor once its consumer ran (outputs the caller asked for are kept
-    longer, which this estimate does not model).
+    longer, which this estimate does not model). Every term is linear in the batch: one image's
+    cost is remembered per pipeline id, size and input itemsize (the server asks for it on every
+    request) and scaled.
     """
-    if costs is None:
-        costs = layer_costs(pipeline, height, width)
-    sizes = [batch * cost.output_bytes for cost in costs]
-    pairs = [a + b for a, b in itertools.pairwise(sizes)] or sizes
-    input_bytes = input_itemsize * batch * pipeline.input.channels * height * width
+    one = _image_cost(_SizedPipeline(pipeline, height, width), input_itemsize)
     return Cost(
-        flops=batch * sum(cost.flops for cost in costs),
+        flops=batch * one.flops,
+        activation_bytes=batch * one.activation_bytes,
+        workspace_bytes=batch * one.workspace_bytes,
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _image_cost(sized: _SizedPipeline, input_itemsize: int) -> Cost:
+    pipeline = sized.pipeline
+    _, height, width = sized.key
+    costs = layer_costs(pipeline, height, width)
+    sizes = [cost.output_bytes for cost in costs]
+    pairs = [a + b for a, b in itertools.pairwise(sizes)] or sizes
+    input_bytes = input_itemsize * pipeline.input.channels * height * width
+    return Cost(
+        flops=sum(cost.flops for cost in costs),
         activation_bytes=input_bytes + max(pairs),
-        workspace_bytes=int8_conv_workspace(pipeline, batch, costs),
+        workspace_bytes=int8_conv_workspace(pipeline, 1, costs),
     )
 
 

@@ -35,7 +35,7 @@ CLIENT_SIDE = ("contract", "client", "jobs")
 CLI_SERVICE_FILES = (ROOT / "service" / "specfiles.py",)
 SERVER_SIDE = ("service",)
 # Imported only inside the functions that need them, each from its own extra.
-OPTIONAL = {"pyarrow": "parquet", "ray": "ray"}
+OPTIONAL = {"pyarrow": "parquet", "ray": "ray", "fsspec": "store-fsspec"}
 
 
 def distribution(requirement: str) -> str:
