@@ -31,7 +31,10 @@ FROM ${PYTHON_IMAGE} AS cpu
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/featmap/bin:$PATH
-RUN useradd --create-home --uid 10001 --user-group featmap
+# The pipeline store's folder (docker-compose.yml mounts a named volume there, which Docker
+# seeds with this owner and mode): the server's user alone may read it.
+RUN useradd --create-home --uid 10001 --user-group featmap \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/featmap /var/lib/featmap/pipelines
 COPY --from=cpu-build /opt/featmap /opt/featmap
 USER 10001:10001
 WORKDIR /home/featmap
@@ -76,7 +79,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 --user-group featmap
+    && useradd --create-home --uid 10001 --user-group featmap \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/featmap /var/lib/featmap/pipelines
 COPY --from=cuda-build /opt/featmap /opt/featmap
 USER 10001:10001
 WORKDIR /home/featmap

@@ -19,7 +19,6 @@ import numpy as np
 
 from ..contract.errors import FeatmapError
 from ..contract.metadata import FIELD_KEY
-from ..contract.names import check_pipeline_name
 from ..contract.precision import QuantizationReport, report_from_message
 from ..contract.tensors import (
     OUTPUT_DTYPES,
@@ -33,8 +32,8 @@ from ..contract.tensors import (
 from ..contract.wire import (
     EncodedBatch,
     FramedTensor,
-    encode_tensor,
     parse_extract_response,
+    registration_message,
     serialize_extract_request,
 )
 from ..v1 import featmap_pb2 as pb
@@ -306,18 +305,8 @@ def register_request(
     replace: bool = False,
     calibration: np.ndarray | None = None,
 ) -> pb.RegisterPipelineRequest:
-    """A RegisterPipelineRequest with weight tensors and calibration images as raw bytes (and a
-    checked name)."""
-    request = pb.RegisterPipelineRequest(spec_json=spec_json(spec), replace=replace)
-    if name is not None:
-        request.name = check_pipeline_name(name)
-    for name, array in (weights or {}).items():
-        request.weights[name].CopyFrom(encode_tensor(sendable(array, f"weights[{name!r}]")))
-    if calibration is not None:
-        request.calibration.CopyFrom(encode_tensor(sendable(calibration, "calibration")))
-    if batching is not None:
-        request.batching.CopyFrom(pb.BatchingConfig(**batching))
-    return request
+    """A RegisterPipelineRequest of a spec in any form the client takes (registration_message)."""
+    return registration_message(spec_json(spec), weights, batching, name, replace, calibration)
 
 
 def pipeline_info(info: pb.PipelineInfo) -> PipelineInfo:

@@ -7,16 +7,17 @@ here so that those bytes are copied once on each side (see "zero-copy framing" b
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 
 from ..oip import grpc_predict_v2_pb2 as oip
 from ..v1 import featmap_pb2 as pb
 from .errors import InvalidTensor
-from .tensors import DTYPE_NAMES, WIRE_DTYPES, wire_dtype
+from .names import check_pipeline_name
+from .tensors import DTYPE_NAMES, WIRE_DTYPES, sendable, wire_dtype
 
 Buffer: TypeAlias = bytes | memoryview
 # No real image or batch comes near; larger values are garbage (and overflow NumPy's shapes).
@@ -101,6 +102,29 @@ def wire_array(
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     array.flags.writeable = False
     return array
+
+
+def registration_message(
+    spec_json: str,
+    weights: Mapping[str, np.ndarray] | None,
+    batching: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    replace: bool = False,
+    calibration: np.ndarray | None = None,
+) -> pb.RegisterPipelineRequest:
+    """A RegisterPipelineRequest with weight tensors and calibration images as raw bytes (and a
+    checked name): what the client sends, and what `featmap serve --pipelines` registers."""
+    request = pb.RegisterPipelineRequest(spec_json=spec_json, replace=replace)
+    if name is not None:
+        request.name = check_pipeline_name(name)
+    for tensor_name, array in (weights or {}).items():
+        field = f"weights[{tensor_name!r}]"
+        request.weights[tensor_name].CopyFrom(encode_tensor(sendable(array, field)))
+    if calibration is not None:
+        request.calibration.CopyFrom(encode_tensor(sendable(calibration, "calibration")))
+    if batching is not None:
+        request.batching.CopyFrom(pb.BatchingConfig(**batching))
+    return request
 
 
 @dataclass(frozen=True)

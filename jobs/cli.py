@@ -40,6 +40,7 @@ SERVE_FLAGS = {
     "--log-level": "log_level",
     "--log-format": "log_format",
     "--metrics-port": "metrics_port",
+    "--pipelines": "pipelines_dir",
     "--pipeline-store": "pipeline_store",
 }
 
@@ -100,6 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
             "metrics_port": args.metrics_port,
             "unix_socket": args.unix_socket,
             "shared_memory": args.shared_memory,
+            "pipelines_dir": args.pipelines,
+            "skip_invalid_pipelines": args.skip_invalid,
             "pipeline_store": args.pipeline_store,
         }.items()
         if value is not None
@@ -157,7 +160,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _load_pipeline(path: str) -> Any:
     from ..contract.errors import InvalidSpec
-    from .specfile import SpecFileError, load_pipeline_file
+    from ..service.specfiles import SpecFileError, load_pipeline_file
 
     try:
         return load_pipeline_file(path)
@@ -166,7 +169,7 @@ def _load_pipeline(path: str) -> Any:
 
 
 def _load_weights(path: str | None) -> dict[str, Any]:
-    from .specfile import SpecFileError, load_weight_tensors
+    from ..service.specfiles import SpecFileError, load_weight_tensors
 
     try:
         return {} if path is None else load_weight_tensors(path)
@@ -376,6 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="offer shared memory to callers on --unix-socket (off by default)",
+    )
+    serve.add_argument(
+        "--pipelines",
+        metavar="DIR",
+        help="register every spec file of DIR (.yaml/.yml/.json, weights from <name>.npz) "
+        "under its file name before serving; DIR/<tenant>/ holds a tenant's",
+    )
+    serve.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        default=None,
+        help="with --pipelines: log a file that cannot be registered and go on, instead of "
+        "refusing to start (exit status 2)",
     )
     serve.add_argument(
         "--pipeline-store",

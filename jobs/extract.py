@@ -32,7 +32,6 @@ from .job import Job, JobError, OnError, Runner
 from .outputs import OUTPUT_SUFFIXES, Contents, Part, Results, write_merged
 from .parts import CHECKPOINT_AFTER_S, HELD_BYTES, HeldShards, PartsDir, Shard
 from .runners import EmbeddedRunner, RemoteRunner
-from .specfile import SpecFileError, load_weight_tensors
 
 # Arrays of the .npz layout that an output name must not shadow.
 RESERVED_OUTPUT_NAMES = frozenset({"paths", "outputs", "skipped", "skipped_errors"})
@@ -224,6 +223,9 @@ def default_decode_threads() -> int:
 
 def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> int:
     """`featmap extract` after argument parsing; JobError(exit_code=2) is a usage error."""
+    # The spec-file reader lives with the server that shares it; it loads no onnx.
+    from ..service.specfiles import SpecFileError, load_weight_tensors
+
     progress = not args.quiet and (args.progress or sys.stderr.isatty())
     try:
         tensors = {} if args.weights is None else load_weight_tensors(args.weights)

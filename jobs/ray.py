@@ -32,7 +32,6 @@ from ..contract.spec import (
     parse_pipeline,
 )
 from .runners import EmbeddedRunner
-from .specfile import load_pipeline_file
 
 PipelineLike = Pipeline | Mapping[str, Any] | str | Path
 Batch = dict[str, np.ndarray]
@@ -43,6 +42,8 @@ def as_pipeline(pipeline: PipelineLike) -> Pipeline:
     if isinstance(pipeline, Pipeline):
         return pipeline
     if isinstance(pipeline, str | Path):
+        from ..service.specfiles import load_pipeline_file  # no onnx: see specfiles
+
         return load_pipeline_file(pipeline)
     return parse_pipeline(dict(pipeline))
 

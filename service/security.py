@@ -155,6 +155,11 @@ class Tenants:
                 raise ValueError("a token is listed for two tenants; each token names one")
         self._entries = list(tenants.items())
 
+    @property
+    def names(self) -> frozenset[str]:
+        """The tenants the tokens name (the default tenant's is "")."""
+        return frozenset(tenant for _, tenant in self._entries)
+
     def resolve(self, metadata: Any) -> tuple[str | None, str | None]:
         """(tenant, None) for a call with a known token, else (None, why it is refused).
 

@@ -46,6 +46,7 @@ from .calls import (
 from .metrics import Metrics
 from .observe import RequestObserver
 from .oip import OIP_SERVICE_NAME, InferenceServicer, inference_handlers
+from .pipeline_dir import register_pipeline_dir
 from .security import (
     Caller,
     Tenants,
@@ -218,6 +219,14 @@ class FeatmapServer:
         self.settings = settings
         self.service = FeatureService(settings)
         tenants = load_tenants(settings)
+        if settings.pipelines_dir is not None:
+            # Before the port is bound: no call reaches a server whose pipelines are missing.
+            register_pipeline_dir(
+                self.service,
+                settings.pipelines_dir,
+                tenants.names if tenants is not None else frozenset(),
+                settings.skip_invalid_pipelines,
+            )
         self.servicer = FeatureExtractorServicer(self.service, tenants)
         # Unary calls and streams each have their own gate (admission.py says why).
         decisions = Decisions()

@@ -124,6 +124,12 @@ class ServerSettings(BaseSettings):
     auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     # Prometheus metrics on http://host:metrics_port/metrics; None: off, 0: a free port.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # Spec files registered at start, before the port serves (service/pipeline_dir.py): each
+    # under its file's stem; DIR/<tenant>/ for a tenant's. None: none.
+    pipelines_dir: Path | None = None
+    # A file of pipelines_dir that cannot be registered is logged and left out; by default the
+    # server refuses to start (exit status 2), naming the file and the field.
+    skip_invalid_pipelines: bool = False
 
     @field_validator("auth_tokens", mode="before")
     @classmethod

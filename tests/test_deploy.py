@@ -264,15 +264,44 @@ def test_extract_job(services: dict[str, dict[str, Any]]) -> None:
     assert extract.get("restart") == "no"
 
 
-def test_volumes_are_relative_and_inside_the_project(services: dict[str, dict[str, Any]]) -> None:
+def test_volumes_are_relative_and_inside_the_project(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
     mounts = [(name, v) for name, s in services.items() for v in s.get("volumes", [])]
     assert mounts, "the batch job mounts ./data"
+    named_volumes = set(compose.get("volumes") or {})
     for name, volume in mounts:
         host, container, *_ = volume.split(":")
+        assert container.startswith("/") and container != "/", f"{name}: {container}"
+        if host in named_volumes:  # a volume Compose makes and names, not a host path
+            continue
         assert host.startswith("./"), f"{name}: {host} is not relative to the compose file"
         assert ".." not in Path(host).parts, f"{name}: {host} leaves the project"
-        assert container.startswith("/") and container != "/", f"{name}: {container}"
+        assert (ROOT / host).exists() or host == "./data", f"{name}: {host} is not in the repo"
     assert ("extract", "./data:/data") in mounts
+
+
+@pytest.mark.parametrize("service_name", ["featmap", "featmap-gpu"])
+def test_servers_register_the_example_folder_and_share_one_store(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]], service_name: str
+) -> None:
+    service = services[service_name]
+    args = parse_featmap(service["command"])
+    mounts = {v.split(":")[1]: v.split(":") for v in service["volumes"]}
+    host, _, mode = mounts[args.pipelines]
+    assert (host, mode) == ("./examples/pipelines", "ro")
+    assert list((ROOT / host).glob("*.yaml")), "an example spec to register"
+    store, _ = mounts[args.pipeline_store]
+    assert store in compose["volumes"], "a named volume: every replica mounts the same one"
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_image_makes_the_store_folder_its_users(stages: dict[str, Stage], target: str) -> None:
+    # Docker seeds a new named volume with the owner and mode of the image's folder under it.
+    runs = " && ".join(stages[target].all("RUN"))
+    assert "install -d -o 10001 -g 10001 -m 0700 /var/lib/featmap /var/lib/featmap/pipelines" in (
+        runs
+    )
 
 
 @pytest.mark.parametrize("service_name", ["featmap", "featmap-gpu"])

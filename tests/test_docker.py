@@ -1,5 +1,9 @@
 """The CPU image and docker-compose.yml for real: build, scale out to three, a batch job, stop.
 
+The replicas register examples/pipelines at start (--pipelines) and share one pipeline store
+(a named volume): a pipeline registered once through the service name, from a container on the
+compose network, is then extracted by name from every replica's own host port.
+
 Marked `docker`: a plain `pytest` leaves these out, `pytest -m docker` runs them (.ci/run does
 when it can start an engine), and they skip when no Docker engine answers. Under the vfs
 storage driver every container start copies the image, so one Compose project serves every
@@ -30,8 +34,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import README_SPEC
+from featmap.client import FeatmapRpcError, FeatureClient
+from featmap.contract.spec import Pipeline, content_id, parse_pipeline
+from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import clean_env, run_featmap
+from tests.test_pipeline_dir import IMAGES as STORED_IMAGES
+from tests.test_pipeline_dir import TENSOR_SPEC, TENSORS
 
 pytestmark = pytest.mark.docker
 
@@ -44,8 +52,32 @@ BATCH_SIZE = 8
 # docker-compose.yml's stop_grace_period: the server drains for FEATMAP_SHUTDOWN_GRACE_S (10 s).
 STOP_GRACE_S = 15
 HEALTHY_TIMEOUT_S = 180
-# The server's request log line (logger `featmap.requests`) for one Extract call.
-EXTRACT_LOG = re.compile(r"\brequest \w+ Extract OK .*\bimages=(\d+)")
+# The server's request log line (logger `featmap.requests`) for one call: its pipeline, images.
+EXTRACT_LOG = re.compile(r"\brequest \w+ Extract OK pipeline=(\w+) images=(\d+)")
+REGISTER_LOG = re.compile(r"\brequest \w+ RegisterPipeline OK pipeline=(\w+)")
+# The compose file's spec folder, and the name its example registers under.
+EXAMPLE_PIPELINES = ROOT / "examples" / "pipelines"
+EXAMPLE = "blobs"
+BLOB_IMAGES = np.random.default_rng(5).integers(0, 256, (2, 1, 20, 20), dtype=np.uint8)
+# Registered once through the service name under this name, then extracted by it CALLS times.
+STORED = "stored"
+CALLS = 9
+STORED_ID = content_id(parse_pipeline(TENSOR_SPEC), TENSORS)
+# Run by `docker-compose run extract`'s python, on the compose network: /data is ./data.
+REGISTER_ONCE = f"""
+import json
+import numpy as np
+from featmap.client import FeatureClient
+spec = json.load(open("/data/stored.json"))
+with np.load("/data/stored.npz") as archive:
+    weights = {{name: archive[name] for name in archive.files}}
+images = np.load("/data/stored-images.npy")
+with FeatureClient("dns:///featmap:50051", load_balancing=True, timeout=120) as client:
+    client.wait_ready(timeout=60)
+    print(client.register(spec, weights, name="{STORED}"))
+    for _ in range({CALLS}):
+        client.extract(images, "{STORED}")
+"""
 
 
 @dataclass
@@ -147,6 +179,11 @@ class Deployment:
     leftovers: str = ""
     host_health: dict[int, subprocess.CompletedProcess[str]] = field(default_factory=dict)
     extract: subprocess.CompletedProcess[str] | None = None
+    register: subprocess.CompletedProcess[str] | None = None
+    # Per replica host port: what it answered, by name, for the stored and the example pipeline.
+    stored: dict[int, dict[str, np.ndarray] | str] = field(default_factory=dict)
+    example: dict[int, dict[str, np.ndarray] | str] = field(default_factory=dict)
+    store_folder: str = ""
     logs: dict[str, str] = field(default_factory=dict)  # container id -> its log
     stop: subprocess.CompletedProcess[str] | None = None
     stop_seconds: float = 0.0
@@ -165,6 +202,33 @@ def write_inputs(data: Path) -> None:
     pixels = np.random.default_rng(12).integers(0, 256, (IMAGES, 24, 24, 3), dtype=np.uint8)
     for i, array in enumerate(pixels):
         Image.fromarray(array).save(images / f"image-{i:03d}.png")
+    # What the in-network client registers once (REGISTER_ONCE), readable by uid 10001.
+    (data / "stored.json").write_text(json.dumps(TENSOR_SPEC), encoding="utf-8")
+    np.savez(data / "stored.npz", **TENSORS)
+    np.save(data / "stored-images.npy", STORED_IMAGES)
+
+
+def answer(client: FeatureClient, images: np.ndarray, name: str) -> dict[str, np.ndarray] | str:
+    """The outputs of the pipeline called `name`, or the error the replica answered."""
+    try:
+        return client.extract(images, name)
+    except FeatmapRpcError as exc:
+        return f"{exc.code.name}: {exc}"
+
+
+def example_pipeline() -> Pipeline:
+    """The compose file's example spec, which every replica registers under EXAMPLE."""
+    return parse_pipeline(yaml.safe_load((EXAMPLE_PIPELINES / f"{EXAMPLE}.yaml").read_text()))
+
+
+def copy_example_pipelines(project_dir: Path) -> None:
+    """The compose file's ./examples/pipelines, in the project folder, readable by uid 10001."""
+    target = project_dir / "examples" / "pipelines"
+    shutil.copytree(EXAMPLE_PIPELINES, target)
+    for folder in (target.parent, target):
+        folder.chmod(0o755)
+    for path in target.iterdir():
+        path.chmod(0o644)
 
 
 def wait_healthy(engine: Engine, ids: list[str]) -> dict[str, str]:
@@ -197,6 +261,7 @@ def deployment(engine: Engine, image: str) -> Iterator[Deployment]:
         data.mkdir()
         data.chmod(0o777)  # the README: the extract container (uid 10001) must be able to write
         write_inputs(data)
+        copy_example_pipelines(project_dir)
         up = run([*compose, "up", "-d", "--no-build", "--scale", f"featmap={REPLICAS}",
                   "featmap"], timeout=600, env=env)  # fmt: skip
         assert up.returncode == 0, f"compose up failed:\n{up.stderr[-4000:]}"
@@ -217,6 +282,22 @@ def deployment(engine: Engine, image: str) -> Iterator[Deployment]:
             found.host_health[port] = run_featmap(
                 "health", "--server", f"127.0.0.1:{port}", "--timeout", "10"
             )
+
+        # One registration through the service name, from inside the compose network; then
+        # each replica, on its own host port, extracts by that name and the example's.
+        found.register = run(
+            [*compose, "--profile", "batch", "run", "--rm", "-T", "--entrypoint", "python",
+             "extract", "-c", REGISTER_ONCE],
+            timeout=300, env=env,
+        )  # fmt: skip
+        for port in ports:
+            with FeatureClient(f"127.0.0.1:{port}", timeout=60) as client:
+                found.example[port] = answer(client, BLOB_IMAGES, EXAMPLE)
+                found.stored[port] = answer(client, STORED_IMAGES, STORED)
+        found.store_folder = engine.run(
+            "exec", ids[0], "sh", "-c",
+            "stat -c '%u %a' /var/lib/featmap/pipelines; find /var/lib/featmap/pipelines -type f",
+        ).stdout  # fmt: skip
 
         # The batch profile's own command line, in smaller batches.
         services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
@@ -280,12 +361,52 @@ def test_batch_job_spreads_over_every_replica(deployment: Deployment) -> None:
     extract = deployment.extract
     assert extract is not None
     assert extract.returncode == 0, extract.stderr[-4000:]
+    # The job's calls alone: not those by name (the stored pipeline's, the example's).
+    by_name = {STORED_ID, example_pipeline().pipeline_id}
     images_per_replica = {
-        deployment.replicas[replica]: sum(int(n) for n in EXTRACT_LOG.findall(log))
+        deployment.replicas[replica]: sum(
+            int(n) for pipeline, n in EXTRACT_LOG.findall(log) if pipeline not in by_name
+        )
         for replica, log in deployment.logs.items()
     }
     assert all(images_per_replica.values()), f"a replica got no call: {images_per_replica}"
     assert sum(images_per_replica.values()) == IMAGES, images_per_replica
+
+
+def test_one_registration_through_the_service_name_serves_every_replica(
+    deployment: Deployment,
+) -> None:
+    register = deployment.register
+    assert register is not None
+    assert register.returncode == 0, register.stderr[-4000:]
+    assert register.stdout.split() == [STORED_ID]
+    registrations = [
+        pipeline for log in deployment.logs.values() for pipeline in REGISTER_LOG.findall(log)
+    ]
+    assert registrations == [STORED_ID], "registered once, on one replica"
+    # The in-network calls by name went round robin; every replica answered its own port.
+    by_name = sum(
+        1 for log in deployment.logs.values() for p, _ in EXTRACT_LOG.findall(log) if p == STORED_ID
+    )
+    assert by_name == CALLS + REPLICAS
+    assert sorted(deployment.stored) == deployment.ports
+    for port, outputs in deployment.stored.items():
+        assert isinstance(outputs, dict), f"127.0.0.1:{port}: {outputs}"
+        assert_matches_reference(outputs, parse_pipeline(TENSOR_SPEC), STORED_IMAGES, TENSORS)
+
+
+def test_every_replica_registered_the_example_folder_at_start(deployment: Deployment) -> None:
+    pipeline = example_pipeline()
+    assert sorted(deployment.example) == deployment.ports
+    for port, outputs in deployment.example.items():
+        assert isinstance(outputs, dict), f"127.0.0.1:{port}: {outputs}"
+        assert_matches_reference(outputs, pipeline, BLOB_IMAGES)
+
+
+def test_the_store_volume_is_the_server_users_alone(deployment: Deployment) -> None:
+    owner, *files = deployment.store_folder.split("\n")
+    assert owner == "10001 700", deployment.store_folder
+    assert any(STORED_ID in path for path in files), deployment.store_folder
 
 
 def test_features_equal_the_embedded_run(deployment: Deployment, tmp_path: Path) -> None:

@@ -20,10 +20,10 @@ from featmap.contract.spec import (
 from featmap.jobs.extract import run_extract
 from featmap.jobs.job import JobError
 from featmap.jobs.runners import EmbeddedRunner, RemoteRunner
-from featmap.jobs.specfile import load_pipeline_file
 from featmap.jobs.targets import grpc_target
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
+from featmap.service.specfiles import load_pipeline_file
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import FEATMAP, clean_env
 

@@ -30,6 +30,9 @@ SERVER_JOBS = {"bench.py", "bench_base.py", "bench_int8.py", "bench_job.py", "ex
                "visualize.py", "summary.py", "onnx_import.py"}  # fmt: skip
 # The client's packages, and the command line's wherever it lives (client/ or a jobs/ package).
 CLIENT_SIDE = ("contract", "client", "jobs")
+# The service's modules that the commands of the `[cli]` install load too: the spec-file reader
+# that `featmap serve --pipelines` shares with them.
+CLI_SERVICE_FILES = (ROOT / "service" / "specfiles.py",)
 SERVER_SIDE = ("service",)
 # Imported only inside the functions that need them, each from its own extra.
 OPTIONAL = {"pyarrow": "parquet", "ray": "ray", "fsspec": "store-fsspec"}
@@ -158,7 +161,7 @@ def test_the_base_install_has_what_the_client_library_imports() -> None:
 
 
 def test_the_cli_extra_has_what_the_commands_import() -> None:
-    client_files = files(CLIENT_SIDE, jobs=False)
+    client_files = files(CLIENT_SIDE, jobs=False) + list(CLI_SERVICE_FILES)
     assert {"client.py", "cli.py", "extract.py", "spec.py"} <= {p.name for p in client_files}
     assert uncovered(client_files, CLIENT | CLI) == {}
     # ...and nothing the commands do not use.

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from featmap.jobs.cli import build_parser
+from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +24,10 @@ K8S = ROOT / "deploy" / "k8s"
 GRPC_PORT = 50051
 IMAGE_UID = 10001  # the Dockerfile's `featmap` user
 HEADLESS = "featmap-headless"
+SETTINGS_CONFIG = "featmap-config"
+PIPELINES_CONFIG = "featmap-pipelines"
+STORE_CLAIM = "featmap-pipeline-store"
+EXAMPLE_PIPELINES = ROOT / "examples" / "pipelines"
 
 
 def documents() -> list[dict[str, Any]]:
@@ -62,6 +67,12 @@ def serve_args(deployment: dict[str, Any]) -> argparse.Namespace:
         pytest.fail(f"`featmap {' '.join(spec['args'])}` does not parse")
 
 
+def named(manifests: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The one manifest of `kind` called `name`."""
+    [found] = [m for m in of_kind(manifests, kind) if m["metadata"]["name"] == name]
+    return found
+
+
 def deployments(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     found = of_kind(manifests, "Deployment")
     assert found, "no Deployment in deploy/k8s"
@@ -72,8 +83,10 @@ def test_kinds_and_names(manifests: list[dict[str, Any]]) -> None:
     kinds = sorted((m["kind"], m["metadata"]["name"]) for m in manifests)
     assert kinds == [
         ("ConfigMap", "featmap-config"),
+        ("ConfigMap", PIPELINES_CONFIG),
         ("Deployment", "featmap"),
         ("Deployment", "featmap-gpu"),
+        ("PersistentVolumeClaim", STORE_CLAIM),
         ("Service", HEADLESS),
     ]
     for manifest in manifests:
@@ -108,7 +121,7 @@ def test_headless_service_for_client_side_balancing(manifests: list[dict[str, An
 
 
 def test_container_serves_featmap_on_the_declared_port(manifests: list[dict[str, Any]]) -> None:
-    [config] = of_kind(manifests, "ConfigMap")
+    config = named(manifests, "ConfigMap", SETTINGS_CONFIG)
     for deployment in deployments(manifests):
         args = serve_args(deployment)
         assert args.command == "serve"
@@ -118,7 +131,7 @@ def test_container_serves_featmap_on_the_declared_port(manifests: list[dict[str,
         assert ports["grpc"] == GRPC_PORT
         metrics_port = args.metrics_port or config["data"].get("FEATMAP_METRICS_PORT")
         assert ports["metrics"] == int(metrics_port)
-        assert [ref["configMapRef"]["name"] for ref in spec["envFrom"]] == ["featmap-config"]
+        assert [ref["configMapRef"]["name"] for ref in spec["envFrom"]] == [SETTINGS_CONFIG]
 
 
 def test_probes_are_native_grpc_on_the_container_port(manifests: list[dict[str, Any]]) -> None:
@@ -170,8 +183,7 @@ def test_gpu_variant(manifests: list[dict[str, Any]]) -> None:
 def test_configmap_holds_server_settings(
     manifests: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    [config] = of_kind(manifests, "ConfigMap")
-    data = config["data"]
+    data = named(manifests, "ConfigMap", SETTINGS_CONFIG)["data"]
     assert all(isinstance(value, str) for value in data.values()), "ConfigMap values are strings"
     for key in data:
         assert key.startswith("FEATMAP_"), key
@@ -183,3 +195,42 @@ def test_configmap_holds_server_settings(
     [cpu] = [d for d in deployments(manifests) if d["metadata"]["name"] == "featmap"]
     # onnxruntime would otherwise start one thread per core of the node, not of the pod
     assert settings.intra_op_threads == int(container(cpu)["resources"]["limits"]["cpu"])
+
+
+def test_every_replica_mounts_the_spec_files_and_the_shared_store(
+    manifests: list[dict[str, Any]],
+) -> None:
+    claim = named(manifests, "PersistentVolumeClaim", STORE_CLAIM)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "every pod mounts it at once"
+    for deployment in deployments(manifests):
+        args = serve_args(deployment)
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m for m in container(deployment)["volumeMounts"]}
+        specs = mounts[args.pipelines]
+        assert specs.get("readOnly") is True
+        assert volumes[specs["name"]]["configMap"]["name"] == PIPELINES_CONFIG
+        store = mounts[args.pipeline_store]
+        assert not store.get("readOnly")
+        assert volumes[store["name"]]["persistentVolumeClaim"]["claimName"] == STORE_CLAIM
+        # The image's user writes the claim's files through the group the volume is given.
+        assert pod["securityContext"]["fsGroup"] == IMAGE_UID
+        # Registering the folder happens before the port opens: a startup probe covers it.
+        assert "startupProbe" in container(deployment)
+
+
+def test_the_spec_configmap_is_the_example_folder_and_registers(
+    manifests: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    data = named(manifests, "ConfigMap", PIPELINES_CONFIG)["data"]
+    examples = {p.name: p.read_text() for p in sorted(EXAMPLE_PIPELINES.iterdir())}
+    assert data == examples, "deploy/k8s/configmap.yaml holds examples/pipelines' files"
+    for key, text in data.items():
+        (tmp_path / key).write_text(text)
+    settings = ServerSettings(host="127.0.0.1", port=0, intra_op_threads=1, grpc_workers=2,
+                              pipelines_dir=tmp_path)  # fmt: skip
+    with FeatmapServer(settings) as server:
+        registry = server.service.registry
+        assert sorted(n for r in registry.list() for n in registry.names(r.pipeline_id)) == [
+            Path(key).stem for key in sorted(data)
+        ]

@@ -17,9 +17,9 @@ from featmap.client import FeatureClient
 from featmap.contract.spec import parse_pipeline
 from featmap.jobs.cli import main
 from featmap.jobs.onnx_import import ImportedPipeline, OnnxImportError, import_onnx
-from featmap.jobs.specfile import load_pipeline_file, load_weight_tensors
 from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.reference import reference_outputs
+from featmap.service.specfiles import load_pipeline_file, load_weight_tensors
 
 OPSET = 21
 RTOL, ATOL = 1e-4, 1e-5

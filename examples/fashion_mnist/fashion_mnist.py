@@ -74,7 +74,7 @@ def extract_features(splits: dict[str, Split], threads: int) -> dict[str, np.nda
     from featmap.jobs.extract import run_extract
     from featmap.jobs.idx import load_idx
     from featmap.jobs.runners import EmbeddedRunner
-    from featmap.jobs.specfile import load_pipeline_file, load_weight_tensors
+    from featmap.service.specfiles import load_pipeline_file, load_weight_tensors
 
     pipeline = load_pipeline_file(HERE / "pipeline.yaml")
     tensors = load_weight_tensors(HERE / "filters.npz")
