@@ -66,7 +66,7 @@ def test_bench_job_section(tmp_path: Path) -> None:
         "onnxruntime in-process, decoded 32x32 (ceiling)",
         "hand-written loop (Pillow, stack, /255, run), 12 files",
         "featmap extract, embedded, 12 files",
-        "featmap extract --server 127.0.0.1, 12 files",
+        "featmap extract --server 127.0.0.1, 12 files sent encoded",
         "plain onnxruntime, whole process, 64x1x28x28 uint8 array",
         "onnxruntime in-process, 64x1x28x28 uint8 array",
         "array job, embedded, whole process, 64x1x28x28 uint8 .npy",
