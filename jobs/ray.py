@@ -10,15 +10,20 @@ files' bytes and the actor decodes them by `featmap extract`'s rules (`encoded_c
 Columns already in the pipeline's own dtype run through the pipeline itself. Ray itself is
 imported by the caller, never here: this module runs in the workers with numpy alone.
 
+    pool = actor_pool(ray.nodes())  # the sizing rule
     ds = ray.data.read_images("photos/", mode="RGB", include_paths=True)
-    ds = ds.map_batches(to_pipeline_input, fn_kwargs={"pipeline": pipeline})
+    ds = ds.map_batches(to_pipeline_input, fn_kwargs={"pipeline": pipeline}, batch_format="numpy")
     ds = ds.map_batches(
         FeatureExtractor,
         fn_constructor_args=(pipeline,),
-        compute=ray.data.ActorPoolStrategy(size=2),
-        batch_size=64,
+        fn_constructor_kwargs={"threads": pool.threads},
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.cpus_per_actor,
+        batch_size=32,
         batch_format="numpy",
     )
+
+The README's example (bench_ray.RAY_EXAMPLE) reads the files' bytes instead.
 """
 
 from __future__ import annotations
