@@ -34,6 +34,8 @@ from ..v1 import featmap_pb2_grpc as pb_grpc
 from .channel import ChannelSecurity, PemSource
 from .messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    Batch,
+    EncodedBatch,
     FeatmapRpcError,
     OutgoingExtract,
     PipelineInfo,
@@ -42,6 +44,7 @@ from .messages import (
     channel_options,
     chunks,
     concatenate,
+    encoded_parts,
     extract_methods,
     images_per_message,
     is_pipeline_id,
@@ -173,9 +176,24 @@ class _ClientBase:
         outputs = 0 if spec is None else len(spec.output_names)
         return images_per_message(images, pipeline, self.max_message_bytes, reply, outputs)
 
+    def _encoded_parts(
+        self,
+        images: Iterable[bytes | bytearray | memoryview],
+        size: tuple[int, int] | None,
+        draft: bool,
+        pipeline: SpecLike,
+        spec: Pipeline | None,
+        output_dtype: OutputDType,
+    ) -> list[EncodedBatch]:
+        """Encoded images in parts that each fit a request and its reply (encoded_parts)."""
+        batch = EncodedBatch(tuple(bytes(image) for image in images), size, draft)
+        reply = reply_bytes_per_image(spec, batch, output_dtype)
+        outputs = 0 if spec is None else len(spec.output_names)
+        return encoded_parts(batch, pipeline, self.max_message_bytes, reply, outputs)
+
     @staticmethod
     def _stream_requests(
-        batches: Iterable[np.ndarray], pipeline: SpecLike, output_dtype: OutputDType
+        batches: Iterable[Batch], pipeline: SpecLike, output_dtype: OutputDType
     ) -> Iterator[OutgoingExtract]:
         for index, batch in enumerate(batches):
             yield request_for(batch, pipeline if index == 0 else None, output_dtype)
@@ -254,6 +272,36 @@ class FeatureClient(_ClientBase):
         # The batch is ours to send again: a stream refused as busy (max_streams) is retried.
         return self._call(streamed, images, timeout)
 
+    def extract_encoded(
+        self,
+        images: Iterable[bytes | bytearray | memoryview],
+        pipeline: SpecLike,
+        *,
+        size: tuple[int, int] | None = None,
+        draft: bool = False,
+        output_dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run a pipeline on encoded image files (JPEG, PNG or WebP bytes) the server decodes.
+
+        The server decodes them as `featmap extract` does: the pipeline's channels, resized to
+        `size` (H, W) if given (else all must have one size), a JPEG at a smaller scale first
+        with `draft`, uint8 pixels through the pipeline's pixel variant. Images beyond one
+        message (by their bytes) are streamed in parts and the outputs joined in order.
+        Returns the outputs as extract does.
+        """
+        parts = self._encoded_parts(
+            images, size, draft, pipeline, self._spec_of(pipeline), output_dtype
+        )
+        if len(parts) == 1:
+            request = request_for(parts[0], pipeline, output_dtype)
+            return outputs_of(self._call(self._extract, request, timeout))
+
+        def streamed(batches: list[EncodedBatch], timeout: float | None) -> dict[str, np.ndarray]:
+            return concatenate(list(self._stream(batches, pipeline, output_dtype, timeout)))
+
+        return self._call(streamed, parts, timeout)
+
     def _extract_shared(
         self,
         images: np.ndarray,
@@ -269,7 +317,7 @@ class FeatureClient(_ClientBase):
 
     def extract_stream(
         self,
-        batches: Iterable[np.ndarray],
+        batches: Iterable[Batch],
         pipeline: SpecLike,
         *,
         output_dtype: OutputDType = "float32",
@@ -287,7 +335,7 @@ class FeatureClient(_ClientBase):
 
     def _stream(
         self,
-        batches: Iterable[np.ndarray],
+        batches: Iterable[Batch],
         pipeline: SpecLike,
         output_dtype: OutputDType,
         timeout: float | None,
@@ -314,7 +362,7 @@ class FeatureClient(_ClientBase):
 
     def extract_iter(
         self,
-        batches: Iterable[np.ndarray],
+        batches: Iterable[Batch],
         pipeline: SpecLike,
         *,
         in_flight: int | None = None,
@@ -501,6 +549,45 @@ class AsyncFeatureClient(_ClientBase):
         # The batch is ours to send again: a stream refused as busy (max_streams) is retried.
         return await self._call(streamed, images, timeout)
 
+    async def extract_encoded(
+        self,
+        images: Iterable[bytes | bytearray | memoryview],
+        pipeline: SpecLike,
+        *,
+        size: tuple[int, int] | None = None,
+        draft: bool = False,
+        output_dtype: OutputDType = "float32",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """As FeatureClient.extract_encoded."""
+        spec = await self._spec_of(pipeline)
+        parts = self._encoded_parts(images, size, draft, pipeline, spec, output_dtype)
+        if len(parts) == 1:
+            request = request_for(parts[0], pipeline, output_dtype)
+            return outputs_of(await self._call(self._extract, request, timeout))
+
+        async def streamed(
+            batches: list[EncodedBatch], timeout: float | None
+        ) -> dict[str, np.ndarray]:
+            parts = self._stream(batches, pipeline, output_dtype, timeout)
+            return concatenate([part async for part in parts])
+
+        return await self._call(streamed, parts, timeout)
+
+    async def _extract_batch(
+        self, batch: Batch, pipeline: SpecLike, output_dtype: OutputDType, timeout: float | None
+    ) -> dict[str, np.ndarray]:
+        if isinstance(batch, EncodedBatch):
+            return await self.extract_encoded(
+                batch.images,
+                pipeline,
+                size=batch.size,
+                draft=batch.draft,
+                output_dtype=output_dtype,
+                timeout=timeout,
+            )
+        return await self.extract(batch, pipeline, output_dtype=output_dtype, timeout=timeout)
+
     async def _extract_shared(
         self,
         images: np.ndarray,
@@ -517,7 +604,7 @@ class AsyncFeatureClient(_ClientBase):
 
     async def extract_stream(
         self,
-        batches: Iterable[np.ndarray] | AsyncIterable[np.ndarray],
+        batches: Iterable[Batch] | AsyncIterable[Batch],
         pipeline: SpecLike,
         *,
         output_dtype: OutputDType = "float32",
@@ -533,7 +620,7 @@ class AsyncFeatureClient(_ClientBase):
 
     async def _stream(
         self,
-        batches: Iterable[np.ndarray] | AsyncIterable[np.ndarray],
+        batches: Iterable[Batch] | AsyncIterable[Batch],
         pipeline: SpecLike,
         output_dtype: OutputDType,
         timeout: float | None,
@@ -541,7 +628,7 @@ class AsyncFeatureClient(_ClientBase):
         """extract_stream, with gRPC's errors as they come (for retries)."""
         ahead = asyncio.Semaphore(self.in_flight)
 
-        async def each_batch() -> AsyncIterator[np.ndarray]:
+        async def each_batch() -> AsyncIterator[Batch]:
             if isinstance(batches, AsyncIterable):
                 async for batch in batches:
                     yield batch
@@ -566,7 +653,7 @@ class AsyncFeatureClient(_ClientBase):
 
     async def extract_iter(
         self,
-        batches: Iterable[np.ndarray],
+        batches: Iterable[Batch],
         pipeline: SpecLike,
         *,
         in_flight: int | None = None,
@@ -580,7 +667,7 @@ class AsyncFeatureClient(_ClientBase):
             for batch in batches:
                 pending.append(
                     asyncio.ensure_future(
-                        self.extract(batch, pipeline, output_dtype=output_dtype, timeout=timeout)
+                        self._extract_batch(batch, pipeline, output_dtype, timeout)
                     )
                 )
                 if len(pending) >= limit:

@@ -10,7 +10,7 @@ import functools
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
@@ -31,6 +31,7 @@ from ..contract.tensors import (
     sendable,
 )
 from ..contract.wire import (
+    EncodedBatch,
     FramedTensor,
     encode_tensor,
     parse_extract_response,
@@ -47,7 +48,11 @@ if TYPE_CHECKING:
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 # Room left in a message for everything but the image bytes (spec text aside).
 ENVELOPE_BYTES = 4096
+# What one encoded image's field adds to its bytes in a request: a key, a length.
+ENCODED_FIELD_BYTES = 11
 SpecLike: TypeAlias = "Pipeline | Mapping[str, Any] | str"
+# What a request carries: an array of images, or encoded image files for the server to decode.
+Batch: TypeAlias = np.ndarray | EncodedBatch
 EXTRACT_METHOD = "/featmap.v1.FeatureExtractor/Extract"
 EXTRACT_STREAM_METHOD = "/featmap.v1.FeatureExtractor/ExtractStream"
 
@@ -82,7 +87,7 @@ class ServerInfo:
     onnxruntime_version: str
     available_providers: list[str]
     active_providers: list[str]
-    limits: dict[str, int]
+    limits: dict[str, Any]
     onnx_opset: int
     intra_op_threads: int
     grpc_workers: int
@@ -170,12 +175,13 @@ class OutgoingExtract:
 
 
 def request_for(
-    images: np.ndarray | None, pipeline: SpecLike | None, output_dtype: OutputDType
+    images: Batch | None, pipeline: SpecLike | None, output_dtype: OutputDType
 ) -> OutgoingExtract:
     """An Extract request; pipeline None leaves it unset (later messages of a stream).
 
-    Images are checked here as the server would (sendable dtypes; float64 becomes float32), so a
-    bad array fails before anything is sent, with InvalidTensor naming `images.dtype`.
+    An array is checked here as the server would (sendable dtypes; float64 becomes float32), so
+    a bad array fails before anything is sent, with InvalidTensor naming `images.dtype`; an
+    EncodedBatch goes as `encoded`, for the server to decode.
     """
     output_itemsize(output_dtype)  # ValueError for anything but float32/float16
     message = pb.ExtractRequest(output_dtype=OUTPUT_DTYPES[output_dtype])  # type: ignore[arg-type]
@@ -183,6 +189,9 @@ def request_for(
         message.pipeline_id = pipeline  # type: ignore[assignment]
     elif pipeline is not None:
         message.spec_json = spec_json(pipeline)
+    if isinstance(images, EncodedBatch):
+        message.encoded.CopyFrom(images.message())
+        return OutgoingExtract(message, None)
     return OutgoingExtract(message, None if images is None else sendable(images))
 
 
@@ -210,15 +219,23 @@ def extract_methods(channel: Any) -> tuple[Any, Any]:
 
 
 def reply_bytes_per_image(
-    pipeline: Pipeline | None, images: np.ndarray, output_dtype: OutputDType
+    pipeline: Pipeline | None, images: Batch, output_dtype: OutputDType
 ) -> int:
-    """Bytes of outputs one image gives (0 when the spec is unknown or does not fit it)."""
-    if pipeline is None or images.ndim != 4:
+    """Bytes of outputs one image gives (0 when the spec or the images' size is unknown here,
+    or the spec does not fit it)."""
+    if pipeline is None:
         return 0
     from ..contract.ops import layer_costs
 
     try:
-        _, height, width = image_size(pipeline.input.layout, images.shape)
+        if isinstance(images, EncodedBatch):
+            if images.size is None:
+                return 0  # the size is in the images' headers, read by the server
+            height, width = images.size
+        elif images.ndim != 4:
+            return 0
+        else:
+            _, height, width = image_size(pipeline.input.layout, images.shape)
         shapes = {layer.name: layer.shape for layer in layer_costs(pipeline, height, width)}
     except FeatmapError:
         return 0  # the server will say what is wrong, naming the field
@@ -239,6 +256,33 @@ def images_per_message(
     room = max_message_bytes - text - ENVELOPE_BYTES
     reply_room = max_message_bytes - reply_message_bytes(0, outputs)
     return max(1, min(room // per_image, reply_room // max(1, reply_per_image)))
+
+
+def encoded_parts(
+    batch: EncodedBatch,
+    pipeline: SpecLike,
+    max_message_bytes: int,
+    reply_per_image: int = 0,
+    outputs: int = 0,
+) -> list[EncodedBatch]:
+    """Consecutive parts of an encoded batch, each request within max_message_bytes by its
+    images' bytes (an image larger than that goes alone: the server names it), and each reply
+    within it too (images_per_message's rule, when the size is known)."""
+    text = len(pipeline) if isinstance(pipeline, str) else len(spec_json(pipeline))
+    room = max_message_bytes - text - ENVELOPE_BYTES
+    reply_room = max_message_bytes - reply_message_bytes(0, outputs)
+    most = max(1, reply_room // max(1, reply_per_image))
+    parts: list[EncodedBatch] = []
+    start, used = 0, 0
+    for index, image in enumerate(batch.images):
+        # Each image's field: its bytes, a key and a length of at most ten bytes.
+        size = len(image) + ENCODED_FIELD_BYTES
+        if index > start and (used + size > room or index - start >= most):
+            parts.append(batch.part(start, index))
+            start, used = index, 0
+        used += size
+    parts.append(batch.part(start, len(batch.images)))
+    return parts
 
 
 def chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -305,7 +349,11 @@ def server_info(info: pb.GetServerInfoResponse) -> ServerInfo:
         onnxruntime_version=info.onnxruntime_version,
         available_providers=list(info.available_providers),
         active_providers=list(info.active_providers),
-        limits={field.name: value for field, value in info.limits.ListFields()},
+        # Numbers and flags; encoded_formats a list of names.
+        limits={
+            field.name: list(value) if isinstance(value, Iterable) else value
+            for field, value in info.limits.ListFields()
+        },
         onnx_opset=info.onnx_opset,
         intra_op_threads=info.intra_op_threads,
         grpc_workers=info.grpc_workers,

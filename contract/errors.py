@@ -13,7 +13,7 @@
     ├── StreamIdle                DEADLINE_EXCEEDED; no stream message within the idle timeout
     ├── Unsupported               FAILED_PRECONDITION; this machine cannot run it as asked
     ├── ExecutionFailed           INTERNAL; onnxruntime failed to build or run a session
-    ├── Unavailable               UNAVAILABLE; the server is shutting down: retry elsewhere
+    ├── Unavailable               UNAVAILABLE; shutting down, or the pipeline store unreachable
     └── Abandoned                 the caller stopped waiting before the work started
         ├── Cancelled             CANCELLED; the caller went away
         └── DeadlineExceeded      DEADLINE_EXCEEDED; the caller's deadline passed
@@ -124,7 +124,7 @@ class ExecutionFailed(FeatmapError):
 
 
 class Unavailable(FeatmapError):
-    """The server is shutting down and stopped this call's work: retry, elsewhere if possible."""
+    """The server is shutting down, or its pipeline store is out of reach: retry, elsewhere."""
 
 
 class Abandoned(FeatmapError):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidSpec, InvalidTensor, LimitExceeded
+from .errors import InvalidRequest, InvalidSpec, InvalidTensor, LimitExceeded
 from .ops import (
     INT8_CONV_BYTES_PER_TAP,
     OPS,
@@ -110,9 +110,16 @@ class RequestLimits:
     max_calibration_images: int = 256
     # Names one registered pipeline may have in its tenant (GetPipeline/ListPipelines list them).
     max_names_per_pipeline: int = 16
+    # One encoded image's bytes (ExtractRequest.encoded), checked before its header is read.
+    max_encoded_image_bytes: int = 32 * MIB
 
 
 DEFAULT_LIMITS = RequestLimits()
+
+# The formats an encoded image may have, as Pillow names them: the photos and drawings people
+# send. Others (BMP, TIFF, GIF, ...) are refused before their header is parsed: each format
+# taken is a parser a hostile caller may reach.
+ENCODED_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 @dataclass(frozen=True)
@@ -313,18 +320,63 @@ def check_reply_bytes(size: int, limits: RequestLimits) -> None:
         )
 
 
+def admit_encoded(
+    sizes: Sequence[int], resize: tuple[int, int] | None, limits: RequestLimits, field: str
+) -> None:
+    """Whether encoded images of these byte sizes, resized to `resize` (None: kept as they
+    are), may be read at all: their number and bytes, and the size asked for. Errors name
+    `field` (`encoded.images[3]`, `encoded.height`); each header is checked next
+    (check_image_pixels), before anything is decoded."""
+    if not sizes:
+        raise InvalidTensor(f"{field}.images", "is empty: send at least one image")
+    if len(sizes) > limits.max_images_per_request:
+        raise LimitExceeded(
+            f"{field}.images",
+            f"{len(sizes)} images exceed max_images_per_request={limits.max_images_per_request}",
+        )
+    for index, size in enumerate(sizes):
+        if size > limits.max_encoded_image_bytes:
+            raise LimitExceeded(
+                f"{field}.images[{index}]",
+                f"is {size} bytes, over max_encoded_image_bytes={limits.max_encoded_image_bytes}",
+            )
+        if size == 0:
+            raise InvalidTensor(f"{field}.images[{index}]", "is empty (0 bytes)")
+    if resize is not None:
+        height, width = resize
+        for name, value in (("height", height), ("width", width)):
+            if value < 1:
+                raise InvalidRequest(
+                    f"{field}.{name}", f"is {value}: set height and width both (>= 1), or neither"
+                )
+        check_image_pixels(height, width, limits, f"{field}.height")
+
+
+def check_image_pixels(height: int, width: int, limits: RequestLimits, field: str) -> None:
+    """LimitExceeded when an image of height x width is over max_pixels_per_image."""
+    if height * width > limits.max_pixels_per_image:
+        raise LimitExceeded(
+            field,
+            f"{height}x{width} = {height * width} pixels exceed "
+            f"max_pixels_per_image={limits.max_pixels_per_image}",
+        )
+
+
 @dataclass(frozen=True)
 class DeferredBatch:
     """A batch known by shape and dtype whose bytes are read only once it is admitted.
 
     What shared memory gives: the header travels in the request, the pixels are copied out of
     the client's segment only after admit_batch has accepted their shape (so a 100 GB region
-    costs nothing until a batch that size would be admitted anyway).
+    costs nothing until a batch that size would be admitted anyway). Encoded images alike:
+    their headers give the shape, and they are decoded once admitted. `scratch_bytes`: what
+    reading costs beyond the batch itself (decoding's full-size images), charged with it.
     """
 
     shape: tuple[int, ...]
     dtype: np.dtype
     read: Callable[[], np.ndarray]
+    scratch_bytes: int = 0
 
     @property
     def ndim(self) -> int:
@@ -395,12 +447,7 @@ def admit_batch(
             f"{field}.shape",
             f"{n} images exceed max_images_per_request={limits.max_images_per_request}",
         )
-    if height * width > limits.max_pixels_per_image:
-        raise LimitExceeded(
-            f"{field}.shape",
-            f"{height}x{width} = {height * width} pixels exceed "
-            f"max_pixels_per_image={limits.max_pixels_per_image}",
-        )
+    check_image_pixels(height, width, limits, f"{field}.shape")
     layers = layer_costs(pipeline, height, width)
     cost = batch_cost(pipeline, n, height, width, images.dtype.itemsize)
     if cost.flops > limits.max_flops:

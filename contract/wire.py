@@ -103,6 +103,34 @@ def wire_array(
     return array
 
 
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Encoded image files (their bytes) and how the server is to decode them: what an
+    ExtractRequest's `encoded` carries. `size` (H, W) resizes every image; `draft` lets a JPEG
+    decode at a smaller scale first (featmap.contract.images says the rule)."""
+
+    images: tuple[bytes, ...]
+    size: tuple[int, int] | None = None
+    draft: bool = False
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def nbytes(self) -> int:
+        """The images' bytes together."""
+        return sum(len(image) for image in self.images)
+
+    def part(self, start: int, stop: int) -> EncodedBatch:
+        """Images start..stop-1, decoded the same way."""
+        return EncodedBatch(self.images[start:stop], self.size, self.draft)
+
+    def message(self) -> pb.EncodedImages:
+        """The EncodedImages message."""
+        height, width = self.size or (0, 0)
+        return pb.EncodedImages(images=self.images, height=height, width=width, draft=self.draft)
+
+
 def encode_tensor(array: np.ndarray) -> pb.Tensor:
     """A wire tensor holding `array` (any memory order or byte order) as little-endian C order."""
     code = wire_dtype(array)

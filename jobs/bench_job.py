@@ -197,6 +197,7 @@ class JobBench:
     ceiling: float
     rows: list[tuple[str, float, float, str]]  # path, images/s, ratio to the ceiling, note
     rss: list[tuple[int, int]]  # (images, peak RSS bytes) of the embedded job on small JPEGs
+    peak: dict[str, int]  # "embedded", "remote": the job's peak RSS (bytes) on the folder
 
 
 def job_folders(folder: Path | None, images: int, size: int, where: Path) -> JobFolders:
@@ -273,7 +274,7 @@ def run_job_bench(
         labels = {
             "hand": f"hand-written loop (Pillow, stack, /255, run), {count} files",
             "embedded": f"featmap extract, embedded, {count} files",
-            "remote": f"featmap extract --server 127.0.0.1, {count} files",
+            "remote": f"featmap extract --server 127.0.0.1, {count} files sent encoded",
         }
         rows = []
         for path, values in measured.items():
@@ -298,7 +299,7 @@ def run_job_bench(
                     ]
                 )  # fmt: skip
                 rss.append((count, job.peak_rss_bytes))
-    return JobBench(statistics.median(ceilings), rows, rss)
+    return JobBench(statistics.median(ceilings), rows, rss, peak)
 
 
 # The array job's pipeline: Fashion-MNIST's shape (1x28x28 uint8) through the example's

@@ -69,6 +69,7 @@ def run_extract(
     prefetch: int = 0,
     draft: bool = False,
     checkpoint_after_s: float | None = None,
+    encoded: bool = False,
 ) -> JobReport:
     """Run `pipeline` over `inputs` into `output`; JobError when the job cannot finish.
 
@@ -80,7 +81,8 @@ def run_extract(
     images ahead (default two batches); `draft` lets JPEGs decode at a reduced scale when
     `resize` shrinks them (see images.decode_image). Finished shards are saved as parts once
     the job is `checkpoint_after_s` old (default CHECKPOINT_AFTER_S; 0: each as it finishes;
-    see HeldShards).
+    see HeldShards). `encoded` (a RemoteRunner only): JPEG, PNG and WebP files go as they
+    are, for the server to decode by the same rule.
     """
     from tqdm import tqdm
 
@@ -165,6 +167,7 @@ def run_extract(
         decode_threads=default_decode_threads() if decode_threads is None else decode_threads,
         prefetch=prefetch,
         draft=draft,
+        encoded=encoded,
     )
     # Finished shards are saved on a thread, one at a time, while the next batches compute
     # (onnxruntime and the file writes release the GIL): at most SAVING shards' results wait.
@@ -233,6 +236,8 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
     runner: EmbeddedRunner | RemoteRunner
     if args.name and not args.server:
         raise JobError("--name registers the pipeline on servers: it needs --server", 2)
+    if args.request_images is not None and args.request_images < 1:
+        raise JobError(f"--request-images must be >= 1, not {args.request_images}", 2)
     try:
         calibration = job_calibration(pipeline, args.input, args.calibrate, resize)
     except ValueError as exc:  # --calibrate without int8, or an --input that is not there
@@ -252,6 +257,7 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
                 args.name,
                 args.replace_name,
                 images,
+                args.request_images,
             )
         else:
             runner = EmbeddedRunner(pipeline, args.threads, tensors, images)
@@ -282,6 +288,7 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
             decode_threads=args.decode_threads,
             draft=args.jpeg_draft,
             checkpoint_after_s=args.checkpoint_after,
+            encoded=bool(args.server) and not args.decode_locally,
         )
     except JobError as exc:
         if exc.exit_code == 2:

@@ -14,9 +14,12 @@ import collections
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import numpy as np
+
+from ..contract.wire import EncodedBatch
+from .images import EncodedImage
 
 Item = TypeVar("Item")
 Loaded = TypeVar("Loaded")
@@ -59,34 +62,47 @@ def load_ahead(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+# An encoded batch goes once its files reach this many bytes, full or not: with one more file
+# (at most max_encoded_image_bytes) it stays within a message (max_message_bytes, 64 MiB).
+ENCODED_BATCH_BYTES = 16 << 20
+Image: TypeAlias = np.ndarray | EncodedImage
+
+
 @dataclass
 class Batch:
-    """Images of one size and dtype stacked (N, ...), and their positions in the shard."""
+    """Images of one size and dtype stacked (N, ...), or encoded files of one size, and their
+    positions in the shard."""
 
     positions: list[int]
-    array: np.ndarray
+    array: np.ndarray | EncodedBatch
 
 
 @dataclass
 class SizeGroups:
     """One shard's images grouped by shape and dtype, released as batches of `batch_size`.
 
-    A group is released as soon as it is full; `flush` releases the rest in first-seen order.
-    The batches are those of chunking each group, in input order, by `batch_size`.
+    A group is released as soon as it is full (encoded files: or ENCODED_BATCH_BYTES); `flush`
+    releases the rest in first-seen order. The batches are those of chunking each group, in
+    input order. Encoded files go as EncodedBatch, resized to `resize` and with `draft` as
+    the job asks.
     """
 
     batch_size: int
-    groups: dict[tuple[tuple[int, ...], str], list[tuple[int, np.ndarray]]] = field(
-        default_factory=dict
-    )
+    resize: tuple[int, int] | None = None
+    draft: bool = False
+    groups: dict[tuple[tuple[int, ...], str], list[tuple[int, Image]]] = field(default_factory=dict)
 
-    def add(self, position: int, image: np.ndarray) -> Batch | None:
+    def add(self, position: int, image: Image) -> Batch | None:
         """Add an image; the group's batch when this image filled it."""
-        group = self.groups.setdefault((image.shape, image.dtype.str), [])
+        if isinstance(image, EncodedImage):
+            key: tuple[tuple[int, ...], str] = ((image.height, image.width), "encoded")
+        else:
+            key = (image.shape, image.dtype.str)
+        group = self.groups.setdefault(key, [])
         group.append((position, image))
-        if len(group) < self.batch_size:
+        if len(group) < self.batch_size and not self._bytes_reached(group):
             return None
-        batch = _stacked(group)
+        batch = self._batch(group)
         group.clear()
         return batch
 
@@ -94,11 +110,21 @@ class SizeGroups:
         """The groups' remaining images, one batch per group, in first-seen order."""
         for group in self.groups.values():
             if group:
-                yield _stacked(group)
+                yield self._batch(group)
         self.groups.clear()
 
+    @staticmethod
+    def _bytes_reached(group: list[tuple[int, Image]]) -> bool:
+        files = (image.data for _, image in group if isinstance(image, EncodedImage))
+        return sum(map(len, files)) >= ENCODED_BATCH_BYTES
 
-def _stacked(group: list[tuple[int, np.ndarray]]) -> Batch:
-    # np.stack copies each image once, laying out transposed views (HWC pixels read as CHW)
-    # as it goes; the batch owns its memory, so the decoded images can go.
-    return Batch([position for position, _ in group], np.stack([image for _, image in group]))
+    def _batch(self, group: list[tuple[int, Image]]) -> Batch:
+        # A group is of one kind: its key says encoded or the arrays' shape and dtype.
+        positions = [position for position, _ in group]
+        files = tuple(image.data for _, image in group if isinstance(image, EncodedImage))
+        if files:
+            return Batch(positions, EncodedBatch(files, self.resize, self.draft))
+        # np.stack copies each image once, laying out transposed views (HWC pixels read as
+        # CHW) as it goes; the batch owns its memory, so the decoded images can go.
+        arrays = [image for _, image in group if isinstance(image, np.ndarray)]
+        return Batch(positions, np.stack(arrays))

@@ -1,8 +1,9 @@
 """Inputs of `featmap extract`: finding image and array files, decoding them to the spec's input.
 
 Rules, also in `featmap extract --help` and the README:
-- Image files (PNG, JPEG, BMP, TIFF) are decoded with Pillow and converted to the pipeline's
-  channel count (1 -> "L", 3 -> "RGB", 4 -> "RGBA"; other counts cannot come from an image).
+- Image files (PNG, JPEG, WebP, BMP, TIFF) are decoded with Pillow, by the decoder the server
+  uses for encoded images (featmap.contract.images), and converted to the pipeline's channel
+  count (1 -> "L", 3 -> "RGB", 4 -> "RGBA"; other counts cannot come from an image).
   They stay uint8 pixels, in the pipeline's layout: the job runs them through the pipeline's
   pixel variant (featmap.contract.pixels), which gives the values the pipeline's own rule does.
 - `.npy` holds one image, or a batch (N, ...) of them; `.npz` holds exactly one array, one image.
@@ -25,16 +26,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from ..contract.errors import FeatmapError
+from ..contract.images import PIL_MODES, decode_pixels, read_image_header
+from ..contract.limits import DEFAULT_LIMITS, ENCODED_FORMATS
 from ..contract.pixels import PIXEL_DTYPE
 from ..contract.spec import InputSpec
 from ..contract.tensors import from_hwc, single_image_size
 from .idx import is_idx_name, load_idx, read_header
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+# Image files a job may send to a server as they are (contract.limits.ENCODED_FORMATS); others
+# (BMP, TIFF) are decoded here and sent as pixels.
+ENCODED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
-PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """An image file's bytes, for the server to decode; `height` x `width` is the size it
+    will have (the resize, else its header's)."""
+
+    data: bytes
+    height: int
+    width: int
 
 
 class InputError(Exception):
@@ -180,32 +195,13 @@ def expand(files: Iterable[str], spec: InputSpec) -> tuple[list[InputItem], list
 def decode_image(
     path: Path, spec: InputSpec, resize: tuple[int, int] | None, *, draft: bool = False
 ) -> np.ndarray:
-    """Pixels of an image file as (H, W, C) uint8.
-
-    `draft` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (the smallest still at least `resize`)
-    before the bilinear resize: several times faster for large photos, but the pixels differ
-    a little from a full decode's, so it is the caller's choice.
+    """Pixels of an image file as (H, W, C) uint8, by the decoder the server uses for encoded
+    images (featmap.contract.images): the same pixels whether a job decodes or its server does.
     """
-    mode = PIL_MODES.get(spec.channels)
-    if mode is None:
-        raise InputError(
-            str(path), f"an image has 1, 3 or 4 channels; input.channels={spec.channels}"
-        )
     try:
-        with Image.open(path) as image:
-            if draft and resize is not None:
-                image.draft(mode, (resize[1], resize[0]))  # a no-op for anything but JPEG
-            image.load()  # Pillow decodes lazily: a truncated file must fail here
-            # convert() copies even to the same mode: most photos are RGB already.
-            converted = image if image.mode == mode else image.convert(mode)
-            if resize is not None:
-                height, width = resize
-                converted = converted.resize((width, height), Image.Resampling.BILINEAR)
-            # Read out before the file closes (closing releases a loaded image's memory).
-            pixels = np.asarray(converted, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise InputError(str(path), f"cannot decode image: {exc}") from None
-    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+        return decode_pixels(path, spec.channels, resize, draft=draft, field=str(path))
+    except FeatmapError as exc:
+        raise InputError(str(path), exc.message) from None
 
 
 def _as_input(batch: np.ndarray, spec: InputSpec, name: str, *, pixels: bool) -> np.ndarray:
@@ -326,3 +322,26 @@ def load_item(
     if item.row is not None or item.path.suffix.lower() in ARRAY_SUFFIXES:
         return _load_array(item, spec, arrays)  # arrays are taken as is: --resize is for images
     return from_hwc(decode_image(item.path, spec, resize, draft=draft), spec.layout)
+
+
+def load_encoded(
+    item: InputItem, spec: InputSpec, resize: tuple[int, int] | None
+) -> EncodedImage | None:
+    """An image file's bytes and size (from its header: nothing is decoded), for a server to
+    decode; None for anything else, or a file a server would not take as it is (too many
+    bytes, a format it refuses, a header Pillow cannot read): load_item decodes that one here,
+    and says what is wrong if it cannot."""
+    if item.row is not None or item.path.suffix.lower() not in ENCODED_SUFFIXES:
+        return None
+    if spec.channels not in PIL_MODES:
+        return None  # decode_image says why, for every image
+    path = item.path
+    try:
+        if path.stat().st_size > DEFAULT_LIMITS.max_encoded_image_bytes:
+            return None
+        data = path.read_bytes()
+        header = read_image_header(data, str(path), formats=ENCODED_FORMATS)
+    except (OSError, FeatmapError):
+        return None
+    height, width = resize or (header.height, header.width)
+    return EncodedImage(data, height, width)

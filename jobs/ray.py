@@ -28,17 +28,18 @@ The README's example (bench_ray.RAY_EXAMPLE) reads the files' bytes instead.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from ..client.client import FeatureClient
+from ..contract.errors import FeatmapError
+from ..contract.images import decode_pixels
 from ..contract.precision import QuantizationReport
 from ..contract.spec import (
     InputSpec,
@@ -46,7 +47,7 @@ from ..contract.spec import (
     parse_pipeline,
 )
 from ..contract.tensors import from_hwc
-from .images import IMAGE_SUFFIXES, InputError, decode_image
+from .images import IMAGE_SUFFIXES, InputError
 from .runners import EmbeddedRunner, calibration_by_dtype, pipelines_by_dtype
 from .specfile import load_pipeline_file
 
@@ -138,14 +139,14 @@ def decode_encoded(
 ) -> np.ndarray:
     """One encoded image file's bytes as uint8 pixels in the pipeline's layout.
 
-    `featmap extract`'s decoder and rules (mode from input.channels, bilinear resize, the JPEG
-    draft option); the one call to it here. InputError names `path`.
+    `featmap extract`'s decoder and rules (featmap.contract.images: mode from input.channels,
+    bilinear resize, the JPEG draft option); the one call to it here. InputError names `path`,
+    as the job's decode_image does.
     """
     try:
-        # decode_image opens what PIL.Image.open opens: a file object as well as a path.
-        pixels = decode_image(cast(Path, io.BytesIO(data)), spec, resize, draft=draft)
-    except InputError as exc:
-        raise InputError(path, exc.reason) from None
+        pixels = decode_pixels(data, spec.channels, resize, draft=draft, field=path)
+    except FeatmapError as exc:
+        raise InputError(path, exc.message) from None
     return from_hwc(pixels, spec.layout)
 
 

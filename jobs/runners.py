@@ -18,10 +18,23 @@ from ..contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
 from ..contract.precision import QuantizationReport
 from ..contract.spec import Pipeline
 from ..contract.tensors import single_image_size
+from ..contract.wire import EncodedBatch
 from .targets import grpc_target, target_addresses
 
 if TYPE_CHECKING:
     from ..service.extractor import Target
+    from .job import JobBatch
+
+
+ENCODED = "encoded"
+
+
+def batch_key(batch: JobBatch) -> tuple[str, object]:
+    """(the dtype a batch runs as, what batches joined with it share): its dtype and image
+    shape, or uint8 pixels for encoded image files (ENCODED)."""
+    if isinstance(batch, EncodedBatch):
+        return PIXEL_DTYPE, ENCODED
+    return batch.dtype.name, batch.shape[1:]
 
 
 def pipelines_by_dtype(pipeline: Pipeline) -> dict[str, Pipeline]:
@@ -51,16 +64,25 @@ def calibration_by_dtype(
 REQUEST_FLOPS = 2 * 10**9
 
 
-def request_images(pipeline: Pipeline, batch: np.ndarray) -> int:
+def request_images(pipeline: Pipeline, batch: np.ndarray, limits: Mapping[str, Any]) -> int:
     """Images per request for a job's batches like `batch`: at least the batch, and as many
-    as bring a request's work to REQUEST_FLOPS.
+    as bring a request's work to REQUEST_FLOPS, within the server's `limits` (GetServerInfo's:
+    images, FLOPs and activation bytes per request).
 
     The server runs a larger request as batches of its max_batch_size, so onnxruntime's runs
     stay the size they are fastest at; the client still bounds it by the message size.
     """
     _, height, width = single_image_size(pipeline.input.layout, batch.shape[1:])
-    flops = batch_cost(pipeline, 1, height, width, batch.dtype.itemsize).flops
-    return max(len(batch), math.ceil(REQUEST_FLOPS / max(1, flops)))
+    one = batch_cost(pipeline, 1, height, width, batch.dtype.itemsize)
+    images = [math.ceil(REQUEST_FLOPS / max(1, one.flops))]
+    for limit, per_image in (
+        ("max_images_per_request", 1),
+        ("max_flops", one.flops),
+        ("max_activation_bytes", one.memory_bytes),
+    ):
+        if limits.get(limit):  # a limit the server did not report bounds nothing
+            images.append(int(limits[limit]) // max(1, per_image))
+    return max(len(batch), min(images))
 
 
 class EmbeddedRunner:
@@ -122,9 +144,11 @@ class EmbeddedRunner:
             target = self.targets[dtype] = Target(pipeline, compiled, None)
         return target
 
-    def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    def run(self, batches: Iterable[JobBatch]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs (no reply to fit in a message: reply_in_message off)."""
         for batch in batches:
+            if not isinstance(batch, np.ndarray):
+                raise TypeError("encoded images go to a server: decode them for this runner")
             yield self.extractor.extract(self.target(batch), batch, reply_in_message=False).outputs
 
     def close(self) -> None:
@@ -132,7 +156,8 @@ class EmbeddedRunner:
 
 
 class RemoteRunner:
-    """Batches sent through FeatureClient, `in_flight` requests at a time.
+    """Batches sent through FeatureClient, `in_flight` requests at a time, consecutive small
+    ones joined into one request (`request_images`).
 
     A spec with {"tensor": NAME} weights, an int8 spec, or one given a `name`, is registered
     (with `tensors` and `calibration`, under `name`) on every address the servers resolve to (a
@@ -151,8 +176,14 @@ class RemoteRunner:
         name: str | None = None,
         replace_name: bool = False,
         calibration: np.ndarray | None = None,
+        request_images: int | None = None,
     ) -> None:
         from ..client.client import FeatureClient
+
+        # None: batches of small images are joined (see request_images); a number: at most
+        # that many images a request (a batch is never split).
+        self.request_images = request_images
+        self.server_limits: dict[str, int] | None = None
 
         target, balanced = grpc_target(servers)
         security = security or ChannelSecurity()
@@ -187,20 +218,24 @@ class RemoteRunner:
                         if pipeline.precision == "int8" and self.report is None:
                             self.report = replica.get_pipeline(pipeline_id).int8
 
-    def run(self, batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    def run(self, batches: Iterable[JobBatch]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs from the server(s), in order.
 
         Consecutive batches of one dtype and image shape share one extract_iter, `in_flight`
         requests deep; small ones travel together (see request_images), and their outputs
-        are split back into the job's batches (views).
+        are split back into the job's batches (views). Encoded image files go to the pixel
+        variant, as pixels do (the server decodes them by the job's own decoder), each batch
+        a request: its files' bytes bound it (feed.ENCODED_BATCH_BYTES).
         """
-        for (dtype, _), group in itertools.groupby(
-            batches, key=lambda batch: (batch.dtype.name, batch.shape[1:])
-        ):
+        for (dtype, kind), group in itertools.groupby(batches, key=batch_key):
             # An unexpected dtype goes with the pipeline: the server names images.dtype.
             pipeline = self.pipelines.get(dtype, self.pipelines[self.pipeline.input.dtype])
+            if kind == ENCODED:
+                yield from self.client.extract_iter(group, pipeline)
+                continue
             sizes: collections.deque[list[int]] = collections.deque()
-            requests = self._requests(group, pipeline, sizes)
+            arrays = (batch for batch in group if isinstance(batch, np.ndarray))  # all are
+            requests = self._requests(arrays, pipeline, sizes)
             for outputs in self.client.extract_iter(requests, pipeline):
                 bounds = list(itertools.accumulate(sizes.popleft(), initial=0))
                 for start, stop in itertools.pairwise(bounds):
@@ -217,10 +252,13 @@ class RemoteRunner:
         first = next(batches, None)
         if first is None:
             return
-        most = min(
-            request_images(self.pipeline, first),
-            self.client.images_per_message(first, pipeline),
-        )
+        if self.request_images is None:
+            if self.server_limits is None:
+                self.server_limits = self.client.server_info().limits
+            most = request_images(self.pipeline, first, self.server_limits)
+        else:
+            most = self.request_images
+        most = min(most, self.client.images_per_message(first, pipeline))
         held: list[np.ndarray] = [first]
         for batch in itertools.chain(batches, [None]):
             if batch is not None and sum(map(len, held)) + len(batch) <= most:

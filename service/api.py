@@ -13,10 +13,15 @@ import onnxruntime as ort
 
 from ..contract import __version__
 from ..contract.errors import InvalidRequest, InvalidTensor, NotPermitted
-from ..contract.limits import DeferredBatch, check_reply_bytes, check_request_bytes
+from ..contract.limits import (
+    ENCODED_FORMATS,
+    DeferredBatch,
+    check_reply_bytes,
+    check_request_bytes,
+)
 from ..contract.names import check_pipeline_name
 from ..contract.precision import report_message
-from ..contract.spec import Pipeline, json_schema_text
+from ..contract.spec import InputSpec, Pipeline, json_schema_text
 from ..contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, reply_message_bytes, wire_dtype
 from ..contract.wire import (
     FramedExtractRequest,
@@ -27,6 +32,7 @@ from ..contract.wire import (
 )
 from ..v1 import featmap_pb2 as pb
 from .batching import BatchingPolicy, DynamicBatcher
+from .encoded import ImageDecoder
 from .extractor import Extractor, Target
 from .graph import OPSET
 from .registry import PipelineRegistry, RegisteredPipeline
@@ -35,6 +41,7 @@ from .security import Caller
 from .settings import ServerSettings
 from .shared_memory import SharedMemoryRegistry
 from .specs import SpecCache
+from .store import StoredEntry, open_store
 from .weights import check_tensors
 
 OUTPUT_DTYPE_NAMES = {code: name for name, code in OUTPUT_DTYPES.items()}
@@ -106,17 +113,21 @@ class FeatureService:
         self.extractor = Extractor(
             self.cache, self.limits, self.batcher, run_bytes=settings.run_bytes
         )
-        self.registry = PipelineRegistry(
-            self.cache,
-            settings.max_registered_pipelines,
-            settings.registry_bytes,
-            max_names=settings.max_names_per_pipeline,
-        )
         # Per service: admission depends on this server's limits. Inline specs are kept once
         # admitted (a client sending the same text with every request pays for it once; models
         # are frozen, so sharing them is safe); specs to register are parsed, not kept.
         self.inline_specs = SpecCache(self._admit_inline, self.limits, settings.spec_cache_bytes)
         self.specs = SpecCache(self.extractor.admit, self.limits, settings.spec_cache_bytes)
+        self.registry = PipelineRegistry(
+            self.cache,
+            settings.max_registered_pipelines,
+            settings.registry_bytes,
+            max_names=settings.max_names_per_pipeline,
+            store=open_store(settings.pipeline_store, settings.store_tenant_bytes, self.limits),
+            admit=self._admit_stored,
+            refresh_s=settings.store_refresh_s,
+        )
+        self.decoder = ImageDecoder(settings.decode_threads)
         self.shared_memory = SharedMemoryRegistry(
             lease_seconds=settings.shared_memory_lease_s,
             max_regions=settings.max_shared_memory_regions,
@@ -159,10 +170,27 @@ class FeatureService:
             check_tensors(pipeline, {})  # names the first {"tensor": ...} it cannot have
         return pipeline
 
-    def images(self, request: FramedExtractRequest, caller: Caller) -> np.ndarray | DeferredBatch:
-        """The request's images: a view of the received bytes, or a batch to read from the
-        client's shared memory once admitted."""
+    def _admit_stored(self, entry: StoredEntry) -> Pipeline:
+        """A stored entry's spec (and calibration), admitted as a registration would be: a
+        store file is trusted no more than a request."""
+        pipeline = self.specs.parse(entry.spec_json, "spec_json")
+        if entry.calibration is not None:
+            self.extractor.admit_calibration(pipeline, entry.calibration)
+        return pipeline
+
+    def images(
+        self, request: FramedExtractRequest, caller: Caller, spec: InputSpec
+    ) -> np.ndarray | DeferredBatch:
+        """The request's images: a view of the received bytes, or a batch to read once
+        admitted (from the client's shared memory, or decoded from `encoded`)."""
         message, framed = request.message, request.images
+        if message.HasField("encoded"):
+            if framed is not None or message.HasField("images_region"):
+                raise InvalidRequest("encoded", "set images or encoded, not both")
+            check_request_bytes(request.size, self.limits, "encoded")
+            encoded = message.encoded
+            resize = (encoded.height, encoded.width) if encoded.height or encoded.width else None
+            return self.decoder.batch(encoded.images, resize, encoded.draft, spec, self.limits)
         if message.HasField("images_region"):
             self.check_shared_memory(caller, "images_region")
             if framed is None:
@@ -201,7 +229,9 @@ class FeatureService:
         to_region = message.HasField("output_region")
         if to_region:
             self.check_shared_memory(caller, "output_region")
-        images = self.images(request, caller)
+        if message.HasField("encoded"):
+            target = self.decoder.pixel_target(target)
+        images = self.images(request, caller, target.pipeline.input)
         result = self.extractor.extract(
             target,
             images,
@@ -209,6 +239,7 @@ class FeatureService:
             reply_in_message=not to_region,
             before_run=before_run,
             on_gone=on_gone,
+            field="encoded" if message.HasField("encoded") else "images",
         )
         outputs = result.outputs
         response = pb.ExtractResponse(pipeline_id=result.pipeline_id)
@@ -275,8 +306,9 @@ class FeatureService:
         )
 
     def close(self) -> None:
-        """Forget every shared-memory region."""
+        """Forget every shared-memory region; stop the decode threads."""
         self.shared_memory.close()
+        self.decoder.close()
 
     # ------------------------------------------------------------------ registered pipelines
 
@@ -318,6 +350,7 @@ class FeatureService:
             replace=request.replace,
             calibration=calibration,
             still_wanted=still_wanted,
+            spec_json=request.spec_json,
         )
         return pb.RegisterPipelineResponse(
             pipeline_id=registered.pipeline_id,
@@ -373,9 +406,12 @@ class FeatureService:
         derived = {
             "max_queued_requests": settings.max_queued_requests or 4 * settings.grpc_workers,
             "max_streams": settings.stream_limit,
+            "encoded_formats": list(ENCODED_FORMATS),
         }
         fields: dict[str, Any] = {
-            field.name: derived.get(field.name, getattr(settings, field.name))
+            field.name: derived[field.name]
+            if field.name in derived
+            else getattr(settings, field.name)
             for field in pb.Limits.DESCRIPTOR.fields
         }
         return pb.Limits(**fields)

@@ -225,7 +225,7 @@ class DynamicBatcher:
         batch: list[_Request] = []
         try:
             with self._lock:
-                batch = self._gather(queue, policy)
+                batch = self._gather(queue, policy, leader)
             started = time.monotonic()
             for request in batch:
                 request.started = started
@@ -241,8 +241,10 @@ class DynamicBatcher:
                 if not batch:  # interrupted while gathering: the leader is still queued
                     queue.waiting.remove(leader)
                     queue.images -= len(leader.images)
-                if queue.waiting:
-                    head = queue.waiting[0]
+                # The oldest request that is no leader already leads next (another leader,
+                # gathering its own batch, must not be handed a second one).
+                head = next((r for r in queue.waiting if r.step is not _Step.LEAD), None)
+                if head is not None:
                     head.step = _Step.LEAD
                     head.wake.set()
                 else:
@@ -250,23 +252,36 @@ class DynamicBatcher:
                     if not queue.leaders:
                         del self._queues[key]
 
-    def _gather(self, queue: _Queue, policy: BatchingPolicy) -> list[_Request]:
-        """Pop the next batch off the head of the queue; call with the lock held."""
+    def _gather(self, queue: _Queue, policy: BatchingPolicy, leader: _Request) -> list[_Request]:
+        """Take `leader`'s batch off the queue: the leader, then the requests behind it that
+        are no leader themselves; call with the lock held."""
         # Triton's rule: a batch goes when it is full or its oldest request has waited the
-        # delay. A promoted leader's head has usually waited a whole run already.
-        deadline = queue.waiting[0].arrived + policy.max_queue_delay_us / 1e6
+        # delay. A promoted leader has usually waited a whole run already.
+        deadline = leader.arrived + policy.max_queue_delay_us / 1e6
         while queue.images < policy.max_batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             queue.arrival.wait(remaining)
-        # The head always goes (run() cut larger requests to max_batch_size).
-        batch = [queue.waiting.popleft()]
-        size = len(batch[0].images)
-        # In order: a request that does not fit waits at the head for the next batch.
-        while queue.waiting and size + len(queue.waiting[0].images) <= policy.max_batch_size:
-            batch.append(queue.waiting.popleft())
-            size += len(batch[-1].images)
+        # The leader always goes (run() cut larger requests to max_batch_size). Another
+        # leader's request stays: it is gathering a batch of its own (concurrent_batches > 1).
+        queue.waiting.remove(leader)
+        batch = [leader]
+        size = len(leader.images)
+        # In order: a request that does not fit waits for the next batch, and so does every
+        # request behind it.
+        kept: deque[_Request] = deque()
+        taking = True
+        for request in queue.waiting:
+            if request.step is _Step.LEAD:
+                kept.append(request)
+            elif taking and size + len(request.images) <= policy.max_batch_size:
+                batch.append(request)
+                size += len(request.images)
+            else:
+                taking = False
+                kept.append(request)
+        queue.waiting = kept
         queue.images -= size
         self._stats.batches += 1
         self._stats.requests += len(batch)

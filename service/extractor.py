@@ -89,6 +89,7 @@ class Extractor:
         output_names: Sequence[str] | None = None,
         before_run: Callable[[], None] | None = None,
         on_gone: OnGone | None = None,
+        field: str = "images",
     ) -> Extraction:
         """Admit `images`, run them through `target`, and check the results.
 
@@ -98,7 +99,8 @@ class Extractor:
         `output_names`: those the reply will carry, each once (default: all), to size it. Outputs
         are float32, or float16 (NonFiniteResult for values float16 cannot hold). With a
         batching policy, concurrent calls share onnxruntime runs; the checks stay per call, so
-        one caller's overflow fails that caller alone.
+        one caller's overflow fails that caller alone. Errors about the batch name `field`
+        (`images`, or `encoded` for images the server decodes).
         """
         plan = admit_batch(
             target.pipeline,
@@ -107,14 +109,17 @@ class Extractor:
             output_dtype=output_dtype,
             reply_in_message=reply_in_message,
             output_names=output_names,
+            field=field,
         )
         memory = plan.cost.memory_bytes
+        if isinstance(images, DeferredBatch):
+            memory += images.scratch_bytes  # what reading it costs beside it (decoding)
         with self._runs_lock:
-            self.runs.reserve(memory, "images.shape", "running this batch")
+            self.runs.reserve(memory, f"{field}.shape", "running this batch")
         try:
             if isinstance(images, DeferredBatch):
                 images = images.read()  # only now: its shape passed every limit
-                admit_values(images, self.limits)
+                admit_values(images, self.limits, field)
             stages.note_images(plan.batch)
             compiled = target.compiled or self.cache.get(target.pipeline, still_wanted=before_run)
             if before_run is not None:

@@ -20,13 +20,16 @@ from ..contract.errors import (
     MAX_FIELD_CHARS,
     InvalidRequest,
     InvalidTensor,
+    LimitExceeded,
     NotFound,
     listing,
     shorten,
 )
-from ..contract.limits import check_request_bytes
+from ..contract.limits import DeferredBatch, check_request_bytes
+from ..contract.spec import InputSpec
 from ..contract.tensors import batch_shape
 from ..contract.wire import (
+    MAX_RANK,
     FramedInferRequest,
     FramedInferResponse,
     check_shape,
@@ -51,6 +54,13 @@ from .security import Caller, Tenants, caller_of
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "featmap"
 INPUT_NAME = "images"
+# Encoded image files instead of pixels: BYTES, shape [N] (or [N, 1]), each element a file's
+# bytes; in raw_input_contents as KServe's binary-data convention has it (a 4-byte
+# little-endian length before each element), or in contents.bytes_contents.
+ENCODED_INPUT_NAME = "images_encoded"
+# What the request may say of decoding encoded images: a resize (int64) and JPEG draft (bool).
+ENCODED_PARAMETERS = ("height", "width", "draft")
+BYTES_LENGTH = 4
 # The request id a ModelInfer reply echoes: Triton's clients send UUIDs or counters.
 MAX_INFER_ID_BYTES = 256
 MODEL_VERSION = "1"  # a pipeline id names its content, so each model has this one version
@@ -111,8 +121,9 @@ def _contents_array(tensor: Any, datatype: str, count: int) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
-def check_no_parameters(request: oip.ModelInferRequest) -> None:
-    """InvalidRequest naming the first parameter sent: featmap takes none.
+def check_no_parameters(request: oip.ModelInferRequest, allowed: tuple[str, ...] = ()) -> None:
+    """InvalidRequest naming the first parameter sent but the request-level ones `allowed`
+    (the decoding of encoded images): featmap takes no others.
 
     Ignoring one silently would answer a different question than the one asked (e.g.
     `shared_memory_region`, which Triton reads the input from, would be left unread).
@@ -122,11 +133,53 @@ def check_no_parameters(request: oip.ModelInferRequest) -> None:
     where += [(f"outputs[{i}].parameters", t.parameters) for i, t in enumerate(request.outputs)]
     for field, parameters in where:
         for name in parameters:
+            if field == "parameters" and name in allowed:
+                continue
             raise InvalidRequest(
                 f"{field}[{shorten(repr(name), MAX_FIELD_CHARS // 2)}]",
-                "featmap takes no OIP parameters (no shared memory, sequences, priorities or "
+                "featmap takes no OIP parameters but height, width and draft with "
+                f"{ENCODED_INPUT_NAME!r} (no shared memory, sequences, priorities or "
                 "classification): leave it out",
             )
+
+
+def decode_options(request: oip.ModelInferRequest) -> tuple[tuple[int, int] | None, bool]:
+    """(the resize, draft) the request's parameters ask of encoded images."""
+    values: dict[str, Any] = {}
+    for name in ENCODED_PARAMETERS:
+        if name not in request.parameters:
+            continue
+        parameter = request.parameters[name]
+        kind = "bool_param" if name == "draft" else "int64_param"
+        if parameter.WhichOneof("parameter_choice") != kind:
+            raise InvalidRequest(f"parameters[{name!r}]", f"must be a {kind}")
+        values[name] = getattr(parameter, kind)
+    height, width = values.get("height", 0), values.get("width", 0)
+    return ((height, width) if height or width else None), bool(values.get("draft", False))
+
+
+def bytes_elements(raw: memoryview, count: int, field: str) -> list[bytes]:
+    """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then the bytes;
+    exactly `count` of them (InvalidTensor naming `field` otherwise)."""
+    elements: list[bytes] = []
+    position = 0
+    while position < len(raw):
+        if len(elements) == count:
+            raise InvalidTensor(field, f"holds more than the {count} elements its shape says")
+        if position + BYTES_LENGTH > len(raw):
+            raise InvalidTensor(field, f"ends inside element {len(elements)}'s 4-byte length")
+        length = int.from_bytes(raw[position : position + BYTES_LENGTH], "little")
+        position += BYTES_LENGTH
+        if position + length > len(raw):
+            raise InvalidTensor(
+                field,
+                f"element {len(elements)} says {length} bytes; {len(raw) - position} remain",
+            )
+        elements.append(bytes(raw[position : position + length]))
+        position += length
+    if len(elements) != count:
+        raise InvalidTensor(field, f"holds {len(elements)} elements; its shape says {count}")
+    return elements
 
 
 def check_infer_id(request_id: str) -> None:
@@ -211,17 +264,50 @@ class InferenceService:
             outputs=output_metadata(registered),
         )
 
+    def encoded(self, framed: FramedInferRequest, spec: InputSpec) -> DeferredBatch:
+        """The request's "images_encoded" input, checked and ready to decode once admitted."""
+        request, raw_contents = framed.message, framed.raw_input_contents
+        tensor = request.inputs[0]
+        if tensor.datatype != "BYTES":
+            raise InvalidTensor(
+                "inputs[0].datatype", f"{tensor.datatype or '(empty)'} is not BYTES"
+            )
+        shape = list(tensor.shape)
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+            raise InvalidTensor(
+                "inputs[0].shape", f"is {shape[:MAX_RANK]}; encoded images are [N] or [N, 1]"
+            )
+        limits = self.service.limits
+        count = shape[0]
+        if count > limits.max_images_per_request:
+            raise LimitExceeded(
+                "inputs[0].shape",
+                f"{count} images exceed max_images_per_request={limits.max_images_per_request}",
+            )
+        if raw_contents:
+            if len(raw_contents) != 1:
+                raise InvalidRequest(
+                    "raw_input_contents",
+                    f"has {len(raw_contents)} entries; one per input (1) is needed",
+                )
+            images = bytes_elements(raw_contents[0], count, "raw_input_contents[0]")
+        else:
+            images = list(tensor.contents.bytes_contents)
+            if len(images) != count:
+                raise InvalidTensor(
+                    "inputs[0].contents.bytes_contents",
+                    f"has {len(images)} elements; its shape says {count}",
+                )
+        resize, draft = decode_options(request)
+        return self.service.decoder.batch(
+            images, resize, draft, spec, limits, field=ENCODED_INPUT_NAME
+        )
+
     def images(self, framed: FramedInferRequest, registered: RegisteredPipeline) -> np.ndarray:
         """The request's one input as an array (a view of the received bytes when raw), its
         name, datatype, shape and bytes checked."""
         request, raw_contents = framed.message, framed.raw_input_contents
-        if len(request.inputs) != 1:
-            raise InvalidRequest(
-                "inputs", f"has {len(request.inputs)} tensors; the model takes one, {INPUT_NAME!r}"
-            )
         tensor = request.inputs[0]
-        if tensor.name != INPUT_NAME:
-            raise InvalidTensor("inputs[0].name", f"{tensor.name!r} is not {INPUT_NAME!r}")
         wanted = DATATYPES[registered.compiled.pipeline.input.dtype]
         if tensor.datatype != wanted:
             raise InvalidTensor(
@@ -260,15 +346,36 @@ class InferenceService:
         registered = self.model(request.model_name, request.model_version, caller, "model_name")
         pipeline = registered.compiled.pipeline
         check_request_bytes(framed.size, self.service.limits, "raw_input_contents")
-        check_no_parameters(request)
+        if len(request.inputs) != 1:
+            raise InvalidRequest(
+                "inputs",
+                f"has {len(request.inputs)} tensors; the model takes one, {INPUT_NAME!r} "
+                f"or {ENCODED_INPUT_NAME!r}",
+            )
+        encoded = request.inputs[0].name == ENCODED_INPUT_NAME
+        check_no_parameters(request, ENCODED_PARAMETERS if encoded else ())
         names = requested_outputs(request, pipeline.output_names)
-        images = self.images(framed, registered)
+        target = self.service.registered_target(registered)
+        images: np.ndarray | DeferredBatch
+        if encoded:
+            target = self.service.decoder.pixel_target(target)
+            images = self.encoded(framed, target.pipeline.input)
+        elif request.inputs[0].name != INPUT_NAME:
+            name = request.inputs[0].name
+            raise InvalidTensor(
+                "inputs[0].name",
+                f"{shorten(repr(name), MAX_FIELD_CHARS)} is not {INPUT_NAME!r} or "
+                f"{ENCODED_INPUT_NAME!r}",
+            )
+        else:
+            images = self.images(framed, registered)
         outputs = self.service.extractor.extract(
-            self.service.registered_target(registered),
+            target,
             images,
             output_names=names,
             before_run=before_run,
             on_gone=on_gone,
+            field=ENCODED_INPUT_NAME if encoded else "images",
         ).outputs
         response = oip.ModelInferResponse(
             model_name=request.model_name, model_version=MODEL_VERSION, id=request.id

@@ -302,6 +302,11 @@ class FeatmapServer:
             log.info("listening on %s", self.unix_address)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+        store = self.service.registry.store
+        if store is None:
+            log.info("registered pipelines are kept in memory only (pipeline_store=none)")
+        else:
+            log.info("registered pipelines are kept in %s", store.location)
         return self
 
     def stop(self, grace: float | None = None) -> bool:

@@ -14,6 +14,12 @@ from ..contract.limits import DEFAULT_LIMITS, MIB, RequestLimits
 GIB = 1024 * MIB
 
 
+def default_pipeline_store() -> str:
+    """$XDG_DATA_HOME/featmap/pipelines, else ~/.local/share/featmap/pipelines."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(data_home) / "featmap" / "pipelines")
+
+
 def default_grpc_workers() -> int:
     """Handler threads: enough for a full dynamic batch to gather while one runs.
 
@@ -40,7 +46,16 @@ class ServerSettings(BaseSettings):
     # Spinning intra-op threads burn a core while idle; off leaves it to gRPC and the client.
     intra_op_spinning: bool = False
     session_cache_size: int = Field(default=32, ge=1)
+    # Registered pipelines compiled and kept in memory. With a pipeline store this bounds a
+    # cache: the least recently used are evicted (the store keeps them) instead of refusing.
     max_registered_pipelines: int = Field(default=256, ge=1)
+    # Where registrations are kept (service/store.py): a directory, or an fsspec URL (s3://,
+    # gs://, memory://; `pip install "featmap[store-fsspec]"`); "none": in memory only.
+    pipeline_store: str | None = Field(default_factory=default_pipeline_store)
+    # Names moved and pipelines deleted on another replica are seen within this many seconds.
+    store_refresh_s: float = Field(default=2.0, gt=0)
+    # Each tenant's bytes in the pipeline store.
+    store_tenant_bytes: int = Field(default=GIB, ge=1024)
     # Memory budgets in bytes, estimated before allocating (contract.limits: spec_memory,
     # session_memory): parsed inline specs (and parses in flight), compiled sessions of inline
     # specs (and builds in flight, at their peak), registered pipelines (over all tenants).
@@ -86,6 +101,9 @@ class ServerSettings(BaseSettings):
     allow_non_finite_input: bool = DEFAULT_LIMITS.allow_non_finite_input
     max_calibration_images: int = Field(default=DEFAULT_LIMITS.max_calibration_images, ge=1)
     max_names_per_pipeline: int = Field(default=DEFAULT_LIMITS.max_names_per_pipeline, ge=1)
+    max_encoded_image_bytes: int = Field(default=DEFAULT_LIMITS.max_encoded_image_bytes, ge=1)
+    # Threads decoding encoded images (ExtractRequest.encoded), shared by all calls; 0: one a core.
+    decode_threads: int = Field(default=0, ge=0)
     # Extract/ExtractStream calls admitted at once (running or waiting for a handler thread);
     # None: 4 x grpc_workers. Beyond it, RESOURCE_EXHAUSTED at once, marked retryable.
     max_queued_requests: int | None = Field(default=None, ge=1)
@@ -112,6 +130,13 @@ class ServerSettings(BaseSettings):
     def _split_tokens(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [token.strip() for token in value.split(",") if token.strip()]
+        return value
+
+    @field_validator("pipeline_store")
+    @classmethod
+    def _store_off(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "none"):
+            return None
         return value
 
     @model_validator(mode="after")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,16 @@ from featmap.service.graph import INPUT_NAME, compile_pipeline
 from featmap.service.reference import reference_outputs
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
+
+# No test touches the user's pipeline store (~/.local/share/featmap/pipelines): in-process
+# servers keep their registrations in memory, as a fresh server's empty listing expects, unless
+# a test gives one a store of its own (tests/test_store.py); `featmap serve` subprocesses, whose
+# environment tests/test_cli.py's clean_env clears of FEATMAP_*, each get a data folder of their
+# own under DATA_ROOT (clean_env), so their default store is a fresh temporary one.
+DATA_ROOT = tempfile.mkdtemp(prefix="featmap-test-data-")
+atexit.register(shutil.rmtree, DATA_ROOT, True)
+os.environ["FEATMAP_PIPELINE_STORE"] = "none"
+os.environ["XDG_DATA_HOME"] = DATA_ROOT
 
 # The README's first example: conv -> relu -> max pool -> global average pool, two taps.
 README_SPEC: dict[str, Any] = {

@@ -395,3 +395,35 @@ def test_lone_failing_request_is_not_retried(
     assert_matches_reference(
         batcher.run(recording, images, BatchingPolicy()), readme.pipeline, images
     )
+
+
+@pytest.mark.parametrize("callers", [2, 6])
+def test_two_leaders_gathering_at_once_each_run_their_own_request(
+    readme: CompiledPipeline, callers: int
+) -> None:
+    # Both first callers lead (concurrent_batches=2) and both wait the delay for company: one
+    # must never take the other's request into its batch (the other then had nothing to run).
+    batcher = DynamicBatcher(concurrent_batches=2)
+    recording = RecordingPipeline(readme)
+    policy = BatchingPolicy(max_batch_size=8, max_queue_delay_us=100_000)
+    images = [random_images(1, seed=index) for index in range(callers)]
+    results: list[dict[str, np.ndarray] | BaseException | None] = [None] * callers
+    barrier = threading.Barrier(callers)
+
+    def call(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = batcher.run(recording, images[index], policy)
+        except BaseException as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    for outcome, batch in zip(results, images, strict=True):
+        assert isinstance(outcome, dict), outcome
+        assert_matches_reference(outcome, readme.pipeline, batch)
+    assert sum(recording.sizes) == callers
+    assert batcher.active_keys() == 0

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from featmap.contract.spec import (
 )
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
-from tests.conftest import README_SPEC, assert_matches_reference
+from tests.conftest import DATA_ROOT, README_SPEC, assert_matches_reference
 
 FEATMAP = Path(sys.executable).parent / "featmap"
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
@@ -34,8 +35,10 @@ START_TIMEOUT_S = 20.0
 
 
 def clean_env(**variables: str) -> dict[str, str]:
-    """This process's environment without FEATMAP_* settings, plus `variables`."""
+    """This process's environment without FEATMAP_* settings, plus `variables`; a data folder
+    of its own, so that a server's default pipeline store starts empty (tests/conftest.py)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("FEATMAP_")}
+    env["XDG_DATA_HOME"] = tempfile.mkdtemp(dir=DATA_ROOT)
     return {**env, **variables}
 
 

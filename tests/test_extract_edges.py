@@ -180,8 +180,12 @@ def test_large_images_go_one_batch_a_request() -> None:
     pipeline = parse_pipeline(README_SPEC)
     small = np.zeros((32, 3, 8, 8), dtype=np.float32)
     large = np.zeros((32, 3, 2048, 2048), dtype=np.float32)
-    assert request_images(pipeline, large) == 32
-    assert request_images(pipeline, small) > 32
+    limits = {"max_images_per_request": 64, "max_flops": 10**13, "max_activation_bytes": 2**40}
+    assert request_images(pipeline, large, limits) == 32
+    assert request_images(pipeline, small, limits) == 64  # the server's limit
+    assert request_images(pipeline, small, {**limits, "max_images_per_request": 10**6}) > 64
+    # Fewer than a batch by the server's limits: the batch goes alone, as it would unjoined.
+    assert request_images(pipeline, small, {**limits, "max_activation_bytes": 1}) == 32
 
 
 SLOW_SPEC: dict[str, Any] = {

@@ -32,7 +32,7 @@ SERVER_JOBS = {"bench.py", "bench_base.py", "bench_int8.py", "bench_job.py", "ex
 CLIENT_SIDE = ("contract", "client", "jobs")
 SERVER_SIDE = ("service",)
 # Imported only inside the functions that need them, each from its own extra.
-OPTIONAL = {"pyarrow": "parquet", "ray": "ray"}
+OPTIONAL = {"pyarrow": "parquet", "ray": "ray", "fsspec": "store-fsspec"}
 
 
 def distribution(requirement: str) -> str:

@@ -1,5 +1,6 @@
 """A Node.js client built from featmap.proto alone (examples/node) against a real server:
-Extract, RegisterPipeline, ExtractStream and an error's featmap-field trailer."""
+Extract, RegisterPipeline, ExtractStream, an error's featmap-field trailer, and image files
+sent encoded."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from featmap.contract.images import decode_pixels
+from featmap.contract.pixels import pixel_values
 from featmap.contract.spec import parse_pipeline
 from featmap.service.server import FeatmapServer
 from tests.conftest import README_SPEC, assert_matches_reference
@@ -61,15 +65,21 @@ def arrays(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
-def test_node_client_talks_to_featmap(node_client: Path, server: FeatmapServer) -> None:
+def test_node_client_talks_to_featmap(
+    node_client: Path, server: FeatmapServer, tmp_path: Path
+) -> None:
     rng = np.random.default_rng(5)
     images = rng.random((2, 3, 6, 7), dtype=np.float32)
     weight = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    files = [tmp_path / "a.jpg", tmp_path / "b.png"]
+    for file in files:
+        Image.fromarray(rng.integers(0, 256, (13, 17, 3), dtype=np.uint8)).save(file)
     job = {
         "spec": README_SPEC,
         "tensor_spec": TENSOR_SPEC,
         "weights": {"w": {"shape": list(weight.shape), "values": weight.ravel().tolist()}},
         "images": {"shape": list(images.shape), "values": images.ravel().tolist()},
+        "files": {"paths": [str(file) for file in files], "height": 8, "width": 10},
     }
     result = subprocess.run(
         ["node", str(node_client), server.address],
@@ -89,6 +99,12 @@ def test_node_client_talks_to_featmap(node_client: Path, server: FeatmapServer) 
     for message in answers["stream"]:
         for name, array in arrays(message["outputs"]).items():
             np.testing.assert_array_equal(array, registered[name])
+
+    # The files, decoded by the server with the job's decoder: the reference on those pixels.
+    pixels = np.stack([decode_pixels(file, 3, (8, 10)) for file in files]).transpose(0, 3, 1, 2)
+    served = arrays(answers["files"]["outputs"])
+    assert served["conv1"].shape == (2, 8, 8, 10)
+    assert_matches_reference(served, readme, pixel_values(pixels, readme.input))
 
     error = answers["error"]
     assert error["code"] == "INVALID_ARGUMENT"

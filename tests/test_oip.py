@@ -12,12 +12,16 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from featmap.client import FeatureClient
 from featmap.contract import __version__
+from featmap.contract.images import decode_pixels
+from featmap.contract.pixels import pixel_values
 from featmap.contract.spec import parse_pipeline
 from featmap.oip import grpc_predict_v2_pb2 as oip
 from featmap.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from featmap.service.reference import reference_outputs
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
 from tests.conftest import README_SPEC, assert_matches_reference
@@ -233,7 +237,7 @@ TRITON_SCRIPT = textwrap.dedent(
     import numpy as np
     import tritonclient.grpc as tc
 
-    url, model, out = sys.argv[1:]
+    url, model, out = sys.argv[1:4]
     client = tc.InferenceServerClient(url)
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(model)
@@ -244,8 +248,13 @@ TRITON_SCRIPT = textwrap.dedent(
     tensor.set_data_from_numpy(images)
     outputs = [tc.InferRequestedOutput("conv1"), tc.InferRequestedOutput("features")]
     result = client.infer(model, [tensor], outputs=outputs)
+    # Image files as a BYTES input, resized by the server (request parameters).
+    files = tc.InferInput("images_encoded", [2], "BYTES")
+    files.set_data_from_numpy(np.array([open(p, "rb").read() for p in sys.argv[4:]], dtype=object))
+    resize = {"height": 8, "width": 10}
+    encoded = client.infer(model, [files], outputs=outputs[1:], parameters=resize)
     np.savez(out, images=images, conv1=result.as_numpy("conv1"),
-             features=result.as_numpy("features"))
+             features=result.as_numpy("features"), encoded=encoded.as_numpy("features"))
     """
 )
 
@@ -266,8 +275,19 @@ def test_tritonclient_talks_to_featmap(
     script = tmp_path / "triton_client.py"
     script.write_text(TRITON_SCRIPT)
     out = tmp_path / "result.npz"
+    files = [tmp_path / "a.jpg", tmp_path / "b.png"]
+    for file in files:
+        pixels = np.random.default_rng(6).integers(0, 256, (12, 9, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(file)
     done = subprocess.run(
-        [str(TRITONCLIENT_PYTHON), str(script), server.address, readme_model, str(out)],
+        [
+            str(TRITONCLIENT_PYTHON),
+            str(script),
+            server.address,
+            readme_model,
+            str(out),
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -277,7 +297,13 @@ def test_tritonclient_talks_to_featmap(
     with np.load(out) as result:
         images = result["images"]
         outputs = {name: result[name] for name in ("conv1", "features")}
-    assert_matches_reference(outputs, parse_pipeline(README_SPEC), images)
+        encoded = result["encoded"]
+    readme = parse_pipeline(README_SPEC)
+    assert_matches_reference(outputs, readme, images)
+    # The registered float pipeline runs the decoded pixels as pixel / 255 (the pixel rule).
+    pixels = np.stack([decode_pixels(file, 3, (8, 10)) for file in files]).transpose(0, 3, 1, 2)
+    expected = reference_outputs(readme, pixel_values(pixels, readme.input))["features"]
+    np.testing.assert_allclose(encoded, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_bearer_tokens_apply() -> None:

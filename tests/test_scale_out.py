@@ -77,7 +77,8 @@ def featmap_extract(
     return subprocess.Popen(
         [str(FEATMAP), "extract", "--pipeline", str(pipeline_file),
          "--input", str(tmp_path / "images.npy"), "--output", str(tmp_path / "out.npz"),
-         "--batch-size", "1", "--in-flight", "4", "--quiet", *servers],
+         "--batch-size", "1", "--request-images", "1", "--in-flight", "4", "--quiet",
+         *servers],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
     )  # fmt: skip
 

@@ -285,6 +285,8 @@ def test_server_info(client: FeatureClient, server: FeatmapServer) -> None:
         "registry_bytes": settings.registry_bytes,
         "max_calibration_images": settings.max_calibration_images,
         "max_names_per_pipeline": settings.max_names_per_pipeline,
+        "max_encoded_image_bytes": settings.max_encoded_image_bytes,
+        "encoded_formats": ["JPEG", "PNG", "WEBP"],
     }
 
 

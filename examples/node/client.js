@@ -1,11 +1,13 @@
 // A featmap client in Node.js, built from proto/featmap/v1/featmap.proto alone
-// (@grpc/grpc-js + @grpc/proto-loader): Extract, RegisterPipeline, ExtractStream, and an error
-// with its featmap-field trailer.
+// (@grpc/grpc-js + @grpc/proto-loader): Extract, RegisterPipeline, ExtractStream, an error
+// with its featmap-field trailer, and image files sent as they are for the server to decode.
 //
 //   npm ci && node client.js 127.0.0.1:50051 < job.json > results.json
 //
 // job.json: {"spec": {...}, "tensor_spec": {...}, "weights": {"name": {"shape": [...],
-// "values": [...]}}, "images": {"shape": [N, C, H, W], "values": [...]}} (float32 values).
+// "values": [...]}}, "images": {"shape": [N, C, H, W], "values": [...]}} (float32 values),
+// and optionally "files": {"paths": ["a.jpg", ...], "height": H, "width": W}: JPEG, PNG or
+// WebP files sent as ExtractRequest.encoded, decoded and resized to H x W by the server.
 "use strict";
 
 const path = require("path");
@@ -94,6 +96,18 @@ async function main() {
     sequence: Number(answer.sequence),
     outputs: decoded(answer.outputs),
   }));
+
+  if (job.files) {
+    // The files' bytes as they are: the server decodes them as `featmap extract` does.
+    const fs = require("fs");
+    const encoded = {
+      images: job.files.paths.map((file) => fs.readFileSync(file)),
+      height: job.files.height,
+      width: job.files.width,
+    };
+    const fromFiles = await unary(client, "Extract", { spec_json: JSON.stringify(job.spec), encoded });
+    results.files = { outputs: decoded(fromFiles.outputs) };
+  }
 
   const wrong = { dtype: "FLOAT32", shape: [1, 2, 4, 4], data: Buffer.alloc(2 * 16 * 4) };
   try {

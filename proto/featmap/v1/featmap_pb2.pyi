@@ -41,20 +41,34 @@ class SharedMemoryRef(_message.Message):
     def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
-    __slots__ = ("spec_json", "pipeline_id", "images", "output_dtype", "images_region", "output_region")
+    __slots__ = ("spec_json", "pipeline_id", "images", "output_dtype", "images_region", "output_region", "encoded")
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_REGION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
     pipeline_id: str
     images: Tensor
     output_dtype: DType
     images_region: SharedMemoryRef
     output_region: SharedMemoryRef
-    def __init__(self, spec_json: _Optional[str] = ..., pipeline_id: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., images_region: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., output_region: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    encoded: EncodedImages
+    def __init__(self, spec_json: _Optional[str] = ..., pipeline_id: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., images_region: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., output_region: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., encoded: _Optional[_Union[EncodedImages, _Mapping]] = ...) -> None: ...
+
+class EncodedImages(_message.Message):
+    __slots__ = ("images", "height", "width", "draft")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    height: int
+    width: int
+    draft: bool
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., draft: _Optional[bool] = ...) -> None: ...
 
 class ExtractResponse(_message.Message):
     __slots__ = ("outputs", "pipeline_id", "output_regions", "sequence")
@@ -276,7 +290,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters", "max_registered_pipelines", "max_kernel_size", "max_flops", "max_activation_bytes", "allow_non_finite_input", "max_queued_requests", "max_streams", "stream_idle_timeout_s", "max_spec_bytes", "spec_cache_bytes", "session_cache_bytes", "registry_bytes", "shared_memory", "max_calibration_images", "max_names_per_pipeline")
+    __slots__ = ("max_message_bytes", "max_images_per_request", "max_pixels_per_image", "max_layers", "session_cache_size", "max_parameters", "max_registered_pipelines", "max_kernel_size", "max_flops", "max_activation_bytes", "allow_non_finite_input", "max_queued_requests", "max_streams", "stream_idle_timeout_s", "max_spec_bytes", "spec_cache_bytes", "session_cache_bytes", "registry_bytes", "shared_memory", "max_calibration_images", "max_names_per_pipeline", "max_encoded_image_bytes", "encoded_formats")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +312,8 @@ class Limits(_message.Message):
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     MAX_CALIBRATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_NAMES_PER_PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENCODED_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FORMATS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_images_per_request: int
     max_pixels_per_image: int
@@ -319,7 +335,9 @@ class Limits(_message.Message):
     shared_memory: bool
     max_calibration_images: int
     max_names_per_pipeline: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_registered_pipelines: _Optional[int] = ..., max_kernel_size: _Optional[int] = ..., max_flops: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., allow_non_finite_input: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_spec_bytes: _Optional[int] = ..., spec_cache_bytes: _Optional[int] = ..., session_cache_bytes: _Optional[int] = ..., registry_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., max_calibration_images: _Optional[int] = ..., max_names_per_pipeline: _Optional[int] = ...) -> None: ...
+    max_encoded_image_bytes: int
+    encoded_formats: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_registered_pipelines: _Optional[int] = ..., max_kernel_size: _Optional[int] = ..., max_flops: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., allow_non_finite_input: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_spec_bytes: _Optional[int] = ..., spec_cache_bytes: _Optional[int] = ..., session_cache_bytes: _Optional[int] = ..., registry_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., max_calibration_images: _Optional[int] = ..., max_names_per_pipeline: _Optional[int] = ..., max_encoded_image_bytes: _Optional[int] = ..., encoded_formats: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "onnxruntime_version", "available_providers", "active_providers", "limits", "onnx_opset", "intra_op_threads", "grpc_workers", "default_batching", "spec_schema_json")
