@@ -40,6 +40,7 @@ import numpy as np
 from ..client.client import FeatureClient
 from ..contract.errors import FeatmapError
 from ..contract.images import decode_pixels
+from ..contract.pixels import PIXEL_DTYPE
 from ..contract.precision import QuantizationReport
 from ..contract.spec import (
     InputSpec,
@@ -47,12 +48,14 @@ from ..contract.spec import (
     parse_pipeline,
 )
 from ..contract.tensors import from_hwc
-from .images import IMAGE_SUFFIXES, InputError
+from .images import IMAGE_SUFFIXES, InputError, encoded_image
 from .runners import EmbeddedRunner, calibration_by_dtype, pipelines_by_dtype
 from .specfile import load_pipeline_file
 
 PipelineLike = Pipeline | Mapping[str, Any] | str | Path
 Batch = dict[str, np.ndarray]
+# Rows of a batch and the outputs of running them (in those rows' order).
+Run = tuple[list[int], Mapping[str, np.ndarray]]
 # The image files `featmap extract` reads, for read_binary_files(file_extensions=...).
 IMAGE_EXTENSIONS = sorted(suffix.removeprefix(".") for suffix in IMAGE_SUFFIXES)
 
@@ -177,8 +180,11 @@ class FeatureExtractor:
             pipeline is registered with them and run by id. `report` says what int8 was
             measured to cost.
         encoded_column: a column of encoded image files' bytes (`read_binary_files`'
-            "bytes"), decoded here by `featmap extract`'s rules; the outputs replace it (no
-            image column is added). None: the images come decoded, in `image_column`.
+            "bytes"), decoded by `featmap extract`'s rules; the outputs replace it (no image
+            column is added). With `server`, the files it takes as they are (JPEG, PNG, WebP
+            within its byte limit) go as they are and it decodes them, as `featmap extract
+            --server` sends them; the rest are decoded here. None: the images come decoded,
+            in `image_column`.
         resize: (height, width) every decoded image is resized to (bilinear), as --resize.
         draft: let JPEGs decode at a reduced scale before the resize, as --jpeg-draft.
     """
@@ -246,24 +252,6 @@ class FeatureExtractor:
         assert self.runner is not None
         return next(self.runner.run([images]))
 
-    def _decoded(self, batch: Batch) -> np.ndarray:
-        """The images of the batch's encoded column, decoded: stacked, or an object array."""
-        assert self.encoded_column is not None
-        encoded = batch[self.encoded_column]
-        paths = batch.get("path")
-        spec = self.pipeline.input
-
-        def decode(row: int) -> np.ndarray:
-            path = f"row {row}" if paths is None else str(paths[row])
-            return decode_encoded(bytes(encoded[row]), path, spec, self.resize, self.draft)
-
-        if self.decoders == 1 or len(encoded) == 1:
-            images = [decode(row) for row in range(len(encoded))]
-        else:
-            with ThreadPoolExecutor(self.decoders, thread_name_prefix="featmap-decode") as pool:
-                images = list(pool.map(decode, range(len(encoded))))
-        return _stacked(images)
-
     def __call__(self, batch: Batch) -> Batch:
         """The batch with one float32 column per requested output, rows in input order.
 
@@ -272,27 +260,72 @@ class FeatureExtractor:
         store to the next operator.
         """
         if self.encoded_column is None:
-            return {**batch, **self._outputs(batch[self.image_column])}
+            column = batch[self.image_column]
+            if column.dtype != object:  # one stacked batch: one run
+                outputs = self._run(column)
+                return {**batch, **{name: np.asarray(outputs[name]) for name in self.outputs}}
+            images = _images_of(column)
+            return {**batch, **self._joined(self._pixel_runs(images, range(len(images))))}
         kept = {name: column for name, column in batch.items() if name != self.encoded_column}
-        return {**kept, **self._outputs(self._decoded(batch))}
+        return {**kept, **self._joined(self._encoded_runs(batch))}
 
-    def _outputs(self, column: np.ndarray) -> Batch:
-        """One column per requested output for a column of images, in its row order."""
-        if column.dtype != object:
-            outputs = self._run(column)
-            return {name: np.asarray(outputs[name]) for name in self.outputs}
-        # Images of several sizes: run each size as its own batch, like `featmap extract`.
-        images = _images_of(column)
+    def _pixel_runs(self, images: Sequence[np.ndarray], rows: Sequence[int]) -> list[Run]:
+        """Images (of `rows`) run in batches of one size and dtype, like `featmap extract`."""
         by_shape: dict[tuple[tuple[int, ...], str], list[int]] = {}
-        for row, image in enumerate(images):
-            by_shape.setdefault((image.shape, image.dtype.str), []).append(row)
-        per_row: list[dict[str, np.ndarray]] = [{} for _ in images]
-        for rows in by_shape.values():
-            outputs = self._run(np.stack([images[row] for row in rows]))
+        for index, image in enumerate(images):
+            by_shape.setdefault((image.shape, image.dtype.str), []).append(index)
+        return [
+            ([rows[index] for index in group], self._run(np.stack([images[i] for i in group])))
+            for group in by_shape.values()
+        ]
+
+    def _encoded_runs(self, batch: Batch) -> list[Run]:
+        """The encoded column's images run: with a server, the files it takes as they are go
+        as they are (it decodes them by the same rules, `featmap extract --server`'s
+        default); the rest are decoded here."""
+        assert self.encoded_column is not None
+        encoded = [bytes(data) for data in batch[self.encoded_column]]
+        paths = batch.get("path")
+        names = [f"row {row}" if paths is None else str(paths[row]) for row in range(len(encoded))]
+        spec = self.pipeline.input
+        runs: list[Run] = []
+        here = list(range(len(encoded)))
+        if self.client is not None:
+            by_size: dict[tuple[int, int], list[int]] = {}
+            here = []
+            for row, data in enumerate(encoded):
+                image = encoded_image(data, names[row], spec, self.resize)
+                if image is None:
+                    here.append(row)
+                else:
+                    by_size.setdefault((image.height, image.width), []).append(row)
+            for rows in by_size.values():
+                outputs = self.client.extract_encoded(
+                    [encoded[row] for row in rows],
+                    self._remote[PIXEL_DTYPE],
+                    size=self.resize,
+                    draft=self.draft,
+                )
+                runs.append((rows, outputs))
+
+        def decode(row: int) -> np.ndarray:
+            return decode_encoded(encoded[row], names[row], spec, self.resize, self.draft)
+
+        if self.decoders == 1 or len(here) <= 1:
+            images = [decode(row) for row in here]
+        else:
+            with ThreadPoolExecutor(self.decoders, thread_name_prefix="featmap-decode") as pool:
+                images = list(pool.map(decode, here))
+        return runs + self._pixel_runs(images, here)
+
+    def _joined(self, runs: list[Run]) -> Batch:
+        """One column per requested output from runs over parts of the batch, in row order."""
+        per_row: dict[int, dict[str, np.ndarray]] = {}
+        for rows, outputs in runs:
             for index, row in enumerate(rows):
                 per_row[row] = {name: np.array(outputs[name][index]) for name in self.outputs}
         return {
-            name: _stacked([per_row[row][name] for row in range(len(images))])
+            name: _stacked([per_row[row][name] for row in range(len(per_row))])
             for name in self.outputs
         }
 

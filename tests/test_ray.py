@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,23 @@ def test_encoded_images_decode_by_extracts_rules(draft: bool, photos: Path, tmp_
     # The outputs replace the encoded column; the decoded pixels stay in the actor.
     assert sorted(batch) == ["conv1", "features", "path"]
     assert batch["conv1"].shape == (10, 8, 10, 12)  # one stacked batch: every image resized
+    got = {
+        str(path): {name: batch[name][row][None] for name in pipeline.output_names}
+        for row, path in enumerate(batch["path"])
+    }
+    assert_same_features(got, want)
+
+
+def test_encoded_images_to_a_server(photos: Path, tmp_path: Path, server: FeatmapServer) -> None:
+    pipeline = parse_pipeline(README_SPEC)
+    names = [str(Path(file).relative_to(photos)) for file in find_files([photos])]
+    want = extract_file(pipeline, photos, tmp_path / "f.npz")
+    # The PNGs and JPEGs of both sizes go encoded (two requests); the BMPs and TIFFs, which a
+    # server does not take, are decoded here; every row lands back at its place.
+    before = server.service.decoder.decoded
+    with closing(FeatureExtractor(pipeline, server=server.address, encoded_column="bytes")) as fx:
+        batch = fx(encoded_batch(photos, names))
+    assert server.service.decoder.decoded - before == 6  # 2 JPEGs and 4 PNGs
     got = {
         str(path): {name: batch[name][row][None] for name in pipeline.output_names}
         for row, path in enumerate(batch["path"])
