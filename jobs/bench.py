@@ -39,6 +39,7 @@ from .bench_base import (
     server_process,
     standard_spec,
 )
+from .bench_ray import RayBench
 
 # Rows the goals table reads.
 JOB_EMBEDDED = "featmap extract, embedded"
@@ -54,6 +55,9 @@ HAND_LOOP = "hand-written loop"
 UNARY_ROW = "featmap unary float32"
 OVERHEAD_PER_ECHO = 1.5  # a small request's overhead, in gRPC echo round trips at most
 JOB_PEAK_MIB = 400  # the embedded job's peak RSS on 224x224 JPEGs, batches of 32
+# Not "featmap extract, embedded": the job goal reads the first row with that in its path.
+RAY_ROW = "Ray Data README example, local Ray, whole process"
+RAY_BASELINE = "featmap extract beside Ray"
 # "Flat" peak RSS: at most this much more for 20 times the images. The list of input names
 # grows with the job (under 1 KB an image); everything else is set by batch and shard sizes.
 RSS_FLAT_MIB = 16
@@ -84,6 +88,18 @@ def int8_goal(row: Row | None) -> Goal:
     return Goal(label, f"{row.ratio:.2f}", ">= 1.70", row.ratio >= 1.7)
 
 
+def ray_goals(measured: RayBench | None) -> list[Goal]:
+    """Ray Data on one node: at least 0.6 of featmap extract's speed, at most 3x its memory."""
+    speed, memory = "Ray Data / featmap extract, whole process", "Ray Data peak memory / extract's"
+    if measured is None or measured.skipped:
+        why = "not measured" if measured is None else "could not run"
+        return [Goal(speed, why, ">= 0.60", None), Goal(memory, why, "<= 3.00", None)]
+    return [
+        Goal(speed, f"{measured.ratio:.2f}", ">= 0.60", measured.ratio >= 0.6),
+        Goal(memory, f"{measured.memory_ratio:.2f}", "<= 3.00", measured.memory_ratio <= 3.0),
+    ]
+
+
 RATIO_FOOTNOTE = (
     "ratio: this row's images/s divided by the images/s of its baseline (the row named under\n"
     "'vs') measured in the same round, seconds apart; the median over alternating rounds. It is\n"
@@ -104,6 +120,7 @@ class Report:
     rss: list[tuple[int, int]] = field(default_factory=list)  # (images, peak RSS bytes)
     job_peak: dict[str, int] = field(default_factory=dict)  # the job's peak RSS by path
     skipped: list[str] = field(default_factory=list)  # rows not measured, and why
+    ray: RayBench | None = None  # the Ray Data row's measurements (--ray)
 
     def row(self, part: str) -> Row | None:
         """The first row whose path has `part` in it."""
@@ -157,6 +174,7 @@ class Report:
                 None if overhead is None or not echo else overhead <= OVERHEAD_PER_ECHO * echo,
             )
         )
+        goals += ray_goals(self.ray)
         if len(self.rss) == 2:
             (few, low), (many, high) = self.rss
             growth = (high - low) / 2**20
@@ -331,10 +349,12 @@ def run_bench(
     array_images: int = 10_000,
     rss_images: tuple[int, int] | None = (1000, 20000),
     int8: bool = True,
+    ray: bool = False,
     log: Callable[[str], None] = print,
 ) -> Report:
-    """Measure every path; see the module docstring. `service`, `job` and `int8` choose
-    sections (int8: the standard pipeline in int8 against float32, jobs/bench_int8.py)."""
+    """Measure every path; see the module docstring. `service`, `job`, `int8` and `ray`
+    choose sections (int8: the standard pipeline in int8 against float32, jobs/bench_int8.py;
+    ray: the README's Ray Data example against `featmap extract`, jobs/bench_ray.py)."""
     report = Report()
     if service:
         service_rows(report, threads, batch, size, seconds, clients, latency_requests, rounds, log)
@@ -389,7 +409,44 @@ def run_bench(
             report.rows.append(Row(in_process, arrays.ceiling, 1.0, f"{note}, spinning on/off"))
             for path, images_per_s, ratio, baseline, note in arrays.rows:
                 report.rows.append(Row(path, images_per_s, ratio, note, baseline))
+    if ray:
+        ray_rows(report, threads, batch, size, job_images, rounds, log)
     return report
+
+
+def ray_rows(
+    report: Report,
+    threads: int,
+    batch: int,
+    size: int,
+    images: int,
+    rounds: int,
+    log: Callable[[str], None],
+) -> None:
+    """The README's Ray Data example and `featmap extract`, whole process, on a local Ray."""
+    from .bench_ray import run_ray_bench
+
+    measured = run_ray_bench(
+        parse_pipeline(standard_spec("float32")),
+        threads=threads,
+        batch=batch,
+        size=size,
+        images=images,
+        rounds=rounds,
+        log=log,
+    )
+    report.ray = measured
+    if measured.skipped:
+        report.skipped.append(f"{RAY_ROW}: {measured.skipped}")
+        return
+    files = f"{images} {size}x{size} JPEGs"
+    note = f"{files}, embedded, whole process; peak memory {measured.extract_peak / 2**20:.0f} MiB"
+    report.rows.append(Row(RAY_BASELINE, measured.extract_rate, 1.0, note))
+    note = (
+        f"{files}; peak memory {measured.ray_peak / 2**20:.0f} MiB in "
+        f"{measured.processes} processes; {measured.features}"
+    )
+    report.rows.append(Row(RAY_ROW, measured.ray_rate, measured.ratio, note, RAY_BASELINE))
 
 
 def service_rows(

@@ -152,6 +152,7 @@ def _bench(args: argparse.Namespace) -> int:
         array_images=args.array_images,
         rss_images=(rss[0], rss[1]) if rss else None,
         int8=not (only_job or args.no_int8),
+        ray=args.ray,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(report.table())
@@ -439,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-int8",
         action="store_true",
         help="leave out the int8 rows (int8 vs float32: in-process, unary, stream, a job)",
+    )
+    bench.add_argument(
+        "--ray",
+        action="store_true",
+        help="add the Ray Data row: the README's Ray example against featmap extract over the "
+        "job's --job-images JPEGs on a local Ray, whole process, with peak memory (minutes)",
     )
     bench.set_defaults(run=_bench)
 

@@ -333,15 +333,27 @@ def load_encoded(
     and says what is wrong if it cannot."""
     if item.row is not None or item.path.suffix.lower() not in ENCODED_SUFFIXES:
         return None
-    if spec.channels not in PIL_MODES:
-        return None  # decode_image says why, for every image
     path = item.path
     try:
         if path.stat().st_size > DEFAULT_LIMITS.max_encoded_image_bytes:
             return None
         data = path.read_bytes()
-        header = read_image_header(data, str(path), formats=ENCODED_FORMATS)
-    except (OSError, FeatmapError):
+    except OSError:
+        return None
+    return encoded_image(data, str(path), spec, resize)
+
+
+def encoded_image(
+    data: bytes, name: str, spec: InputSpec, resize: tuple[int, int] | None
+) -> EncodedImage | None:
+    """An image file's bytes as a server would take them (see load_encoded), else None."""
+    if spec.channels not in PIL_MODES:
+        return None  # decode_image says why, for every image
+    if len(data) > DEFAULT_LIMITS.max_encoded_image_bytes:
+        return None
+    try:
+        header = read_image_header(data, name, formats=ENCODED_FORMATS)
+    except FeatmapError:
         return None
     height, width = resize or (header.height, header.width)
     return EncodedImage(data, height, width)

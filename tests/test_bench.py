@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from featmap.contract.ops import layer_costs
 from featmap.contract.spec import parse_pipeline
-from featmap.jobs.bench import Row, int8_goal, run_bench, standard_spec, tritonclient_python
+from featmap.jobs.bench import (
+    Row,
+    int8_goal,
+    ray_goals,
+    run_bench,
+    standard_spec,
+    tritonclient_python,
+)
+from featmap.jobs.bench_ray import RayBench, compare_features, failure, run_tree
 from featmap.service.int8 import CPU_OVERRIDE_VARIABLE
 
 
@@ -97,3 +107,49 @@ def test_the_int8_goal_holds_where_int8_has_dot_products(
     goal = int8_goal(Row("onnxruntime in-process int8", 900.0, 2.1, "", "in-process float32"))
     assert (goal.now, goal.met) == ("2.10", met)
     assert int8_goal(None).met is None
+
+
+# A child that starts a grandchild holding 64 MiB of touched memory for a second.
+GRANDCHILD = """
+import subprocess, sys
+hold = "import time; block = bytearray(64 * 2**20); time.sleep(1.5)"
+subprocess.run([sys.executable, "-c", hold], check=True)
+"""
+
+
+def test_tree_memory_counts_the_descendants(tmp_path: Path) -> None:
+    run = run_tree([sys.executable, "-c", GRANDCHILD], tmp_path)
+    assert run.returncode == 0
+    # The grandchild's 64 MiB are counted in its parent's tree (and two interpreters more).
+    assert run.peak_bytes >= 64 * 2**20
+    assert run.processes == 2
+    assert run.seconds >= 1.5
+
+
+def test_a_failed_ray_example_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    run = run_tree([sys.executable, "-c", "import featmap_no_such_module"], tmp_path)
+    reason = failure(run, "the Ray example")
+    assert reason == (
+        "the Ray example exited 1: ModuleNotFoundError: No module named 'featmap_no_such_module'"
+    )
+    # The goals table then says the row could not run, rather than a ratio.
+    goals = ray_goals(RayBench(12, skipped=reason))
+    assert [(goal.now, goal.met) for goal in goals] == [("could not run", None)] * 2
+    assert [goal.now for goal in ray_goals(None)] == ["not measured"] * 2
+
+
+def test_ray_goals_read_speed_and_memory_ratios() -> None:
+    measured = RayBench(12, ratio=0.7, ray_peak=900 * 2**20, extract_peak=250 * 2**20)
+    speed, memory = ray_goals(measured)
+    assert (speed.now, speed.goal, speed.met) == ("0.70", ">= 0.60", True)
+    assert (memory.now, memory.goal, memory.met) == ("3.60", "<= 3.00", False)
+
+
+def test_features_are_compared_by_path() -> None:
+    want = {"a.jpg": np.ones((4, 1, 1), np.float32), "b.jpg": np.zeros((4, 1, 1), np.float32)}
+    got = {"b.jpg": np.zeros(4, np.float32), "a.jpg": np.ones(4, np.float32)}  # Parquet's rows
+    assert compare_features(want, got) == "features equal by path (max |difference| 0.0e+00)"
+    assert compare_features(want, {**got, "a.jpg": np.full(4, 1.1, np.float32)}) == (
+        "features differ for a.jpg"
+    )
+    assert compare_features(want, {"a.jpg": got["a.jpg"]}) == "paths differ: 1 missing, 0 extra"
