@@ -215,6 +215,9 @@ class RemoteRunner:
         self.pipelines: dict[str, Pipeline | str] = dict(pipelines_by_dtype(pipeline))
         self.report: QuantizationReport | None = None
         calibrations = calibration_by_dtype(pipeline, calibration)
+        # The report of the variant the calibration came as (pixels: the one image files use),
+        # as EmbeddedRunner's: the pixel variant's int8 model reads the pixels exactly.
+        reported = pipeline.input.dtype if calibration is None else calibration.dtype.name
         # int8 is registered too: once, with its error checked up front, not at each request.
         if tensors or pipeline.tensor_names or name or pipeline.precision == "int8":
             for address in target_addresses(servers):
@@ -229,7 +232,8 @@ class RemoteRunner:
                             replace=replace_name and named,
                             calibration=calibrations.get(dtype),
                         )
-                        if pipeline.precision == "int8" and self.report is None:
+                        first = self.report is None and dtype == reported
+                        if pipeline.precision == "int8" and first:
                             self.report = replica.get_pipeline(pipeline_id).int8
 
     def run(self, batches: Iterable[JobBatch]) -> Iterator[dict[str, np.ndarray]]:

@@ -107,33 +107,43 @@ class QuantizedModelCache:
         return self.folder / f"{key}{ENTRY_SUFFIX}"
 
     def load(self, key: str) -> CachedModel | None:
-        """The entry of `key`; None when there is none or it is damaged (logged)."""
+        """The entry of `key`; None when there is none, or it is damaged: then logged, and the
+        caller's next quantization replaces it."""
         path = self.path(key)
+        try:
+            found = self._read(path)
+        except FileNotFoundError:
+            return None
+        if isinstance(found, str):
+            log.warning("int8 cache: ignoring %s (%s); quantizing again", path, found)
+            return None
+        return found
+
+    def _read(self, path: Path) -> CachedModel | str:
+        """An entry, or why it cannot be used; FileNotFoundError when there is none."""
         try:
             with path.open("rb") as file:
                 size = os.fstat(file.fileno()).st_size
                 if size > self.max_entry_bytes:
-                    return self._bad(path, f"{size} bytes exceed {self.max_entry_bytes}")
+                    return f"{size} bytes exceed {self.max_entry_bytes}"
                 content = file.read(self.max_entry_bytes + 1)
         except FileNotFoundError:
-            return None
+            raise
         except OSError as exc:
-            return self._bad(path, f"unreadable: {exc.strerror}")
+            return f"unreadable: {exc.strerror}"
         header = len(ENTRY_MAGIC) + _DIGEST_BYTES
         if len(content) < header + _REPORT_LENGTH.size or not content.startswith(ENTRY_MAGIC):
-            return self._bad(path, "not a featmap int8 entry")
+            return "not a featmap int8 entry"
         digest, body = content[len(ENTRY_MAGIC) : header], content[header:]
         if hashlib.sha256(body).digest() != digest:
-            return self._bad(path, "checksum mismatch")
+            return "checksum mismatch"
         (report_bytes,) = _REPORT_LENGTH.unpack_from(body)
         start = _REPORT_LENGTH.size
         try:
-            report = report_from_message(
-                pb.Int8Report.FromString(body[start : start + report_bytes])
-            )
+            message = pb.Int8Report.FromString(body[start : start + report_bytes])
         except Exception as exc:  # a checksummed entry of another build's message
-            return self._bad(path, f"its report does not parse: {type(exc).__name__}")
-        return CachedModel(body[start + report_bytes :], report)
+            return f"its report does not parse: {type(exc).__name__}"
+        return CachedModel(body[start + report_bytes :], report_from_message(message))
 
     def store(self, key: str, model_bytes: bytes, report: QuantizationReport) -> Path | None:
         """Write the entry of `key` atomically; its path, or None when the folder refuses."""
@@ -157,8 +167,3 @@ class QuantizedModelCache:
             log.warning("int8 cache: could not write %s: %s", path, exc)
             return None
         return path
-
-    def _bad(self, path: Path, why: str) -> None:
-        """Log an entry that cannot be used; the caller quantizes anew and replaces it."""
-        log.warning("int8 cache: ignoring %s (%s); quantizing again", path, why)
-        return None

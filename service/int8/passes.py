@@ -250,7 +250,7 @@ def pixels_as_quantized_input(model: onnx.ModelProto) -> onnx.ModelProto:
     ):
         return model
     initializers[quantize.input[1]].CopyFrom(
-        numpy_helper.from_array(np.float32(factor.item()).reshape(scale.shape), quantize.input[1])
+        numpy_helper.from_array(np.full(scale.shape, factor.item(), np.float32), quantize.input[1])
     )
     initializers[quantize.input[2]].CopyFrom(
         numpy_helper.from_array(np.zeros(zero_point.shape, np.uint8), quantize.input[2])
