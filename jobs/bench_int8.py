@@ -11,10 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,36 +30,10 @@ from .bench_base import (
     server_process,
     standard_spec,
 )
-from .bench_job import generated_jpegs
+from .bench_job import generated_jpegs, run_job
 
 # Streams of this many batches, as the float32 stream row.
 CHUNKS_PER_STREAM = 8
-
-
-def extract_job(
-    folder: Path,
-    output: Path,
-    threads: int,
-    batch: int,
-    precision: str,
-    cache_dir: Callable[[], Path] | None = None,
-) -> Callable[[], float]:
-    """One `featmap extract` run over `folder` in a fresh process (embedded, the default
-    calibration for int8, the int8 cache in `cache_dir()` or none), as a callable that
-    returns its wall time, process start included."""
-    spec = output.with_suffix(".json")
-    spec.write_text(parse_pipeline(standard_spec()).model_dump_json())
-    command = [sys.executable, "-m", "featmap.jobs.cli", "extract", "--pipeline", str(spec)]
-    command += ["--input", str(folder), "--output", str(output), "--quiet"]
-    command += ["--threads", str(threads), "--batch-size", str(batch), "--precision", precision]
-
-    def run() -> float:
-        cache = ["--no-cache"] if cache_dir is None else ["--cache-dir", str(cache_dir())]
-        started = time.perf_counter()
-        subprocess.run(command + cache, check=True, stdout=subprocess.DEVNULL)
-        return time.perf_counter() - started
-
-    return run
 
 
 def job_rows(
@@ -70,32 +41,34 @@ def job_rows(
 ) -> list[Row]:
     """`featmap extract --precision int8` over `images` JPEGs (the job bench's), first run (an
     empty cache: calibration and quantization paid) and repeat run (the cache warm), each
-    against the float32 job: wall-time ratios, medians over alternating rounds."""
+    against the float32 job: wall-time ratios, process start included, medians over
+    alternating rounds."""
     log(f"int8: featmap extract on {images} JPEGs {size}x{size}, int8 against float32...")
     folder = generated_jpegs(images, size)
     with tempfile.TemporaryDirectory(prefix="featmap-bench-int8-job-") as scratch:
         where = Path(scratch)
+        spec = where / "spec.json"
+        spec.write_text(parse_pipeline(standard_spec()).model_dump_json())
         fresh = itertools.count()
+
+        def job(precision: str, cache: Callable[[], list[str]] = list) -> Callable[[], float]:
+            arguments = ["--pipeline", str(spec), "--input", str(folder), "--threads", str(threads)]
+            arguments += ["--batch-size", str(batch), "--precision", precision]
+            arguments += ["--output", str(where / f"{precision}.npz")]
+            return lambda: run_job([*arguments, *cache()]).seconds
+
         jobs = {
-            "float32": extract_job(folder, where / "float32.npz", threads, batch, "float32"),
-            "first": extract_job(
-                folder,
-                where / "first.npz",
-                threads,
-                batch,
-                "int8",
-                lambda: where / f"empty-{next(fresh)}",
-            ),
-            "cached": extract_job(
-                folder, where / "cached.npz", threads, batch, "int8", lambda: where / "warm"
-            ),
+            "float32": job("float32"),
+            # A first run: an empty cache folder each time.
+            "first": job("int8", lambda: ["--cache-dir", str(where / f"empty-{next(fresh)}")]),
+            "cached": job("int8", lambda: ["--cache-dir", str(where / "warm")]),
         }
-        for job in jobs.values():  # the file cache, and the warm int8 cache
-            job()
+        for each in jobs.values():  # the file cache, and the warm int8 cache
+            each()
         seconds: dict[str, list[float]] = {name: [] for name in jobs}
         for _ in range(rounds):
-            for name, job in jobs.items():
-                seconds[name].append(job())
+            for name, each in jobs.items():
+                seconds[name].append(each())
     float_s = statistics.median(seconds["float32"])
     note = f"{images} JPEGs {size}x{size}, whole process; CPU int8: {cpu_int8_support()}"
     return [
