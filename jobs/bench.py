@@ -363,7 +363,13 @@ def run_bench(
 
         try:
             report.rows += run_int8_bench(
-                threads=threads, batch=batch, size=size, seconds=seconds, log=log
+                threads=threads,
+                batch=batch,
+                size=size,
+                seconds=seconds,
+                job_images=job_images,
+                rounds=rounds,
+                log=log,
             )
         except FeatmapError as exc:  # e.g. int8 refused for its measured error on this CPU
             report.skipped.append(f"int8 rows: {exc}")

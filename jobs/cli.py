@@ -597,6 +597,16 @@ def build_parser() -> argparse.ArgumentParser:
         "16; 0: on 16 synthetic images only); the measured error is printed, and a pipeline "
         "over the spec's max_error is refused",
     )
+    extract.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="int8: keep quantized models (with their measured error) in DIR, by content id, "
+        "so that a repeat job quantizes nothing (default: $FEATMAP_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/featmap, else ~/.cache/featmap; 'none': off)",
+    )
+    extract.add_argument(
+        "--no-cache", action="store_true", help="int8: quantize anew, keep nothing on disk"
+    )
     extract.add_argument("--resize", metavar="HxW", help="resize images (bilinear) to HxW")
     extract.add_argument(
         "--jpeg-draft",

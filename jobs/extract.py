@@ -221,6 +221,26 @@ def default_decode_threads() -> int:
     return os.cpu_count() or 1
 
 
+def int8_cache_dir(args: Any) -> Path | None:
+    """Where an embedded int8 job keeps quantized models: --cache-dir, else the user's cache
+    folder; None with --no-cache or --cache-dir none."""
+    from ..service.int8.cache import NO_CACHE, default_cache_dir
+
+    if args.no_cache:
+        return None
+    if args.cache_dir is None:
+        return default_cache_dir()
+    return None if args.cache_dir.strip().lower() == NO_CACHE else Path(args.cache_dir)
+
+
+def describe_int8_source(source: str, seconds: float, cache_dir: Path | None) -> str:
+    """The job's line on where its int8 model came from and what that cost."""
+    if source == "disk cache":
+        return f"int8 model read from the cache in {cache_dir} in {seconds:.2f} s: not quantized"
+    kept = f"; kept in {cache_dir}" if cache_dir is not None else " (no cache: --no-cache)"
+    return f"int8 calibrated, quantized and measured in {seconds:.2f} s{kept}"
+
+
 def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> int:
     """`featmap extract` after argument parsing; JobError(exit_code=2) is a usage error."""
     # The spec-file reader lives with the server that shares it; it loads no onnx.
@@ -262,7 +282,10 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
                 args.request_images,
             )
         else:
-            runner = EmbeddedRunner(pipeline, args.threads, tensors, images)
+            cache_dir = int8_cache_dir(args) if pipeline.precision == "int8" else None
+            runner = EmbeddedRunner(pipeline, args.threads, tensors, images, cache_dir)
+            if runner.int8_source is not None and not args.quiet:
+                notice(describe_int8_source(runner.int8_source, runner.int8_seconds, cache_dir))
     except FeatmapRpcError as exc:  # registering the weights failed on a server
         notice(f"error: {exc}")
         return 1

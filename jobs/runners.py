@@ -7,6 +7,7 @@ import collections
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -94,6 +95,7 @@ class EmbeddedRunner:
     `report` what int8 was measured to cost (None for float32). Sessions are built on first
     use: a job of image files builds only the pixel variant's (an int8 one: the variant of the
     calibration images' dtype, at once, so that its report is known before the job runs).
+    `int8_cache_dir` keeps quantized models across jobs (None: quantize every time).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class EmbeddedRunner:
         threads: int = 0,
         tensors: Mapping[str, np.ndarray] | None = None,
         calibration: np.ndarray | None = None,
+        int8_cache_dir: Path | None = None,
     ) -> None:
         # The runtime is imported here, when used: a job with --server never loads onnxruntime.
         from ..service.extractor import Extractor
@@ -114,7 +117,13 @@ class EmbeddedRunner:
         # spinning between parallel sections take the cores the decoders need. Measured on 2
         # cores (1,536 JPEGs, 224x224): spinning on, 7.3 CPU ms per image and a quarter fewer
         # images/s; off, 6.4 ms. Waking a pool thread costs microseconds per batch of 32.
-        cache = SessionCache(len(self.pipelines), resolve_providers(None), threads, spinning=False)
+        cache = SessionCache(
+            len(self.pipelines),
+            resolve_providers(None),
+            threads,
+            spinning=False,
+            int8_cache_dir=int8_cache_dir,
+        )
         self.extractor = Extractor(cache, DEFAULT_LIMITS)
         for each in self.pipelines.values():
             self.extractor.admit(each)
@@ -125,11 +134,16 @@ class EmbeddedRunner:
                 self.extractor.admit_calibration(self.pipelines[dtype], images)
         self.targets: dict[str, Target] = {}
         self.report: QuantizationReport | None = None
+        # int8: "quantized" or "disk cache", and the seconds that took (calibration included).
+        self.int8_source: str | None = None
+        self.int8_seconds = 0.0
         if pipeline.precision == "int8":
             # The session of the dtype the calibration came in (pixels: the one image files use).
             first = calibration.dtype if calibration is not None else pipeline.input.dtype
             compiled = self.target(np.empty((0,), dtype=first)).compiled
-            self.report = None if compiled is None else compiled.report
+            if compiled is not None:
+                self.report = compiled.report
+                self.int8_source, self.int8_seconds = compiled.int8_source, compiled.int8_seconds
 
     def target(self, batch: np.ndarray) -> Target:
         """What a batch of this dtype runs as (the session built on first use)."""
@@ -201,6 +215,9 @@ class RemoteRunner:
         self.pipelines: dict[str, Pipeline | str] = dict(pipelines_by_dtype(pipeline))
         self.report: QuantizationReport | None = None
         calibrations = calibration_by_dtype(pipeline, calibration)
+        # The report of the variant the calibration came as (pixels: the one image files use),
+        # as EmbeddedRunner's: the pixel variant's int8 model reads the pixels exactly.
+        reported = pipeline.input.dtype if calibration is None else calibration.dtype.name
         # int8 is registered too: once, with its error checked up front, not at each request.
         if tensors or pipeline.tensor_names or name or pipeline.precision == "int8":
             for address in target_addresses(servers):
@@ -215,7 +232,8 @@ class RemoteRunner:
                             replace=replace_name and named,
                             calibration=calibrations.get(dtype),
                         )
-                        if pipeline.precision == "int8" and self.report is None:
+                        first = self.report is None and dtype == reported
+                        if pipeline.precision == "int8" and first:
                             self.report = replica.get_pipeline(pipeline_id).int8
 
     def run(self, batches: Iterable[JobBatch]) -> Iterator[dict[str, np.ndarray]]:

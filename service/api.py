@@ -108,6 +108,7 @@ class FeatureService:
             spinning=settings.intra_op_spinning,
             budget_bytes=settings.session_cache_bytes,
             limits=self.limits,
+            int8_cache_dir=settings.int8_cache_dir,
         )
         self.batcher = DynamicBatcher(settings.concurrent_batches)
         self.extractor = Extractor(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from ..contract.errors import (
@@ -113,6 +114,9 @@ class CompiledPipeline:
     model_bytes: bytes
     runs: ActiveRuns = field(default_factory=ActiveRuns)
     report: QuantizationReport | None = None
+    # int8: where its model came from ("quantized" here, or "disk cache") and how long that took.
+    int8_source: str | None = None
+    int8_seconds: float = 0.0
 
     @property
     def providers(self) -> list[str]:
@@ -172,6 +176,8 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    quantized: int = 0  # int8 models quantized in this process
+    quantized_from_disk: int = 0  # int8 models read from the disk cache instead
 
 
 # What the refusals of int8 pipelines for their measured error may keep (RefusedInt8): ids and
@@ -242,8 +248,11 @@ class SessionCache:
         spinning: bool = False,
         budget_bytes: int = UNBOUNDED,
         limits: RequestLimits = DEFAULT_LIMITS,
+        int8_cache_dir: Path | None = None,
     ) -> None:
         self.capacity = capacity
+        # Quantized models kept there across processes (service.int8.cache); None: none kept.
+        self.int8_cache_dir = int8_cache_dir
         self.limits = limits
         self.refused = RefusedInt8()
         self.providers = providers
@@ -345,14 +354,15 @@ class SessionCache:
         pipeline_id = content_id(pipeline, tensors, calibration)
         report = None
         providers = self.providers
+        source, started = None, time.perf_counter()
         if pipeline.precision == "int8":
             self.refused.check(pipeline_id)
             admit_quantization(
                 pipeline, None if calibration is None else calibration.shape, self.limits
             )
-            int8, report = self._quantize(pipeline, pipeline_id, tensors, calibration, still_wanted)
-            model_bytes = int8.SerializeToString()
-            del int8  # the bytes are what the session and GetPipeline need
+            model_bytes, report, source = self._quantize(
+                pipeline, pipeline_id, tensors, calibration, still_wanted
+            )
             providers = [CPU]
         else:
             model_bytes = compile_pipeline(pipeline, tensors).SerializeToString()
@@ -379,6 +389,8 @@ class SessionCache:
             model_bytes=model_bytes,
             runs=self.runs,
             report=report,
+            int8_source=source,
+            int8_seconds=time.perf_counter() - started if source else 0.0,
         )
 
     def _quantize(
@@ -388,26 +400,46 @@ class SessionCache:
         tensors: WeightTensors,
         calibration: np.ndarray | None,
         still_wanted: Callable[[], None] | None,
-    ) -> tuple[onnx.ModelProto, QuantizationReport]:
-        """The int8 model of a pipeline and its checked report, logged at INFO."""
+    ) -> tuple[bytes, QuantizationReport, str]:
+        """The int8 model bytes of a pipeline, its checked report, and where they came from
+        ("quantized", or "disk cache" when int8_cache_dir held them); logged at INFO."""
         # Imported here: onnxruntime's quantization tools cost a float32-only server 0.3 s.
-        from .int8 import check_int8_model_runs_here, quantize_pipeline
+        from .int8 import DEFAULT_SETTINGS, check_runs_here, quantize_pipeline
+        from .int8.cache import QuantizedModelCache, quantized_key
 
-        quantized = quantize_pipeline(
-            pipeline,
-            tensors,
-            calibration,
-            threads=self.intra_op_threads,
-            still_wanted=still_wanted,
-        )
-        check_int8_model_runs_here(quantized.model)
+        disk = None if self.int8_cache_dir is None else QuantizedModelCache(self.int8_cache_dir)
+        key = quantized_key(pipeline_id, DEFAULT_SETTINGS)
+        cached = None if disk is None else disk.load(key)
+        if cached is not None:
+            model_bytes, unchecked, source = cached.model_bytes, cached.report, "disk cache"
+            self.stats.quantized_from_disk += 1
+        else:
+            quantized = quantize_pipeline(
+                pipeline,
+                tensors,
+                calibration,
+                threads=self.intra_op_threads,
+                still_wanted=still_wanted,
+            )
+            model_bytes, unchecked, source = (
+                quantized.model.SerializeToString(),
+                quantized.report,
+                "quantized",
+            )
+            del quantized  # the bytes are what the session and GetPipeline need
+            self.stats.quantized += 1
+            if disk is not None:
+                # Refused ones too: a repeat of the same request is refused without the work.
+                disk.store(key, model_bytes, unchecked)
+        # The key holds the CPU class, so a cached model's weights run exactly here as well.
+        check_runs_here(unchecked.weight_bits)
         try:
-            report = check_error(quantized.report, pipeline.int8_max_error, field="max_error")
+            report = check_error(unchecked, pipeline.int8_max_error, field="max_error")
         except InvalidSpec as refusal:
-            log.info("pipeline %s refused: %s", pipeline_id, quantized.report.describe())
+            log.info("pipeline %s refused: %s", pipeline_id, unchecked.describe())
             self.refused.remember(pipeline_id, refusal)
             raise
-        log.info("pipeline %s: %s", pipeline_id, report.describe())
+        log.info("pipeline %s (%s): %s", pipeline_id, source, report.describe())
         if self.providers[0] != CPU:
             log.info("pipeline %s: int8 runs on %s, not %s", pipeline_id, CPU, self.providers[0])
-        return quantized.model, report
+        return model_bytes, report, source

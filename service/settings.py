@@ -46,6 +46,10 @@ class ServerSettings(BaseSettings):
     # Spinning intra-op threads burn a core while idle; off leaves it to gRPC and the client.
     intra_op_spinning: bool = False
     session_cache_size: int = Field(default=32, ge=1)
+    # Keep int8 models quantized here (with their measured error) in this folder by content id
+    # and CPU class (service.int8.cache), so that a restarted server, or a job with the same
+    # folder, does not quantize the same pipeline again; None: quantize in memory only.
+    int8_cache_dir: Path | None = None
     # Registered pipelines compiled and kept in memory. With a pipeline store this bounds a
     # cache: the least recently used are evicted (the store keeps them) instead of refusing.
     max_registered_pipelines: int = Field(default=256, ge=1)

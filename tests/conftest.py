@@ -23,6 +23,7 @@ from featmap.contract.spec import (
     parse_pipeline,
 )
 from featmap.service.graph import INPUT_NAME, compile_pipeline
+from featmap.service.int8.cache import CACHE_DIR_VARIABLE
 from featmap.service.reference import reference_outputs
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
@@ -89,6 +90,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     have left gRPC threads running here (servers, channels), a forked node sometimes never
     registered within Ray's 30 s (seen in about a third of full runs)."""
     items.sort(key=lambda item: Path(str(item.fspath)).name != "test_ray.py")
+
+
+@pytest.fixture(autouse=True)
+def private_cache_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Every test's own cache folder: nothing is read from or written to the user's.
+
+    XDG_CACHE_HOME too, since the tests' `featmap` children run without FEATMAP_* variables.
+    """
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(folder / "featmap"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return folder / "featmap"
 
 
 @pytest.fixture(scope="session")

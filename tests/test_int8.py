@@ -583,12 +583,15 @@ def test_export_onnx_standard_ops_gives_the_same_numbers(tmp_path: Path) -> None
 
 def test_bench_int8_rows() -> None:
     lines: list[str] = []
-    rows = run_int8_bench(threads=1, batch=2, size=32, seconds=0.05, job_images=2, log=lines.append)
+    rows = run_int8_bench(
+        threads=1, batch=2, size=32, seconds=0.05, job_images=2, rounds=1, log=lines.append
+    )
     assert [row.path for row in rows] == [
         "onnxruntime in-process int8",
         "featmap unary int8",
         "featmap stream int8",
-        "featmap extract int8 (embedded job)",
+        "featmap extract int8 (embedded job, first run)",
+        "featmap extract int8 (embedded job, repeat, cache warm)",
     ]
     assert all(row.images_per_s > 0 and math.isfinite(row.ratio) for row in rows)
     assert "CPU int8: " in rows[0].note and "CPU int8 dot products" in lines[0]

@@ -106,6 +106,9 @@ class Int8Settings:
     align_channels: bool = True
     # Run few-channel convs followed by a 2x2 max pool on 2x2 blocks (the RGB first layer).
     pooled_conv_blocks: bool = True
+    # A uint8 pixel input (the pixel variant) is the first quantized tensor itself, without
+    # Cast, Mul and QuantizeLinear (passes.pixels_as_quantized_input).
+    pixel_input: bool = True
     # Node names (= layer names) to keep float32, on top of those that must (passes.float_nodes).
     keep_float: tuple[str, ...] = ()
     # Calibrated ranges are widened by this factor: without it, images slightly beyond the

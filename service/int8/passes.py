@@ -194,3 +194,82 @@ def remove_unused(model: onnx.ModelProto) -> None:
     unused = [tensor for tensor in model.graph.initializer if tensor.name not in read]
     for tensor in unused:
         model.graph.initializer.remove(tensor)
+
+
+def pixels_as_quantized_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """uint8 pixels feed the quantized graph as they are: Cast -> Mul(s) -> QuantizeLinear goes.
+
+    The pixel variant's input p (uint8) becomes p * s (s > 0, the pipeline's input scale, 1/255
+    by default), then quantizes with the calibrated scale and zero point. Given instead the
+    scale s and zero point 0, that quantization is round(p * s / s) = p: the pixels themselves,
+    so the uint8 input is the quantized tensor, and every node that reads its scale and zero
+    point dequantizes it to p * s. It is also exact where the calibrated scale (its range
+    widened by the headroom) rounded p * s to about 1.25 pixel levels. A Transpose (NHWC
+    input) stays, on uint8. In place; any other input chain (mean, std) is left as it is.
+    """
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only_consumer(name: str, op_type: str) -> onnx.NodeProto | None:
+        found = consumers.get(name, [])
+        ok = len(found) == 1 and found[0].op_type == op_type
+        return found[0] if ok and name not in {o.name for o in graph.output} else None
+
+    def scalar(name: str) -> np.ndarray | None:
+        tensor = initializers.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    if len(graph.input) != 1 or graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+        return model
+    pixels = graph.input[0].name
+    cast = only_consumer(pixels, "Cast")
+    if cast is None:
+        return model
+    transpose = only_consumer(cast.output[0], "Transpose")
+    mul = only_consumer((transpose or cast).output[0], "Mul")
+    quantize = None if mul is None else only_consumer(mul.output[0], "QuantizeLinear")
+    if mul is None or quantize is None or len(quantize.input) < 3:
+        return model
+    factor = scalar(mul.input[1])
+    scale, zero_point = scalar(quantize.input[1]), scalar(quantize.input[2])
+    if (
+        factor is None
+        or scale is None
+        or zero_point is None
+        or factor.size != 1
+        or scale.size != 1
+        or zero_point.dtype != np.uint8
+        or not factor.item() > 0
+        # Another QuantizeLinear with these names quantizes another tensor with them.
+        or sum(n.op_type == "QuantizeLinear" and quantize.input[1] in n.input for n in graph.node)
+        != 1
+    ):
+        return model
+    initializers[quantize.input[1]].CopyFrom(
+        numpy_helper.from_array(np.full(scale.shape, factor.item(), np.float32), quantize.input[1])
+    )
+    initializers[quantize.input[2]].CopyFrom(
+        numpy_helper.from_array(np.zeros(zero_point.shape, np.uint8), quantize.input[2])
+    )
+    if transpose is not None:
+        # The layout change moves uint8 bytes now, straight from the input.
+        transpose.input[0] = pixels
+        quantized = transpose.output[0]
+    else:
+        quantized = pixels
+    for node in consumers.get(quantize.output[0], []):
+        for index, name in enumerate(node.input):
+            if name == quantize.output[0]:
+                node.input[index] = quantized
+    # Types recorded for the float tensors would now be wrong (the Transpose's is uint8).
+    gone = {cast.output[0], mul.output[0], quantize.output[0], quantized}
+    for info in [info for info in graph.value_info if info.name in gone]:
+        graph.value_info.remove(info)
+    for node in (cast, mul, quantize):
+        graph.node.remove(node)
+    remove_unused(model)
+    return model

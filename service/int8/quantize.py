@@ -54,6 +54,7 @@ from .passes import (
     align_conv_channels,
     float_nodes,
     pad_after_quantize,
+    pixels_as_quantized_input,
     shapes_from_quantized,
 )
 
@@ -171,6 +172,8 @@ def quantize_int8(
     quantized = pad_after_quantize(shapes_from_quantized(quantized))
     if settings.pooled_conv_blocks:
         quantized = pooled_convs_on_blocks(quantized)
+    if settings.pixel_input:
+        quantized = pixels_as_quantized_input(quantized)
     properties = model_properties(quantized)
     properties[PRECISION_PROPERTY] = "int8"
     properties[WEIGHT_BITS_PROPERTY] = str(settings.weight_bits)
