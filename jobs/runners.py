@@ -174,9 +174,9 @@ class RemoteRunner:
     ones joined into one request (`request_images`).
 
     A spec with {"tensor": NAME} weights, an int8 spec, or one given a `name`, is registered
-    (with `tensors` and `calibration`, under `name`) on every address the servers resolve to (a
-    registered pipeline lives in one server's memory), then run by id; `report` is what int8
-    was measured to cost on the first server (None for float32).
+    (with `tensors` and `calibration`, under `name`) on every address the servers resolve to
+    (servers without a shared pipeline store keep their own), then run by id; `report` is what
+    int8 was measured to cost on the first server (None for float32).
     """
 
     def __init__(
@@ -214,27 +214,46 @@ class RemoteRunner:
         self.pipeline = pipeline
         self.pipelines: dict[str, Pipeline | str] = dict(pipelines_by_dtype(pipeline))
         self.report: QuantizationReport | None = None
-        calibrations = calibration_by_dtype(pipeline, calibration)
+        self._servers, self._options = servers, options
+        self._tensors, self._name, self._replace_name = tensors, name, replace_name
+        self._calibrations = calibration_by_dtype(pipeline, calibration)
         # The report of the variant the calibration came as (pixels: the one image files use),
         # as EmbeddedRunner's: the pixel variant's int8 model reads the pixels exactly.
-        reported = pipeline.input.dtype if calibration is None else calibration.dtype.name
-        # int8 is registered too: once, with its error checked up front, not at each request.
-        if tensors or pipeline.tensor_names or name or pipeline.precision == "int8":
-            for address in target_addresses(servers):
-                with FeatureClient(address, **options) as replica:
-                    for dtype, each in pipelines_by_dtype(pipeline).items():
-                        # The name goes to the user's pipeline, not to its pixel variant.
-                        named = each is pipeline
-                        self.pipelines[dtype] = pipeline_id = replica.register(
-                            each,
-                            tensors,
-                            name=name if named else None,
-                            replace=replace_name and named,
-                            calibration=calibrations.get(dtype),
-                        )
-                        first = self.report is None and dtype == reported
-                        if pipeline.precision == "int8" and first:
-                            self.report = replica.get_pipeline(pipeline_id).int8
+        self._reported = pipeline.input.dtype if calibration is None else calibration.dtype.name
+        self._registers = bool(
+            tensors or pipeline.tensor_names or name or pipeline.precision == "int8"
+        )
+        if self._registers:
+            # Registered up front, so that a refusal (weights, limits, int8's error) comes
+            # before the job starts: the variant int8 reports on and the named pipeline. The
+            # other variant is registered when a batch of its dtype comes (an int8 pipeline
+            # is quantized on the server at registration: a job of image files never runs the
+            # float variant, and should not pay for quantizing it).
+            first = {self._reported, pipeline.input.dtype if name else self._reported}
+            wanted = first if pipeline.precision == "int8" else set(self.pipelines)
+            for dtype in sorted(wanted):
+                self._register(dtype)
+
+    def _register(self, dtype: str) -> None:
+        """Register the pipeline for batches of `dtype` on every address the servers resolve
+        to, and run it by its id from now on."""
+        from ..client.client import FeatureClient
+
+        each = pipelines_by_dtype(self.pipeline)[dtype]
+        # The name goes to the user's pipeline, not to its pixel variant.
+        named = dtype == self.pipeline.input.dtype
+        for address in target_addresses(self._servers):
+            with FeatureClient(address, **self._options) as replica:
+                self.pipelines[dtype] = pipeline_id = replica.register(
+                    each,
+                    self._tensors,
+                    name=self._name if named else None,
+                    replace=self._replace_name and named,
+                    calibration=self._calibrations.get(dtype),
+                )
+                first = self.report is None and dtype == self._reported
+                if self.pipeline.precision == "int8" and first:
+                    self.report = replica.get_pipeline(pipeline_id).int8
 
     def run(self, batches: Iterable[JobBatch]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs from the server(s), in order.
@@ -247,7 +266,10 @@ class RemoteRunner:
         """
         for (dtype, kind), group in itertools.groupby(batches, key=batch_key):
             # An unexpected dtype goes with the pipeline: the server names images.dtype.
-            pipeline = self.pipelines.get(dtype, self.pipelines[self.pipeline.input.dtype])
+            runs_as = dtype if dtype in self.pipelines else self.pipeline.input.dtype
+            if self._registers and isinstance(self.pipelines[runs_as], Pipeline):
+                self._register(runs_as)
+            pipeline = self.pipelines[runs_as]
             if kind == ENCODED:
                 yield from self.client.extract_iter(group, pipeline)
                 continue

@@ -476,8 +476,11 @@ def test_featmap_extract_embedded_and_remote(
     archives = {}
     for mode, extra in (("embedded", []), ("remote", ["--server", server.address])):
         output = tmp_path / f"{mode}.npz"
+        quantized = server.service.cache.stats.quantized
         status = main(["extract", *common, "--output", str(output), *extra])
         assert status == 3  # b.png is too small for the pipeline: skipped, and said
+        # The server quantizes the pixel variant the job runs, not the float one it never does.
+        assert server.service.cache.stats.quantized - quantized == (mode == "remote")
         archives[mode] = np.load(output)
         stderr = capsys.readouterr().err
         assert "calibrating int8 on 5 of the first 6 inputs, (3, 24, 24) each" in stderr
