@@ -203,7 +203,10 @@ class Report:
             lines += ["", "small requests (1x3x64x64), milliseconds:"]
             lines += [f"  {key:<40} {value:>8.3f}" for key, value in self.latency.items()]
         if self.rss:
-            lines += ["", "peak RSS of featmap extract (embedded, 64x64 JPEGs):"]
+            lines += [
+                "",
+                "peak RSS of featmap extract (embedded, 64x64 JPEGs, --checkpoint-after 0):",
+            ]
             lines += [f"  {n:>7} images  {rss / 2**20:>8.1f} MiB" for n, rss in self.rss]
         if self.skipped:
             lines += ["", "not measured:"] + [f"  {reason}" for reason in self.skipped]

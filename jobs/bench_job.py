@@ -296,6 +296,9 @@ def run_job_bench(
                     [
                         "--pipeline", str(spec_path), "--input", str(source),
                         "--output", str(work / "rss.npz"), "--threads", str(threads),
+                        # Growth with the job's size, not the results a young job holds (at
+                        # most parts.HELD_BYTES, whatever the size): every shard saved.
+                        "--checkpoint-after", "0",
                     ]
                 )  # fmt: skip
                 rss.append((count, job.peak_rss_bytes))
