@@ -27,8 +27,10 @@ stops after a few items, so that no message is built from a million layer names 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 MAX_MESSAGE_CHARS = 1024
 MAX_FIELD_CHARS = 128
@@ -139,30 +141,34 @@ class DeadlineExceeded(Abandoned):
     """The caller's deadline passed before its work started."""
 
 
-STATUS_CODES: dict[type[FeatmapError], grpc.StatusCode] = {
-    FeatmapError: grpc.StatusCode.UNKNOWN,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    InvalidSpec: grpc.StatusCode.INVALID_ARGUMENT,
-    InvalidTensor: grpc.StatusCode.INVALID_ARGUMENT,
-    NonFiniteResult: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    NotPermitted: grpc.StatusCode.PERMISSION_DENIED,
-    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
-    ExecutionFailed: grpc.StatusCode.INTERNAL,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    Abandoned: grpc.StatusCode.CANCELLED,
-    Cancelled: grpc.StatusCode.CANCELLED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+# By name: gRPC is imported when a status is asked for, so that an embedded job (which raises
+# these, and never sends them) loads no gRPC.
+STATUS_CODES: dict[type[FeatmapError], str] = {
+    FeatmapError: "UNKNOWN",
+    AlreadyExists: "ALREADY_EXISTS",
+    InvalidRequest: "INVALID_ARGUMENT",
+    InvalidSpec: "INVALID_ARGUMENT",
+    InvalidTensor: "INVALID_ARGUMENT",
+    NonFiniteResult: "INVALID_ARGUMENT",
+    NotFound: "NOT_FOUND",
+    NotPermitted: "PERMISSION_DENIED",
+    LimitExceeded: "RESOURCE_EXHAUSTED",
+    Busy: "RESOURCE_EXHAUSTED",
+    StreamIdle: "DEADLINE_EXCEEDED",
+    Unsupported: "FAILED_PRECONDITION",
+    ExecutionFailed: "INTERNAL",
+    Unavailable: "UNAVAILABLE",
+    Abandoned: "CANCELLED",
+    Cancelled: "CANCELLED",
+    DeadlineExceeded: "DEADLINE_EXCEEDED",
 }
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:
     """The gRPC status code for an exception (INTERNAL for anything unexpected)."""
+    import grpc
+
     for cls in type(error).__mro__:
         if cls in STATUS_CODES:
-            return STATUS_CODES[cls]  # type: ignore[index]
+            return grpc.StatusCode[STATUS_CODES[cls]]  # type: ignore[index]
     return grpc.StatusCode.INTERNAL

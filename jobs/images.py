@@ -104,6 +104,15 @@ def is_batch_file(file: str) -> bool:
     return file.lower().endswith(".npy") or is_idx(file)
 
 
+def arrays_only(paths: Iterable[Path]) -> bool:
+    """Whether every input is a file of arrays (.npy, .npz, IDX, by name), nothing to decode;
+    a folder may hold anything."""
+    return all(
+        os.path.splitext(path.name)[1].lower() in ARRAY_SUFFIXES or is_idx_name(path.name)
+        for path in paths
+    )
+
+
 def _known(name: str, suffixes: frozenset[str]) -> bool:
     return os.path.splitext(name)[1].lower() in suffixes or is_idx_name(name)
 

@@ -71,7 +71,50 @@ class Results:
             return np.zeros((0,), dtype=np.float32)
         if len({array.shape for array in arrays}) != 1:
             return None
-        return np.stack(arrays)
+        blocks = row_blocks(arrays)
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
+def _owner_offset(row: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(the C-contiguous array a C-contiguous row lies in, the row's offset in its elements)."""
+    owner = row.base
+    if (
+        not isinstance(owner, np.ndarray)
+        or owner.dtype != row.dtype
+        or not (owner.flags.c_contiguous and row.flags.c_contiguous)
+    ):
+        return None
+    start = row.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
+    return owner, start // row.itemsize
+
+
+def row_blocks(rows: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Rows of one shape as (k, ...) arrays: a run of rows lying one after another in one
+    array (a batch's outputs, whose rows the job keeps as views) becomes one view of it, so
+    that saving them copies nothing; other rows become (1, ...) views of themselves."""
+    blocks: list[np.ndarray] = []
+    index = 0
+    while index < len(rows):
+        first = rows[index]
+        located = _owner_offset(first)
+        end = index + 1
+        if located is not None:
+            owner, start = located
+            while end < len(rows) and rows[end].shape == first.shape:
+                following = _owner_offset(rows[end])
+                if following is None or following[0] is not owner:
+                    break
+                if following[1] != start + (end - index) * first.size:
+                    break
+                end += 1
+        if end - index == 1 or located is None:
+            blocks.append(first[np.newaxis])
+        else:
+            flat = owner.reshape(-1)
+            block = flat[start : start + (end - index) * first.size]
+            blocks.append(block.reshape(end - index, *first.shape))
+        index = end
+    return blocks
 
 
 def _new_file_beside(destination: Path) -> Path:
@@ -207,8 +250,7 @@ Part = Path | Results
 def part_rows(part: Part, name: str) -> np.ndarray | list[np.ndarray]:
     """One output's rows of a shard: (n, ...) stacked, or one array per row."""
     if isinstance(part, Results):
-        stacked = part.stacked(name)
-        return part.outputs[name] if stacked is None else stacked
+        return part.outputs[name]  # views of their batches: _write_rows writes them as blocks
     mapped = _mapped_member(part, f"{name}.npy")
     if mapped is not None:
         return mapped
@@ -273,9 +315,10 @@ def part_paths(part: Part) -> list[str]:
 
 def _write_rows(out: IO[bytes], rows: np.ndarray | list[np.ndarray]) -> None:
     """Rows of one shape straight into an open .npy whose header promised them."""
-    stacked = np.ascontiguousarray(rows if isinstance(rows, np.ndarray) else np.stack(rows))
-    if stacked.size:
-        out.write(stacked.astype(OUTPUT_DTYPE, copy=False).reshape(-1).view(np.uint8).data)
+    for block in [rows] if isinstance(rows, np.ndarray) else row_blocks(rows):
+        contiguous = np.ascontiguousarray(block, dtype=OUTPUT_DTYPE)
+        if contiguous.size:
+            out.write(contiguous.reshape(-1).view(np.uint8).data)
 
 
 def _npy_header(out: IO[bytes], shape: tuple[int, ...]) -> None:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..client.channel import ChannelSecurity
 from ..contract.limits import DEFAULT_LIMITS
 from ..contract.ops import batch_cost
 from ..contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
@@ -23,6 +22,7 @@ from ..contract.wire import EncodedBatch
 from .targets import grpc_target, target_addresses
 
 if TYPE_CHECKING:
+    from ..client.channel import ChannelSecurity
     from ..service.extractor import Target
     from .job import JobBatch
 
@@ -105,6 +105,8 @@ class EmbeddedRunner:
         tensors: Mapping[str, np.ndarray] | None = None,
         calibration: np.ndarray | None = None,
         int8_cache_dir: Path | None = None,
+        *,
+        spinning: bool = False,
     ) -> None:
         # The runtime is imported here, when used: a job with --server never loads onnxruntime.
         from ..service.extractor import Extractor
@@ -113,15 +115,17 @@ class EmbeddedRunner:
 
         self.pipeline = pipeline
         self.pipelines = pipelines_by_dtype(pipeline)
-        # Spinning off: the job decodes images on threads beside onnxruntime, and pool threads
-        # spinning between parallel sections take the cores the decoders need. Measured on 2
-        # cores (1,536 JPEGs, 224x224): spinning on, 7.3 CPU ms per image and a quarter fewer
-        # images/s; off, 6.4 ms. Waking a pool thread costs microseconds per batch of 32.
+        # `spinning` (onnxruntime's own default) only where nothing else needs the cores: a job
+        # of image files decodes on threads beside onnxruntime, and pool threads spinning
+        # between parallel sections take the cores the decoders need. Measured on 2 cores:
+        # 1,536 JPEGs (224x224), spinning on cost 7.3 CPU ms per image and a quarter fewer
+        # images/s, off 6.4 ms; a 10,000x1x28x28 .npy, whose rows are views, ran in 1.29 s
+        # whole process with it on and 1.39 s off (median of 6).
         cache = SessionCache(
             len(self.pipelines),
             resolve_providers(None),
             threads,
-            spinning=False,
+            spinning=spinning,
             int8_cache_dir=int8_cache_dir,
         )
         self.extractor = Extractor(cache, DEFAULT_LIMITS)
@@ -192,6 +196,7 @@ class RemoteRunner:
         calibration: np.ndarray | None = None,
         request_images: int | None = None,
     ) -> None:
+        from ..client.channel import ChannelSecurity
         from ..client.client import FeatureClient
 
         # None: batches of small images are joined (see request_images); a number: at most

@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from featmap.contract.errors import InvalidSpec
 from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.jobs.extract import run_extract
 from featmap.jobs.job import JobError
-from featmap.jobs.outputs import Results, part_rows, write_npz
+from featmap.jobs.outputs import Results, part_rows, row_blocks, write_npz
 from featmap.jobs.parts import CHECKPOINT_AFTER_S, HeldShards, Shard
 from featmap.jobs.runners import EmbeddedRunner, RemoteRunner, request_images
 from featmap.service.server import FeatmapServer
@@ -348,6 +350,31 @@ def test_merge_maps_stored_parts_and_reads_any_other_part_as_numpy_does(tmp_path
     np.testing.assert_array_equal(part_rows(doubles, "f"), rows)
     # Results still in memory are read as they are.
     np.testing.assert_array_equal(part_rows(results, "f"), rows)
+
+
+@given(
+    sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    picks=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), max_size=20),
+    strided=st.booleans(),
+)
+def test_row_blocks_are_the_rows_in_order_and_views_of_their_batches_where_they_follow_on(
+    sizes: list[int], picks: list[tuple[int, int]], strided: bool
+) -> None:
+    # Batches' outputs as the job keeps them: rows as views (of a strided array too, which
+    # cannot be viewed as blocks), picked in any order, a batch's run of rows in between.
+    batches = [
+        np.arange(size * 6, dtype=np.float32).reshape(size, 2, 3) + 100 * index
+        for index, size in enumerate(sizes)
+    ]
+    if strided:
+        batches = [np.repeat(batch, 2, axis=2)[:, :, ::2] for batch in batches]
+    rows = [batch[row] for batch in batches for row in range(len(batch))]
+    rows += [batches[b % len(batches)][r % len(batches[b % len(batches)])] for b, r in picks]
+    blocks = row_blocks(rows)
+    np.testing.assert_array_equal(np.concatenate(blocks), np.stack(rows))
+    if not strided:  # each batch's run at the start is one view of that batch, not a copy
+        for batch, block in zip(batches, blocks, strict=False):
+            assert block.shape == batch.shape and np.shares_memory(block, batch)
 
 
 def test_a_member_claiming_more_rows_than_its_record_holds_is_not_mapped(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,6 +192,23 @@ def test_importing_the_client_loads_neither_the_service_nor_onnx() -> None:
     )
     assert "featmap.client.client" in loaded
     assert under(loaded, CLIENT_FORBIDDEN) == []
+
+
+def test_an_embedded_job_loads_no_grpc(tmp_path: Path) -> None:
+    # An embedded `featmap extract` neither sends nor receives: the client, gRPC and asyncio
+    # are ~0.1 s of start-up it would pay for nothing (errors carry their status by name).
+    spec = tmp_path / "pipeline.json"
+    spec.write_text('{"input": {"channels": 1}, "layers": [{"op": "global_avg_pool2d"}]}')
+    np.save(tmp_path / "images.npy", np.ones((3, 1, 4, 4), dtype=np.float32))
+    loaded = loaded_after(
+        "from featmap.jobs.cli import main\n"
+        f"code = main(['extract', '--pipeline', {str(spec)!r}, '--input',"
+        f" {str(tmp_path / 'images.npy')!r}, '--output', {str(tmp_path / 'f.npy')!r}, '--quiet'])\n"
+        "assert code == 0, code"
+    )
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), np.ones((3, 1, 1, 1)))
+    assert "featmap.service.runtime" in loaded
+    assert under(loaded, ("grpc", "featmap.client", "asyncio")) == []
 
 
 @pytest.mark.parametrize("module", ["featmap.service.graph", "featmap.service.settings"])
