@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import sys
 from collections.abc import Sequence
@@ -731,5 +732,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, str(missing))
 
 
+def console() -> int:
+    """The `featmap` console script: main(), then the process ends."""
+    code = main()
+    # Its last collections would walk every object of pydantic, onnx and numpy for nothing.
+    # Measured on an embedded job over a 10,000-row .npy: 0.071 s from main's return to the
+    # process's end, 0.024 s with them frozen (median of 12).
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console())
