@@ -53,6 +53,10 @@ OVERHEAD_P50 = "overhead p50 (featmap - in-process)"
 ECHO_P50 = "gRPC floor p50 (echo server, same request)"
 HAND_LOOP = "hand-written loop"
 UNARY_ROW = "featmap unary float32"
+# The array rows' rounds at least: a round takes seconds, and whole-process runs of a second
+# swing by a third on a shared machine (measured here: the ratio 0.57 and 0.94 in two runs of
+# three rounds, ten minutes apart).
+ARRAY_ROUNDS = 7
 OVERHEAD_PER_ECHO = 1.5  # a small request's overhead, in gRPC echo round trips at most
 JOB_PEAK_MIB = 400  # the embedded job's peak RSS on 224x224 JPEGs, batches of 32
 # Not "featmap extract, embedded": the job goal reads the first row with that in its path.
@@ -406,7 +410,7 @@ def run_bench(
                 threads=threads,
                 batch=batch,
                 images=array_images,
-                rounds=rounds,
+                rounds=max(rounds, ARRAY_ROUNDS),
                 server=lambda: server_process(threads),
                 log=log,
             )

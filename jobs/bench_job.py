@@ -385,10 +385,11 @@ def run_array_bench(
 
     Whole process (the goal): the job's wall time, start to exit, against a plain onnxruntime
     script's (PLAIN_ONNXRUNTIME: featmap's exported model, `batch` rows at a time, features
-    saved) over the same array; both write their features to a .npy. Steady state: the job's
-    rate with fixed costs differenced out (the array's first quarter as the smaller job),
-    against onnxruntime in this process (the faster of spinning on and off), as the folder
-    rows. Each round measures the baselines right before the jobs.
+    saved) over the same array, run right before and right after the job (the mean of the
+    two); both write their features to a .npy. Steady state: the job's rate with fixed costs
+    differenced out (the array's first quarter as the smaller job), against onnxruntime in
+    this process (the faster of spinning on and off), as the folder rows, measured right
+    before the jobs of each round.
     """
     from ..contract.spec import parse_pipeline
     from .export_onnx import export_onnx
@@ -420,17 +421,21 @@ def run_array_bench(
             for index in range(rounds):
                 log(f"array job round {index + 1} of {rounds}...")
                 for path in whole:
-                    plain = images / plain_seconds(model, folders.large, work / "p.npy", batch,
-                                                   threads)  # fmt: skip
                     ceiling = ceiling_rate(sessions, batches, images)
-                    plains.append(plain)
                     ceilings.append(ceiling)
                     extra = ["--threads", str(threads)] if path == "embedded" else []
                     extra += ["--server", address] if path == "remote" else []
                     job = arguments(extra)
                     started = run_job(job(folders.small))
+                    # The script right before and right after the job, its baseline their mean:
+                    # a second's run on a shared machine swings by a third from one minute to
+                    # the next, so only neighbours compare.
+                    before = plain_seconds(model, folders.large, work / "p.npy", batch, threads)
                     large = run_job(job(folders.large))
+                    behind = plain_seconds(model, folders.large, work / "p.npy", batch, threads)
                     after = run_job(job(folders.small))
+                    plain = images / ((before + behind) / 2)
+                    plains.append(plain)
                     peak[path] = large.peak_rss_bytes
                     rate = images / large.seconds
                     whole[path].append((rate, rate / plain))
