@@ -83,7 +83,7 @@ def row_blocks(rows: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Rows of one shape as (k, ...) arrays: a run of rows lying one after another in one
     C-contiguous array (a batch's outputs, whose rows the job keeps as views) becomes one view
     of it, so that saving them copies nothing; other rows become (1, ...) views of themselves.
-    About 1.5 µs a row: the job's 10,000 rows take 15 ms, where stacking them copied."""
+    About 2 µs a row: the job's 10,000 rows take 20 ms, where stacking them copied."""
     blocks: list[np.ndarray] = []
     index = 0
     while index < len(rows):
@@ -109,11 +109,12 @@ def row_blocks(rows: Sequence[np.ndarray]) -> list[np.ndarray]:
                     break
                 expected += first.nbytes
                 end += 1
-        if end - index == 1:
-            blocks.append(first[np.newaxis])
-        else:
-            flat = owner.reshape(-1)[start : start + (end - index) * first.size]
-            blocks.append(flat.reshape(end - index, *first.shape))
+            if end - index > 1:
+                flat = owner.reshape(-1)[start : start + (end - index) * first.size]
+                blocks.append(flat.reshape(end - index, *first.shape))
+                index = end
+                continue
+        blocks.append(first[np.newaxis])
         index = end
     return blocks
 
