@@ -153,6 +153,24 @@ class _ClientBase:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
+    def _listing(
+        self, method: Any, page_size: int, timeout: float | None
+    ) -> Steps[list[PipelineInfo]]:
+        """ListPipelines page after page (each page retried as any call, `timeout` each):
+        every pipeline, by id."""
+        listed: list[PipelineInfo] = []
+        request = pb.ListPipelinesRequest(page_size=page_size)
+        while True:
+            response = yield from with_retries(
+                method, request, self.retries, self._timeout(timeout)
+            )
+            listed += [pipeline_info(info) for info in response.pipelines]
+            if not response.next_page_token:
+                return listed
+            request = pb.ListPipelinesRequest(
+                page_size=page_size, page_token=response.next_page_token
+            )
+
     def _known_spec(self, pipeline: SpecLike) -> tuple[Pipeline | None, bool]:
         """(the spec behind `pipeline` if known here, whether it must be fetched by id)."""
         if not is_pipeline_id(pipeline):
@@ -432,10 +450,12 @@ class FeatureClient(_ClientBase):
         request = pb.GetPipelineRequest(pipeline_id=pipeline_id, include_model=include_model)
         return pipeline_info(self._call(self._stub.GetPipeline, request, timeout))
 
-    def list_pipelines(self, *, timeout: float | None = None) -> list[PipelineInfo]:
-        """Every registered pipeline."""
-        response = self._call(self._stub.ListPipelines, pb.ListPipelinesRequest(), timeout)
-        return [pipeline_info(info) for info in response.pipelines]
+    def list_pipelines(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> list[PipelineInfo]:
+        """Every registered pipeline, by id, asked for `page_size` at a time (0: the server's
+        page, 100); `timeout` is each page's."""
+        return self._run(self._listing(self._stub.ListPipelines, page_size, timeout))
 
     def delete_pipeline(self, pipeline_id: str, *, timeout: float | None = None) -> bool:
         """Forget a registered pipeline; False if the server did not have it."""
@@ -700,10 +720,11 @@ class AsyncFeatureClient(_ClientBase):
         request = pb.GetPipelineRequest(pipeline_id=pipeline_id, include_model=include_model)
         return pipeline_info(await self._call(self._stub.GetPipeline, request, timeout))
 
-    async def list_pipelines(self, *, timeout: float | None = None) -> list[PipelineInfo]:
+    async def list_pipelines(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> list[PipelineInfo]:
         """As FeatureClient.list_pipelines."""
-        response = await self._call(self._stub.ListPipelines, pb.ListPipelinesRequest(), timeout)
-        return [pipeline_info(info) for info in response.pipelines]
+        return await self._run(self._listing(self._stub.ListPipelines, page_size, timeout))
 
     async def delete_pipeline(self, pipeline_id: str, *, timeout: float | None = None) -> bool:
         """As FeatureClient.delete_pipeline."""

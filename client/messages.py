@@ -96,7 +96,8 @@ class ServerInfo:
 class PipelineInfo:
     """A registered pipeline as GetPipeline/ListPipelines describe it.
 
-    `int8`: for an int8 pipeline, the error measured at registration (None for float32).
+    `int8`: for an int8 pipeline, the error measured at registration (None for float32, and
+    for one listed but not `loaded`).
     """
 
     pipeline_id: str
@@ -108,6 +109,9 @@ class PipelineInfo:
     names: list[str]
     precision: str = "float32"
     int8: QuantizationReport | None = None
+    # Whether the server held it compiled: ListPipelines describes stored pipelines without
+    # compiling them (their int8 report comes once they are used).
+    loaded: bool = True
 
 
 def spec_json(spec: SpecLike) -> str:
@@ -328,6 +332,7 @@ def pipeline_info(info: pb.PipelineInfo) -> PipelineInfo:
         names=list(info.names),
         precision=info.precision or "float32",  # servers before int8 leave it empty
         int8=report_from_message(info.int8) if info.HasField("int8") else None,
+        loaded=info.loaded,
     )
 
 

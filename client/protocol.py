@@ -4,8 +4,8 @@ An exchange (`Steps`) yields what it needs done — a `Call` to make, a `Pause` 
 sent each call's reply, or has its grpc.RpcError thrown in; it returns the result. It never
 waits, sends or sleeps itself: FeatureClient makes each call blocking and AsyncFeatureClient
 awaits it (their `_run`, through `Stepper`), so the sequence — retries, shared-memory leases —
-cannot drift between them. The exchanges: retry.with_retries and
-shared_memory.SharedMemoryTransport.extract.
+cannot drift between them. The exchanges: retry.with_retries,
+shared_memory.SharedMemoryTransport.extract and the ListPipelines pages (client._listing).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from ..contract.limits import (
     check_reply_bytes,
     check_request_bytes,
 )
-from ..contract.names import check_pipeline_name
+from ..contract.names import PIPELINE_ID_PATTERN, check_pipeline_name
 from ..contract.precision import report_message
 from ..contract.spec import InputSpec, Pipeline, json_schema_text
 from ..contract.tensors import DTYPE_NAMES, OUTPUT_DTYPES, reply_message_bytes, wire_dtype
@@ -35,8 +35,20 @@ from .batching import BatchingPolicy, DynamicBatcher
 from .encoded import ImageDecoder
 from .extractor import Extractor, Target
 from .graph import OPSET
-from .registry import PipelineRegistry, RegisteredPipeline
-from .runtime import OnGone, SessionCache, available_providers, resolve_providers
+from .registry import (
+    LIST_PAGE_DEFAULT,
+    LIST_PAGE_MAX,
+    Described,
+    PipelineRegistry,
+    RegisteredPipeline,
+)
+from .runtime import (
+    CompiledPipeline,
+    OnGone,
+    SessionCache,
+    available_providers,
+    resolve_providers,
+)
 from .security import Caller
 from .settings import ServerSettings
 from .shared_memory import SharedMemoryRegistry
@@ -74,24 +86,22 @@ def policy_message(policy: BatchingPolicy) -> pb.BatchingConfig:
     )
 
 
-def output_infos(registered: RegisteredPipeline) -> list[pb.OutputInfo]:
+def output_infos(described: RegisteredPipeline | Described) -> list[pb.OutputInfo]:
     """Output descriptions with symbolic dims."""
     return [
         pb.OutputInfo(
             name=name,
             dtype=pb.FLOAT32,
-            shape=[
-                pb.Dim(size=d) if isinstance(d, int) else pb.Dim(symbol=d)
-                for d in registered.output_shapes[name]
-            ],
+            shape=[pb.Dim(size=d) if isinstance(d, int) else pb.Dim(symbol=d) for d in shape],
         )
-        for name in registered.compiled.pipeline.output_names
+        for name, shape in described.output_shapes.items()
     ]
 
 
-def int8_report(registered: RegisteredPipeline) -> pb.Int8Report | None:
-    """The error an int8 pipeline measured at registration (None for float32)."""
-    report = registered.compiled.report
+def int8_report(compiled: CompiledPipeline | None) -> pb.Int8Report | None:
+    """The error an int8 pipeline measured at registration (None for float32, and for a
+    pipeline not compiled here)."""
+    report = None if compiled is None else compiled.report
     return None if report is None else report_message(report)
 
 
@@ -357,39 +367,49 @@ class FeatureService:
             pipeline_id=registered.pipeline_id,
             outputs=output_infos(registered),
             name=name or "",
-            int8=int8_report(registered),
+            int8=int8_report(registered.compiled),
         )
 
     def pipeline_info(
-        self, registered: RegisteredPipeline, include_model: bool, caller: Caller
+        self, described: Described, include_model: bool, caller: Caller
     ) -> pb.PipelineInfo:
         """What GetPipeline and ListPipelines say of one pipeline."""
+        compiled = described.compiled
         return pb.PipelineInfo(
-            pipeline_id=registered.pipeline_id,
-            names=self.registry.names(registered.pipeline_id, caller.tenant),
-            spec_json=registered.compiled.pipeline.canonical_json(),
-            outputs=output_infos(registered),
-            weight_names=registered.weight_names,
-            batching=policy_message(registered.batching or self.default_batching),
-            onnx_model=registered.compiled.model_bytes if include_model else b"",
-            precision=registered.compiled.pipeline.precision,
-            int8=int8_report(registered),
+            pipeline_id=described.pipeline_id,
+            names=self.registry.names(described.pipeline_id, caller.tenant),
+            spec_json=described.pipeline.canonical_json(),
+            outputs=output_infos(described),
+            weight_names=described.weight_names,
+            batching=policy_message(described.batching or self.default_batching),
+            onnx_model=compiled.model_bytes if include_model and compiled is not None else b"",
+            precision=described.pipeline.precision,
+            int8=int8_report(compiled),
+            loaded=compiled is not None,
         )
 
     def get_pipeline(self, request: pb.GetPipelineRequest, caller: Caller) -> pb.PipelineInfo:
         """One of the tenant's registered pipelines (NOT_FOUND for any other id)."""
         registered = self.registry.get(request.pipeline_id, tenant=caller.tenant)
-        return self.pipeline_info(registered, request.include_model, caller)
+        return self.pipeline_info(registered.described(), request.include_model, caller)
 
     def list_pipelines(
         self, request: pb.ListPipelinesRequest, caller: Caller
     ) -> pb.ListPipelinesResponse:
-        """The tenant's registered pipelines, without model bytes."""
+        """A page of the tenant's pipelines, by id, without model bytes; next_page_token
+        says where the next page starts ("" after the last)."""
+        if request.page_size < 0:
+            raise InvalidRequest(
+                "page_size", f"must be >= 0 (0: {LIST_PAGE_DEFAULT}), not {request.page_size}"
+            )
+        token = request.page_token
+        if token and PIPELINE_ID_PATTERN.fullmatch(token) is None:
+            raise InvalidRequest("page_token", "not a next_page_token of ListPipelines")
+        limit = min(request.page_size or LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
+        page, after = self.registry.list(caller.tenant, after=token, limit=limit)
         return pb.ListPipelinesResponse(
-            pipelines=[
-                self.pipeline_info(r, include_model=False, caller=caller)
-                for r in self.registry.list(caller.tenant)
-            ]
+            pipelines=[self.pipeline_info(d, include_model=False, caller=caller) for d in page],
+            next_page_token=after,
         )
 
     def delete_pipeline(

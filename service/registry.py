@@ -39,6 +39,31 @@ from .weights import check_tensors
 log = logging.getLogger("featmap.store")
 
 MAX_WARMUP_SIZE = 4096
+# ListPipelines pages: pipelines a reply (when the request names none, and at most), and the
+# bytes of store entries one reply reads at most (it verifies them; it compiles none), so that
+# no listing costs more than a bounded read, whatever a tenant keeps in the store.
+LIST_PAGE_DEFAULT = 100
+LIST_PAGE_MAX = 1000
+LIST_READ_BYTES = 256 << 20
+
+
+def output_shapes(pipeline: Pipeline) -> dict[str, list[int | str]]:
+    """The requested outputs' per-image shapes, with symbolic dimensions."""
+    shapes = symbolic_shapes(pipeline)
+    return {name: shapes[name] for name in pipeline.output_names}
+
+
+@dataclass(frozen=True)
+class Described:
+    """What GetPipeline and ListPipelines say of a pipeline: from memory, with its compiled
+    session, or read from the store and verified without compiling it (compiled None)."""
+
+    pipeline_id: str
+    pipeline: Pipeline
+    weight_names: tuple[str, ...]
+    batching: BatchingPolicy | None  # None: the server's default
+    output_shapes: dict[str, list[int | str]]
+    compiled: CompiledPipeline | None
 
 
 @dataclass(frozen=True)
@@ -54,6 +79,17 @@ class RegisteredPipeline:
     def pipeline_id(self) -> str:
         """The content id: spec and weight tensors."""
         return self.compiled.pipeline_id
+
+    def described(self) -> Described:
+        """As GetPipeline and ListPipelines describe it."""
+        return Described(
+            self.pipeline_id,
+            self.compiled.pipeline,
+            self.weight_names,
+            self.batching,
+            self.output_shapes,
+            self.compiled,
+        )
 
 
 def smallest_image(pipeline: Pipeline) -> tuple[int, int]:
@@ -248,11 +284,7 @@ class PipelineRegistry:
             compiled=compiled,
             weight_names=tuple(sorted(weights)),
             batching=batching,
-            output_shapes={
-                name: shape
-                for name, shape in symbolic_shapes(pipeline).items()
-                if name in pipeline.output_names
-            },
+            output_shapes=output_shapes(pipeline),
         )
         return _Built(registered, reserved, memory.steady)
 
@@ -387,20 +419,23 @@ class PipelineRegistry:
             with self._tenant_lock(tenant), self._lock:
                 return self._keep_locked(key, built)
         except DamagedEntry as exc:
-            log.warning(
-                "pipeline store: skipped entry %s at %s: %s",
-                pipeline_id,
-                self.store.where(tenant, pipeline_id),
-                exc,
-            )
+            self._skip_damaged(key, exc)
             with self._lock:
-                self._damaged[key] = time.monotonic()
                 self._release_locked(key, 0)
             raise missing from None
         except BaseException:
             with self._lock:
                 self._release_locked(key, reserved)
             raise
+
+    def _skip_damaged(self, key: tuple[str, str], damage: DamagedEntry) -> None:
+        """Log a damaged entry, and leave it unread for refresh_s."""
+        assert self.store is not None
+        tenant, pipeline_id = key
+        where = self.store.where(tenant, pipeline_id)
+        log.warning("pipeline store: skipped entry %s at %s: %s", pipeline_id, where, damage)
+        with self._lock:
+            self._damaged[key] = time.monotonic()
 
     def _verify(self, stored: StoredEntry, pipeline_id: str) -> tuple[Pipeline, WeightTensors]:
         """The entry's admitted pipeline and weights, if its content hashes to its id."""
@@ -457,22 +492,67 @@ class PipelineRegistry:
             raise NotFound(field, f"no pipeline {pipeline_id!r} is registered")
         return self._read_through(tenant, pipeline_id, field)
 
-    def list(self, tenant: str = DEFAULT_TENANT) -> list[RegisteredPipeline]:
-        """The tenant's registered pipelines, by id (with a store, its entries: those not in
-        memory are read through; damaged ones are logged and left out)."""
+    def list(
+        self, tenant: str = DEFAULT_TENANT, after: str = "", limit: int = LIST_PAGE_DEFAULT
+    ) -> tuple[list[Described], str]:
+        """A page of the tenant's pipelines by id, those after `after`, and the id to go on
+        after ("" when none remain).
+
+        Pipelines in memory are described as they are; the store's others are read and
+        verified but not compiled (nor kept), so that a listing neither costs a compile per
+        entry nor evicts anyone's sessions; damaged entries are logged and left out. A page
+        holds at most `limit` pipelines and stops once LIST_READ_BYTES were read.
+        """
         if self.store is None:
             with self._lock:
-                return [r for (owner, _), r in sorted(self._pipelines.items()) if owner == tenant]
-        self._view(tenant)
+                ids = sorted(i for owner, i in self._pipelines if owner == tenant)
+        else:
+            self._view(tenant)
+            with self._lock:
+                ids = sorted(self._stored.get(tenant, ()))
+        remaining = [i for i in ids if i > after]
+        page: list[Described] = []
+        read = 0
+        for index, pipeline_id in enumerate(remaining):
+            if len(page) >= limit or read >= LIST_READ_BYTES:
+                return page, remaining[index - 1]  # the last one looked at (kept or skipped)
+            with self._lock:
+                registered = self._pipelines.get((tenant, pipeline_id))
+            if registered is not None:
+                page.append(registered.described())
+            elif self.store is not None:
+                described, size = self._describe_stored(tenant, pipeline_id)
+                read += size
+                if described is not None:
+                    page.append(described)
+        return page, ""
+
+    def _describe_stored(self, tenant: str, pipeline_id: str) -> tuple[Described | None, int]:
+        """(a stored entry described without compiling it, or None if it is gone or damaged
+        (logged); the bytes read)."""
+        assert self.store is not None
+        key = (tenant, pipeline_id)
         with self._lock:
-            ids = sorted(self._stored.get(tenant, ()))
-        found = []
-        for pipeline_id in ids:
-            try:
-                found.append(self.get(pipeline_id, tenant=tenant))
-            except NotFound:
-                continue  # deleted meanwhile, or damaged (logged)
-        return found
+            seen = self._damaged.get(key)
+        if seen is not None and time.monotonic() - seen < self.refresh_s:
+            return None, 0  # logged already
+        try:
+            stored, size = self.store.get_sized(tenant, pipeline_id)
+            if stored is None:
+                return None, size
+            pipeline, weights = self._verify(stored, pipeline_id)
+        except DamagedEntry as exc:
+            self._skip_damaged(key, exc)
+            return None, 0
+        described = Described(
+            pipeline_id,
+            pipeline,
+            tuple(sorted(weights)),
+            stored.batching,
+            output_shapes(pipeline),
+            None,
+        )
+        return described, size
 
     def delete(self, pipeline_id: str, tenant: str = DEFAULT_TENANT) -> bool:
         """Forget the tenant's pipeline (by id or name) and its names; False if it had none."""

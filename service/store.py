@@ -458,12 +458,16 @@ class PipelineStore:
         self.check_room(tenant, pipeline_id, len(data))
         self.files.write(self.entry_path(tenant, pipeline_id), data)
 
-    @reaching
     def get(self, tenant: str, pipeline_id: str) -> StoredEntry | None:
         """The tenant's entry for `pipeline_id` (None if absent); DamagedEntry if it fails a
         check. The content id is the registry's to verify (it needs the admitted spec)."""
+        return self.get_sized(tenant, pipeline_id)[0]
+
+    @reaching
+    def get_sized(self, tenant: str, pipeline_id: str) -> tuple[StoredEntry | None, int]:
+        """As get, with the bytes the entry's file held (0 if absent)."""
         data = self.files.read(self.entry_path(tenant, pipeline_id), self.entry_limit)
-        return None if data is None else decode_entry(data, self.limits)
+        return (None, 0) if data is None else (decode_entry(data, self.limits), len(data))
 
     @reaching
     def remove(self, tenant: str, pipeline_id: str) -> bool:

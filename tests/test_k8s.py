@@ -231,6 +231,6 @@ def test_the_spec_configmap_is_the_example_folder_and_registers(
                               pipelines_dir=tmp_path)  # fmt: skip
     with FeatmapServer(settings) as server:
         registry = server.service.registry
-        assert sorted(n for r in registry.list() for n in registry.names(r.pipeline_id)) == [
+        assert sorted(n for r in registry.list()[0] for n in registry.names(r.pipeline_id)) == [
             Path(key).stem for key in sorted(data)
         ]

@@ -109,7 +109,7 @@ def test_register_is_idempotent(registry: PipelineRegistry, tensor_pipeline: Pip
     assert again.pipeline_id == first.pipeline_id
     assert again is first  # the same entry, not a second compile
     assert len(registry) == 1
-    assert [r.pipeline_id for r in registry.list()] == [first.pipeline_id]
+    assert [r.pipeline_id for r in registry.list()[0]] == [first.pipeline_id]
 
 
 def test_weight_tensors_change_the_id(
@@ -419,7 +419,7 @@ def test_max_registered_pipelines_counts_registrations_in_flight() -> None:
     finally:
         cache.release.set()
         first.join(timeout=30)
-    assert [r.pipeline_id for r in registry.list()] == [small_spec(10).pipeline_id]
+    assert [r.pipeline_id for r in registry.list()[0]] == [small_spec(10).pipeline_id]
 
 
 def test_registration_that_fails_frees_its_slot(cache: SessionCache) -> None:
@@ -446,7 +446,7 @@ def test_delete(registry: PipelineRegistry, tensor_pipeline: Pipeline) -> None:
     assert registry.get(registered.pipeline_id) is registered
     assert registry.delete(registered.pipeline_id) is True
     assert registry.delete(registered.pipeline_id) is False
-    assert len(registry) == 0 and registry.list() == []
+    assert len(registry) == 0 and registry.list() == ([], "")
     with pytest.raises(NotFound):
         registry.get(registered.pipeline_id)
     # Registering again after a delete gives the same id.
@@ -457,7 +457,7 @@ def test_delete(registry: PipelineRegistry, tensor_pipeline: Pipeline) -> None:
 
 def test_list_is_sorted_by_id(registry: PipelineRegistry) -> None:
     ids = [registry.register(small_spec(seed), {}, None).pipeline_id for seed in range(4)]
-    assert [r.pipeline_id for r in registry.list()] == sorted(ids)
+    assert [r.pipeline_id for r in registry.list()[0]] == sorted(ids)
 
 
 def test_batching_override_is_kept_and_replaced(

@@ -41,6 +41,8 @@ from featmap.service.store import (
     encode_entry,
     tenant_key,
 )
+from featmap.v1 import featmap_pb2 as pb
+from featmap.v1 import featmap_pb2_grpc as pb_grpc
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_cli import clean_env, featmap_serve, free_port, run_featmap
 from tests.test_registry import TENSOR_SPEC, make_tensors
@@ -235,6 +237,75 @@ def test_int8_registrations_keep_their_calibration(
         got, want = on_b.extract(batch, pipeline_id), on_a.extract(batch, pipeline_id)
         for name in want:
             np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_a_listing_describes_stored_pipelines_without_compiling_them_page_by_page(
+    store: Path, pair: tuple[FeatmapServer, FeatmapServer]
+) -> None:
+    from tests.test_int8 import CALIBRATION, SPEC
+    from tests.test_registry import small_spec
+
+    a, b = pair
+    specs = [small_spec(seed) for seed in range(5)]
+    with connect(a) as on_a, connect(b) as on_b:
+        ids = sorted(
+            [on_a.register(spec) for spec in specs] + [on_a.register(SPEC, calibration=CALIBRATION)]
+        )
+        described = {i: on_a.get_pipeline(i) for i in ids}
+        # B holds none of them: its listing reads them from the store, compiles none (so
+        # evicts nobody's sessions), and says so; the int8 report comes once one is used.
+        stub = pb_grpc.FeatureExtractorStub(grpc.insecure_channel(b.address))
+        pages, token = [], ""
+        while True:
+            reply = stub.ListPipelines(pb.ListPipelinesRequest(page_size=2, page_token=token))
+            pages.append([info.pipeline_id for info in reply.pipelines])
+            token = reply.next_page_token
+            if not token:
+                break
+        assert pages == [ids[0:2], ids[2:4], ids[4:6]]
+        listed = on_b.list_pipelines(page_size=4)
+        assert [info.pipeline_id for info in listed] == ids
+        for info in listed:
+            want = described[info.pipeline_id]
+            assert not info.loaded and want.loaded
+            assert (info.spec, info.outputs, info.weight_names, info.batching, info.precision) == (
+                want.spec, want.outputs, want.weight_names, want.batching, want.precision
+            )  # fmt: skip
+            assert (info.int8 is None) and (want.int8 is None) == (want.precision == "float32")
+        int8_id = next(i for i in ids if described[i].precision == "int8")
+        batch = np.random.default_rng(1).random((1, 3, 16, 16), dtype=np.float32)
+        on_b.extract(batch, int8_id)
+        after = {info.pipeline_id: info for info in on_b.list_pipelines()}
+        assert [i for i in ids if after[i].loaded] == [int8_id]
+        assert after[int8_id].int8 == described[int8_id].int8
+        for field, request in (
+            ("page_token", pb.ListPipelinesRequest(page_token="../../etc/passwd")),
+            ("page_size", pb.ListPipelinesRequest(page_size=-1)),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ListPipelines(request)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert dict(refused.value.trailing_metadata())["featmap-field"] == field
+        assert [info.pipeline_id for info in on_b.list_pipelines()] == ids  # still serving
+
+
+def test_a_listing_page_stops_at_its_read_budget(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from featmap.service import registry as registry_module
+    from tests.test_registry import small_spec
+
+    with FeatmapServer(settings(store)) as a, connect(a) as on_a:
+        ids = sorted(on_a.register(small_spec(seed)) for seed in range(3))
+    # A fresh server: every entry is read from the store, each more than the whole budget.
+    monkeypatch.setattr(registry_module, "LIST_READ_BYTES", 1)
+    with FeatmapServer(settings(store)) as b:
+        page, after = b.service.registry.list(DEFAULT_TENANT, limit=100)
+        assert ([d.pipeline_id for d in page], after) == ([ids[0]], ids[0])
+        page, after = b.service.registry.list(DEFAULT_TENANT, after=after, limit=100)
+        assert ([d.pipeline_id for d in page], after) == ([ids[1]], ids[1])
+        with connect(b) as on_b:
+            assert [info.pipeline_id for info in on_b.list_pipelines()] == ids
 
 
 def test_an_entry_keeps_the_spec_text_that_passed_max_spec_bytes(store: Path) -> None:

@@ -196,7 +196,7 @@ class GetPipelineRequest(_message.Message):
     def __init__(self, pipeline_id: _Optional[str] = ..., include_model: _Optional[bool] = ...) -> None: ...
 
 class PipelineInfo(_message.Message):
-    __slots__ = ("pipeline_id", "spec_json", "outputs", "weight_names", "batching", "onnx_model", "names", "precision", "int8")
+    __slots__ = ("pipeline_id", "spec_json", "outputs", "weight_names", "batching", "onnx_model", "names", "precision", "int8", "loaded")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class PipelineInfo(_message.Message):
     NAMES_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     INT8_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     spec_json: str
     outputs: _containers.RepeatedCompositeFieldContainer[OutputInfo]
@@ -215,17 +216,24 @@ class PipelineInfo(_message.Message):
     names: _containers.RepeatedScalarFieldContainer[str]
     precision: str
     int8: Int8Report
-    def __init__(self, pipeline_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., weight_names: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., onnx_model: _Optional[bytes] = ..., names: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., int8: _Optional[_Union[Int8Report, _Mapping]] = ...) -> None: ...
+    loaded: bool
+    def __init__(self, pipeline_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., weight_names: _Optional[_Iterable[str]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., onnx_model: _Optional[bytes] = ..., names: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., int8: _Optional[_Union[Int8Report, _Mapping]] = ..., loaded: _Optional[bool] = ...) -> None: ...
 
 class ListPipelinesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListPipelinesResponse(_message.Message):
-    __slots__ = ("pipelines",)
+    __slots__ = ("pipelines", "next_page_token")
     PIPELINES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     pipelines: _containers.RepeatedCompositeFieldContainer[PipelineInfo]
-    def __init__(self, pipelines: _Optional[_Iterable[_Union[PipelineInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, pipelines: _Optional[_Iterable[_Union[PipelineInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeletePipelineRequest(_message.Message):
     __slots__ = ("pipeline_id",)
