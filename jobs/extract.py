@@ -164,7 +164,7 @@ def run_extract(
         decode_threads=default_decode_threads() if decode_threads is None else decode_threads,
         prefetch=prefetch,
         draft=draft,
-        encoded=encoded,
+        encoded=runner.encoded_rule() if encoded and isinstance(runner, RemoteRunner) else None,
     )
     # Finished shards are saved on a thread, one at a time, while the next batches compute
     # (onnxruntime and the file writes release the GIL): at most SAVING shards' results wait.

@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,25 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".
 # (BMP, TIFF) are decoded here and sent as pixels.
 ENCODED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
+
+
+@dataclass(frozen=True)
+class EncodedRule:
+    """Which image files go to a server as they are: at most `max_bytes` each, in one of
+    `formats` (Pillow's names). A job takes both from the server it sends to (GetServerInfo's
+    limits), so that what it sends and what that server takes cannot drift apart."""
+
+    max_bytes: int = DEFAULT_LIMITS.max_encoded_image_bytes
+    formats: tuple[str, ...] = ENCODED_FORMATS
+
+    @staticmethod
+    def of_server(limits: Mapping[str, Any]) -> EncodedRule:
+        """The rule of a server's limits (ServerInfo.limits); defaults where it names none."""
+        default = EncodedRule()
+        return EncodedRule(
+            int(limits.get("max_encoded_image_bytes", default.max_bytes)),
+            tuple(limits.get("encoded_formats", default.formats)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,34 +354,41 @@ def load_item(
 
 
 def load_encoded(
-    item: InputItem, spec: InputSpec, resize: tuple[int, int] | None
+    item: InputItem,
+    spec: InputSpec,
+    resize: tuple[int, int] | None,
+    rule: EncodedRule = EncodedRule(),
 ) -> EncodedImage | None:
     """An image file's bytes and size (from its header: nothing is decoded), for a server to
-    decode; None for anything else, or a file a server would not take as it is (too many
-    bytes, a format it refuses, a header Pillow cannot read): load_item decodes that one here,
-    and says what is wrong if it cannot."""
+    decode; None for anything else, or a file the server would not take as it is (over
+    `rule`'s bytes, not of its formats, a header Pillow cannot read): load_item decodes that
+    one here, and says what is wrong if it cannot."""
     if item.row is not None or item.path.suffix.lower() not in ENCODED_SUFFIXES:
         return None
     path = item.path
     try:
-        if path.stat().st_size > DEFAULT_LIMITS.max_encoded_image_bytes:
+        if path.stat().st_size > rule.max_bytes:
             return None
         data = path.read_bytes()
     except OSError:
         return None
-    return encoded_image(data, str(path), spec, resize)
+    return encoded_image(data, str(path), spec, resize, rule)
 
 
 def encoded_image(
-    data: bytes, name: str, spec: InputSpec, resize: tuple[int, int] | None
+    data: bytes,
+    name: str,
+    spec: InputSpec,
+    resize: tuple[int, int] | None,
+    rule: EncodedRule = EncodedRule(),
 ) -> EncodedImage | None:
-    """An image file's bytes as a server would take them (see load_encoded), else None."""
+    """An image file's bytes as the server would take them (see load_encoded), else None."""
     if spec.channels not in PIL_MODES:
         return None  # decode_image says why, for every image
-    if len(data) > DEFAULT_LIMITS.max_encoded_image_bytes:
+    if len(data) > rule.max_bytes:
         return None
     try:
-        header = read_image_header(data, name, formats=ENCODED_FORMATS)
+        header = read_image_header(data, name, formats=rule.formats)
     except FeatmapError:
         return None
     height, width = resize or (header.height, header.width)

@@ -19,7 +19,15 @@ from ..contract.spec import Pipeline
 from ..contract.tensors import single_image_size
 from ..contract.wire import EncodedBatch
 from .feed import SizeGroups, load_ahead
-from .images import ArrayFiles, EncodedImage, InputError, InputItem, load_encoded, load_item
+from .images import (
+    ArrayFiles,
+    EncodedImage,
+    EncodedRule,
+    InputError,
+    InputItem,
+    load_encoded,
+    load_item,
+)
 from .outputs import Results
 from .parts import Shard
 
@@ -123,7 +131,7 @@ class Job:
         decode_threads: int = 0,
         prefetch: int = 0,
         draft: bool = False,
-        encoded: bool = False,
+        encoded: EncodedRule | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.runner = runner
@@ -155,7 +163,9 @@ class Job:
         try:
             spec = self.pipeline.input
             image: np.ndarray | EncodedImage | None = (
-                load_encoded(item, spec, self.resize) if self.encoded else None
+                None
+                if self.encoded is None
+                else load_encoded(item, spec, self.resize, self.encoded)
             )
             if image is None:
                 image = load_item(item, spec, self.resize, draft=self.draft, arrays=self.arrays)

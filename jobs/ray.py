@@ -48,7 +48,7 @@ from ..contract.spec import (
     parse_pipeline,
 )
 from ..contract.tensors import from_hwc
-from .images import IMAGE_SUFFIXES, InputError, encoded_image
+from .images import IMAGE_SUFFIXES, EncodedRule, InputError, encoded_image
 from .runners import EmbeddedRunner, calibration_by_dtype, pipelines_by_dtype
 
 PipelineLike = Pipeline | Mapping[str, Any] | str | Path
@@ -229,6 +229,8 @@ class FeatureExtractor:
         # What the client sends for each batch dtype (pixels: the pixel variant), as a spec
         # or the id it was registered under with calibration.
         self._remote: dict[str, Pipeline | str] = dict(pipelines_by_dtype(self.pipeline))
+        # Which encoded files the server takes as they are: its limits, asked for once.
+        self._encoded_rule: EncodedRule | None = None
         if server is None:
             self.runner = EmbeddedRunner(self.pipeline, threads, calibration=calibration)
             self.report = self.runner.report
@@ -292,10 +294,12 @@ class FeatureExtractor:
         runs: list[Run] = []
         here = list(range(len(encoded)))
         if self.client is not None:
+            if self._encoded_rule is None:
+                self._encoded_rule = EncodedRule.of_server(self.client.server_info().limits)
             by_size: dict[tuple[int, int], list[int]] = {}
             here = []
             for row, data in enumerate(encoded):
-                image = encoded_image(data, names[row], spec, self.resize)
+                image = encoded_image(data, names[row], spec, self.resize, self._encoded_rule)
                 if image is None:
                     here.append(row)
                 else:

@@ -19,6 +19,7 @@ from ..contract.precision import QuantizationReport
 from ..contract.spec import Pipeline
 from ..contract.tensors import single_image_size
 from ..contract.wire import EncodedBatch
+from .images import EncodedRule
 from .targets import grpc_target, target_addresses
 
 if TYPE_CHECKING:
@@ -202,7 +203,7 @@ class RemoteRunner:
         # None: batches of small images are joined (see request_images); a number: at most
         # that many images a request (a batch is never split).
         self.request_images = request_images
-        self.server_limits: dict[str, int] | None = None
+        self.server_limits: dict[str, Any] | None = None
 
         target, balanced = grpc_target(servers)
         security = security or ChannelSecurity()
@@ -260,6 +261,16 @@ class RemoteRunner:
                 if self.pipeline.precision == "int8" and first:
                     self.report = replica.get_pipeline(pipeline_id).int8
 
+    def limits(self) -> dict[str, Any]:
+        """The server's limits (GetServerInfo, asked once; of one replica where several)."""
+        if self.server_limits is None:
+            self.server_limits = self.client.server_info().limits
+        return self.server_limits
+
+    def encoded_rule(self) -> EncodedRule:
+        """Which image files the server takes as they are: its own limits, not this job's."""
+        return EncodedRule.of_server(self.limits())
+
     def run(self, batches: Iterable[JobBatch]) -> Iterator[dict[str, np.ndarray]]:
         """Each batch's outputs from the server(s), in order.
 
@@ -298,9 +309,7 @@ class RemoteRunner:
         if first is None:
             return
         if self.request_images is None:
-            if self.server_limits is None:
-                self.server_limits = self.client.server_info().limits
-            most = request_images(self.pipeline, first, self.server_limits)
+            most = request_images(self.pipeline, first, self.limits())
         else:
             most = self.request_images
         most = min(most, self.client.images_per_message(first, pipeline))

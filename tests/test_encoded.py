@@ -27,6 +27,7 @@ from featmap.contract.pixels import pixel_pipeline, pixel_values
 from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.contract.wire import EncodedBatch
 from featmap.jobs.extract import run_extract
+from featmap.jobs.images import EncodedRule
 from featmap.jobs.job import JobError
 from featmap.jobs.runners import RemoteRunner
 from featmap.oip import grpc_predict_v2_pb2 as oip
@@ -477,6 +478,29 @@ def test_the_job_skips_a_file_the_server_cannot_decode(
     np.testing.assert_array_equal(out["features"][0], out["features"][1])
     with pytest.raises(JobError, match=r"a1\.jpg: .*truncated"):
         job(readme, [folder], tmp_path / "fail.npz", server.address, resize=SIZE, encoded=True)
+
+
+def test_the_job_sends_as_they_are_only_the_files_its_server_takes(
+    tight: FeatmapServer, readme: Pipeline, files: list[bytes], tmp_path: Path
+) -> None:
+    # The server takes encoded files of at most 6,000 bytes (the default is 32 MiB): the job
+    # asks it, sends the small JPEG as it is and decodes the larger PNG itself, as a job with
+    # --decode-locally would; it used to send both, and the server refused the PNG.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(files[0])
+    noise = np.random.default_rng(5).integers(0, 256, (60, 60, 3), dtype=np.uint8)
+    (folder / "b.png").write_bytes(encode(noise, "PNG"))
+    assert len(files[0]) <= 6000 < (folder / "b.png").stat().st_size
+    sent = job(readme, [folder], tmp_path / "sent.npz", tight.address, resize=SIZE, encoded=True)
+    local = job(readme, [folder], tmp_path / "local.npz", tight.address, resize=SIZE)
+    assert list(sent["paths"]) == [str(folder / "a.jpg"), str(folder / "b.png")]
+    np.testing.assert_array_equal(sent["features"], local["features"])
+    runner = RemoteRunner(readme, [tight.address], in_flight=1, timeout=60)
+    try:
+        assert runner.encoded_rule() == EncodedRule(6000, ("JPEG", "PNG", "WEBP"))
+    finally:
+        runner.close()
 
 
 def test_the_command_sends_files_unless_told_to_decode_locally(
