@@ -197,6 +197,19 @@ def test_lone_request_runs_at_once_and_read_only(
     assert stats.batch_sizes == Counter({2: 1})
 
 
+def test_a_request_larger_than_a_batch_runs_in_batches_and_counts_once(
+    batcher: DynamicBatcher, readme: CompiledPipeline
+) -> None:
+    recording = RecordingPipeline(readme)
+    images = random_images(7)
+    outputs = batcher.run(recording, images, BatchingPolicy(max_batch_size=3))
+    assert [len(run) for run in recording.runs] == [3, 3, 1]
+    assert_matches_reference(outputs, readme.pipeline, images)
+    stats = batcher.stats
+    assert (stats.batches, stats.requests, stats.images) == (3, 1, 7)
+    assert stats.batch_sizes == Counter({3: 2, 1: 1})
+
+
 def test_queued_requests_coalesce_in_batches_of_at_most_max(
     batcher: DynamicBatcher, readme: CompiledPipeline
 ) -> None:
