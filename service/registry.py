@@ -225,17 +225,22 @@ class PipelineRegistry:
             built = self._build(key, pipeline, weights, calibration, batching, still_wanted, known)
         try:
             with self._tenant_lock(tenant):
+                respelled: list[str] = []
                 if name is not None:
                     # Checked again: another registration may have taken the name meanwhile.
                     with self._lock:
-                        self._check_name_locked(tenant, name, pipeline_id, replace)
+                        respelled = self._check_name_locked(tenant, name, pipeline_id, replace)
                 if self.store is not None and entry is not None:
                     self.store.put(tenant, pipeline_id, entry)
                     if name is not None:
+                        for old in respelled:  # first: it may be the same file as `name`
+                            self.store.remove_name(tenant, old)
                         self.store.put_name(tenant, name, pipeline_id)
                 with self._lock:
                     registered = self._keep_locked(key, built)
                     if name is not None:
+                        for old in respelled:
+                            self._names.pop((tenant, old), None)
                         self._names[(tenant, name)] = pipeline_id
         except BaseException:
             with self._lock:
@@ -340,10 +345,28 @@ class PipelineRegistry:
         self.budget.free(steady)
         return steady
 
-    def _check_name_locked(self, tenant: str, name: str, pipeline_id: str, replace: bool) -> None:
+    def _check_name_locked(
+        self, tenant: str, name: str, pipeline_id: str, replace: bool
+    ) -> list[str]:
+        """Refuse what the name cannot be; the names it replaces (spelled otherwise)."""
+        # Names that differ only in case are one name: on a case-insensitive filesystem (macOS,
+        # Windows, their volumes) the store keeps them in one file, and one would silently
+        # take the other's pipeline. `replace` moves such a name to this spelling.
+        folded = name.casefold()
+        spelled = [
+            n for t, n in self._names if t == tenant and n != name and n.casefold() == folded
+        ]
+        if spelled and not replace:
+            other = spelled[0]
+            raise AlreadyExists(
+                "name",
+                f"{name!r} differs only in case from {other!r}, which names pipeline "
+                f"{self._names[(tenant, other)]}: names are unique without regard to case; "
+                f"use {other!r}, another name, or register with replace to respell it",
+            )
         current = self._names.get((tenant, name))
         if current == pipeline_id:
-            return  # already its name: nothing changes
+            return spelled  # already its name: nothing changes but a respelling
         if current is not None and not replace:
             raise AlreadyExists(
                 "name",
@@ -359,6 +382,7 @@ class PipelineRegistry:
                 f"{self.max_names} allows: register it without a name, or delete it and "
                 "register it again under the names you keep",
             )
+        return spelled
 
     # ------------------------------------------------------------------ the store's view
 

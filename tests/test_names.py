@@ -32,6 +32,33 @@ def fresh() -> Iterator[FeatureClient]:
         yield client
 
 
+def test_names_that_differ_only_in_case_are_one_name(tmp_path: Path) -> None:
+    # A case-insensitive filesystem keeps "Edges" and "edges" in one store file: the second
+    # name would silently take the first one's pipeline. So they are one name, respelled only
+    # with replace.
+    store = tmp_path / "store"
+    settings = ServerSettings(
+        host="127.0.0.1", port=0, intra_op_threads=1, grpc_workers=8, pipeline_store=str(store)
+    )
+    with FeatmapServer(settings) as server, FeatureClient(server.address, timeout=60) as client:
+        first = client.register(README_SPEC, name="Edges")
+        with pytest.raises(FeatmapRpcError) as taken:
+            client.register(OTHER_SPEC, name="edges")
+        assert taken.value.code == grpc.StatusCode.ALREADY_EXISTS and taken.value.field == "name"
+        assert "'Edges'" in taken.value.details and first in taken.value.details
+        assert client.get_pipeline("Edges").pipeline_id == first
+        with pytest.raises(FeatmapRpcError):  # the same pipeline is no exception
+            client.register(README_SPEC, name="EDGES")
+        second = client.register(OTHER_SPEC, name="edges", replace=True)
+        assert client.get_pipeline("edges").pipeline_id == second
+        with pytest.raises(FeatmapRpcError) as gone:
+            client.get_pipeline("Edges")
+        assert gone.value.code == grpc.StatusCode.NOT_FOUND
+        assert client.get_pipeline(first).names == []
+    names = sorted(p.name for p in store.rglob("names/*"))
+    assert names == ["edges"]
+
+
 @pytest.mark.parametrize(
     "name", ["", "1abc", "a" * 65, "has space", "slash/name", "0123456789abcdef0123456789abcdef"]
 )
