@@ -625,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument(
         "--decode-threads",
         type=int,
-        help="threads decoding images ahead of the pipeline (default: one per core; 0: none)",
+        help="threads decoding images ahead of the pipeline (default: one per core, none "
+        "when every --input is a .npy/.npz/IDX file; 0: none)",
     )
     extract.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
     extract.add_argument(
