@@ -154,6 +154,12 @@ def run_extract(
         dynamic_ncols=True,
         smoothing=0.1,
     )
+    rule = None
+    if encoded and isinstance(runner, RemoteRunner):
+        try:  # which files the server takes as they are: its own limits
+            rule = runner.encoded_rule()
+        except FeatmapError as exc:  # the server's first answer (a token missing, say)
+            raise JobError(str(exc)) from None
     job = Job(
         pipeline,
         runner,
@@ -164,7 +170,7 @@ def run_extract(
         decode_threads=default_decode_threads() if decode_threads is None else decode_threads,
         prefetch=prefetch,
         draft=draft,
-        encoded=runner.encoded_rule() if encoded and isinstance(runner, RemoteRunner) else None,
+        encoded=rule,
     )
     # Finished shards are saved on a thread, one at a time, while the next batches compute
     # (onnxruntime and the file writes release the GIL): at most SAVING shards' results wait.
