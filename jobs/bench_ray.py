@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,28 @@ ds.select_columns(["path", "features"]).write_parquet("features/")
 # A local Ray of `cores` CPUs, as the brief of the row has it; no dashboard (a web server the
 # job does not use).
 RAY_START = "import ray\nray.init(num_cpus={cores}, include_dashboard=False)\n"
+# Ray's own cost: the example with featmap's actor replaced by one that gives each row a zero,
+# the same read, sizing and write, and no featmap code imported. No extractor running inside
+# Ray on this node can take less time or memory than this (RayBench.bound).
+RAY_FLOOR = """\
+import numpy as np
+
+
+class Nothing:
+    def __call__(self, batch):
+        return {{"path": batch["path"], "features": np.zeros((len(batch["path"]), 1), np.float32)}}
+
+
+ds = ray.data.read_binary_files("photos/", include_paths=True, file_extensions={extensions!r})
+ds = ds.map_batches(
+    Nothing,
+    compute=ray.data.ActorPoolStrategy(size={actors}),
+    num_cpus={cpus_per_actor!r},
+    batch_size={batch},
+    batch_format="numpy",
+)
+ds.select_columns(["path", "features"]).write_parquet("floor/")
+"""
 SAMPLE_SECONDS = 0.2
 
 
@@ -62,15 +85,27 @@ class TreeRun:
     """A child process run to its end: wall time, peak summed PSS of its tree, its stderr."""
 
     seconds: float
+    cpu_seconds: float  # user + system of the whole tree, at least (see run_tree)
     peak_bytes: int
     processes: int  # in the tree at the peak
     returncode: int
     stderr: str
 
 
-def _parents() -> dict[int, list[int]]:
-    """Every process's children, from /proc/PID/stat."""
-    children: dict[int, list[int]] = {}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class TreeSample:
+    """A process tree now: summed PSS, its processes, and each one's CPU-seconds so far."""
+
+    pss_bytes: int
+    cpu_seconds: dict[int, float]  # pid -> user + system of that process alone
+
+
+def _processes() -> dict[int, tuple[int, float]]:
+    """Every process's (parent, CPU-seconds of its own), from /proc/PID/stat."""
+    processes: dict[int, tuple[int, float]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -79,15 +114,20 @@ def _parents() -> dict[int, list[int]]:
                 text = stat.read()
         except OSError:  # gone since listdir
             continue
-        # The command name may hold spaces and parentheses: the fields follow its last ")".
-        parent = int(text[text.rindex(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(name))
-    return children
+        # The command name may hold spaces and parentheses: the fields follow its last ")",
+        # from the third (state): the parent is the fourth, utime and stime the 14th and 15th.
+        fields = text[text.rindex(")") + 2 :].split()
+        ticks = int(fields[11]) + int(fields[12])
+        processes[int(name)] = (int(fields[1]), ticks / CLOCK_TICKS)
+    return processes
 
 
-def tree_pss(root: int) -> tuple[int, int]:
-    """(summed PSS bytes, process count) of `root` and its descendants now."""
-    children = _parents()
+def sample_tree(root: int) -> TreeSample:
+    """`root` and its descendants now."""
+    processes = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in processes.items():
+        children.setdefault(parent, []).append(pid)
     tree, total = [root], 0
     for pid in tree:  # grows as it goes: a breadth-first walk
         tree.extend(children.get(pid, []))
@@ -99,31 +139,44 @@ def tree_pss(root: int) -> tuple[int, int]:
                         break
         except OSError:  # exited since the walk
             continue
-    return total, len(tree)
+    return TreeSample(total, {pid: processes[pid][1] for pid in tree if pid in processes})
 
 
 def run_tree(command: Sequence[str], cwd: Path) -> TreeRun:
-    """Run `command` in `cwd`, sampling its process tree's PSS until it exits."""
+    """Run `command` in `cwd`, sampling its process tree until it exits.
+
+    CPU-seconds are a lower bound: the larger of what the tree's waited-for descendants
+    report (getrusage) and the sum of each process's last sample (a process orphaned before
+    it ends, as Ray's workers are at shutdown, is reaped by init and reports to no one).
+    """
     with tempfile.TemporaryFile() as errors:
         started = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errors)
         peak = [0, 0]
+        sampled: dict[int, float] = {}
 
         def sample() -> None:
-            while child.poll() is None:
-                total, count = tree_pss(child.pid)
-                if total > peak[0]:
-                    peak[:] = [total, count]
+            while child.returncode is None:
+                now = sample_tree(child.pid)
+                if now.pss_bytes > peak[0]:
+                    peak[:] = [now.pss_bytes, len(now.cpu_seconds)]
+                for pid, cpu in now.cpu_seconds.items():
+                    sampled[pid] = max(cpu, sampled.get(pid, 0.0))
                 time.sleep(SAMPLE_SECONDS)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         returncode = child.wait()
         seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         sampler.join()
         errors.seek(0)
         stderr = errors.read().decode(errors="replace")
-    return TreeRun(seconds, peak[0], peak[1], returncode, stderr)
+    waited = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return TreeRun(
+        seconds, max(waited, sum(sampled.values())), peak[0], peak[1], returncode, stderr
+    )
 
 
 def failure(run: TreeRun, what: str) -> str:
@@ -180,11 +233,39 @@ class RayBench:
     features: str = ""
     skipped: str = ""  # why the row was not measured; "" when it was
     rounds: list[tuple[float, float]] = field(default_factory=list)  # (extract s, Ray s)
+    # Ray alone (RAY_FLOOR) in the same rounds: (extract s, extract CPU-s, floor s, floor CPU-s)
+    floors: list[tuple[float, float, float, float]] = field(default_factory=list)
+    floor_peak: int = 0  # bytes, the largest of the rounds
+    cores: int = 1
 
     @property
     def memory_ratio(self) -> float:
         """Ray's peak memory over featmap extract's."""
         return self.ray_peak / self.extract_peak if self.extract_peak else math.nan
+
+    @property
+    def floor_memory_ratio(self) -> float:
+        """Ray alone's peak memory over featmap extract's: what the example's cannot go below."""
+        return self.floor_peak / self.extract_peak if self.extract_peak else math.nan
+
+    @property
+    def floor_ratio(self) -> float:
+        """featmap extract's time over Ray alone's, median of rounds: the example's ratio
+        cannot pass it, however little its extractor took."""
+        ratios = [extract / floor for extract, _, floor, _ in self.floors]
+        return statistics.median(ratios) if ratios else math.nan
+
+    @property
+    def bound(self) -> float:
+        """The example's best ratio on this node, median of rounds: Ray alone's time, or its
+        CPU-seconds plus extract's spread over every core, whichever is longer. Running
+        featmap's work inside Ray cannot take less CPU than extract took for it (decoding and
+        onnxruntime are the same), nor end before Ray's own work is done."""
+        ratios = [
+            extract / max(floor, (floor_cpu + extract_cpu) / self.cores)
+            for extract, extract_cpu, floor, floor_cpu in self.floors
+        ]
+        return statistics.median(ratios) if ratios else math.nan
 
 
 def run_ray_bench(
@@ -214,22 +295,34 @@ def run_ray_bench(
         extract += ["--threads", str(threads), "--quiet"]
         program = RAY_START.format(cores=cores) + RAY_EXAMPLE
         ray_command = [sys.executable, "-c", program]
-        extract_peaks, ray_peaks = [], []
+        floor_command = [
+            sys.executable,
+            "-c",
+            RAY_START.format(cores=cores) + floor_program(cores, batch),
+        ]
+        extract_peaks, ray_peaks, floor_peaks = [], [], []
+        measured.cores = cores
         for index in range(rounds):
             log(f"Ray Data round {index + 1} of {rounds}...")
             job = run_tree(extract, work)
             if job.returncode != 0:
                 measured.skipped = failure(job, "featmap extract")
                 return measured
-            for stale in (work / "features").glob("*"):
+            for stale in [*(work / "features").glob("*"), *(work / "floor").glob("*")]:
                 stale.unlink()
             ray = run_tree(ray_command, work)
             if ray.returncode != 0:
                 measured.skipped = failure(ray, "the Ray example")
                 return measured
+            floor = run_tree(floor_command, work)
+            if floor.returncode != 0:
+                measured.skipped = failure(floor, "Ray alone (an identity map)")
+                return measured
             measured.rounds.append((job.seconds, ray.seconds))
+            measured.floors.append((job.seconds, job.cpu_seconds, floor.seconds, floor.cpu_seconds))
             extract_peaks.append(job.peak_bytes)
             ray_peaks.append(ray.peak_bytes)
+            floor_peaks.append(floor.peak_bytes)
             measured.processes = max(measured.processes, ray.processes)
         measured.features = compare_features(
             extract_features(work / "features.npz"), ray_features(work / "features")
@@ -238,4 +331,18 @@ def run_ray_bench(
     measured.ray_rate = statistics.median(images / ray for _, ray in measured.rounds)
     measured.ratio = statistics.median(job / ray for job, ray in measured.rounds)
     measured.extract_peak, measured.ray_peak = max(extract_peaks), max(ray_peaks)
+    measured.floor_peak = max(floor_peaks)
     return measured
+
+
+def floor_program(cores: int, batch: int) -> str:
+    """RAY_FLOOR sized as the example sizes itself on one node of `cores` CPUs."""
+    from .ray import IMAGE_EXTENSIONS, actor_pool
+
+    pool = actor_pool([{"Resources": {"CPU": cores}}])
+    return RAY_FLOOR.format(
+        extensions=IMAGE_EXTENSIONS,
+        actors=pool.actors,
+        cpus_per_actor=pool.cpus_per_actor,
+        batch=batch,
+    )

@@ -19,7 +19,16 @@ from featmap.jobs.bench import (
     standard_spec,
     tritonclient_python,
 )
-from featmap.jobs.bench_ray import RayBench, compare_features, failure, run_tree
+from featmap.jobs.bench_ray import (
+    RAY_EXAMPLE,
+    RAY_START,
+    RayBench,
+    compare_features,
+    failure,
+    floor_program,
+    run_tree,
+)
+from featmap.jobs.ray import IMAGE_EXTENSIONS
 from featmap.service.int8 import CPU_OVERRIDE_VARIABLE
 
 
@@ -140,9 +149,39 @@ def test_a_failed_ray_example_is_one_line_not_a_traceback(tmp_path: Path) -> Non
 
 def test_ray_goals_read_speed_and_memory_ratios() -> None:
     measured = RayBench(12, ratio=0.7, ray_peak=900 * 2**20, extract_peak=250 * 2**20)
-    speed, memory = ray_goals(measured)
+    # Two rounds of (extract s, extract CPU-s, Ray alone s, Ray alone CPU-s) on 2 cores.
+    measured.floors = [(8.0, 14.0, 10.0, 12.0), (6.0, 12.0, 12.0, 14.0)]
+    measured.floor_peak, measured.cores = 1000 * 2**20, 2
+    speed, speed_bound, memory, memory_bound = ray_goals(measured)
     assert (speed.now, speed.goal, speed.met) == ("0.70", ">= 0.60", True)
     assert (memory.now, memory.goal, memory.met) == ("3.60", "<= 3.00", False)
+    # Round 1: 8 / max(10, (12 + 14) / 2) = 8 / 13; round 2: 6 / max(12, 13) = 6 / 13.
+    assert speed_bound.now == f"{(8 / 13 + 6 / 13) / 2:.2f}"
+    assert measured.floor_ratio == pytest.approx((8 / 10 + 6 / 12) / 2)
+    assert (memory_bound.now, memory_bound.met) == ("4.00", None)  # 1000 / 250
+
+
+def test_tree_cpu_counts_the_descendants(tmp_path: Path) -> None:
+    spin = "import time; end = time.process_time() + 0.4\nwhile time.process_time() < end: pass"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"
+    run = run_tree([sys.executable, "-c", child], tmp_path)
+    assert run.returncode == 0
+    assert run.cpu_seconds >= 0.4  # the grandchild's spin, counted through its parent
+
+
+def test_ray_alone_is_the_example_without_featmap() -> None:
+    program = floor_program(cores=4, batch=16)
+    compile(RAY_START.format(cores=4) + program, "floor", "exec")
+    assert "featmap" not in program
+    # Sized as the example sizes itself: an actor a node, all CPUs but one, the same batch.
+    assert "ActorPoolStrategy(size=1)" in program and "num_cpus=3.0" in program
+    assert "batch_size=16" in program and repr(IMAGE_EXTENSIONS) in program
+    for step in (
+        "read_binary_files(",
+        "include_paths=True",
+        'select_columns(["path", "features"])',
+    ):
+        assert step in program and step in RAY_EXAMPLE
 
 
 def test_features_are_compared_by_path() -> None:
