@@ -28,7 +28,7 @@ from .calibration import job_calibration
 from .images import arrays_only, expand, find_files
 from .job import Job, JobError, OnError, Runner
 from .outputs import OUTPUT_SUFFIXES, Contents, Part, Results, write_merged
-from .parts import CHECKPOINT_AFTER_S, HELD_BYTES, HeldShards, PartsDir, Shard
+from .parts import CHECKPOINT_AFTER_S, HELD_BYTES, HeldShards, PartsDir, Shard, StreamedRows
 from .runners import EmbeddedRunner, RemoteRunner
 
 # Arrays of the .npz layout that an output name must not shadow.
@@ -135,13 +135,30 @@ def run_extract(
         if on_error == "fail":
             raise JobError(f"{error.path}: {error.reason}")
         contents.skipped_first.append((error.path, error.reason))
+    # A .npy's one output is written once, as the shards finish (see StreamedRows); other
+    # formats keep each shard as a part file until the merge.
+    streamed = (
+        StreamedRows(parts.path, identity, pipeline.output_names[0]) if suffix == ".npy" else None
+    )
     todo: list[Shard] = []
-    for shard in shards:
-        results = parts.reusable(shard) if resume else None
-        if results is None:
-            todo.append(shard)
-        else:
-            contents.add(shard.index, results)
+    if streamed is not None:
+        kept = streamed.reusable(shards) if resume else []
+        for reused_shard in kept:
+            shapes = {} if reused_shard.shape is None else {reused_shard.shape}
+            contents.add_rows(
+                reused_shard.index,
+                reused_shard.paths,
+                reused_shard.skipped,
+                {streamed.output_name: set(shapes)},
+            )
+        todo = shards[len(kept) :]
+    else:
+        for shard in shards:
+            results = parts.reusable(shard) if resume else None
+            if results is None:
+                todo.append(shard)
+            else:
+                contents.add(shard.index, results)
     reused = len(shards) - len(todo)
     # Reused images are where the bar starts, not progress: the rate and the time left are
     # those of the images computed now.
@@ -180,35 +197,52 @@ def run_extract(
     held = HeldShards(
         CHECKPOINT_AFTER_S if checkpoint_after_s is None else checkpoint_after_s, HELD_BYTES
     )
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featmap-save") as saver:
-
-        def save(finished: list[tuple[Shard, Results]]) -> None:
-            for shard, results in finished:
-                while len(saving) >= SAVING:
-                    saving.popleft().result()
-                saving.append(saver.submit(parts.save, shard, results))
-
-        try:
-            for shard, results in job.run(todo):
-                contents.add(shard.index, results)
-                save(held.add(shard, results))
-        except BaseException:
-            save(held.release())  # a failing or interrupted job keeps every shard it finished
-            raise
-        finally:
-            # Their saves complete first.
-            bar.close()
-            while saving:
-                saving.popleft().result()
-    metadata = {**identity, "outputs": pipeline.output_names}
-    sources: list[Part] = []
-    for shard in shards:
-        in_memory = held.get(shard.index)
-        sources.append(parts.results_file(shard) if in_memory is None else in_memory)
     try:
-        write_merged(contents, sources, output, metadata)
-    except ValueError as exc:
-        raise JobError(str(exc), 2) from None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featmap-save") as saver:
+            keep = parts.save if streamed is None else streamed.append
+
+            def save(finished: list[tuple[Shard, Results]]) -> None:
+                for shard, results in finished:
+                    while len(saving) >= SAVING:
+                        saving.popleft().result()
+                    saving.append(saver.submit(keep, shard, results))
+
+            try:
+                for shard, results in job.run(todo):
+                    if streamed is not None:
+                        try:  # a .npy's rows share one shape: say so now, not at the end
+                            streamed.check(results)
+                        except ValueError as exc:
+                            raise JobError(str(exc), 2) from None
+                    contents.add(shard.index, results)
+                    save(held.add(shard, results))
+            except BaseException:
+                save(held.release())  # a failing or interrupted job keeps every shard it finished
+                raise
+            finally:
+                # Their saves complete first.
+                bar.close()
+                while saving:
+                    saving.popleft().result()
+        try:
+            if streamed is not None and streamed.used:
+                for shard in shards[len(streamed.shards) :]:  # a young job's held shards
+                    in_memory = held.get(shard.index)
+                    assert in_memory is not None  # saved shards are in the rows file, in order
+                    streamed.append(shard, in_memory)
+                streamed.finish(output, len(contents.paths))
+            else:
+                metadata = {**identity, "outputs": pipeline.output_names}
+                sources: list[Part] = []
+                for shard in shards:
+                    in_memory = held.get(shard.index)
+                    sources.append(parts.results_file(shard) if in_memory is None else in_memory)
+                write_merged(contents, sources, output, metadata)
+        except ValueError as exc:
+            raise JobError(str(exc), 2) from None
+    finally:
+        if streamed is not None:
+            streamed.close()
     parts.clear()
     return JobReport(
         output=output,

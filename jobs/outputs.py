@@ -234,6 +234,16 @@ class Contents:
         """Skipped inputs and why, in order."""
         return [*self.skipped_first, *(s for shard in self._ordered() for s in shard.skipped)]
 
+    def add_rows(
+        self,
+        index: int,
+        paths: list[str],
+        skipped: list[tuple[str, str]],
+        shapes: dict[str, set[tuple[int, ...]]],
+    ) -> None:
+        """Note a shard whose rows are already written (StreamedRows), from what it recorded."""
+        self.shards[index] = _ShardContents(list(paths), list(skipped), shapes)
+
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The one per-image shape of an output, when it has rows and they all share it."""
         shapes = set().union(*(shard.shapes[name] for shard in self.shards.values()))
@@ -330,6 +340,32 @@ def _npy_header(out: IO[bytes], shape: tuple[int, ...]) -> None:
         "shape": shape,
     }
     np.lib.format.write_array_header_1_0(out, header)
+
+
+# Room for a .npy header written last (StreamedRows): the rows go after it as they finish, and
+# the header, which names their count, fills the room at the end. A page, so that the rows of a
+# memory-mapped load start page-aligned; numpy reads headers of up to 10,000 bytes.
+NPY_HEADER_ROOM = 4096
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"  # format version 1.0: a header length of 16 bits
+
+
+def npy_header_in_room(shape: tuple[int, ...]) -> bytes:
+    """A float32 .npy header of `shape`, padded with spaces to exactly NPY_HEADER_ROOM bytes
+    (numpy pads its own headers the same way, to a multiple of 64)."""
+    descr = np.lib.format.dtype_to_descr(np.dtype(OUTPUT_DTYPE))
+    text = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)}).encode("latin1")
+    length = NPY_HEADER_ROOM - len(_NPY_MAGIC) - 2
+    if len(text) + 1 > length:
+        raise ValueError(f"a .npy header for shape {shape} does not fit {NPY_HEADER_ROOM} bytes")
+    return _NPY_MAGIC + struct.pack("<H", length) + text.ljust(length - 1) + b"\n"
+
+
+def one_shape_error(name: str, shapes: Sequence[str]) -> str:
+    """Why a .npy cannot hold an output whose rows have different shapes."""
+    return (
+        f"output {name!r} has different shapes per image ({', '.join(shapes)}): "
+        "a .npy holds one array; use --resize or write .npz/.parquet"
+    )
 
 
 def _merge_npz(contents: Contents, parts: Sequence[Part], file: IO[bytes]) -> None:
@@ -440,11 +476,7 @@ def write_merged(
     elif suffix == ".npy":
         (name,) = contents.output_names
         if contents.paths and contents.shape(name) is None:
-            raise ValueError(
-                f"output {name!r} has different shapes per image "
-                f"({', '.join(contents.shapes(name))}): "
-                "a .npy holds one array; use --resize or write .npz/.parquet"
-            )
+            raise ValueError(one_shape_error(name, contents.shapes(name)))
         _write_with(destination, lambda file: _merge_npy(contents, parts, file))
     elif suffix == ".parquet":
         _merge_parquet(contents, parts, destination, metadata)

@@ -5,15 +5,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 import zipfile
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import numpy as np
 
 from .images import InputItem
-from .outputs import Results, atomic_path, read_npz, write_npz
+from .outputs import (
+    NPY_HEADER_ROOM,
+    OUTPUT_DTYPE,
+    Results,
+    atomic_path,
+    npy_header_in_room,
+    one_shape_error,
+    read_npz,
+    row_blocks,
+    write_npz,
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +81,9 @@ class PartsDir:
 
     def count(self) -> int:
         """Shards whose manifest was written (finished, unless damaged since)."""
-        return len(list(self.path.glob("shard-*.json"))) if self.path.is_dir() else 0
+        if not self.path.is_dir():
+            return 0
+        return len(list(self.path.glob("shard-*.json"))) + StreamedRows.count_in(self.path)
 
     def clear(self) -> None:
         """Remove the parts folder and everything in it."""
@@ -112,3 +129,183 @@ class HeldShards:
         """A held shard's results (None when saved, or never held)."""
         held = self.held.get(index)
         return None if held is None else held[1]
+
+
+@dataclass(frozen=True)
+class StreamedShard:
+    """A shard whose rows StreamedRows wrote: what its line in the log records."""
+
+    index: int
+    paths: list[str]  # the rows' inputs (skipped ones are not rows)
+    skipped: list[tuple[str, str]]
+    shape: tuple[int, ...] | None  # each row's; None when the shard has no rows
+    end: int  # where its rows end in the rows file
+
+
+class StreamedRows:
+    """The rows of a one-output .npy job, written once, into what becomes the output.
+
+    Once the job saves its finished shards (see HeldShards), each shard's rows are appended,
+    in order, to `<output>.parts/rows.npy.partial` after NPY_HEADER_ROOM bytes of room, and a
+    line of `rows.jsonl` records the shard (the job's identity, its inputs, its rows' inputs,
+    skipped inputs, row shape, where its bytes end and their CRC-32). At the end the header
+    fills the room and the file is renamed to the output. Part files and their merge wrote the
+    features twice, zipped them (a CRC pass and copies) and removed them again: on 2 cores, a
+    70,000-row job with 3,072 features a row took 8.0 s where plain onnxruntime took 5.0 s.
+
+    --resume reuses the longest run of recorded shards, from the first, whose bytes still
+    match their CRC (nothing is fsynced before the end: a line that ran ahead of its bytes
+    fails the check); the file is cut after them and the job goes on from there.
+    """
+
+    ROWS = "rows.npy.partial"
+    LOG = "rows.jsonl"
+
+    def __init__(self, folder: Path, identity: dict[str, Any], output_name: str) -> None:
+        self.folder = folder
+        self.identity = identity
+        self.output_name = output_name
+        self.kept: list[StreamedShard] = []  # reused by --resume
+        self.written: list[StreamedShard] = []  # appended by this run
+        self.shape: tuple[int, ...] | None = None
+        self._kept_lines: list[str] = []
+        self._rows: IO[bytes] | None = None
+        self._log: IO[str] | None = None
+
+    @classmethod
+    def count_in(cls, folder: Path) -> int:
+        """Shards recorded in `folder`'s log."""
+        try:
+            with (folder / cls.LOG).open(encoding="utf-8") as log:
+                return sum(1 for line in log if line.strip())
+        except OSError:
+            return 0
+
+    @property
+    def used(self) -> bool:
+        """Whether any shard's rows are in the rows file (reused or written)."""
+        return bool(self.kept or self.written)
+
+    @property
+    def shards(self) -> list[StreamedShard]:
+        """Every shard in the rows file, in order."""
+        return [*self.kept, *self.written]
+
+    def check(self, results: Results) -> None:
+        """ValueError unless every row of `results` has the shape of every row before it."""
+        shapes = {row.shape for row in results.outputs[self.output_name]}
+        if self.shape is not None:
+            shapes.add(self.shape)
+        if len(shapes) > 1:
+            raise ValueError(one_shape_error(self.output_name, sorted(map(str, shapes))))
+        if shapes:
+            self.shape = shapes.pop()
+
+    def reusable(self, shards: Sequence[Shard]) -> list[StreamedShard]:
+        """The longest run of `shards`, from the first, that the log records for this job and
+        whose bytes match their CRC; kept as the start of the rows file."""
+        try:
+            lines = (self.folder / self.LOG).read_text(encoding="utf-8").splitlines()
+            rows = (self.folder / self.ROWS).open("rb")
+        except OSError:
+            return []
+        kept: list[StreamedShard] = []
+        start = NPY_HEADER_ROOM
+        with rows:
+            for shard, line in zip(shards, lines, strict=False):
+                streamed = self._recorded(shard, line, start, rows)
+                if streamed is None:
+                    break
+                kept.append(streamed)
+                start = streamed.end
+        self.kept, self._kept_lines = kept, lines[: len(kept)]
+        for streamed in kept:
+            if streamed.shape is not None:
+                self.shape = streamed.shape
+        return kept
+
+    def _recorded(
+        self, shard: Shard, line: str, start: int, rows: IO[bytes]
+    ) -> StreamedShard | None:
+        try:
+            record = json.loads(line)
+            expected = {**self.identity, "shard": shard.index, "paths": shard.keys}
+            if {key: record.get(key) for key in expected} != expected:
+                return None
+            end, shape = int(record["end"]), record["shape"]
+            size = math.prod(shape) * np.dtype(OUTPUT_DTYPE).itemsize if shape else 0
+            if end - start != size * len(record["rows"]) or (shape is None) != (not record["rows"]):
+                return None
+            rows.seek(start)
+            crc, left = 0, end - start
+            while left:
+                chunk = rows.read(min(left, 1 << 24))
+                if not chunk:
+                    return None  # the file ends before the bytes the line vouches for
+                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+            if crc != record["crc32"]:
+                return None
+            skipped = [(str(path), str(reason)) for path, reason in record["skipped"]]
+            row_shape = tuple(int(n) for n in shape) if shape is not None else None
+            return StreamedShard(
+                shard.index, [str(p) for p in record["rows"]], skipped, row_shape, end
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _open(self) -> tuple[IO[bytes], IO[str]]:
+        if self._rows is None or self._log is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            end = self.kept[-1].end if self.kept else NPY_HEADER_ROOM
+            rows = (self.folder / self.ROWS).open("r+b" if self.kept else "wb")
+            rows.truncate(end)  # past the kept shards: what an interrupted run left
+            rows.seek(end)
+            with atomic_path(self.folder / self.LOG) as temporary:  # the kept lines alone
+                temporary.write_text("".join(f"{line}\n" for line in self._kept_lines), "utf-8")
+            self._rows, self._log = rows, (self.folder / self.LOG).open("a", encoding="utf-8")
+        return self._rows, self._log
+
+    def append(self, shard: Shard, results: Results) -> None:
+        """Write a finished shard's rows after the ones before it, then its line in the log."""
+        rows, log = self._open()
+        crc = 0
+        for block in row_blocks(results.outputs[self.output_name]):
+            data = np.ascontiguousarray(block, dtype=OUTPUT_DTYPE).reshape(-1).view(np.uint8)
+            rows.write(data.data)
+            crc = zlib.crc32(data.data, crc)
+        rows.flush()  # the bytes reach the file before the line that vouches for them
+        row_shape = results.outputs[self.output_name][0].shape if results.paths else None
+        streamed = StreamedShard(
+            shard.index, list(results.paths), list(results.skipped), row_shape, rows.tell()
+        )
+        record = {
+            **self.identity,
+            "shard": shard.index,
+            "paths": shard.keys,
+            "rows": streamed.paths,
+            "skipped": streamed.skipped,
+            "shape": streamed.shape,
+            "end": streamed.end,
+            "crc32": crc,
+        }
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        self.written.append(streamed)
+
+    def finish(self, destination: Path, rows: int) -> None:
+        """Header into its room, the file to disk, then renamed to `destination`."""
+        handle, _ = self._open()
+        shape = (rows, *self.shape) if self.shape is not None else (0,)
+        handle.seek(0)
+        handle.write(npy_header_in_room(shape))
+        handle.flush()
+        os.fsync(handle.fileno())
+        self.close()
+        os.replace(self.folder / self.ROWS, destination)
+
+    def close(self) -> None:
+        """Close the rows file and the log (the parts folder keeps them for --resume)."""
+        for handle in (self._rows, self._log):
+            if handle is not None:
+                handle.close()
+        self._rows = self._log = None
