@@ -227,6 +227,34 @@ def test_good_request_after_the_bad_ones(tight: FeatmapServer, readme_pipeline: 
         assert_matches_reference(client.extract(images, README_SPEC), readme_pipeline, images)
 
 
+# Cheap arithmetic, wide activations: 96 channels of 28x28 from a 1x1 conv, then a 7x7 pool.
+WIDE_SPEC = spec(conv(96, 1), {"op": "avg_pool2d", "pool_size": 7, "name": "features"}, channels=1)
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_request_run_in_pieces_is_charged_a_piece_and_its_outputs(batching: bool) -> None:
+    wide = parse_pipeline(WIDE_SPEC)
+    images = normal(512, 1, 28, 28)
+    whole = batch_cost(wide, 512, 28, 28, input_itemsize=4).memory_bytes
+    piece = batch_cost(wide, 32, 28, 28, input_itemsize=4).memory_bytes  # max_batch_size
+    outputs = 512 * 96 * 4 * 4 * 4  # (96, 4, 4) float32 an image
+    run_bytes = 64 * 2**20
+    assert piece + 2 * outputs < run_bytes < whole  # 16 MB and 159 MB
+    with (
+        FeatmapServer(settings(batching=batching, run_bytes=run_bytes)) as server,
+        FeatureClient(server.address, timeout=60) as client,
+    ):
+        if batching:  # the batcher runs 16 pieces of 32: admitted
+            got = client.extract(images, WIDE_SPEC)
+            assert_matches_reference(got, wide, images)
+        else:  # one run of all 512: over run_bytes for good, not Busy
+            with pytest.raises(FeatmapRpcError) as refused:
+                client.extract(images, WIDE_SPEC)
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "run_bytes" in str(refused.value) and f"{whole} bytes" in str(refused.value)
+        assert server.service.extractor.runs.in_flight == 0
+
+
 # --------------------------------------------------------------------------- non-finite input
 
 
