@@ -39,6 +39,7 @@ from .bench_base import (
     server_process,
     standard_spec,
 )
+from .bench_job import TRANSFER_ROW
 from .bench_ray import RayBench
 
 # Rows the goals table reads.
@@ -154,6 +155,11 @@ class Report:
                 return Goal(label, "not measured", f">= {goal:.2f}", None)
             return Goal(label, f"{row.ratio:.2f}", f">= {goal:.2f}", row.ratio >= goal)
 
+        def bound(label: str, part: str) -> Goal:
+            row = self.row(part)
+            now = "not measured" if row is None else f"{row.ratio:.2f}"
+            return Goal(label, now, "(bound)", None)
+
         def ratio_of(label: str, part: str, base: str, goal: float) -> Goal:
             row, baseline = self.row(part), self.row(base)
             if row is None or baseline is None or not math.isfinite(row.ratio / baseline.ratio):
@@ -178,6 +184,7 @@ class Report:
             ratio("featmap extract --server on 127.0.0.1 / ceiling", JOB_REMOTE, 0.85),
             ratio("array job embedded / plain onnxruntime, whole process", ARRAY_EMBEDDED, 0.80),
             ratio("array job --server / plain onnxruntime, whole process", ARRAY_REMOTE, 0.80),
+            bound("  at most, given the transfer (1x1 filters)", TRANSFER_ROW),
             ratio("unary float32 / in-process", UNARY_ROW, 0.85),
             ratio("stream float32 / in-process", STREAM_ROW, 0.95),
             ratio("32 single-image clients / in-process batch", CLIENTS_ROW, 0.85),

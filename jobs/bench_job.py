@@ -234,6 +234,8 @@ def run_job_bench(
         work = Path(scratch)
         spec_path = work / "pipeline.yaml"
         spec_path.write_text(yaml.safe_dump(pipeline.model_dump(mode="json")))
+        transfer_path = work / "transfer.yaml"
+        transfer_path.write_text(yaml.safe_dump(TRANSFER_SPEC))
         folders = job_folders(folder, images, size, work)
         # A folder of the user's may hold any sizes: the job resizes them, as the hand loop.
         resize = None if folder is None else size
@@ -320,6 +322,16 @@ ARRAY_SPEC: dict[str, Any] = {
 }  # fmt: skip
 
 
+# The same job with the filters cut to 1x1: 4 % of the arithmetic, the same 3,072 features a
+# row. Through the server it is what moving the features costs (the client's start, the replies
+# framed, sent, received and written): the --server job cannot be faster.
+TRANSFER_SPEC: dict[str, Any] = {
+    **ARRAY_SPEC,
+    "layers": [{**ARRAY_SPEC["layers"][0], "kernel_size": 1}, *ARRAY_SPEC["layers"][1:]],
+}
+TRANSFER_ROW = "array job --server 127.0.0.1 with 1x1 filters (the transfer)"
+
+
 def generated_array(count: int, where: Path) -> np.ndarray:
     """(count, 1, 28, 28) uint8 images, smooth shapes plus grain (as Fashion-MNIST's are
     smooth), saved as a .npy batch; the array itself is returned too."""
@@ -399,6 +411,8 @@ def run_array_bench(
         work = Path(scratch)
         spec_path = work / "pipeline.yaml"
         spec_path.write_text(yaml.safe_dump(pipeline.model_dump(mode="json")))
+        transfer_path = work / "transfer.yaml"
+        transfer_path.write_text(yaml.safe_dump(TRANSFER_SPEC))
         model = work / "model.onnx"
         export_onnx(pipeline, model)
         array = generated_array(images, work / "images.npy")
@@ -407,17 +421,20 @@ def run_array_bench(
         sessions = ceiling_sessions(pipeline, threads)
         batches = [array[start : start + batch] for start in range(0, images, batch)]
 
-        def arguments(extra: list[str]) -> Callable[[Path], list[str]]:
+        def arguments(extra: list[str], spec: Path = spec_path) -> Callable[[Path], list[str]]:
             common = ["--output", str(work / "features.npy"), "--batch-size", str(batch), *extra]
-            return lambda source: ["--pipeline", str(spec_path), "--input", str(source), *common]
+            return lambda source: ["--pipeline", str(spec), "--input", str(source), *common]
 
         plains: list[float] = []
         ceilings: list[float] = []
         whole: dict[str, list[tuple[float, float]]] = {"embedded": [], "remote": []}
         steady: dict[str, list[tuple[float, float]]] = {"embedded": [], "remote": []}
         peak: dict[str, int] = {}
+        transfer: list[tuple[float, float]] = []
         with server() as address:
             run_job(arguments(["--server", address])(folders.small))  # the server compiles it
+            transfer_job = arguments(["--server", address], transfer_path)
+            run_job(transfer_job(folders.small))
             for index in range(rounds):
                 log(f"array job round {index + 1} of {rounds}...")
                 for path in whole:
@@ -432,10 +449,14 @@ def run_array_bench(
                     # the next, so only neighbours compare.
                     before = plain_seconds(model, folders.large, work / "p.npy", batch, threads)
                     large = run_job(job(folders.large))
+                    if path == "remote":
+                        moved = run_job(transfer_job(folders.large)).seconds
                     behind = plain_seconds(model, folders.large, work / "p.npy", batch, threads)
                     after = run_job(job(folders.small))
                     plain = images / ((before + behind) / 2)
                     plains.append(plain)
+                    if path == "remote":
+                        transfer.append((images / moved, images / moved / plain))
                     peak[path] = large.peak_rss_bytes
                     rate = images / large.seconds
                     whole[path].append((rate, rate / plain))
@@ -460,4 +481,13 @@ def run_array_bench(
                 rate = statistics.median(rate for rate, _ in kept) if kept else math.nan
                 ratio = statistics.median(ratio for _, ratio in kept) if kept else math.nan
                 rows.append((f"{labels[path]}, {kind}, {shape}", rate, ratio, baseline, note))
+        rows.append(
+            (
+                f"{TRANSFER_ROW}, whole process, {shape}",
+                statistics.median(rate for rate, _ in transfer),
+                statistics.median(ratio for _, ratio in transfer),
+                "plain onnxruntime",
+                "4% of the arithmetic, the same features: bounds the --server row",
+            )
+        )
     return ArrayBench(statistics.median(plains), statistics.median(ceilings), rows)
