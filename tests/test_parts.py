@@ -14,7 +14,8 @@ from featmap.jobs.extract import run_extract
 from featmap.jobs.job import JobError
 from featmap.jobs.outputs import NPY_HEADER_ROOM, npy_header_in_room
 from featmap.jobs.parts import StreamedRows
-from featmap.jobs.runners import EmbeddedRunner
+from featmap.jobs.runners import EmbeddedRunner, RemoteRunner
+from featmap.service.server import FeatmapServer
 from tests.conftest import README_SPEC, assert_matches_reference
 from tests.test_extract import ONE_OUTPUT_SPEC, CountingRunner, decoded
 
@@ -157,3 +158,40 @@ def test_rows_of_another_shape_stop_a_npy_job_at_once(photos: Path, tmp_path: Pa
     assert caught.value.exit_code == 2
     assert counting.images < len(files)  # not after computing them all
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_a_skipped_input_leaves_no_row_in_a_streamed_npy(photos: Path, tmp_path: Path) -> None:
+    pipeline = parse_pipeline(ONE_OUTPUT_SPEC)
+    inputs = tmp_path / "inputs"
+    names = broken_last(photos, inputs)
+    (inputs / "m_broken.png").write_bytes(b"not a png either")  # sorted into the middle
+    names = sorted([*names, "m_broken.png"])
+    output = tmp_path / "features.npy"
+    report = run_extract(
+        pipeline, [inputs], output, EmbeddedRunner(pipeline),
+        shard_size=2, batch_size=1, checkpoint_after_s=0, on_error="skip",
+    )  # fmt: skip
+    skipped = {Path(path).name for path, _ in report.skipped}
+    assert skipped == {"m_broken.png", "x_broken.png"}
+    kept = [inputs / name for name in names if name not in skipped]
+    assert report.images == len(kept)
+    assert_npy_matches_reference(output, pipeline, kept)
+
+
+def test_a_remote_job_streams_the_rows_the_server_computed(
+    arrays: Pipeline, server: FeatmapServer, tmp_path: Path
+) -> None:
+    images = np.random.default_rng(2).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    remote = RemoteRunner(arrays, [server.address], in_flight=4, timeout=60)
+    try:
+        report = run_extract(
+            arrays, [tmp_path / "images.npy"], tmp_path / "remote.npy", remote,
+            batch_size=4, shard_size=8, checkpoint_after_s=0,
+        )  # fmt: skip
+    finally:
+        remote.close()
+    assert (report.images, report.shards) == (40, 5)
+    features = np.load(tmp_path / "remote.npy")
+    assert_matches_reference({"features": features}, arrays, images)
+    assert not (tmp_path / "remote.npy.parts").exists()
