@@ -144,12 +144,12 @@ def run_extract(
     if streamed is not None:
         kept = streamed.reusable(shards) if resume else []
         for reused_shard in kept:
-            shapes = {} if reused_shard.shape is None else {reused_shard.shape}
+            shape = reused_shard.shape
             contents.add_rows(
                 reused_shard.index,
                 reused_shard.paths,
                 reused_shard.skipped,
-                {streamed.output_name: set(shapes)},
+                {streamed.output_name: set() if shape is None else {shape}},
             )
         todo = shards[len(kept) :]
     else:
