@@ -234,8 +234,6 @@ def run_job_bench(
         work = Path(scratch)
         spec_path = work / "pipeline.yaml"
         spec_path.write_text(yaml.safe_dump(pipeline.model_dump(mode="json")))
-        transfer_path = work / "transfer.yaml"
-        transfer_path.write_text(yaml.safe_dump(TRANSFER_SPEC))
         folders = job_folders(folder, images, size, work)
         # A folder of the user's may hold any sizes: the job resizes them, as the hand loop.
         resize = None if folder is None else size

@@ -325,12 +325,19 @@ def part_paths(part: Part) -> list[str]:
         return [str(path) for path in archive["paths"]]
 
 
-def _write_rows(out: IO[bytes], rows: np.ndarray | list[np.ndarray]) -> None:
-    """Rows of one shape straight into an open .npy whose header promised them."""
+def row_bytes(rows: np.ndarray | Sequence[np.ndarray]) -> Iterator[memoryview]:
+    """Rows of one shape as the float32 bytes a .npy holds, block by block (row_blocks), each
+    copied only where it is not float32 and C-contiguous already."""
     for block in [rows] if isinstance(rows, np.ndarray) else row_blocks(rows):
         contiguous = np.ascontiguousarray(block, dtype=OUTPUT_DTYPE)
         if contiguous.size:
-            out.write(contiguous.reshape(-1).view(np.uint8).data)
+            yield contiguous.reshape(-1).view(np.uint8).data
+
+
+def _write_rows(out: IO[bytes], rows: np.ndarray | list[np.ndarray]) -> None:
+    """Rows of one shape straight into an open .npy whose header promised them."""
+    for data in row_bytes(rows):
+        out.write(data)
 
 
 def _npy_header(out: IO[bytes], shape: tuple[int, ...]) -> None:

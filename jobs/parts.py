@@ -26,7 +26,7 @@ from .outputs import (
     npy_header_in_room,
     one_shape_error,
     read_npz,
-    row_blocks,
+    row_bytes,
     write_npz,
 )
 
@@ -233,7 +233,7 @@ class StreamedRows:
             if {key: record.get(key) for key in expected} != expected:
                 return None
             end, shape = int(record["end"]), record["shape"]
-            size = math.prod(shape) * np.dtype(OUTPUT_DTYPE).itemsize if shape else 0
+            size = 0 if shape is None else math.prod(shape) * np.dtype(OUTPUT_DTYPE).itemsize
             if end - start != size * len(record["rows"]) or (shape is None) != (not record["rows"]):
                 return None
             rows.seek(start)
@@ -269,10 +269,9 @@ class StreamedRows:
         """Write a finished shard's rows after the ones before it, then its line in the log."""
         rows, log = self._open()
         crc = 0
-        for block in row_blocks(results.outputs[self.output_name]):
-            data = np.ascontiguousarray(block, dtype=OUTPUT_DTYPE).reshape(-1).view(np.uint8)
-            rows.write(data.data)
-            crc = zlib.crc32(data.data, crc)
+        for data in row_bytes(results.outputs[self.output_name]):
+            rows.write(data)
+            crc = zlib.crc32(data, crc)
         rows.flush()  # the bytes reach the file before the line that vouches for them
         row_shape = results.outputs[self.output_name][0].shape if results.paths else None
         streamed = StreamedShard(
