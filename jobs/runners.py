@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..contract.limits import DEFAULT_LIMITS
+from ..contract.limits import DEFAULT_LIMITS, MIB
 from ..contract.ops import batch_cost
 from ..contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
 from ..contract.precision import QuantizationReport
@@ -87,6 +87,53 @@ def request_images(pipeline: Pipeline, batch: np.ndarray, limits: Mapping[str, A
     return max(len(batch), min(images))
 
 
+# What one block of OutputBlocks holds: a few batches' outputs, so that a block held by a
+# shard's last rows keeps little else alive.
+OUTPUT_BLOCK_BYTES = 4 * MIB
+
+Outputs = dict[str, np.ndarray]
+
+
+class OutputBlocks:
+    """Rows of float32 arrays allocated a block at a time, that consecutive batches' outputs
+    are written into: a job keeps a shard's outputs until it is saved, and onnxruntime writing
+    into rows allocated up front is faster than arrays of its own kept (service.runtime).
+
+    The outputs' shapes are learned from a batch of each key (dtype and image shape) run
+    without rows; `rows` has none to give until then.
+    """
+
+    def __init__(self, block_bytes: int = OUTPUT_BLOCK_BYTES) -> None:
+        self.block_bytes = block_bytes
+        self._key: object = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._block: Outputs = {}
+        self._used = 0
+
+    def rows(self, key: object, count: int) -> Outputs | None:
+        """Writeable rows for `count` images of `key`, or None (a key not learned yet)."""
+        if self._shapes is None or key != self._key:
+            return None
+        capacity = len(next(iter(self._block.values()))) if self._block else 0
+        if self._used + count > capacity:
+            row_bytes = sum(4 * math.prod(shape) for shape in self._shapes.values())
+            capacity = max(count, self.block_bytes // max(1, row_bytes))
+            self._block = {
+                name: np.empty((capacity, *shape), np.float32)
+                for name, shape in self._shapes.items()
+            }
+            self._used = 0
+        start, self._used = self._used, self._used + count
+        return {name: array[start : self._used] for name, array in self._block.items()}
+
+    def learn(self, key: object, outputs: Outputs) -> None:
+        """The shapes of `key`'s outputs, from a batch's (float32 ones only: others keep
+        arrays of their own)."""
+        self._key, self._block, self._used, self._shapes = key, {}, 0, None
+        if all(array.dtype == np.float32 and array.ndim for array in outputs.values()):
+            self._shapes = {name: array.shape[1:] for name, array in outputs.items()}
+
+
 class EmbeddedRunner:
     """The server's admission, graph builder, session cache and run path, in this process.
 
@@ -138,6 +185,7 @@ class EmbeddedRunner:
             if images is not None:
                 self.extractor.admit_calibration(self.pipelines[dtype], images)
         self.targets: dict[str, Target] = {}
+        self.blocks = OutputBlocks()
         self.report: QuantizationReport | None = None
         # int8: "quantized" or "disk cache", and the seconds that took (calibration included).
         self.int8_source: str | None = None
@@ -164,11 +212,20 @@ class EmbeddedRunner:
         return target
 
     def run(self, batches: Iterable[JobBatch]) -> Iterator[dict[str, np.ndarray]]:
-        """Each batch's outputs (no reply to fit in a message: reply_in_message off)."""
+        """Each batch's outputs (no reply to fit in a message: reply_in_message off), as rows
+        of OutputBlocks."""
         for batch in batches:
             if not isinstance(batch, np.ndarray):
                 raise TypeError("encoded images go to a server: decode them for this runner")
-            yield self.extractor.extract(self.target(batch), batch, reply_in_message=False).outputs
+            key = batch_key(batch)
+            rows = self.blocks.rows(key, len(batch))
+            target = self.target(batch)
+            outputs = self.extractor.extract(
+                target, batch, reply_in_message=False, into=rows
+            ).outputs
+            if rows is None:
+                self.blocks.learn(key, outputs)
+            yield outputs
 
     def close(self) -> None:
         """Nothing to release beyond what the garbage collector does."""

@@ -26,15 +26,13 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from ..contract.errors import ExecutionFailed
 from . import stages
-
-if TYPE_CHECKING:
-    from .runtime import OnGone
+from .runtime import OnGone, Outputs, run_pieces
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,12 @@ class PipelineRunner(Protocol):
     @property
     def pipeline_id(self) -> str: ...
 
-    def run(self, images: np.ndarray, on_gone: OnGone | None = None) -> dict[str, np.ndarray]: ...
+    def run(
+        self,
+        images: np.ndarray,
+        on_gone: OnGone | None = None,
+        into: Outputs | None = None,
+    ) -> Outputs: ...
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class _Request:
     step: _Step | None = None
     outputs: dict[str, np.ndarray] | None = None
     counted: bool = False  # a later piece of a request larger than a batch: counted once
+    into: Outputs | None = None  # where its outputs go (see CompiledPipeline.run)
 
 
 @dataclass(eq=False)
@@ -144,6 +148,7 @@ class DynamicBatcher:
         images: np.ndarray,
         policy: BatchingPolicy,
         on_gone: OnGone | None = None,
+        into: Outputs | None = None,
     ) -> dict[str, np.ndarray]:
         """The outputs for `images`, computed in a batch shared with concurrent callers.
 
@@ -153,6 +158,7 @@ class DynamicBatcher:
             policy: the pipeline's batching; disabled means `compiled.run(images)` unchanged.
             on_gone: stops a run that serves this caller alone once it has gone (a batch
                 shared with others runs on for them).
+            into: arrays to write the outputs into (see CompiledPipeline.run).
 
         Returns:
             The pipeline's outputs for exactly these images, in order. With batching enabled
@@ -160,21 +166,24 @@ class DynamicBatcher:
         """
         if not policy.enabled:
             started = time.monotonic()
-            outputs = compiled.run(images, on_gone)
+            outputs = compiled.run(images, on_gone, into)
             stages.note("compute", time.monotonic() - started)
             return outputs
         size = policy.max_batch_size
         if len(images) <= size:
-            return self._run_batched(compiled, images, policy, on_gone)
+            return self._run_batched(compiled, images, policy, on_gone, into=into)
         # Larger than a batch: one piece after another, each a batch of its own or, the last,
-        # shared with concurrent callers. onnxruntime runs at the batch size the policy names
-        # (past it, activations outgrow the caches: measured on 2 cores, 28x28 images, a run
-        # of 128 images takes 1.4x the time per image of a run of 32).
-        pieces = [
-            self._run_batched(compiled, images[start : start + size], policy, on_gone, start > 0)
-            for start in range(0, len(images), size)
-        ]
-        return _read_only({name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]})
+        # shared with concurrent callers, written into its rows of the request's outputs.
+        # onnxruntime runs at the batch size the policy names (past it, activations outgrow
+        # the caches: measured on 2 cores, 28x28 images, a run of 128 images takes 1.4x the
+        # time per image of a run of 32).
+        pieces = itertools.count()
+
+        def run_piece(piece: np.ndarray, rows: Outputs | None) -> Outputs:
+            counted = next(pieces) > 0  # the stats count a request once, with its first piece
+            return self._run_batched(compiled, piece, policy, on_gone, counted, rows)
+
+        return _read_only(run_pieces(images, size, run_piece, into))
 
     def _run_batched(
         self,
@@ -183,12 +192,15 @@ class DynamicBatcher:
         policy: BatchingPolicy,
         on_gone: OnGone | None,
         counted: bool = False,
+        into: Outputs | None = None,
     ) -> dict[str, np.ndarray]:
         """run() for at most a batch of images: queued with, or leading, concurrent callers.
-        `counted`: a later piece of a larger request, which the stats already count."""
+        `counted`: a later piece of a larger request, which the stats already count; `into`:
+        where its outputs go."""
         key: _Key = (compiled.pipeline_id, images.shape[1:], images.dtype, policy)
         request = _Request(images=images, arrived=time.monotonic(), on_gone=on_gone)
         request.counted = counted
+        request.into = into
         # Decided under the lock; after it, the request's Event is the only hand-over.
         with self._lock:
             queue = self._queues.get(key)
@@ -210,7 +222,7 @@ class DynamicBatcher:
         started = request.started or request.arrived
         stages.note("queue", started - request.arrived)
         if request.step is _Step.RUN_ALONE:
-            outputs = _read_only(compiled.run(images, on_gone))
+            outputs = _read_only(compiled.run(images, on_gone, request.into))
         else:
             assert request.outputs is not None
             outputs = request.outputs
@@ -302,8 +314,10 @@ class DynamicBatcher:
                 if len(batch) == 1
                 else np.concatenate([request.images for request in batch])
             )
-            alone = batch[0].on_gone if len(batch) == 1 else None
-            parts = _split(compiled.run(images, alone), counts)
+            if len(batch) == 1:
+                parts = _split(compiled.run(images, batch[0].on_gone, batch[0].into), counts)
+            else:
+                parts = _split(compiled.run(images, None), counts)
         except Exception as exc:
             if len(batch) == 1:
                 raise  # alone already: the error is this caller's own
@@ -321,6 +335,10 @@ class DynamicBatcher:
                 request.step = _Step.RUN_ALONE
             return
         for request, part in zip(batch, parts, strict=True):
+            if request.into is not None and len(batch) > 1:
+                for name, rows in part.items():
+                    request.into[name][...] = rows
+                part = _read_only(request.into)
             request.outputs = part
             request.step = _Step.DONE
 

@@ -29,7 +29,7 @@ from ..contract.tensors import all_finite, first_non_finite
 from . import stages
 from .batching import BatchingPolicy, DynamicBatcher
 from .budget import UNBOUNDED, MemoryBudget
-from .runtime import CompiledPipeline, OnGone, SessionCache
+from .runtime import CompiledPipeline, OnGone, Outputs, SessionCache
 from .weights import check_presets
 
 
@@ -91,6 +91,7 @@ class Extractor:
         before_run: Callable[[], None] | None = None,
         on_gone: OnGone | None = None,
         field: str = "images",
+        into: Outputs | None = None,
     ) -> Extraction:
         """Admit `images`, run them through `target`, and check the results.
 
@@ -101,7 +102,8 @@ class Extractor:
         are float32, or float16 (NonFiniteResult for values float16 cannot hold). With a
         batching policy, concurrent calls share onnxruntime runs; the checks stay per call, so
         one caller's overflow fails that caller alone. Errors about the batch name `field`
-        (`images`, or `encoded` for images the server decodes).
+        (`images`, or `encoded` for images the server decodes). `into`: float32 arrays the
+        outputs are written into (see CompiledPipeline.run).
         """
         plan = admit_batch(
             target.pipeline,
@@ -127,9 +129,9 @@ class Extractor:
             if before_run is not None:
                 before_run()
             if self.batcher is not None and target.batching is not None:
-                outputs = self.batcher.run(compiled, images, target.batching, on_gone)
+                outputs = self.batcher.run(compiled, images, target.batching, on_gone, into)
             else:
-                outputs = compiled.run(images, on_gone)
+                outputs = compiled.run(images, on_gone, into)
         finally:
             with self._runs_lock:
                 self.runs.cancel(memory)

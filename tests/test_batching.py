@@ -58,7 +58,12 @@ class RecordingPipeline:
         with self._lock:
             return [len(images) for images in self.runs]
 
-    def run(self, images: np.ndarray, on_gone: OnGone | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self,
+        images: np.ndarray,
+        on_gone: OnGone | None = None,
+        into: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
         with self._lock:
             self.runs.append(images)
             hold, self._hold = self._hold, False
@@ -68,7 +73,7 @@ class RecordingPipeline:
             assert self.release.wait(TIMEOUT_S)
         if np.isnan(images).any():
             raise ExecutionFailed("images", f"poisoned batch of {len(images)}")
-        return self.compiled.run(images, on_gone)
+        return self.compiled.run(images, on_gone, into)
 
 
 @pytest.fixture(scope="module")
@@ -440,3 +445,49 @@ def test_two_leaders_gathering_at_once_each_run_their_own_request(
         assert_matches_reference(outcome, readme.pipeline, batch)
     assert sum(recording.sizes) == callers
     assert batcher.active_keys() == 0
+
+
+def test_a_request_in_pieces_is_written_into_one_array_per_output(
+    batcher: DynamicBatcher, readme: CompiledPipeline
+) -> None:
+    recording = RecordingPipeline(readme)
+    images = random_images(7)
+    into = {
+        "conv1": np.empty((7, 8, 8, 8), np.float32),
+        "features": np.empty((7, 8, 1, 1), np.float32),
+    }
+    outputs = batcher.run(recording, images, BatchingPolicy(max_batch_size=3), into=into)
+    assert [len(run) for run in recording.runs] == [3, 3, 1]
+    assert all(outputs[name] is into[name] for name in into)
+    assert all(not array.flags.writeable for array in outputs.values())
+    assert_matches_reference(outputs, readme.pipeline, images)
+    # Without rows of its own, the pieces go into arrays the batcher makes: the same numbers.
+    joined = batcher.run(recording, images, BatchingPolicy(max_batch_size=3))
+    for name, array in into.items():
+        np.testing.assert_array_equal(joined[name], array)
+
+
+def test_a_request_sharing_a_batch_gets_its_rows_into_its_own_arrays(
+    batcher: DynamicBatcher, readme: CompiledPipeline
+) -> None:
+    recording = RecordingPipeline(readme, hold_first=True)
+    policy = BatchingPolicy(max_batch_size=8)
+    first, shared, other = random_images(1, seed=1), random_images(2, seed=2), random_images(3)
+    into = {
+        "conv1": np.full((2, 8, 8, 8), np.nan, np.float32),
+        "features": np.full((2, 8, 1, 1), np.nan, np.float32),
+    }
+    holder = start(batcher, recording, first, policy)
+    assert recording.entered.wait(TIMEOUT_S)
+    with_rows = Caller(lambda: batcher.run(recording, shared, policy, into=into))
+    with_rows.start()
+    wait_for_queue(batcher, 1)
+    without = start(batcher, recording, other, policy)
+    wait_for_queue(batcher, 2)
+    recording.release.set()
+    holder.outcome()
+    outputs = with_rows.outcome()
+    assert recording.sizes == [1, 5]  # the two queued requests ran as one batch
+    assert all(outputs[name] is into[name] for name in into)
+    assert_matches_reference(outputs, readme.pipeline, shared)
+    assert_matches_reference(without.outcome(), readme.pipeline, other)

@@ -263,3 +263,86 @@ def test_a_batch_past_the_run_activation_bound_runs_in_pieces_with_the_same_resu
         "features": len(images),
     }
     assert_matches_reference(outputs, pipeline, images)
+
+
+def two_outputs() -> Pipeline:
+    return parse_pipeline(
+        {
+            "input": {"channels": 3},
+            "layers": [
+                {
+                    "op": "conv2d",
+                    "name": "conv",
+                    "filters": 4,
+                    "kernel_size": 3,
+                    "padding": "same",
+                    "weights": {"init": "he_normal", "seed": 1},
+                },
+                {"op": "relu"},
+                {"op": "global_max_pool2d", "name": "features"},
+            ],
+            "outputs": ["conv", "features"],
+        }
+    )
+
+
+def test_outputs_are_written_into_the_callers_rows_and_nowhere_else() -> None:
+    pipeline = two_outputs()
+    compiled = SessionCache(capacity=1, providers=[CPU]).get(pipeline)
+    images = np.random.default_rng(5).standard_normal((3, 3, 10, 10)).astype(np.float32)
+    # Rows 2..4 of blocks of 7: what lies around them must stay as it was.
+    blocks = {
+        "conv": np.full((7, 4, 10, 10), np.nan, np.float32),
+        "features": np.full((7, 4, 1, 1), np.nan, np.float32),
+    }
+    rows = {name: block[2:5] for name, block in blocks.items()}
+    outputs = compiled.run(images, into=rows)
+    assert all(outputs[name] is rows[name] for name in rows)
+    assert_matches_reference(outputs, pipeline, images)
+    own = compiled.run(images)
+    for name, block in blocks.items():
+        np.testing.assert_array_equal(block[2:5], own[name])  # the same bytes as its own arrays
+        assert np.isnan(block[:2]).all() and np.isnan(block[5:]).all()
+
+
+def test_rows_onnxruntime_cannot_write_through_are_refused_before_it_runs() -> None:
+    pipeline = two_outputs()
+    compiled = SessionCache(capacity=1, providers=[CPU]).get(pipeline)
+    images = np.random.default_rng(6).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    features = np.zeros((2, 4, 1, 1), np.float32)
+    read_only = np.zeros((2, 4, 8, 8), np.float32)
+    read_only.flags.writeable = False
+    refused = {
+        "float64": np.zeros((2, 4, 8, 8), np.float64),
+        "strided": np.zeros((2, 8, 8, 8), np.float32)[:, ::2],
+        "read-only": read_only,
+        "rows": np.zeros((3, 4, 8, 8), np.float32),
+    }
+    for why, conv in refused.items():
+        with pytest.raises(ValueError, match=r"outputs\.conv: into needs"):
+            compiled.run(images, into={"conv": conv, "features": features})
+        assert not features.any(), why  # nothing ran
+    with pytest.raises(ValueError, match=r"outputs\.features: .* got nothing"):
+        compiled.run(images, into={"conv": np.zeros((2, 4, 8, 8), np.float32)})
+    # The right rows of the wrong shape: onnxruntime checks the shape before it writes.
+    wrong = {"conv": np.zeros((2, 4, 8, 9), np.float32), "features": features}
+    with pytest.raises(ExecutionFailed, match="onnxruntime failed"):
+        compiled.run(images, into=wrong)
+    assert_matches_reference(compiled.run(images), pipeline, images)  # and it runs on
+
+
+def test_a_batch_in_pieces_is_written_into_the_callers_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = two_outputs()
+    compiled = SessionCache(capacity=1, providers=[CPU]).get(pipeline)
+    monkeypatch.setattr("featmap.service.runtime.images_per_run", lambda *args: 2)
+    images = np.random.default_rng(7).standard_normal((5, 3, 6, 6)).astype(np.float32)
+    rows = {
+        "conv": np.empty((5, 4, 6, 6), np.float32),
+        "features": np.empty((5, 4, 1, 1), np.float32),
+    }
+    outputs = compiled.run(images, into=rows)
+    assert all(outputs[name] is rows[name] for name in rows)
+    assert_matches_reference(outputs, pipeline, images)
+    assert_matches_reference(compiled.run(images), pipeline, images)  # pieces, arrays its own
