@@ -20,6 +20,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,7 +60,7 @@ from .messages import (
 )
 from .protocol import Action, Pause, Stepper, Steps
 from .retry import balancing_options, is_retryable, with_retries
-from .shared_memory import UNIX_TARGET_PREFIX, SharedMemoryTransport
+from .shared_memory import UNIX_TARGET_PREFIX, SharedMemoryTransports
 
 if TYPE_CHECKING:
     from ..contract.spec import Pipeline
@@ -137,7 +138,7 @@ class _ClientBase:
                 f"('{UNIX_TARGET_PREFIX}/path/featmap.sock'), not {address!r}: the server "
                 "offers shared memory only to callers proven local"
             )
-        self._shared = SharedMemoryTransport() if shared_memory else None
+        self._shared = SharedMemoryTransports() if shared_memory else None
         # Registered pipelines' specs, for sizing chunks; fetched once per id.
         self._specs: dict[str, Pipeline] = {}
         channel = self._open_channel()
@@ -224,6 +225,8 @@ class FeatureClient(_ClientBase):
     """A blocking client: use it as a context manager, or call close(). Options: _ClientBase."""
 
     def _open_channel(self) -> grpc.Channel:
+        # Requests through shared memory take turns on the transports (one request each).
+        self._shared_turns = threading.Condition()
         return self.security.channel(self.address, self.channel_options)
 
     def _run(self, steps: Steps[Result]) -> Result:
@@ -326,12 +329,25 @@ class FeatureClient(_ClientBase):
         pipeline: SpecLike,
         output_dtype: OutputDType,
         timeout: float | None,
+        most: int = 1,
     ) -> dict[str, np.ndarray]:
+        """extract() through a transport of its own (of at most `most`, waiting for one)."""
         shared = self._shared
         assert shared is not None
         message = request_for(None, pipeline, output_dtype).message
-        with shared.pool.lock:
-            return self._run(shared.extract(self._stub, images, message, self._timeout(timeout)))
+        with self._shared_turns:
+            while (transport := shared.take(most)) is None:
+                self._shared_turns.wait()
+        try:
+            with transport.pool.lock:
+                steps = transport.extract(
+                    self._stub, images, message, self._timeout(timeout), self.retries
+                )
+                return self._run(steps)
+        finally:
+            with self._shared_turns:
+                shared.give(transport)
+                self._shared_turns.notify()
 
     def extract_stream(
         self,
@@ -390,10 +406,14 @@ class FeatureClient(_ClientBase):
         """Yield each batch's outputs in order, keeping `in_flight` unary requests running.
 
         A request refused for now (busy, or UNAVAILABLE: a replica went away before answering)
-        is sent again with the client's retries.
+        is sent again with the client's retries. With shared memory, each request in flight
+        has segments of its own (and a thread that waits for its reply).
         """
         pending: collections.deque[tuple[OutgoingExtract, Any]] = collections.deque()
         limit = max(1, in_flight or self.in_flight)
+        if self._shared is not None:
+            yield from self._extract_iter_shared(batches, pipeline, limit, output_dtype, timeout)
+            return
 
         def result(request: OutgoingExtract, future: Any) -> dict[str, np.ndarray]:
             try:
@@ -416,6 +436,42 @@ class FeatureClient(_ClientBase):
         finally:
             for _, future in pending:
                 future.cancel()
+
+    def _extract_iter_shared(
+        self,
+        batches: Iterable[Batch],
+        pipeline: SpecLike,
+        limit: int,
+        output_dtype: OutputDType,
+        timeout: float | None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """extract_iter through shared memory: `limit` requests at a time, on threads."""
+
+        def extract(batch: Batch) -> dict[str, np.ndarray]:
+            if isinstance(batch, EncodedBatch):  # files' bytes go inline: nothing to copy
+                return self.extract_encoded(
+                    batch.images,
+                    pipeline,
+                    size=batch.size,
+                    draft=batch.draft,
+                    output_dtype=output_dtype,
+                    timeout=timeout,
+                )
+            images = sendable(batch)
+            return self._extract_shared(images, pipeline, output_dtype, timeout, limit)
+
+        pending: collections.deque[Future[dict[str, np.ndarray]]] = collections.deque()
+        with ThreadPoolExecutor(limit, thread_name_prefix="featmap-shared-memory") as threads:
+            try:
+                for batch in batches:
+                    pending.append(threads.submit(extract, batch))
+                    if len(pending) >= limit:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
 
     def register(
         self,
@@ -479,9 +535,10 @@ class FeatureClient(_ClientBase):
     def close(self) -> None:
         """Release shared memory (if used) and close the channel."""
         if self._shared is not None:
-            # Best effort: a server that is gone drops the lease by itself.
-            with contextlib.suppress(grpc.RpcError):
-                self._stub.UnregisterSharedMemory(self._shared.unregistration(), timeout=5)
+            for transport in self._shared.all:
+                # Best effort: a server that is gone drops the lease by itself.
+                with contextlib.suppress(grpc.RpcError):
+                    self._stub.UnregisterSharedMemory(transport.unregistration(), timeout=5)
             self._shared.close()
         self._channel.close()
 
@@ -507,8 +564,8 @@ class AsyncFeatureClient(_ClientBase):
     """
 
     def _open_channel(self) -> grpc.aio.Channel:
-        # Requests through shared memory reuse the same segments: one at a time.
-        self._shared_lock = asyncio.Lock()
+        # Requests through shared memory take turns on the transports (one request each).
+        self._shared_turns = asyncio.Condition()
         return self.security.aio_channel(self.address, self.channel_options)
 
     async def _run(self, steps: Steps[Result]) -> Result:
@@ -595,8 +652,14 @@ class AsyncFeatureClient(_ClientBase):
         return await self._call(streamed, parts, timeout)
 
     async def _extract_batch(
-        self, batch: Batch, pipeline: SpecLike, output_dtype: OutputDType, timeout: float | None
+        self,
+        batch: Batch,
+        pipeline: SpecLike,
+        output_dtype: OutputDType,
+        timeout: float | None,
+        most: int = 1,
     ) -> dict[str, np.ndarray]:
+        """One batch of extract_iter's; through shared memory, on one of `most` transports."""
         if isinstance(batch, EncodedBatch):
             return await self.extract_encoded(
                 batch.images,
@@ -606,6 +669,9 @@ class AsyncFeatureClient(_ClientBase):
                 output_dtype=output_dtype,
                 timeout=timeout,
             )
+        if self._shared is not None:
+            images = sendable(batch)
+            return await self._extract_shared(images, pipeline, output_dtype, timeout, most)
         return await self.extract(batch, pipeline, output_dtype=output_dtype, timeout=timeout)
 
     async def _extract_shared(
@@ -614,13 +680,25 @@ class AsyncFeatureClient(_ClientBase):
         pipeline: SpecLike,
         output_dtype: OutputDType,
         timeout: float | None,
+        most: int = 1,
     ) -> dict[str, np.ndarray]:
+        """extract() through a transport of its own (of at most `most`, waiting for one)."""
         shared = self._shared
         assert shared is not None
         message = request_for(None, pipeline, output_dtype).message
-        async with self._shared_lock:
-            steps = shared.extract(self._stub, images, message, self._timeout(timeout))
+        async with self._shared_turns:
+            while (transport := shared.take(most)) is None:
+                await self._shared_turns.wait()
+        try:
+            # No lock: on one event loop, the transport is this task's until it is given back.
+            steps = transport.extract(
+                self._stub, images, message, self._timeout(timeout), self.retries
+            )
             return await self._run(steps)
+        finally:
+            async with self._shared_turns:
+                shared.give(transport)
+                self._shared_turns.notify()
 
     async def extract_stream(
         self,
@@ -680,14 +758,15 @@ class AsyncFeatureClient(_ClientBase):
         output_dtype: OutputDType = "float32",
         timeout: float | None = None,
     ) -> AsyncIterator[dict[str, np.ndarray]]:
-        """As FeatureClient.extract_iter: results in order, `in_flight` requests running."""
+        """As FeatureClient.extract_iter: results in order, `in_flight` requests running
+        (through shared memory: each with segments of its own)."""
         limit = max(1, in_flight or self.in_flight)
         pending: collections.deque[asyncio.Task[dict[str, np.ndarray]]] = collections.deque()
         try:
             for batch in batches:
                 pending.append(
                     asyncio.ensure_future(
-                        self._extract_batch(batch, pipeline, output_dtype, timeout)
+                        self._extract_batch(batch, pipeline, output_dtype, timeout, limit)
                     )
                 )
                 if len(pending) >= limit:
@@ -751,8 +830,10 @@ class AsyncFeatureClient(_ClientBase):
         """As FeatureClient.close."""
         if self._shared is not None:
             # Best effort: a server that is gone drops the lease by itself.
-            with contextlib.suppress(grpc.RpcError):
-                await self._stub.UnregisterSharedMemory(self._shared.unregistration(), timeout=5)
+            for transport in self._shared.all:
+                with contextlib.suppress(grpc.RpcError):
+                    request = transport.unregistration()
+                    await self._stub.UnregisterSharedMemory(request, timeout=5)
             self._shared.close()
         await self._channel.close()
 

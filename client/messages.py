@@ -90,6 +90,8 @@ class ServerInfo:
     onnx_opset: int
     intra_op_threads: int
     grpc_workers: int
+    # Whether the server offers this client shared memory (its Unix socket, --shared-memory).
+    shared_memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -351,6 +353,7 @@ def server_info(info: pb.GetServerInfoResponse) -> ServerInfo:
         onnx_opset=info.onnx_opset,
         intra_op_threads=info.intra_op_threads,
         grpc_workers=info.grpc_workers,
+        shared_memory=info.shared_memory,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
+import os
 import secrets
 import threading
 import time
@@ -23,11 +24,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-from ..contract.shared_memory import SECRET_PATTERN, owner_id, segment_prefix
+from ..contract.shared_memory import SECRET_PATTERN, SHM_DIRECTORY, owner_id, segment_prefix
 from ..contract.tensors import WIRE_DTYPES, wire_dtype
 from ..contract.wire import decode_tensor
 from ..v1 import featmap_pb2 as pb
 from .protocol import Call, Steps
+from .retry import with_retries
 
 # (region, key, byte_size): what RegisterSharedMemory must be told, with the pool's secret.
 Registration = tuple[str, str, int]
@@ -146,15 +148,22 @@ class SharedMemoryPool:
         return segment, [(self.region(role), segment.name, segment.size)]
 
     def _create(self, size: int) -> SharedMemory:
-        """A new segment with the next unused name of this pool."""
+        """A new segment with the next unused name of this pool, its pages reserved."""
         while True:
             self._created += 1
             try:
-                return SharedMemory(
+                segment = SharedMemory(
                     name=f"{segment_prefix(self.secret)}{self._created}", create=True, size=size
                 )
             except FileExistsError:
                 continue  # left by an earlier process with the same owner
+            try:
+                _reserve(segment)
+            except OSError:
+                segment.close()
+                segment.unlink()
+                raise
+            return segment
 
     def _copy_out(self, tensor: pb.Tensor, ref: pb.SharedMemoryRef, field: str) -> np.ndarray:
         """A copy of the output at `ref`, checked against the tensor's dtype and shape."""
@@ -209,12 +218,19 @@ class SharedMemoryTransport:
         self.output_bytes_per_image = 0
 
     def extract(
-        self, stub: Any, images: np.ndarray, message: pb.ExtractRequest, timeout: float | None
+        self,
+        stub: Any,
+        images: np.ndarray,
+        message: pb.ExtractRequest,
+        timeout: float | None,
+        retries: int = 0,
     ) -> Steps[dict[str, np.ndarray]]:
         """Extract through the regions with `stub` (blocking or grpc.aio), as an exchange (see
         protocol.py): register what the server does not know yet, renew the lease when due,
-        and when the server lost the regions (a lease ran out, a restart) register every one
-        again and send the request once more. The caller holds its lock throughout.
+        send the request (again, up to `retries` times, while the server is busy or
+        unavailable: retry.with_retries), and when the server lost the regions (a lease ran
+        out, a restart) register every one again and send it once more. The caller holds its
+        lock throughout.
         """
         registrations, request = self.prepare(images, message)
         for registration in registrations:
@@ -224,7 +240,7 @@ class SharedMemoryTransport:
         if renewal is not None:
             yield Call(stub.RenewSharedMemory, renewal, timeout)
         try:
-            response = yield Call(stub.Extract, request, timeout)
+            response = yield from with_retries(stub.Extract, request, retries, timeout)
         except grpc.RpcError as exc:  # grpc.aio.AioRpcError is one
             call: Any = exc
             if not self.lease_lost(call.code(), call.details() or ""):
@@ -232,7 +248,7 @@ class SharedMemoryTransport:
             for registration in self.reregistrations():
                 reply = yield Call(stub.RegisterSharedMemory, registration, timeout)
                 self.registered(reply.lease_seconds)
-            response = yield Call(stub.Extract, request, timeout)
+            response = yield from with_retries(stub.Extract, request, retries, timeout)
         return self.finish(response, len(images))
 
     def prepare(
@@ -295,6 +311,57 @@ class SharedMemoryTransport:
     def close(self) -> None:
         """Unlink the segments (after the clients sent `unregistration`, best effort)."""
         self.pool.close()
+
+
+class SharedMemoryTransports:
+    """A client's transports: each carries one request at a time (its segments are reused),
+    and there are as many as the requests the client has had in flight at once.
+
+    Not thread-safe: the clients call `take` and `give` under a lock (or condition) of theirs,
+    and wait for a `give` when `take` has none to give.
+    """
+
+    def __init__(self) -> None:
+        self.all = [SharedMemoryTransport()]
+        self._free = list(self.all)
+
+    def take(self, most: int) -> SharedMemoryTransport | None:
+        """A free transport, or a new one while there are fewer than `most`; else None."""
+        if self._free:
+            return self._free.pop()
+        if len(self.all) < most:
+            self.all.append(SharedMemoryTransport())
+            return self.all[-1]
+        return None
+
+    def give(self, transport: SharedMemoryTransport) -> None:
+        """`transport`'s request is done: it is free again."""
+        self._free.append(transport)
+
+    def close(self) -> None:
+        """Unlink every transport's segments (after the clients sent their unregistrations)."""
+        for transport in self.all:
+            transport.close()
+
+
+def _reserve(segment: SharedMemory) -> None:
+    """Allocate the segment's pages now (where /dev/shm is the segments' folder): a full
+    /dev/shm (64 MiB in a container by default) is then an OSError here, where writing the
+    images through the mapping would have killed the process with SIGBUS."""
+    path = os.path.join(SHM_DIRECTORY, segment.name)
+    if not os.path.isdir(SHM_DIRECTORY):
+        return
+    handle = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.posix_fallocate(handle, 0, segment.size)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"shared memory: {SHM_DIRECTORY} has no room for {segment.size} bytes "
+            f"({exc.strerror}); give it more (docker run --shm-size) or send inline",
+        ) from None
+    finally:
+        os.close(handle)
 
 
 def _buffer(segment: SharedMemory) -> memoryview:

@@ -29,3 +29,8 @@ def owner_id(secret: str) -> str:
 def segment_prefix(secret: str) -> str:
     """The prefix of every segment and region name the client holding `secret` may use."""
     return f"{SEGMENT_PREFIX}{owner_id(secret)}_"
+
+
+# Where Linux keeps POSIX shared-memory objects: shm_open names them /<key>. The client creates
+# its segments there, the server opens them there.
+SHM_DIRECTORY = "/dev/shm"

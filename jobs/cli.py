@@ -576,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --name: move the name to this pipeline if it names another one",
     )
+    extract.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="with --server unix:PATH of a server started with --shared-memory: images and "
+        "features go through /dev/shm instead of the socket (README: shared memory)",
+    )
     extract.add_argument("--timeout", type=float, default=300.0, help="seconds per request (300)")
     add_connection_arguments(extract)
     extract.add_argument("--threads", type=int, default=0, help="onnxruntime threads in-process")

@@ -304,6 +304,8 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
     arrays = arrays_only(Path(path) for path in args.input)
     if args.name and not args.server:
         raise JobError("--name registers the pipeline on servers: it needs --server", 2)
+    if args.shared_memory and not args.server:
+        raise JobError("--shared-memory is a way to reach a server: it needs --server", 2)
     if args.request_images is not None and args.request_images < 1:
         raise JobError(f"--request-images must be >= 1, not {args.request_images}", 2)
     try:
@@ -331,10 +333,13 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
                     args.replace_name,
                     images,
                     args.request_images,
+                    args.shared_memory,
                 )
             except FeatmapRpcError as exc:  # registering the weights failed on a server
                 notice(f"error: {exc}")
                 return 1
+            except ValueError as exc:  # --shared-memory where the server offers none
+                raise JobError(str(exc), exit_code=2) from None
         else:
             cache_dir = int8_cache_dir(args) if pipeline.precision == "int8" else None
             runner = EmbeddedRunner(

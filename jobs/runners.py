@@ -233,7 +233,8 @@ class EmbeddedRunner:
 
 class RemoteRunner:
     """Batches sent through FeatureClient, `in_flight` requests at a time, consecutive small
-    ones joined into one request (`request_images`).
+    ones joined into one request (`request_images`); with `shared_memory`, through /dev/shm
+    (one server, on its Unix socket, that offers it: ValueError otherwise).
 
     A spec with {"tensor": NAME} weights, an int8 spec, or one given a `name`, is registered
     (with `tensors` and `calibration`, under `name`) on every address the servers resolve to
@@ -253,6 +254,7 @@ class RemoteRunner:
         replace_name: bool = False,
         calibration: np.ndarray | None = None,
         request_images: int | None = None,
+        shared_memory: bool = False,
     ) -> None:
         from ..client.channel import ChannelSecurity
         from ..client.client import FeatureClient
@@ -273,7 +275,19 @@ class RemoteRunner:
             "tls_server_name": security.tls_server_name,
             "token": security.token,
         }
-        self.client = FeatureClient(target, in_flight=in_flight, load_balancing=balanced, **options)
+        self.client = FeatureClient(
+            target,
+            in_flight=in_flight,
+            load_balancing=balanced,
+            shared_memory=shared_memory,
+            **options,
+        )
+        if shared_memory and not self.client.server_info().shared_memory:
+            self.client.close()
+            raise ValueError(
+                f"the server at {target} offers no shared memory: start it with featmap serve "
+                "--unix-socket PATH --shared-memory, or leave --shared-memory out"
+            )
         self.pipeline = pipeline
         self.pipelines: dict[str, Pipeline | str] = dict(pipelines_by_dtype(pipeline))
         self.report: QuantizationReport | None = None

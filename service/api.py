@@ -275,6 +275,10 @@ class FeatureService:
 
     # ------------------------------------------------------------------ shared memory
 
+    def offers_shared_memory(self, caller: Caller) -> bool:
+        """Whether `caller` may use shared memory here (check_shared_memory would pass)."""
+        return self.settings.shared_memory and caller.local
+
     def check_shared_memory(self, caller: Caller, field: str) -> None:
         """NotPermitted unless shared memory is on and the caller is on the Unix socket."""
         if not self.settings.shared_memory:
@@ -437,8 +441,9 @@ class FeatureService:
         }
         return pb.Limits(**fields)
 
-    def server_info(self) -> pb.GetServerInfoResponse:
-        """What this server runs on and the limits it enforces."""
+    def server_info(self, caller: Caller | None = None) -> pb.GetServerInfoResponse:
+        """What this server runs on and the limits it enforces; whether it offers `caller`
+        shared memory (None: no caller, none offered)."""
         settings = self.settings
         return pb.GetServerInfoResponse(
             version=__version__,
@@ -451,4 +456,5 @@ class FeatureService:
             grpc_workers=settings.grpc_workers,
             default_batching=policy_message(self.default_batching),
             spec_schema_json=SPEC_SCHEMA_JSON,
+            shared_memory=caller is not None and self.offers_shared_memory(caller),
         )

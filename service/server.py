@@ -155,7 +155,7 @@ class FeatureExtractorServicer(pb_grpc.FeatureExtractorServicer):
 
     @map_errors
     def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Any) -> Any:
-        return self.service.server_info()
+        return self.service.server_info(self.caller(context))
 
     @map_errors
     def RegisterPipeline(self, request: pb.RegisterPipelineRequest, context: Any) -> Any:

@@ -36,13 +36,12 @@ from ..contract.shared_memory import (
     MAX_NAME_LENGTH,
     NAME_PATTERN,
     SECRET_PATTERN,
+    SHM_DIRECTORY,
     owner_id,
     segment_prefix,
 )
 from ..v1 import featmap_pb2 as pb
 
-# Where Linux keeps POSIX shared-memory objects (shm_open names them /<key>).
-SHM_DIRECTORY = "/dev/shm"
 # Names of regions whose lease expired, kept so that using one says "expired", not "unknown".
 MAX_EXPIRED_NAMES = 1024
 # One pread/pwrite moves at most this much (Linux moves at most 0x7ffff000 bytes per call).

@@ -111,8 +111,30 @@ def test_shared_memory_extract_registers_then_extracts_and_again_after_a_lost_le
     # images and outputs regions, the request, the lease lost: both again, the request again
     register, extract = "RegisterSharedMemory", "Extract"
     assert called(actions) == [register, register, extract, register, register, extract]
-    assert all(a.timeout == 5.0 for a in actions)
+    assert all(a.timeout is not None and 0 < a.timeout <= 5.0 for a in actions)
     assert outputs == {}
+
+
+def test_shared_memory_extract_sends_again_while_the_server_is_busy() -> None:
+    images = np.zeros((2, 3, 8, 8), np.float32)
+    message = request_for(None, README_SPEC, "float32").message
+    transport = SharedMemoryTransport()
+    busy = Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", retryable=True)
+    lease = pb.RegisterSharedMemoryResponse(lease_seconds=30)
+    try:
+        steps = transport.extract(Stub, images, message, None, retries=2)
+        actions, outputs = walk(steps, [lease, lease, busy, busy, pb.ExtractResponse()])
+        # A third refusal is past two retries: it reaches the caller.
+        with pytest.raises(FeatmapRpcError) as refused:
+            walk(transport.extract(Stub, images, message, None, retries=2), [busy] * 3)
+    finally:
+        transport.close()
+    assert [type(a) for a in actions] == [Call, Call, Call, Pause, Call, Pause, Call]
+    register, extract = "RegisterSharedMemory", "Extract"
+    calls = [a for a in actions if isinstance(a, Call)]
+    assert called(calls) == [register, register, extract, extract, extract]
+    assert outputs == {}
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_shared_memory_extract_lets_other_refusals_out() -> None:

@@ -91,7 +91,7 @@ def test_async_client_through_shared_memory(
         async with AsyncFeatureClient(address, shared_memory=True, timeout=30) as client:
             results = [await client.extract(images, README_SPEC) for _ in range(2)]
             assert client._shared is not None
-            secret = client._shared.pool.secret
+            secret = client._shared.all[0].pool.secret
             assert regions.renew("", secret) == 2  # images and outputs
             return results, secret
 
@@ -111,7 +111,7 @@ def test_async_client_registers_a_lost_lease_again(
         async with AsyncFeatureClient(local(shm_server), shared_memory=True) as client:
             await client.extract(images, README_SPEC)
             assert client._shared is not None
-            shm_server.service.shared_memory.unregister("", client._shared.pool.secret)
+            shm_server.service.shared_memory.unregister("", client._shared.all[0].pool.secret)
             return await client.extract(images, README_SPEC)
 
     assert_matches_reference(asyncio.run(run()), readme_pipeline, images)

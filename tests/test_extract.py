@@ -24,7 +24,7 @@ from featmap.jobs.targets import grpc_target
 from featmap.service.server import FeatmapServer
 from featmap.service.settings import ServerSettings
 from featmap.service.specfiles import load_pipeline_file
-from tests.conftest import README_SPEC, assert_matches_reference
+from tests.conftest import README_SPEC, assert_matches_reference, local
 from tests.test_cli import FEATMAP, clean_env
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
@@ -455,3 +455,52 @@ def test_cli_resume_after_a_failure(photos: Path, readme: Pipeline, tmp_path: Pa
     assert resumed.returncode == 0, resumed.stderr
     assert "wrote 3 images" in resumed.stderr and "1 of 2 shards reused" in resumed.stderr
     assert_npz_matches_reference(tmp_path / "out.npz", readme)
+
+
+# --------------------------------------------------------------------------- shared memory
+
+
+def test_a_job_through_shared_memory_gives_the_reference(
+    readme: Pipeline, shm_server: FeatmapServer, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(21)
+    batch = rng.standard_normal((40, 3, 9, 9)).astype(np.float32)
+    np.save(tmp_path / "batch.npy", batch)
+    output = tmp_path / "features.npz"
+    remote = RemoteRunner(
+        readme, [local(shm_server)], in_flight=3, timeout=60, request_images=8,
+        shared_memory=True,
+    )  # fmt: skip
+    try:
+        assert remote.client._shared is not None  # its requests go by /dev/shm
+        run_extract(readme, [tmp_path / "batch.npy"], output, remote, batch_size=4)
+        owners = [transport.pool.secret for transport in remote.client._shared.all]
+        for secret in owners:  # each transport used its regions (images and outputs)
+            assert shm_server.service.shared_memory.renew("", secret) == 2
+    finally:
+        remote.close()
+    with np.load(output, allow_pickle=False) as archive:
+        for index, images in enumerate(batch):
+            assert_matches_reference(rows(archive, readme, index), readme, images[None])
+
+
+def test_cli_shared_memory_needs_a_server_that_offers_it(
+    photos: Path, shm_server: FeatmapServer, server: FeatmapServer, tmp_path: Path
+) -> None:
+    spec = spec_file(tmp_path, README_SPEC)
+    image = photos / "rgb0.png"
+    output = tmp_path / "out.npz"
+    refusals = {
+        "it needs --server": [],
+        "needs the server's Unix socket": ["--server", shm_server.address],
+        "offers no shared memory": ["--server", f"unix:{tmp_path / 'off.sock'}"],
+    }
+    with FeatmapServer(ServerSettings(host="127.0.0.1", port=0, unix_socket=tmp_path / "off.sock")):
+        for expected, where in refusals.items():
+            result = featmap(
+                "extract", "--pipeline", spec, "--input", image, "--output", output,
+                "--shared-memory", *where,
+            )  # fmt: skip
+            assert result.returncode == 2, result.stderr
+            assert expected in result.stderr
+            assert not output.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -18,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
-from featmap.client import FeatureClient
+from featmap.client import AsyncFeatureClient, FeatureClient
 from featmap.client.shared_memory import IMAGES, OUTPUTS, SharedMemoryPool
 from featmap.contract.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
 from featmap.contract.shared_memory import segment_prefix
@@ -707,7 +708,7 @@ def test_client_with_shared_memory_matches_the_reference(
         pipeline_id = shared.register(readme_pipeline)
         assert_matches_reference(shared.extract(images, pipeline_id), readme_pipeline, images)
         assert shared._shared is not None
-        secret, owner_id = shared._shared.pool.secret, shared._shared.pool.owner_id
+        secret, owner_id = shared._shared.all[0].pool.secret, shared._shared.all[0].pool.owner_id
         assert server.service.shared_memory.renew(TENANT, secret) == 2  # images and outputs
     # Closing the client unregisters its regions on the server and unlinks its segments.
     assert server.service.shared_memory.renew(TENANT, secret) == 0
@@ -734,8 +735,74 @@ def test_an_expired_lease_is_registered_again(
         shared.extract(images, README_SPEC)
         assert shared._shared is not None
         # What the server does when the lease runs out: the regions are gone.
-        shm_server.service.shared_memory.unregister(TENANT, shared._shared.pool.secret)
+        shm_server.service.shared_memory.unregister(TENANT, shared._shared.all[0].pool.secret)
         assert_matches_reference(shared.extract(images, README_SPEC), readme_pipeline, images)
+
+
+def test_extract_iter_keeps_requests_in_flight_each_on_segments_of_its_own(
+    shm_server: FeatmapServer, readme_pipeline: Pipeline
+) -> None:
+    rng = np.random.default_rng(74)
+    batches = [rng.random((n, 3, 12, 12), dtype=np.float32) for n in (3, 1, 4, 2, 5, 1, 2)]
+    with FeatureClient(local(shm_server), shared_memory=True, in_flight=3) as shared:
+        results = list(shared.extract_iter(batches, README_SPEC))
+        for images, outputs in zip(batches, results, strict=True):
+            assert_matches_reference(outputs, readme_pipeline, images)
+        assert shared._shared is not None
+        transports = shared._shared.all
+        assert 1 <= len(transports) <= 3  # no more than the requests in flight
+        secrets_used = [transport.pool.secret for transport in transports]
+        for secret in secrets_used:  # every transport's images and outputs went by its regions
+            assert shm_server.service.shared_memory.renew(TENANT, secret) == 2
+    for secret in secrets_used:  # closing unregisters them all
+        assert shm_server.service.shared_memory.renew(TENANT, secret) == 0
+
+
+def test_the_async_client_keeps_requests_in_flight_through_shared_memory(
+    shm_server: FeatmapServer, readme_pipeline: Pipeline
+) -> None:
+    rng = np.random.default_rng(75)
+    batches = [rng.random((n, 3, 10, 10), dtype=np.float32) for n in (2, 3, 1, 4)]
+
+    async def run() -> tuple[list[dict[str, np.ndarray]], list[str]]:
+        async with AsyncFeatureClient(local(shm_server), shared_memory=True, in_flight=2) as c:
+            results = [outputs async for outputs in c.extract_iter(batches, README_SPEC)]
+            assert c._shared is not None
+            owners = [transport.pool.secret for transport in c._shared.all]
+            for secret in owners:
+                assert shm_server.service.shared_memory.renew(TENANT, secret) == 2
+            return results, owners
+
+    results, owners = asyncio.run(run())
+    assert 1 <= len(owners) <= 2
+    for images, outputs in zip(batches, results, strict=True):
+        assert_matches_reference(outputs, readme_pipeline, images)
+    for secret in owners:
+        assert shm_server.service.shared_memory.renew(TENANT, secret) == 0
+
+
+def test_the_server_says_whether_it_offers_this_caller_shared_memory(
+    shm_server: FeatmapServer, server: FeatmapServer
+) -> None:
+    with FeatureClient(local(shm_server)) as on_socket:
+        assert on_socket.server_info().shared_memory
+    with FeatureClient(shm_server.address) as over_tcp:  # the same server, not proven local
+        assert not over_tcp.server_info().shared_memory
+    with FeatureClient(server.address) as off:  # a server started without it
+        assert not off.server_info().shared_memory
+
+
+@needs_dev_shm
+def test_a_full_dev_shm_is_an_error_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("featmap.client.shared_memory.os.posix_fallocate", full)
+    with SharedMemoryPool() as pool:
+        with pytest.raises(OSError, match="/dev/shm has no room for 8192 bytes"):
+            pool.images_ref(np.zeros((2, 1024), np.float32))
+        assert pool_files(pool) == []  # the segment that could not be reserved is gone
+        assert pool.registrations() == []
 
 
 def test_raw_requests_with_bad_regions_name_the_field(shm_server: FeatmapServer) -> None:

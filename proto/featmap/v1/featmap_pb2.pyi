@@ -348,7 +348,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_pixels_per_image: _Optional[int] = ..., max_layers: _Optional[int] = ..., session_cache_size: _Optional[int] = ..., max_parameters: _Optional[int] = ..., max_registered_pipelines: _Optional[int] = ..., max_kernel_size: _Optional[int] = ..., max_flops: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., allow_non_finite_input: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_spec_bytes: _Optional[int] = ..., spec_cache_bytes: _Optional[int] = ..., session_cache_bytes: _Optional[int] = ..., registry_bytes: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., max_calibration_images: _Optional[int] = ..., max_names_per_pipeline: _Optional[int] = ..., max_encoded_image_bytes: _Optional[int] = ..., encoded_formats: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "onnxruntime_version", "available_providers", "active_providers", "limits", "onnx_opset", "intra_op_threads", "grpc_workers", "default_batching", "spec_schema_json")
+    __slots__ = ("version", "onnxruntime_version", "available_providers", "active_providers", "limits", "onnx_opset", "intra_op_threads", "grpc_workers", "default_batching", "spec_schema_json", "shared_memory")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ONNXRUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +359,7 @@ class GetServerInfoResponse(_message.Message):
     GRPC_WORKERS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_BATCHING_FIELD_NUMBER: _ClassVar[int]
     SPEC_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     version: str
     onnxruntime_version: str
     available_providers: _containers.RepeatedScalarFieldContainer[str]
@@ -369,4 +370,5 @@ class GetServerInfoResponse(_message.Message):
     grpc_workers: int
     default_batching: BatchingConfig
     spec_schema_json: str
-    def __init__(self, version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., active_providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., onnx_opset: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., grpc_workers: _Optional[int] = ..., default_batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., spec_schema_json: _Optional[str] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., active_providers: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., onnx_opset: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., grpc_workers: _Optional[int] = ..., default_batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., spec_schema_json: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
