@@ -39,7 +39,7 @@ from .bench_base import (
     server_process,
     standard_spec,
 )
-from .bench_job import TRANSFER_ROW
+from .bench_job import SHARED_ARRAY_ROW, TRANSFER_ROW
 from .bench_ray import RayBench
 
 # Rows the goals table reads.
@@ -185,6 +185,7 @@ class Report:
             ratio("array job embedded / plain onnxruntime, whole process", ARRAY_EMBEDDED, 0.80),
             ratio("array job --server / plain onnxruntime, whole process", ARRAY_REMOTE, 0.80),
             bound("  at most, given the transfer (1x1 filters)", TRANSFER_ROW),
+            ratio("  on its Unix socket, --shared-memory", SHARED_ARRAY_ROW, 0.80),
             ratio("unary float32 / in-process", UNARY_ROW, 0.85),
             ratio("stream float32 / in-process", STREAM_ROW, 0.95),
             ratio("32 single-image clients / in-process batch", CLIENTS_ROW, 0.85),
@@ -433,7 +434,7 @@ def run_bench(
                 batch=batch,
                 images=array_images,
                 rounds=max(rounds, ARRAY_ROUNDS),
-                server=lambda: server_process(threads),
+                server=lambda socket_path: server_process(threads, socket_path),
                 log=log,
             )
             shape = f"{array_images}x1x28x28 uint8 array"

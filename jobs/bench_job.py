@@ -328,6 +328,8 @@ TRANSFER_SPEC: dict[str, Any] = {
     "layers": [{**ARRAY_SPEC["layers"][0], "kernel_size": 1}, *ARRAY_SPEC["layers"][1:]],
 }
 TRANSFER_ROW = "array job --server 127.0.0.1 with 1x1 filters (the transfer)"
+# The same server on the same host, reached on its Unix socket with features in /dev/shm.
+SHARED_ARRAY_ROW = "array job --server unix: --shared-memory"
 
 
 def generated_array(count: int, where: Path) -> np.ndarray:
@@ -388,10 +390,12 @@ def run_array_bench(
     batch: int,
     images: int = 10_000,
     rounds: int = 3,
-    server: Callable[[], Any],
+    server: Callable[[str], Any],
     log: Callable[[str], None] = print,
 ) -> ArrayBench:
-    """`featmap extract` over a (images, 1, 28, 28) uint8 .npy, embedded and --server.
+    """`featmap extract` over a (images, 1, 28, 28) uint8 .npy: embedded, --server over TCP,
+    and --server on the server's Unix socket with --shared-memory (`server(socket_path)` starts
+    one that serves both and yields its TCP address).
 
     Whole process (the goal): the job's wall time, start to exit, against a plain onnxruntime
     script's (PLAIN_ONNXRUNTIME: featmap's exported model, `batch` rows at a time, features
@@ -425,11 +429,13 @@ def run_array_bench(
 
         plains: list[float] = []
         ceilings: list[float] = []
-        whole: dict[str, list[tuple[float, float]]] = {"embedded": [], "remote": []}
-        steady: dict[str, list[tuple[float, float]]] = {"embedded": [], "remote": []}
+        paths = ("embedded", "remote", "shared")
+        whole: dict[str, list[tuple[float, float]]] = {path: [] for path in paths}
+        steady: dict[str, list[tuple[float, float]]] = {path: [] for path in paths}
         peak: dict[str, int] = {}
         transfer: list[tuple[float, float]] = []
-        with server() as address:
+        socket_path = str(work / "featmap.sock")
+        with server(socket_path) as address:
             run_job(arguments(["--server", address])(folders.small))  # the server compiles it
             transfer_job = arguments(["--server", address], transfer_path)
             run_job(transfer_job(folders.small))
@@ -438,8 +444,11 @@ def run_array_bench(
                 for path in whole:
                     ceiling = ceiling_rate(sessions, batches, images)
                     ceilings.append(ceiling)
-                    extra = ["--threads", str(threads)] if path == "embedded" else []
-                    extra += ["--server", address] if path == "remote" else []
+                    extra = {
+                        "embedded": ["--threads", str(threads)],
+                        "remote": ["--server", address],
+                        "shared": ["--server", f"unix:{socket_path}", "--shared-memory"],
+                    }[path]
                     job = arguments(extra)
                     started = run_job(job(folders.small))
                     # The script right before and right after the job, its baseline their mean:
@@ -465,7 +474,11 @@ def run_array_bench(
                         differenced = math.nan
                     steady[path].append((differenced, differenced / ceiling))
         shape = f"{images}x1x28x28 uint8 .npy"
-        labels = {"embedded": "array job, embedded", "remote": "array job --server 127.0.0.1"}
+        labels = {
+            "embedded": "array job, embedded",
+            "remote": "array job --server 127.0.0.1",
+            "shared": SHARED_ARRAY_ROW,
+        }
         rows = []
         for measured, kind, baseline in (
             (whole, "whole process", "plain onnxruntime"),
