@@ -282,7 +282,10 @@ class RemoteRunner:
             shared_memory=shared_memory,
             **options,
         )
-        if shared_memory and not self.client.server_info().shared_memory:
+        if shared_memory:
+            info = self.client.server_info()
+            self.server_limits = info.limits  # asked once (limits())
+        if shared_memory and not info.shared_memory:
             self.client.close()
             raise ValueError(
                 f"the server at {target} offers no shared memory: start it with featmap serve "
