@@ -245,13 +245,16 @@ class CompiledPipeline:
                 into[name][...] = result
             return
         binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(images))
+        # Held in a name until the run is over: the binding may point into its bytes.
+        contiguous = np.ascontiguousarray(images)
+        binding.bind_cpu_input(INPUT_NAME, contiguous)
         for name in names:
             target = into[name]
             binding.bind_output(
                 name, "cpu", 0, target.dtype, list(target.shape), target.ctypes.data
             )
         self.session.run_with_iobinding(binding, options)
+        del contiguous
 
 
 @dataclass

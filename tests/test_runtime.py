@@ -346,3 +346,7 @@ def test_a_batch_in_pieces_is_written_into_the_callers_rows(
     assert all(outputs[name] is rows[name] for name in rows)
     assert_matches_reference(outputs, pipeline, images)
     assert_matches_reference(compiled.run(images), pipeline, images)  # pieces, arrays its own
+    strided = np.random.default_rng(8).standard_normal((6, 3, 6, 6)).astype(np.float32)[::2]
+    assert not strided.flags.c_contiguous  # bound as a contiguous copy kept for the run
+    rows = {name: array[:3] for name, array in rows.items()}
+    assert_matches_reference(compiled.run(strided, into=rows), pipeline, strided)
