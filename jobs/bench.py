@@ -39,7 +39,7 @@ from .bench_base import (
     server_process,
     standard_spec,
 )
-from .bench_job import SHARED_ARRAY_ROW, TRANSFER_ROW
+from .bench_job import SHARED_ARRAY_ROW, SHARED_TRANSFER_ROW, TRANSFER_ROW
 from .bench_ray import RayBench
 
 # Rows the goals table reads.
@@ -186,6 +186,7 @@ class Report:
             ratio("array job --server / plain onnxruntime, whole process", ARRAY_REMOTE, 0.80),
             bound("  at most, given the transfer (1x1 filters)", TRANSFER_ROW),
             ratio("  on its Unix socket, --shared-memory", SHARED_ARRAY_ROW, 0.80),
+            bound("    at most, given the transfer (1x1 filters)", SHARED_TRANSFER_ROW),
             ratio("unary float32 / in-process", UNARY_ROW, 0.85),
             ratio("stream float32 / in-process", STREAM_ROW, 0.95),
             ratio("32 single-image clients / in-process batch", CLIENTS_ROW, 0.85),
