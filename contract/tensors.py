@@ -111,6 +111,10 @@ def reply_message_bytes(data_bytes: int, outputs: int) -> int:
     return data_bytes + REPLY_ENVELOPE_BYTES + REPLY_BYTES_PER_OUTPUT * outputs
 
 
+# A run's outputs by name (layer name -> (N, ...) array).
+Outputs = dict[str, np.ndarray]
+
+
 def all_finite(array: np.ndarray) -> bool:
     """True when no NaN/Inf; two SIMD reductions instead of a boolean temporary."""
     if array.size == 0 or array.dtype.kind != "f":

@@ -17,7 +17,7 @@ from ..contract.ops import batch_cost
 from ..contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
 from ..contract.precision import QuantizationReport
 from ..contract.spec import Pipeline
-from ..contract.tensors import single_image_size
+from ..contract.tensors import Outputs, single_image_size
 from ..contract.wire import EncodedBatch
 from .images import EncodedRule
 from .targets import grpc_target, target_addresses
@@ -90,8 +90,6 @@ def request_images(pipeline: Pipeline, batch: np.ndarray, limits: Mapping[str, A
 # What one block of OutputBlocks holds: a few batches' outputs, so that a block held by a
 # shard's last rows keeps little else alive.
 OUTPUT_BLOCK_BYTES = 4 * MIB
-
-Outputs = dict[str, np.ndarray]
 
 
 class OutputBlocks:
@@ -285,12 +283,12 @@ class RemoteRunner:
         if shared_memory:
             info = self.client.server_info()
             self.server_limits = info.limits  # asked once (limits())
-        if shared_memory and not info.shared_memory:
-            self.client.close()
-            raise ValueError(
-                f"the server at {target} offers no shared memory: start it with featmap serve "
-                "--unix-socket PATH --shared-memory, or leave --shared-memory out"
-            )
+            if not info.shared_memory:
+                self.client.close()
+                raise ValueError(
+                    f"the server at {target} offers no shared memory: start it with featmap "
+                    "serve --unix-socket PATH --shared-memory, or leave --shared-memory out"
+                )
         self.pipeline = pipeline
         self.pipelines: dict[str, Pipeline | str] = dict(pipelines_by_dtype(pipeline))
         self.report: QuantizationReport | None = None

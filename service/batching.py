@@ -31,8 +31,9 @@ from typing import Protocol
 import numpy as np
 
 from ..contract.errors import ExecutionFailed
+from ..contract.tensors import Outputs
 from . import stages
-from .runtime import OnGone, Outputs, run_pieces
+from .runtime import OnGone, run_pieces
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from ..contract.limits import (
     admit_values,
 )
 from ..contract.spec import Pipeline
-from ..contract.tensors import all_finite, first_non_finite
+from ..contract.tensors import Outputs, all_finite, first_non_finite
 from . import stages
 from .batching import BatchingPolicy, DynamicBatcher
 from .budget import UNBOUNDED, MemoryBudget
-from .runtime import CompiledPipeline, OnGone, Outputs, SessionCache
+from .runtime import CompiledPipeline, OnGone, SessionCache
 from .weights import check_presets
 
 
