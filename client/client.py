@@ -331,23 +331,35 @@ class FeatureClient(_ClientBase):
         timeout: float | None,
         most: int = 1,
     ) -> dict[str, np.ndarray]:
-        """extract() through a transport of its own (of at most `most`, waiting for one)."""
+        """extract() through a transport of its own (of at most `most`, waiting for one; on
+        another when the server holds no more regions for a new one: see refused)."""
         shared = self._shared
         assert shared is not None
         message = request_for(None, pipeline, output_dtype).message
-        with self._shared_turns:
-            while (transport := shared.take(most)) is None:
-                self._shared_turns.wait()
-        try:
-            with transport.pool.lock:
-                steps = transport.extract(
-                    self._stub, images, message, self._timeout(timeout), self.retries
-                )
-                return self._run(steps)
-        finally:
+        while True:
             with self._shared_turns:
-                shared.give(transport)
-                self._shared_turns.notify()
+                while (transport := shared.take(most)) is None:
+                    self._shared_turns.wait()
+            retired = False
+            try:
+                with transport.pool.lock:
+                    steps = transport.extract(
+                        self._stub, images, message, self._timeout(timeout), self.retries
+                    )
+                    return self._run(steps)
+            except FeatmapRpcError as exc:
+                with self._shared_turns:
+                    retired = shared.refused(transport, exc)
+                if not retired:
+                    raise
+            finally:
+                if not retired:
+                    with self._shared_turns:
+                        shared.give(transport)
+                        self._shared_turns.notify_all()  # one may take it, one make another
+            with contextlib.suppress(grpc.RpcError):  # the region it may have registered
+                self._stub.UnregisterSharedMemory(transport.unregistration(), timeout=5)
+            transport.close()
 
     def extract_stream(
         self,
@@ -682,23 +694,33 @@ class AsyncFeatureClient(_ClientBase):
         timeout: float | None,
         most: int = 1,
     ) -> dict[str, np.ndarray]:
-        """extract() through a transport of its own (of at most `most`, waiting for one)."""
+        """As FeatureClient._extract_shared."""
         shared = self._shared
         assert shared is not None
         message = request_for(None, pipeline, output_dtype).message
-        async with self._shared_turns:
-            while (transport := shared.take(most)) is None:
-                await self._shared_turns.wait()
-        try:
-            # No lock: on one event loop, the transport is this task's until it is given back.
-            steps = transport.extract(
-                self._stub, images, message, self._timeout(timeout), self.retries
-            )
-            return await self._run(steps)
-        finally:
+        while True:
             async with self._shared_turns:
-                shared.give(transport)
-                self._shared_turns.notify()
+                while (transport := shared.take(most)) is None:
+                    await self._shared_turns.wait()
+            retired = False
+            try:
+                # No lock: on one event loop, the transport is this task's until it is given back.
+                steps = transport.extract(
+                    self._stub, images, message, self._timeout(timeout), self.retries
+                )
+                return await self._run(steps)
+            except FeatmapRpcError as exc:
+                retired = shared.refused(transport, exc)
+                if not retired:
+                    raise
+            finally:
+                if not retired:
+                    async with self._shared_turns:
+                        shared.give(transport)
+                        self._shared_turns.notify_all()  # one may take it, one make another
+            with contextlib.suppress(grpc.RpcError):  # the region it may have registered
+                await self._stub.UnregisterSharedMemory(transport.unregistration(), timeout=5)
+            transport.close()
 
     async def extract_stream(
         self,

@@ -28,6 +28,7 @@ from ..contract.shared_memory import SECRET_PATTERN, SHM_DIRECTORY, owner_id, se
 from ..contract.tensors import WIRE_DTYPES, wire_dtype
 from ..contract.wire import decode_tensor
 from ..v1 import featmap_pb2 as pb
+from .messages import FeatmapRpcError
 from .protocol import Call, Steps
 from .retry import with_retries
 
@@ -216,6 +217,7 @@ class SharedMemoryTransport:
         self.lease_seconds = 0.0
         self.renewed = 0.0
         self.output_bytes_per_image = 0
+        self.served = False  # an Extract through it has been answered
 
     def extract(
         self,
@@ -300,6 +302,7 @@ class SharedMemoryTransport:
     def finish(self, response: pb.ExtractResponse, images: int) -> dict[str, np.ndarray]:
         """The outputs (copied out of the region, or decoded inline), remembering their size."""
         outputs = self.pool.read_outputs(response)
+        self.served = True
         total = sum(array.nbytes for array in outputs.values())
         self.output_bytes_per_image = max(self.output_bytes_per_image, -(-total // images))
         return outputs
@@ -324,15 +327,35 @@ class SharedMemoryTransports:
     def __init__(self) -> None:
         self.all = [SharedMemoryTransport()]
         self._free = list(self.all)
+        # How many the server holds regions for, once it refused another's (see refused).
+        self.most = math.inf
 
     def take(self, most: int) -> SharedMemoryTransport | None:
-        """A free transport, or a new one while there are fewer than `most`; else None."""
+        """A free transport, or a new one while there are fewer than `most` and every one
+        has served (the window grows one proven transport at a time, so that new ones do not
+        race each other for the server's last regions); else None."""
         if self._free:
             return self._free.pop()
-        if len(self.all) < most:
+        if len(self.all) < min(most, self.most) and all(t.served for t in self.all):
             self.all.append(SharedMemoryTransport())
             return self.all[-1]
         return None
+
+    def refused(self, transport: SharedMemoryTransport, error: FeatmapRpcError) -> bool:
+        """Whether the server refused `transport`'s regions for its own limit
+        (max_shared_memory_regions) before it ever served, while there are others: then it
+        is dropped, no more than those are made, and its request goes on one of them. The
+        caller unregisters and closes it; any other refusal is the caller's to raise."""
+        if (
+            transport.served
+            or len(self.all) < 2
+            or error.code != grpc.StatusCode.RESOURCE_EXHAUSTED
+            or error.field != "region"
+        ):
+            return False
+        self.all.remove(transport)
+        self.most = len(self.all)
+        return True
 
     def give(self, transport: SharedMemoryTransport) -> None:
         """`transport`'s request is done: it is free again."""

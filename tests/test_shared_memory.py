@@ -22,13 +22,14 @@ import pytest
 from featmap.client import AsyncFeatureClient, FeatureClient
 from featmap.client.shared_memory import IMAGES, OUTPUTS, SharedMemoryPool
 from featmap.contract.errors import InvalidRequest, InvalidTensor, LimitExceeded, NotFound
-from featmap.contract.shared_memory import segment_prefix
+from featmap.contract.shared_memory import SEGMENT_PREFIX, segment_prefix
 from featmap.contract.spec import Pipeline
 from featmap.contract.tensors import (
     WIRE_DTYPES,
     wire_dtype,
 )
 from featmap.service.server import FeatmapServer
+from featmap.service.settings import ServerSettings
 from featmap.service.shared_memory import SharedMemoryRegistry
 from featmap.v1 import featmap_pb2 as pb
 from featmap.v1 import featmap_pb2_grpc as pb_grpc
@@ -790,6 +791,56 @@ def test_the_server_says_whether_it_offers_this_caller_shared_memory(
         assert not over_tcp.server_info().shared_memory
     with FeatureClient(server.address) as off:  # a server started without it
         assert not off.server_info().shared_memory
+
+
+def test_a_window_wider_than_the_servers_regions_shrinks_to_them(
+    readme_pipeline: Pipeline, tmp_path: Any
+) -> None:
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=0,
+        intra_op_threads=1,
+        unix_socket=tmp_path / "featmap.sock",
+        shared_memory=True,
+        max_shared_memory_regions=4,  # two transports' images and outputs
+    )
+    rng = np.random.default_rng(76)
+    batches = [rng.random((2, 3, 8, 8), dtype=np.float32) for _ in range(12)]
+    before = featmap_segments()
+    with FeatmapServer(settings) as server:
+        assert server.unix_address is not None
+        with FeatureClient(server.unix_address, shared_memory=True, in_flight=6) as shared:
+            results = list(shared.extract_iter(batches, README_SPEC))
+            assert shared._shared is not None
+            secrets_kept = [transport.pool.secret for transport in shared._shared.all]
+            assert len(secrets_kept) == 2  # the third was refused its regions, and dropped
+            for secret in secrets_kept:
+                assert server.service.shared_memory.renew(TENANT, secret) == 2
+        for images, outputs in zip(batches, results, strict=True):
+            assert_matches_reference(outputs, readme_pipeline, images)
+        for secret in secrets_kept:
+            assert server.service.shared_memory.renew(TENANT, secret) == 0
+
+        async def run() -> tuple[list[dict[str, np.ndarray]], int]:  # the asyncio twin too
+            address = server.unix_address
+            assert address is not None
+            async with AsyncFeatureClient(address, shared_memory=True, in_flight=6) as client:
+                outputs = [each async for each in client.extract_iter(batches, README_SPEC)]
+                assert client._shared is not None
+                return outputs, len(client._shared.all)
+
+        async_results, transports = asyncio.run(run())
+        assert transports == 2
+        for images, outputs in zip(batches, async_results, strict=True):
+            assert_matches_reference(outputs, readme_pipeline, images)
+    assert featmap_segments() == before  # the dropped transports' segments went with them
+
+
+def featmap_segments() -> set[str]:
+    """featmap's segments in /dev/shm now (none to see without it)."""
+    if not os.path.isdir(DEV_SHM):
+        return set()
+    return {name for name in os.listdir(DEV_SHM) if name.startswith(SEGMENT_PREFIX)}
 
 
 @needs_dev_shm
