@@ -460,15 +460,9 @@ class FeatureClient(_ClientBase):
         """extract_iter through shared memory: `limit` requests at a time, on threads."""
 
         def extract(batch: Batch) -> dict[str, np.ndarray]:
-            if isinstance(batch, EncodedBatch):  # files' bytes go inline: nothing to copy
-                return self.extract_encoded(
-                    batch.images,
-                    pipeline,
-                    size=batch.size,
-                    draft=batch.draft,
-                    output_dtype=output_dtype,
-                    timeout=timeout,
-                )
+            if isinstance(batch, EncodedBatch):  # files' bytes go inline, as extract_iter's do
+                request = request_for(batch, pipeline, output_dtype)
+                return outputs_of(self._call(self._extract, request, timeout))
             images = sendable(batch)
             return self._extract_shared(images, pipeline, output_dtype, timeout, limit)
 

@@ -114,7 +114,8 @@ class OutputBlocks:
             return None
         capacity = len(next(iter(self._block.values()))) if self._block else 0
         if self._used + count > capacity:
-            row_bytes = sum(4 * math.prod(shape) for shape in self._shapes.values())
+            itemsize = np.dtype(np.float32).itemsize
+            row_bytes = sum(itemsize * math.prod(shape) for shape in self._shapes.values())
             capacity = max(count, self.block_bytes // max(1, row_bytes))
             self._block = {
                 name: np.empty((capacity, *shape), np.float32)

@@ -281,16 +281,17 @@ class FeatureService:
 
     def check_shared_memory(self, caller: Caller, field: str) -> None:
         """NotPermitted unless shared memory is on and the caller is on the Unix socket."""
+        if self.offers_shared_memory(caller):
+            return
         if not self.settings.shared_memory:
             raise NotPermitted(
                 field, "shared memory is off on this server (featmap serve --shared-memory)"
             )
-        if not caller.local:
-            raise NotPermitted(
-                field,
-                "shared memory is offered only on the server's Unix socket "
-                "(connect to unix:<unix_socket>)",
-            )
+        raise NotPermitted(
+            field,
+            "shared memory is offered only on the server's Unix socket "
+            "(connect to unix:<unix_socket>)",
+        )
 
     def register_shared_memory(
         self, request: pb.RegisterSharedMemoryRequest, caller: Caller

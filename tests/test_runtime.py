@@ -24,7 +24,7 @@ from featmap.contract.spec import (
 )
 from featmap.service.extractor import Extractor, Target
 from featmap.service.runtime import CPU, CUDA, SessionCache, resolve_providers
-from tests.conftest import assert_matches_reference
+from tests.conftest import README_SPEC, assert_matches_reference
 
 LIMITS = RequestLimits(
     max_images_per_request=8,
@@ -265,35 +265,14 @@ def test_a_batch_past_the_run_activation_bound_runs_in_pieces_with_the_same_resu
     assert_matches_reference(outputs, pipeline, images)
 
 
-def two_outputs() -> Pipeline:
-    return parse_pipeline(
-        {
-            "input": {"channels": 3},
-            "layers": [
-                {
-                    "op": "conv2d",
-                    "name": "conv",
-                    "filters": 4,
-                    "kernel_size": 3,
-                    "padding": "same",
-                    "weights": {"init": "he_normal", "seed": 1},
-                },
-                {"op": "relu"},
-                {"op": "global_max_pool2d", "name": "features"},
-            ],
-            "outputs": ["conv", "features"],
-        }
-    )
-
-
 def test_outputs_are_written_into_the_callers_rows_and_nowhere_else() -> None:
-    pipeline = two_outputs()
+    pipeline = parse_pipeline(README_SPEC)  # conv1 and features
     compiled = SessionCache(capacity=1, providers=[CPU]).get(pipeline)
     images = np.random.default_rng(5).standard_normal((3, 3, 10, 10)).astype(np.float32)
     # Rows 2..4 of blocks of 7: what lies around them must stay as it was.
     blocks = {
-        "conv": np.full((7, 4, 10, 10), np.nan, np.float32),
-        "features": np.full((7, 4, 1, 1), np.nan, np.float32),
+        "conv1": np.full((7, 8, 10, 10), np.nan, np.float32),
+        "features": np.full((7, 8, 1, 1), np.nan, np.float32),
     }
     rows = {name: block[2:5] for name, block in blocks.items()}
     outputs = compiled.run(images, into=rows)
@@ -306,26 +285,26 @@ def test_outputs_are_written_into_the_callers_rows_and_nowhere_else() -> None:
 
 
 def test_rows_onnxruntime_cannot_write_through_are_refused_before_it_runs() -> None:
-    pipeline = two_outputs()
+    pipeline = parse_pipeline(README_SPEC)  # conv1 and features
     compiled = SessionCache(capacity=1, providers=[CPU]).get(pipeline)
     images = np.random.default_rng(6).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    features = np.zeros((2, 4, 1, 1), np.float32)
-    read_only = np.zeros((2, 4, 8, 8), np.float32)
+    features = np.zeros((2, 8, 1, 1), np.float32)
+    read_only = np.zeros((2, 8, 8, 8), np.float32)
     read_only.flags.writeable = False
     refused = {
-        "float64": np.zeros((2, 4, 8, 8), np.float64),
-        "strided": np.zeros((2, 8, 8, 8), np.float32)[:, ::2],
+        "float64": np.zeros((2, 8, 8, 8), np.float64),
+        "strided": np.zeros((2, 16, 8, 8), np.float32)[:, ::2],
         "read-only": read_only,
-        "rows": np.zeros((3, 4, 8, 8), np.float32),
+        "rows": np.zeros((3, 8, 8, 8), np.float32),
     }
     for why, conv in refused.items():
-        with pytest.raises(ValueError, match=r"outputs\.conv: into needs"):
-            compiled.run(images, into={"conv": conv, "features": features})
+        with pytest.raises(ValueError, match=r"outputs\.conv1: into needs"):
+            compiled.run(images, into={"conv1": conv, "features": features})
         assert not features.any(), why  # nothing ran
     with pytest.raises(ValueError, match=r"outputs\.features: .* got nothing"):
-        compiled.run(images, into={"conv": np.zeros((2, 4, 8, 8), np.float32)})
+        compiled.run(images, into={"conv1": np.zeros((2, 8, 8, 8), np.float32)})
     # The right rows of the wrong shape: onnxruntime checks the shape before it writes.
-    wrong = {"conv": np.zeros((2, 4, 8, 9), np.float32), "features": features}
+    wrong = {"conv1": np.zeros((2, 8, 8, 9), np.float32), "features": features}
     with pytest.raises(ExecutionFailed, match="onnxruntime failed"):
         compiled.run(images, into=wrong)
     assert_matches_reference(compiled.run(images), pipeline, images)  # and it runs on
@@ -334,13 +313,13 @@ def test_rows_onnxruntime_cannot_write_through_are_refused_before_it_runs() -> N
 def test_a_batch_in_pieces_is_written_into_the_callers_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    pipeline = two_outputs()
+    pipeline = parse_pipeline(README_SPEC)  # conv1 and features
     compiled = SessionCache(capacity=1, providers=[CPU]).get(pipeline)
     monkeypatch.setattr("featmap.service.runtime.images_per_run", lambda *args: 2)
     images = np.random.default_rng(7).standard_normal((5, 3, 6, 6)).astype(np.float32)
     rows = {
-        "conv": np.empty((5, 4, 6, 6), np.float32),
-        "features": np.empty((5, 4, 1, 1), np.float32),
+        "conv1": np.empty((5, 8, 6, 6), np.float32),
+        "features": np.empty((5, 8, 1, 1), np.float32),
     }
     outputs = compiled.run(images, into=rows)
     assert all(outputs[name] is rows[name] for name in rows)
