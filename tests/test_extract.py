@@ -279,9 +279,14 @@ def test_server_gives_the_embedded_results(
         run_extract(readme, [photos], tmp_path / "remote.npz", remote, batch_size=2)
     finally:
         remote.close()
+    assert_same_outputs(tmp_path / "remote.npz", tmp_path / "embedded.npz")
+
+
+def assert_same_outputs(served_path: Path, embedded_path: Path) -> None:
+    """Two .npz outputs of one job: the same names and paths, features to float32 rounding."""
     with (
-        np.load(tmp_path / "embedded.npz", allow_pickle=False) as embedded,
-        np.load(tmp_path / "remote.npz", allow_pickle=False) as served,
+        np.load(embedded_path, allow_pickle=False) as embedded,
+        np.load(served_path, allow_pickle=False) as served,
     ):
         assert sorted(embedded.files) == sorted(served.files)
         for name in embedded.files:
@@ -504,3 +509,15 @@ def test_cli_shared_memory_needs_a_server_that_offers_it(
             assert result.returncode == 2, result.stderr
             assert expected in result.stderr
             assert not output.exists()
+
+
+def test_image_files_go_encoded_beside_shared_memory_with_the_embedded_results(
+    photos: Path, readme: Pipeline, shm_server: FeatmapServer, tmp_path: Path
+) -> None:
+    run_extract(readme, [photos], tmp_path / "embedded.npz", EmbeddedRunner(readme))
+    remote = RemoteRunner(readme, [local(shm_server)], 3, 60, shared_memory=True)
+    try:
+        run_extract(readme, [photos], tmp_path / "shared.npz", remote, batch_size=2)
+    finally:
+        remote.close()
+    assert_same_outputs(tmp_path / "shared.npz", tmp_path / "embedded.npz")
