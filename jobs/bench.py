@@ -39,7 +39,7 @@ from .bench_base import (
     server_process,
     standard_spec,
 )
-from .bench_job import SHARED_ARRAY_ROW, SHARED_TRANSFER_ROW, TRANSFER_ROW
+from .bench_job import FLOOR_ROW, SHARED_ARRAY_ROW, SHARED_TRANSFER_ROW, TRANSFER_ROW
 from .bench_ray import RayBench
 
 # Rows the goals table reads.
@@ -183,6 +183,7 @@ class Report:
         goals += [
             ratio("featmap extract --server on 127.0.0.1 / ceiling", JOB_REMOTE, 0.85),
             ratio("array job embedded / plain onnxruntime, whole process", ARRAY_EMBEDDED, 0.80),
+            bound("  at most, given its dependencies (no featmap code)", FLOOR_ROW),
             ratio("array job --server / plain onnxruntime, whole process", ARRAY_REMOTE, 0.80),
             bound("  at most, given the transfer (1x1 filters)", TRANSFER_ROW),
             ratio("  on its Unix socket, --shared-memory", SHARED_ARRAY_ROW, 0.80),
