@@ -71,21 +71,38 @@ class _ShardRun:
     """A shard on its way through the job: what came back so far, and what is still out."""
 
     shard: Shard
-    outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    # Each batch's outputs as they came back, with the shard positions of its rows.
+    outputs: list[tuple[list[int], dict[str, np.ndarray]]] = field(default_factory=list)
     rejected: dict[int, InputError] = field(default_factory=dict)
     out: int = 0  # batches sent whose outputs have not come back
     fed: bool = False  # every input was loaded and every batch sent
     failure: JobError | None = None  # an input failed with --on-error fail
 
     def results(self, output_names: list[str]) -> Results:
-        """The shard's results, in input order; rejected inputs as skipped."""
+        """The shard's results, in input order; rejected inputs as skipped.
+
+        A batch's rows go in as blocks, one per run of consecutive positions (a batch file's
+        rows are one run; image files grouped by size may interleave): views, not copies, as
+        the shard's outputs are kept until it is saved anyway.
+        """
+        runs: list[tuple[int, int, dict[str, np.ndarray], int]] = []  # position, rows, of, at
+        for positions, outputs in self.outputs:
+            start = 0
+            while start < len(positions):
+                end = start + 1
+                while end < len(positions) and positions[end] == positions[end - 1] + 1:
+                    end += 1
+                runs.append((positions[start], end - start, outputs, start))
+                start = end
+        runs.sort(key=lambda run: run[0])
         results = Results(output_names)
-        for position, item in enumerate(self.shard.items):
-            if position in self.outputs:
-                results.add(item.key, self.outputs[position])
-            elif position in self.rejected:
-                error = self.rejected[position]
-                results.skipped.append((error.path, error.reason))
+        items = self.shard.items
+        for position, count, outputs, row in runs:
+            results.add_rows(
+                [item.key for item in items[position : position + count]],
+                {name: outputs[name][row : row + count] for name in output_names},
+            )
+        results.skipped = [(error.path, error.reason) for _, error in sorted(self.rejected.items())]
         return results
 
 
@@ -321,7 +338,7 @@ class Job:
             while waiting and waiting[0].fed and not waiting[0].out:
                 done = waiting.popleft()
                 results = done.results(names)
-                done.outputs, done.rejected = {}, {}  # the job keeps no shard's outputs
+                done.outputs, done.rejected = [], {}  # the job keeps no shard's outputs
                 yield done.shard, results
 
         def resend(again: list[_Sent]) -> Iterator[JobBatch]:
@@ -338,10 +355,7 @@ class Job:
                     for batch_outputs in outputs:
                         entry = sent.popleft()
                         run, positions = entry.run, entry.positions
-                        for row, position in enumerate(positions):
-                            # Views, not copies: a batch's rows all belong to this shard, whose
-                            # outputs are kept until it is saved anyway.
-                            run.outputs[position] = {n: a[row] for n, a in batch_outputs.items()}
+                        run.outputs.append((positions, batch_outputs))
                         run.out -= 1
                         self.images_computed += len(positions)
                         self.progress(len(positions))

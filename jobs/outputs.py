@@ -15,6 +15,7 @@ os.replace, so a failed or interrupted job never leaves a partial output behind.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -22,15 +23,81 @@ import os
 import secrets
 import struct
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, overload
 
 import numpy as np
 
 OUTPUT_SUFFIXES = (".npz", ".npy", ".parquet")
 OUTPUT_DTYPE = "<f4"  # every pipeline output is float32
+
+
+class Rows(Sequence[np.ndarray]):
+    """One output's rows, in input order, kept as the blocks they came in: (k, ...) arrays
+    whose rows are images' outputs. A job adds each batch's outputs as one block, so that
+    nothing afterwards (shapes, bytes, saving) works row by row; indexing and iterating give
+    rows, as views. Measured on 10,000 rows of 3,072 features kept as views one by one: 18 ms
+    to find them lying one after another again (row_blocks), 25 ms with their dicts and paths.
+    """
+
+    __slots__ = ("_ends", "blocks")
+
+    def __init__(self, rows: Iterable[np.ndarray] = ()) -> None:
+        self.blocks: list[np.ndarray] = []
+        self._ends: list[int] = []  # the row count up to and including each block
+        self.extend(rows)
+
+    def append(self, row: np.ndarray) -> None:
+        """One image's outputs (without the batch axis)."""
+        self.add_block(np.asarray(row)[np.newaxis])
+
+    def add_block(self, block: np.ndarray) -> None:
+        """Consecutive images' outputs, (k, ...), kept as they are (a view stays a view)."""
+        if len(block):
+            self.blocks.append(block)
+            self._ends.append(len(self) + len(block))
+
+    def extend(self, rows: Iterable[np.ndarray]) -> None:
+        """More rows after these: another Rows' blocks, or rows one by one."""
+        if isinstance(rows, Rows):
+            for block in rows.blocks:
+                self.add_block(block)
+        else:
+            for row in rows:
+                self.append(row)
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for block in self.blocks:
+            yield from block
+
+    @overload
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, index: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        block = bisect.bisect_right(self._ends, position)
+        return self.blocks[block][position - (self._ends[block - 1] if block else 0)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows' arrays."""
+        return sum(block.nbytes for block in self.blocks)
+
+    def shapes(self) -> set[tuple[int, ...]]:
+        """The rows' distinct shapes."""
+        return {block.shape[1:] for block in self.blocks}
 
 
 @dataclass
@@ -39,18 +106,24 @@ class Results:
 
     output_names: list[str]
     paths: list[str] = field(default_factory=list)
-    outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    outputs: dict[str, Rows] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in self.output_names:
-            self.outputs.setdefault(name, [])
+            self.outputs.setdefault(name, Rows())
 
     def add(self, path: str, outputs: dict[str, np.ndarray]) -> None:
         """One image's outputs (each without the batch axis)."""
         self.paths.append(path)
         for name in self.output_names:
             self.outputs[name].append(outputs[name])
+
+    def add_rows(self, paths: Sequence[str], outputs: dict[str, np.ndarray]) -> None:
+        """Consecutive images' outputs, each (len(paths), ...), kept as one block."""
+        self.paths.extend(paths)
+        for name in self.output_names:
+            self.outputs[name].add_block(outputs[name])
 
     def extend(self, other: Results) -> None:
         """Append another part's rows and skipped inputs."""
@@ -62,17 +135,24 @@ class Results:
     @property
     def nbytes(self) -> int:
         """Bytes of the outputs' arrays."""
-        return sum(array.nbytes for arrays in self.outputs.values() for array in arrays)
+        return sum(rows.nbytes for rows in self.outputs.values())
 
     def stacked(self, name: str) -> np.ndarray | None:
         """One output as (N, ...) when every image gave the same shape, else None."""
-        arrays = self.outputs[name]
-        if not arrays:
+        rows = self.outputs[name]
+        if not rows:
             return np.zeros((0,), dtype=np.float32)
-        if len({array.shape for array in arrays}) != 1:
+        if len(rows.shapes()) != 1:
             return None
-        blocks = row_blocks(arrays)
-        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        return stacked_rows(rows)
+
+
+def stacked_rows(rows: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Rows of one shape as one (N, ...) array, copied only where they are not one already."""
+    if isinstance(rows, np.ndarray):
+        return rows
+    blocks = row_blocks(rows)
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def _address(array: np.ndarray) -> int:
@@ -80,14 +160,15 @@ def _address(array: np.ndarray) -> int:
 
 
 def row_blocks(rows: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Rows of one shape as (k, ...) arrays: a run of rows lying one after another in one
-    C-contiguous array (a batch's outputs, whose rows the job keeps as views) becomes one view
-    of it, so that saving them copies nothing; other rows become (1, ...) views of themselves.
-    About 2 µs a row: the job's 10,000 rows take 20 ms, where stacking them copied."""
-    blocks: list[np.ndarray] = []
+    """Rows of one shape as (k, ...) arrays: blocks of rows lying one after another in one
+    C-contiguous array (a job's batches, written into rows allocated up front) become one
+    view of it, so that saving them copies nothing; any other block stays as it is. The blocks
+    are a Rows' own, or one a row (about 2 us a row: 10,000 rows take 18 ms)."""
+    blocks = rows.blocks if isinstance(rows, Rows) else [row[np.newaxis] for row in rows]
+    joined: list[np.ndarray] = []
     index = 0
-    while index < len(rows):
-        first = rows[index]
+    while index < len(blocks):
+        first = blocks[index]
         owner = first.base
         end = index + 1
         if (
@@ -96,27 +177,31 @@ def row_blocks(rows: Sequence[np.ndarray]) -> list[np.ndarray]:
             and owner.flags.c_contiguous
             and first.flags.c_contiguous
         ):
-            start = (_address(first) - _address(owner)) // first.itemsize
             expected = _address(first) + first.nbytes
-            while end < len(rows):
-                row = rows[end]
+            count = len(first)
+            while end < len(blocks):
+                block = blocks[end]
                 if (
-                    row.base is not owner
-                    or row.shape != first.shape
-                    or row.strides != first.strides
-                    or _address(row) != expected
+                    block.base is not owner
+                    or block.dtype != first.dtype
+                    or block.shape[1:] != first.shape[1:]
+                    or not block.flags.c_contiguous
+                    or _address(block) != expected
                 ):
                     break
-                expected += first.nbytes
+                expected += block.nbytes
+                count += len(block)
                 end += 1
             if end - index > 1:
-                flat = owner.reshape(-1)[start : start + (end - index) * first.size]
-                blocks.append(flat.reshape(end - index, *first.shape))
+                start = (_address(first) - _address(owner)) // first.itemsize
+                size = count * math.prod(first.shape[1:])
+                flat = owner.reshape(-1)[start : start + size]
+                joined.append(flat.reshape(count, *first.shape[1:]))
                 index = end
                 continue
-        blocks.append(first[np.newaxis])
+        joined.append(first)
         index = end
-    return blocks
+    return joined
 
 
 def _new_file_beside(destination: Path) -> Path:
@@ -184,9 +269,13 @@ def read_npz(source: Path) -> Results:
         results = Results(names, paths=[str(path) for path in archive["paths"]])
         for name in names:
             if name in archive.files:
-                results.outputs[name] = list(archive[name]) if len(results.paths) else []
+                results.outputs[name] = Rows()
+                if len(results.paths):
+                    results.outputs[name].add_block(archive[name])
             else:
-                results.outputs[name] = [archive[f"{name}__{i}"] for i in range(len(results.paths))]
+                results.outputs[name] = Rows(
+                    archive[f"{name}__{i}"] for i in range(len(results.paths))
+                )
         results.skipped = list(
             zip(
                 (str(p) for p in archive["skipped"]),
@@ -218,7 +307,7 @@ class Contents:
 
     def add(self, index: int, results: Results) -> None:
         """Note shard `index`'s rows, skipped inputs and output shapes."""
-        shapes = {name: {a.shape for a in results.outputs[name]} for name in self.output_names}
+        shapes = {name: results.outputs[name].shapes() for name in self.output_names}
         self.shards[index] = _ShardContents(list(results.paths), list(results.skipped), shapes)
 
     def _ordered(self) -> list[_ShardContents]:
@@ -259,10 +348,10 @@ class Contents:
 Part = Path | Results
 
 
-def part_rows(part: Part, name: str) -> np.ndarray | list[np.ndarray]:
+def part_rows(part: Part, name: str) -> np.ndarray | Sequence[np.ndarray]:
     """One output's rows of a shard: (n, ...) stacked, or one array per row."""
     if isinstance(part, Results):
-        return part.outputs[name]  # views of their batches: _write_rows writes them as blocks
+        return part.outputs[name]  # blocks of their batches: _write_rows writes them as such
     mapped = _mapped_member(part, f"{name}.npy")
     if mapped is not None:
         return mapped
@@ -334,7 +423,7 @@ def row_bytes(rows: np.ndarray | Sequence[np.ndarray]) -> Iterator[memoryview]:
             yield contiguous.reshape(-1).view(np.uint8).data
 
 
-def _write_rows(out: IO[bytes], rows: np.ndarray | list[np.ndarray]) -> None:
+def _write_rows(out: IO[bytes], rows: np.ndarray | Sequence[np.ndarray]) -> None:
     """Rows of one shape straight into an open .npy whose header promised them."""
     for data in row_bytes(rows):
         out.write(data)
@@ -458,7 +547,7 @@ def _merge_parquet(
             for name in contents.output_names:
                 rows = part_rows(part, name)
                 if shapes[name] is not None:
-                    flat = np.ascontiguousarray(rows, dtype=OUTPUT_DTYPE).reshape(-1)
+                    flat = np.ascontiguousarray(stacked_rows(rows), OUTPUT_DTYPE).reshape(-1)
                     columns[name] = pa.FixedSizeListArray.from_arrays(
                         pa.array(flat), math.prod(shapes[name] or [])
                     )

@@ -193,7 +193,7 @@ class StreamedRows:
 
     def check(self, results: Results) -> None:
         """ValueError unless every row of `results` has the shape of every row before it."""
-        shapes = {row.shape for row in results.outputs[self.output_name]}
+        shapes = results.outputs[self.output_name].shapes()
         if self.shape is not None:
             shapes.add(self.shape)
         if len(shapes) > 1:
