@@ -94,8 +94,8 @@ def test_bench_job_section(tmp_path: Path) -> None:
         "array job, embedded, steady, 64x1x28x28 uint8 .npy",
         "array job --server 127.0.0.1, steady, 64x1x28x28 uint8 .npy",
         "array job --server unix: --shared-memory, steady, 64x1x28x28 uint8 .npy",
-        "plain onnxruntime + featmap's dependencies' start + fsync (the floor), whole process, "
-        "64x1x28x28 uint8 .npy",
+        "onnxruntime written in place + featmap's dependencies + fsync (the floor), whole "
+        "process, 64x1x28x28 uint8 .npy",
         "array job --server 127.0.0.1 with 1x1 filters (the transfer), whole process, "
         "64x1x28x28 uint8 .npy",
         "array job --server unix: --shared-memory with 1x1 filters (the transfer), whole "
