@@ -30,6 +30,7 @@ from .job import Job, JobError, OnError, Runner
 from .outputs import OUTPUT_SUFFIXES, Contents, Part, Results, write_merged
 from .parts import CHECKPOINT_AFTER_S, HELD_BYTES, HeldShards, PartsDir, Shard, StreamedRows
 from .runners import EmbeddedRunner, RemoteRunner
+from .startup import resume_collections
 
 # Arrays of the .npz layout that an output name must not shadow.
 RESERVED_OUTPUT_NAMES = frozenset({"paths", "outputs", "skipped", "skipped_errors"})
@@ -354,6 +355,7 @@ def command(args: Any, pipeline: Pipeline, resize: tuple[int, int] | None) -> in
     output = Path(args.output)
     parts = output.with_name(output.name + ".parts")
 
+    resume_collections()  # everything the job needs is loaded (featmap.jobs.startup)
     try:
         report = run_extract(
             pipeline,
