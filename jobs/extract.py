@@ -49,6 +49,16 @@ class JobReport:
     images_computed: int = 0
 
 
+class _NoProgress:
+    """The bar of a job that shows none (tqdm's interface, as the job uses it)."""
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 def run_extract(
     pipeline: Pipeline,
     inputs: Sequence[Path],
@@ -82,8 +92,6 @@ def run_extract(
     see HeldShards). `encoded` (a RemoteRunner only): JPEG, PNG and WebP files go as they
     are, for the server to decode by the same rule.
     """
-    from tqdm import tqdm
-
     suffix = output.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise JobError(f"--output must end in {', '.join(OUTPUT_SUFFIXES)}: {output}", 2)
@@ -163,15 +171,18 @@ def run_extract(
     reused = len(shards) - len(todo)
     # Reused images are where the bar starts, not progress: the rate and the time left are
     # those of the images computed now.
-    bar = tqdm(
-        total=len(items),
-        initial=sum(len(shard.items) for shard in shards) - sum(len(s.items) for s in todo),
-        unit="img",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        smoothing=0.1,
-    )
+    bar: Any = _NoProgress()  # tqdm's bar has no types of its own
+    if progress:
+        from tqdm import tqdm  # loaded to draw only: 4 ms of a job's start (with multiprocessing)
+
+        bar = tqdm(
+            total=len(items),
+            initial=sum(len(shard.items) for shard in shards) - sum(len(s.items) for s in todo),
+            unit="img",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
     rule = None
     if encoded and isinstance(runner, RemoteRunner):
         try:  # which files the server takes as they are: its own limits
