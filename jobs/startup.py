@@ -8,10 +8,9 @@ made: on 2 cores, a 10,000-row .npy job spent 38-52 ms in collections (117 young
 runs; the job resumes them, with what was loaded frozen out of every later collection
 (gc.freeze, as the gc docs advise for long-lived startup state), once it is about to run:
 1.5-2 ms (23 young, 1 middle) and 9 ms. The few hundred objects of garbage that loading leaves
-(324 measured; 379 for an int8 job, whose quantization also runs
-before the job) are frozen with the rest. Other commands resume at once. A caller of
-featmap.jobs.cli.main in its own process (a test, a notebook) never pauses: resume does
-nothing for it.
+(324 measured; 379 for an int8 job, which quantizes before it runs) are frozen with the rest.
+Other commands resume at once. A caller of featmap.jobs.cli.main in its own process (a test, a
+notebook) never pauses: resume does nothing for it.
 """
 
 from __future__ import annotations
