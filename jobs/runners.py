@@ -105,20 +105,19 @@ class OutputBlocks:
         self.block_bytes = block_bytes
         self._key: object = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._rows_a_block = 0  # learned with the shapes
         self._block: Outputs = {}
+        self._capacity = 0
         self._used = 0
 
     def rows(self, key: object, count: int) -> Outputs | None:
         """Writeable rows for `count` images of `key`, or None (a key not learned yet)."""
         if self._shapes is None or key != self._key:
             return None
-        capacity = len(next(iter(self._block.values()))) if self._block else 0
-        if self._used + count > capacity:
-            itemsize = np.dtype(np.float32).itemsize
-            row_bytes = sum(itemsize * math.prod(shape) for shape in self._shapes.values())
-            capacity = max(count, self.block_bytes // max(1, row_bytes))
+        if self._used + count > self._capacity:
+            self._capacity = max(count, self._rows_a_block)
             self._block = {
-                name: np.empty((capacity, *shape), np.float32)
+                name: np.empty((self._capacity, *shape), np.float32)
                 for name, shape in self._shapes.items()
             }
             self._used = 0
@@ -128,9 +127,12 @@ class OutputBlocks:
     def learn(self, key: object, outputs: Outputs) -> None:
         """The shapes of `key`'s outputs, from a batch's (float32 ones only: others keep
         arrays of their own)."""
-        self._key, self._block, self._used, self._shapes = key, {}, 0, None
+        self._key, self._block, self._capacity, self._used, self._shapes = key, {}, 0, 0, None
         if all(array.dtype == np.float32 and array.ndim for array in outputs.values()):
             self._shapes = {name: array.shape[1:] for name, array in outputs.items()}
+            itemsize = np.dtype(np.float32).itemsize
+            row_bytes = sum(itemsize * math.prod(shape) for shape in self._shapes.values())
+            self._rows_a_block = self.block_bytes // max(1, row_bytes)
 
 
 class EmbeddedRunner:
