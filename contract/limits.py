@@ -37,6 +37,7 @@ from .ops import (
 from .spec import Pipeline
 from .tensors import (
     all_finite,
+    dtype_name,
     first_non_finite,
     image_axes,
     image_size,
@@ -425,7 +426,7 @@ def admit_batch(
             f"{field}.shape",
             f"has rank {images.ndim} {list(images.shape)}; expected 4 ({spec.layout})",
         )
-    if images.dtype.name != spec.dtype:
+    if dtype_name(images.dtype) != spec.dtype:
         raise InvalidTensor(
             f"{field}.dtype", f"{images.dtype.name} does not match input.dtype={spec.dtype}"
         )

@@ -239,6 +239,12 @@ def _as_input(batch: np.ndarray, spec: InputSpec, name: str, *, pixels: bool) ->
     `pixels` (IDX): uint8 pixels, for the pipeline's pixel variant. Otherwise (.npy/.npz)
     the pipeline's own dtype, float64 accepted for float32.
     """
+    return _fed(_checked_batch(batch, spec, name, pixels=pixels), spec)
+
+
+def _checked_batch(batch: np.ndarray, spec: InputSpec, name: str, *, pixels: bool) -> np.ndarray:
+    """`batch` (N, ...) in the spec's layout (a view: one channel axis added where the file has
+    none), or InputError naming `name` when its channels or dtype cannot be the input."""
     if batch.ndim == 3:
         # One channel per image: the axis goes where the layout has it.
         batch = batch[:, None] if spec.layout == "NCHW" else batch[:, :, :, None]
@@ -254,59 +260,85 @@ def _as_input(batch: np.ndarray, spec: InputSpec, name: str, *, pixels: bool) ->
             raise InputError(
                 name, f"IDX images are ubyte pixels (type 0x08); this file holds {batch.dtype}"
             )
-    elif batch.dtype == np.float64 and spec.dtype == "float32":
-        batch = batch.astype(np.float32)
-    elif batch.dtype.name != spec.dtype:
+    elif batch.dtype.name != spec.dtype and not (
+        batch.dtype == np.float64 and spec.dtype == "float32"
+    ):
         raise InputError(name, f"dtype {batch.dtype.name} is not input.dtype={spec.dtype}")
+    return batch
+
+
+def _fed(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A checked batch as the runner takes it: its own contiguous float32 for float64 rows."""
+    if batch.dtype == np.float64 and spec.dtype == "float32":
+        return batch.astype(np.float32)
     return np.ascontiguousarray(batch)
 
 
+@dataclass(frozen=True)
+class _BatchFile:
+    """A batch file opened and checked once: its images (N, ...) in the spec's layout (mapped
+    where it can be), or why none of them can be used."""
+
+    images: np.ndarray | None
+    error: InputError | None
+
+
 class ArrayFiles:
-    """The batch files (.npy, IDX) a job reads rows from, opened once each.
+    """The batch files (.npy, IDX) a job reads rows from, opened and checked once each.
 
     .npy and plain IDX files are mapped; a gzipped IDX file is decompressed once. The last
     `keep` files stay open (inputs are read in order, so one is enough but for the file
-    boundary). Safe to use from the decode threads.
+    boundary). Safe to use from the decode threads. A job has one input spec, so a file's
+    checks against it hold for all its rows.
     """
 
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
-        self._open: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._open: OrderedDict[str, _BatchFile] = OrderedDict()
         self._lock = threading.Lock()
 
     def array(self, file: str) -> np.ndarray:
-        """The whole file's array (mapped where it can be)."""
+        """The whole file's array (mapped where it can be), as the file holds it."""
+        if is_idx(file):
+            return load_idx(file)
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+
+    def _opened(self, file: str, spec: InputSpec) -> _BatchFile:
         # Under the lock: two threads must not decompress the same gzipped file twice.
         with self._lock:
-            array = self._open.get(file)
-            if array is None:
-                if is_idx(file):
-                    array = load_idx(file)
-                else:
-                    array = np.load(file, mmap_mode="r", allow_pickle=False)
-                self._open[file] = array
-                while len(self._open) > self.keep:
-                    self._open.popitem(last=False)
-            else:
+            opened = self._open.get(file)
+            if opened is not None:
                 self._open.move_to_end(file)
-            return array
+                return opened
+            try:
+                array = self.array(file)
+                idx = is_idx(file)
+                if idx:
+                    _idx_images(array.shape)
+                elif _array_images(array, spec) is None:
+                    raise ValueError(f"has shape {list(array.shape)}; expected a batch (N, ...)")
+                # A plain ndarray view of the mapping: slicing an np.memmap runs Python code.
+                images = _checked_batch(np.asarray(array), spec, file, pixels=idx)
+                opened = _BatchFile(images, None)
+            except (OSError, ValueError, EOFError) as exc:
+                opened = _BatchFile(None, InputError(file, f"not a readable array: {exc}"))
+            except InputError as exc:
+                opened = _BatchFile(None, exc)
+            self._open[file] = opened
+            while len(self._open) > self.keep:
+                self._open.popitem(last=False)
+            return opened
 
     def rows(self, file: str, start: int, stop: int, spec: InputSpec) -> np.ndarray:
         """Rows start..stop-1 of a batch file as one batch the runner takes (a copy).
 
         InputError names the file: what is wrong is wrong for every row of it.
         """
-        try:
-            array = self.array(file)
-            idx = is_idx(file)
-            if idx:
-                _idx_images(array.shape)
-            elif _array_images(array, spec) is None:
-                raise ValueError(f"has shape {list(array.shape)}; expected a batch (N, ...)")
-            batch = array[start:stop]
-        except (OSError, ValueError, EOFError) as exc:
-            raise InputError(file, f"not a readable array: {exc}") from None
-        return _as_input(batch, spec, file, pixels=idx)
+        opened = self._opened(file, spec)
+        if opened.error is not None:
+            raise opened.error
+        assert opened.images is not None
+        return _fed(opened.images[start:stop], spec)
 
 
 def _load_array(item: InputItem, spec: InputSpec, arrays: ArrayFiles | None) -> np.ndarray:

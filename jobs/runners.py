@@ -17,7 +17,7 @@ from ..contract.ops import batch_cost
 from ..contract.pixels import PIXEL_DTYPE, pixel_pipeline, pixel_values
 from ..contract.precision import QuantizationReport
 from ..contract.spec import Pipeline
-from ..contract.tensors import Outputs, single_image_size
+from ..contract.tensors import Outputs, dtype_name, single_image_size
 from ..contract.wire import EncodedBatch
 from .images import EncodedRule
 from .targets import grpc_target, target_addresses
@@ -36,7 +36,7 @@ def batch_key(batch: JobBatch) -> tuple[str, object]:
     shape, or uint8 pixels for encoded image files (ENCODED)."""
     if isinstance(batch, EncodedBatch):
         return PIXEL_DTYPE, ENCODED
-    return batch.dtype.name, batch.shape[1:]
+    return dtype_name(batch.dtype), batch.shape[1:]
 
 
 def pipelines_by_dtype(pipeline: Pipeline) -> dict[str, Pipeline]:
@@ -203,7 +203,7 @@ class EmbeddedRunner:
         """What a batch of this dtype runs as (the session built on first use)."""
         from ..service.extractor import Target
 
-        dtype = batch.dtype.name
+        dtype = dtype_name(batch.dtype)
         target = self.targets.get(dtype)
         if target is None:
             pipeline = self.pipelines.get(dtype, self.pipeline)  # admit_batch names a bad dtype

@@ -204,9 +204,12 @@ class CompiledPipeline:
             _, height, width = image_size(self.pipeline.input.layout, images.shape)
             step = images_per_run(self.pipeline, height, width, images.dtype.itemsize)
         try:
-            if into is None and len(images) <= step:
-                results = self.session.run(names, {INPUT_NAME: images}, options)
-                return dict(zip(names, results, strict=True))
+            if len(images) <= step:
+                if into is None:
+                    results = self.session.run(names, {INPUT_NAME: images}, options)
+                    return dict(zip(names, results, strict=True))
+                self._run_into(images, into, options)  # one run: no pieces to cut
+                return into
             return self._run_pieces(images, step, options, into)
         except Exception as exc:
             if options.terminate and not self.runs.terminated:

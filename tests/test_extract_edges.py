@@ -19,6 +19,7 @@ from PIL import Image
 from featmap.contract.errors import InvalidSpec
 from featmap.contract.spec import Pipeline, parse_pipeline
 from featmap.jobs.extract import run_extract
+from featmap.jobs.images import ArrayFiles, InputError
 from featmap.jobs.job import JobError
 from featmap.jobs.outputs import Results, part_rows, row_blocks, write_npz
 from featmap.jobs.parts import CHECKPOINT_AFTER_S, HeldShards, Shard
@@ -388,3 +389,84 @@ def test_a_member_claiming_more_rows_than_its_record_holds_is_not_mapped(tmp_pat
     # Read by np.load instead, which finds the damage (here by the member's CRC).
     with pytest.raises((ValueError, zipfile.BadZipFile)):
         part_rows(part, "f")
+
+
+# A pipeline whose 7x7 pool needs images of at least 7x7: a 4x4 batch file is too small.
+POOLED_SPEC: dict[str, Any] = {
+    "input": {"channels": 1, "dtype": "float32"},
+    "layers": [
+        {"op": "conv2d", "filters": 4, "kernel_size": 3, "padding": "same",
+         "weights": {"init": "he_normal", "seed": 3}},
+        {"op": "relu"},
+        {"op": "avg_pool2d", "pool_size": 7},
+    ],
+}  # fmt: skip
+
+
+class CountingArrayFiles(ArrayFiles):
+    """ArrayFiles that counts how often it reads a file from disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def array(self, file: str) -> np.ndarray:
+        self.reads.append(file)
+        return super().array(file)
+
+
+def test_a_batch_file_is_read_and_checked_once_and_its_rows_come_as_float32_copies(
+    tmp_path: Path,
+) -> None:
+    spec = parse_pipeline(POOLED_SPEC).input
+    values = np.random.default_rng(0).normal(size=(10, 1, 8, 8))  # float64, as NumPy's default
+    path = tmp_path / "batch.npy"
+    np.save(path, values)
+    arrays = CountingArrayFiles()
+    pieces = [arrays.rows(str(path), start, start + 4, spec) for start in (0, 4, 8)]
+    assert arrays.reads == [str(path)]
+    for start, piece in zip((0, 4, 8), pieces, strict=True):
+        assert type(piece) is np.ndarray and piece.dtype == np.float32
+        assert piece.flags.c_contiguous and piece.flags.writeable
+        np.testing.assert_array_equal(piece, values[start : start + 4].astype(np.float32))
+    pieces[0][...] = 0  # a copy: the file is untouched
+    np.testing.assert_array_equal(np.load(path), values)
+
+
+def test_a_bad_batch_file_fails_every_piece_naming_the_file(tmp_path: Path) -> None:
+    spec = parse_pipeline(POOLED_SPEC).input
+    path = tmp_path / "three-channels.npy"
+    np.save(path, np.zeros((6, 3, 8, 8), np.float32))
+    arrays = CountingArrayFiles()
+    for start in (0, 3):
+        with pytest.raises(InputError) as caught:
+            arrays.rows(str(path), start, start + 3, spec)
+        assert caught.value.path == str(path)
+        assert "3 channels" in caught.value.reason and "input.channels=1" in caught.value.reason
+    assert arrays.reads == [str(path)]
+
+
+def test_batch_files_of_two_sizes_skip_the_rows_too_small_and_compute_the_rest(
+    tmp_path: Path,
+) -> None:
+    pipeline = parse_pipeline(POOLED_SPEC)
+    rng = np.random.default_rng(1)
+    first, small, last = (
+        rng.normal(size=(5, 1, 14, 14)).astype(np.float32),
+        rng.normal(size=(3, 1, 4, 4)).astype(np.float32),
+        rng.normal(size=(4, 1, 14, 14)).astype(np.float32),
+    )
+    files = [tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "c.npy"]
+    for file, array in zip(files, (first, small, last), strict=True):
+        np.save(file, array)
+    output = tmp_path / "out.npz"
+    report = run_extract(
+        pipeline, files, output, EmbeddedRunner(pipeline), batch_size=2, on_error="skip"
+    )
+    assert report.images == 9
+    assert [path for path, _ in report.skipped] == [f"{files[1]}[{row}]" for row in range(3)]
+    assert all("too small" in reason for _, reason in report.skipped)
+    with np.load(output, allow_pickle=False) as archive:
+        name = pipeline.output_names[0]
+        assert_matches_reference({name: archive[name][:5]}, pipeline, first)
+        assert_matches_reference({name: archive[name][5:]}, pipeline, last)

@@ -16,6 +16,7 @@ from featmap.contract.errors import FeatmapError, InvalidTensor, LimitExceeded
 from featmap.contract.limits import MIB, RequestLimits, admit_batch
 from featmap.contract.ops import layer_costs
 from featmap.contract.spec import parse_pipeline
+from featmap.contract.tensors import dtype_name
 from featmap.jobs.ray import FeatureExtractor
 from featmap.jobs.runners import EmbeddedRunner
 from featmap.jobs.summary import format_summary
@@ -176,3 +177,11 @@ def test_rank_and_dtype_errors_name_the_field() -> None:
     with pytest.raises(InvalidTensor, match=r"uint8 does not match input\.dtype=float32") as caught:
         admit_batch(pipeline, np.zeros((1, 3, 8, 8), np.uint8), RequestLimits())
     assert caught.value.field == "images.dtype"
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    sorted({np.dtype(code).str for code in np.typecodes["All"]} | {">f4", ">u2", "<f2", "U7"}),
+)
+def test_dtype_name_is_numpys_name_for_every_dtype(dtype: str) -> None:
+    assert dtype_name(np.dtype(dtype)) == np.dtype(dtype).name
