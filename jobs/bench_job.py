@@ -27,6 +27,7 @@ import onnxruntime as ort
 import yaml
 from PIL import Image
 
+from ..contract.limits import images_per_run
 from ..contract.spec import Pipeline
 from ..service.graph import INPUT_NAME, compile_pipeline
 from .images import find_files
@@ -366,10 +367,12 @@ np.save(output, np.concatenate(parts))
 """
 # What the embedded job cannot beat: the same runs written the way featmap writes them (each
 # batch's features straight into rows allocated up front: no arrays of onnxruntime's own, no
-# concatenation), plus what every embedded job does before and after any of featmap's own code:
-# start its dependencies (pydantic builds its schema machinery on the first model; onnx builds
-# the graph; PyYAML reads the spec) and fsync the features it wrote. The gap between this and
-# the job is featmap's own code: its modules, spec, graph, checks and bookkeeping.
+# concatenation; each batch in runs of `run` images, as featmap cuts it for the caches:
+# contract.limits.images_per_run), plus what every embedded job does before and after any of
+# featmap's own code: start its dependencies (pydantic builds its schema machinery on the
+# first model; onnx builds the graph; PyYAML reads the spec) and fsync the features it wrote.
+# The gap between this and the job is featmap's own code: its modules, spec, graph, checks and
+# bookkeeping.
 DEPENDENCY_FLOOR = """
 import os
 import sys
@@ -377,23 +380,24 @@ import numpy as np
 import onnx, onnxruntime as ort, pydantic, yaml
 class First(pydantic.BaseModel):
     value: int = 0
-model, images, output, batch, threads = sys.argv[1:]
+model, images, output, batch, threads, run = sys.argv[1:]
 options = ort.SessionOptions()
 options.intra_op_num_threads = int(threads)
 session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 name, out = session.get_inputs()[0].name, session.get_outputs()[0].name
 array = np.load(images, mmap_mode="r")
-step = int(batch)
-first = session.run(None, {name: np.ascontiguousarray(array[:step])})[0]
+step, each = int(batch), int(run)
+first = session.run(None, {name: np.ascontiguousarray(array[:min(step, each)])})[0]
 features = np.empty((len(array), *first.shape[1:]), np.float32)
 features[:len(first)] = first
-for i in range(step, len(array), step):
+for i in range(0, len(array), step):
     piece = np.ascontiguousarray(array[i:i + step])
-    rows = features[i:i + len(piece)]
-    binding = session.io_binding()
-    binding.bind_cpu_input(name, piece)
-    binding.bind_output(out, "cpu", 0, np.float32, list(rows.shape), rows.ctypes.data)
-    session.run_with_iobinding(binding)
+    for j in range(len(first) if i == 0 else 0, len(piece), each):
+        rows = features[i + j:i + j + len(piece[j:j + each])]
+        binding = session.io_binding()
+        binding.bind_cpu_input(name, piece[j:j + each])
+        binding.bind_output(out, "cpu", 0, np.float32, list(rows.shape), rows.ctypes.data)
+        session.run_with_iobinding(binding)
 with open(output, "wb") as file:
     np.save(file, features)
     file.flush()
@@ -409,12 +413,14 @@ def plain_seconds(
     batch: int,
     threads: int,
     script: str = PLAIN_ONNXRUNTIME,
+    *extra: str,
 ) -> float:
-    """Wall time of the plain onnxruntime script (or DEPENDENCY_FLOOR), start to exit."""
+    """Wall time of the plain onnxruntime script (or DEPENDENCY_FLOOR, whose images a run
+    come in `extra`), start to exit."""
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, "-c", script, str(model), str(images), str(output),
-         str(batch), str(threads)],
+         str(batch), str(threads), *extra],
         check=True,
         capture_output=True,
     )  # fmt: skip
@@ -468,6 +474,7 @@ def run_array_bench(
         folders = JobFolders(work / "images.npy", images, work / "first.npy", images // 4)
         sessions = ceiling_sessions(pipeline, threads)
         batches = [array[start : start + batch] for start in range(0, images, batch)]
+        run = images_per_run(pipeline, *array.shape[2:], array.dtype.itemsize)  # the job's
 
         def arguments(extra: list[str], spec: Path = spec_path) -> Callable[[Path], list[str]]:
             common = ["--output", str(work / "features.npy"), "--batch-size", str(batch), *extra]
@@ -508,8 +515,9 @@ def run_array_bench(
                         moved = run_job(transfer_jobs[path](folders.large)).seconds
                     else:
                         floored = plain_seconds(
-                            model, folders.large, work / "f.npy", batch, threads, DEPENDENCY_FLOOR
-                        )
+                            model, folders.large, work / "f.npy", batch, threads,
+                            DEPENDENCY_FLOOR, str(run),
+                        )  # fmt: skip
                     behind = plain_seconds(model, folders.large, work / "p.npy", batch, threads)
                     after = run_job(job(folders.small))
                     plain = images / ((before + behind) / 2)
