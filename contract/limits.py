@@ -18,6 +18,7 @@ And the memory estimates the server's budgets charge before allocating (`spec_me
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -385,24 +386,32 @@ class DeferredBatch:
         return len(self.shape)
 
 
-# One onnxruntime run on the CPU holds at most about this many bytes of activations; a batch
-# that needs more runs as several runs, one after another, so that what one layer writes is
-# still in the caches when the next reads it. Measured on 2 cores (AMD EPYC, L2 1 MiB a core,
-# L3 32 MiB), onnxruntime alone, medians of 5: a 10,000x1x28x28 array through 192 5x5 filters,
-# ReLU and a 7x7 average pool (1.15 MiB an image), batches of 32 in runs of 32 took 1,074 ms,
-# of 16 686 ms, of 11 633 ms, of 8 652 ms, of 6 647 ms, of 4 661 ms; 224x224 images through
-# the standard three-conv pipeline (12.8 MiB an image), a batch of 32 in runs of 4 took
-# 133.0 ms, of 2 128.7 ms, of 1 124.5 ms. Memory falls with it: a batch of 32 of the latter
-# in one run peaked at 580 MiB RSS (onnxruntime's arena grows in powers of two), in runs of 4
-# at 237 MiB. A batch's admission (admit_batch) still counts its whole activations, as if it
-# ran at once.
-RUN_ACTIVATION_BYTES = 8 * MIB
+# One onnxruntime run on the CPU holds at most about this many bytes of activations for each
+# of its intra-op threads; a batch that needs more runs as several runs, one after another, so
+# that what one layer writes is still in the caches when the next reads it. Measured with 2
+# threads (AMD EPYC, L2 1 MiB a core, L3 32 MiB), onnxruntime alone, medians of 5: a
+# 10,000x1x28x28 array through 192 5x5 filters, ReLU and a 7x7 average pool (1.15 MiB an
+# image), batches of 32 in runs of 32 took 1,074 ms, of 16 686 ms, of 11 633 ms, of 8 652 ms,
+# of 6 647 ms, of 4 661 ms; 224x224 images through the standard three-conv pipeline (12.8 MiB
+# an image), a batch of 32 in runs of 4 took 133.0 ms, of 2 128.7 ms, of 1 124.5 ms. Memory
+# falls with it: a batch of 32 of the latter in one run peaked at 580 MiB RSS (onnxruntime's
+# arena grows in powers of two), in runs of 4 at 237 MiB. Per thread, so that many threads
+# still get runs with work enough to share (16 threads: 64 MiB, the bound before this one). A
+# batch's admission (admit_batch) still counts its whole activations, as if it ran at once.
+RUN_ACTIVATION_BYTES_PER_THREAD = 4 * MIB
 
 
-def images_per_run(pipeline: Pipeline, height: int, width: int, itemsize: int) -> int:
-    """Images of height x width in one onnxruntime run on the CPU (RUN_ACTIVATION_BYTES)."""
+def run_activation_bytes(threads: int) -> int:
+    """What one onnxruntime run on the CPU may hold with `threads` intra-op threads (0: one
+    per core, as onnxruntime's default; os.cpu_count() here)."""
+    return RUN_ACTIVATION_BYTES_PER_THREAD * max(1, threads or os.cpu_count() or 1)
+
+
+def images_per_run(pipeline: Pipeline, height: int, width: int, itemsize: int, threads: int) -> int:
+    """Images of height x width in one onnxruntime run on the CPU with `threads` intra-op
+    threads (run_activation_bytes)."""
     per_image = batch_cost(pipeline, 1, height, width, itemsize).memory_bytes
-    return max(1, RUN_ACTIVATION_BYTES // max(1, per_image))
+    return max(1, run_activation_bytes(threads) // max(1, per_image))
 
 
 def admit_batch(

@@ -474,7 +474,8 @@ def run_array_bench(
         folders = JobFolders(work / "images.npy", images, work / "first.npy", images // 4)
         sessions = ceiling_sessions(pipeline, threads)
         batches = [array[start : start + batch] for start in range(0, images, batch)]
-        run = images_per_run(pipeline, *array.shape[2:], array.dtype.itemsize)  # the job's
+        _, _, height, width = array.shape
+        run = images_per_run(pipeline, height, width, array.dtype.itemsize, threads)
 
         def arguments(extra: list[str], spec: Path = spec_path) -> Callable[[Path], list[str]]:
             common = ["--output", str(work / "features.npy"), "--batch-size", str(batch), *extra]

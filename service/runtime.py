@@ -167,6 +167,7 @@ class CompiledPipeline:
     # int8: where its model came from ("quantized" here, or "disk cache") and how long that took.
     int8_source: str | None = None
     int8_seconds: float = 0.0
+    threads: int = 0  # the session's intra-op threads (0: one per core); sizes runs on the CPU
 
     @property
     def providers(self) -> list[str]:
@@ -202,7 +203,7 @@ class CompiledPipeline:
         step = len(images)
         if self.on_cpu:
             _, height, width = image_size(self.pipeline.input.layout, images.shape)
-            step = images_per_run(self.pipeline, height, width, images.dtype.itemsize)
+            step = images_per_run(self.pipeline, height, width, images.dtype.itemsize, self.threads)
         try:
             if len(images) <= step:
                 if into is None:
@@ -481,6 +482,7 @@ class SessionCache:
             report=report,
             int8_source=source,
             int8_seconds=time.perf_counter() - started if source else 0.0,
+            threads=self.intra_op_threads,
         )
 
     def _quantize(

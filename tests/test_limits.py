@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -10,11 +11,20 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from featmap.client import FeatmapRpcError, FeatureClient
 from featmap.contract.errors import FeatmapError, InvalidTensor, LimitExceeded
-from featmap.contract.limits import MIB, RequestLimits, admit_batch
-from featmap.contract.ops import layer_costs
+from featmap.contract.limits import (
+    MIB,
+    RUN_ACTIVATION_BYTES_PER_THREAD,
+    RequestLimits,
+    admit_batch,
+    images_per_run,
+    run_activation_bytes,
+)
+from featmap.contract.ops import batch_cost, layer_costs
 from featmap.contract.spec import parse_pipeline
 from featmap.contract.tensors import dtype_name
 from featmap.jobs.ray import FeatureExtractor
@@ -185,3 +195,37 @@ def test_rank_and_dtype_errors_name_the_field() -> None:
 )
 def test_dtype_name_is_numpys_name_for_every_dtype(dtype: str) -> None:
     assert dtype_name(np.dtype(dtype)) == np.dtype(dtype).name
+
+
+@given(
+    threads=st.integers(min_value=0, max_value=64),
+    size=st.integers(min_value=8, max_value=160),
+    filters=st.integers(min_value=1, max_value=256),
+)
+@settings(max_examples=60, deadline=None)
+def test_a_run_holds_as_many_images_as_its_threads_share_of_activations_allows(
+    threads: int, size: int, filters: int
+) -> None:
+    pipeline = parse_pipeline(
+        {
+            "input": {"channels": 3},
+            "layers": [
+                {
+                    "op": "conv2d",
+                    "filters": filters,
+                    "kernel_size": 3,
+                    "padding": "same",
+                    "weights": {"init": "he_normal"},
+                },
+                {"op": "relu"},
+            ],
+        }
+    )
+    per_image = batch_cost(pipeline, 1, size, size, 4).memory_bytes
+    bound = run_activation_bytes(threads)
+    assert bound == RUN_ACTIVATION_BYTES_PER_THREAD * max(1, threads or os.cpu_count() or 1)
+    images = images_per_run(pipeline, size, size, 4, threads)
+    # As many as fit (at least one, which may not), and never fewer with more threads.
+    assert images == 1 or images * per_image <= bound
+    assert (images + 1) * per_image > bound
+    assert images_per_run(pipeline, size, size, 4, max(1, threads) * 2) >= images

@@ -252,10 +252,11 @@ def test_a_batch_past_the_run_activation_bound_runs_in_pieces_with_the_same_resu
             "outputs": ["pooled", "features"],
         }
     )
-    per_run = images_per_run(pipeline, 64, 64, 4)  # MBs of activations an image
+    # Two threads, whatever the machine's cores: what a run may hold depends on them.
+    compiled = SessionCache(capacity=1, providers=[CPU], intra_op_threads=2).get(pipeline)
+    per_run = images_per_run(pipeline, 64, 64, 4, compiled.threads)  # 2 MiB an image
     images = np.random.default_rng(3).random((per_run * 2 + 1, 3, 64, 64), dtype=np.float32)
     assert per_run > 1  # three runs: two full, one of a single image
-    compiled = SessionCache(capacity=1, providers=[CPU]).get(pipeline)
     assert compiled.on_cpu
     outputs = compiled.run(images)
     assert {name: a.shape[0] for name, a in outputs.items()} == {
