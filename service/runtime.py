@@ -187,7 +187,7 @@ class CompiledPipeline:
     ) -> Outputs:
         """The requested outputs for a batch that already passed the extractor's checks.
 
-        On the CPU, a batch whose activations outgrow RUN_ACTIVATION_BYTES runs as consecutive
+        On the CPU, a batch whose activations outgrow run_activation_bytes runs as consecutive
         runs of images_per_run images (contract.limits). `on_gone`, when given, is handed a
         function that stops this run (onnxruntime checks between nodes); the server calls it
         once the run's only caller has gone. `into`: one array per output (float32,
