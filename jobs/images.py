@@ -330,7 +330,8 @@ class ArrayFiles:
             return opened
 
     def rows(self, file: str, start: int, stop: int, spec: InputSpec) -> np.ndarray:
-        """Rows start..stop-1 of a batch file as one batch the runner takes (a copy).
+        """Rows start..stop-1 of a batch file as one batch the runner takes: a read-only view
+        of the mapped file where it holds the input's dtype, else a converted copy.
 
         InputError names the file: what is wrong is wrong for every row of it.
         """

@@ -429,8 +429,14 @@ def test_a_batch_file_is_read_and_checked_once_and_its_rows_come_as_float32_copi
         assert type(piece) is np.ndarray and piece.dtype == np.float32
         assert piece.flags.c_contiguous and piece.flags.writeable
         np.testing.assert_array_equal(piece, values[start : start + 4].astype(np.float32))
-    pieces[0][...] = 0  # a copy: the file is untouched
+    pieces[0][...] = 0  # float64 rows come converted: the file is untouched
     np.testing.assert_array_equal(np.load(path), values)
+    # Rows of the input's own dtype are views of the mapping, which no one can write through.
+    pixels = tmp_path / "pixels.npy"
+    np.save(pixels, np.arange(10 * 64, dtype=np.float32).reshape(10, 1, 8, 8))
+    view = arrays.rows(str(pixels), 2, 5, spec)
+    assert not view.flags.writeable and view.flags.c_contiguous
+    np.testing.assert_array_equal(view, np.load(pixels)[2:5])
 
 
 def test_a_bad_batch_file_fails_every_piece_naming_the_file(tmp_path: Path) -> None:
