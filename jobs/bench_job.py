@@ -30,6 +30,7 @@ from PIL import Image
 from ..contract.limits import images_per_run
 from ..contract.ops import layer_costs
 from ..contract.spec import Pipeline
+from ..contract.tensors import reply_bytes
 from ..service.graph import INPUT_NAME, compile_pipeline
 from .images import find_files
 from .parts import HELD_BYTES
@@ -395,7 +396,7 @@ features[:len(first)] = first
 for i in range(0, len(array), step):
     piece = np.ascontiguousarray(array[i:i + step])
     for j in range(len(first) if i == 0 else 0, len(piece), each):
-        rows = features[i + j:i + j + len(piece[j:j + each])]
+        rows = features[i + j:i + j + min(each, len(piece) - j)]
         binding = session.io_binding()
         binding.bind_cpu_input(name, piece[j:j + each])
         binding.bind_output(out, "cpu", 0, np.float32, list(rows.shape), rows.ctypes.data)
@@ -546,8 +547,8 @@ def run_array_bench(
         }
         # A job whose features outgrow what it holds streams them into the output as it goes
         # (parts.HELD_BYTES, StreamedRows); the floor, as the plain script, writes at the end.
-        features = sum(cost.output_bytes for cost in layer_costs(pipeline, height, width)
-                       if cost.name in pipeline.output_names) * images  # fmt: skip
+        shapes = {cost.name: cost.shape for cost in layer_costs(pipeline, height, width)}
+        features = reply_bytes((shapes[name] for name in pipeline.output_names), images)
         floor_note = "no featmap code: bounds the embedded row"
         if features > HELD_BYTES:
             floor_note = "no featmap code; no bound at this size: the job streams its rows"

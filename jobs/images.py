@@ -260,16 +260,19 @@ def _checked_batch(batch: np.ndarray, spec: InputSpec, name: str, *, pixels: boo
             raise InputError(
                 name, f"IDX images are ubyte pixels (type 0x08); this file holds {batch.dtype}"
             )
-    elif batch.dtype.name != spec.dtype and not (
-        batch.dtype == np.float64 and spec.dtype == "float32"
-    ):
+    elif batch.dtype.name != spec.dtype and not _float64_for_float32(batch, spec):
         raise InputError(name, f"dtype {batch.dtype.name} is not input.dtype={spec.dtype}")
     return batch
 
 
+def _float64_for_float32(batch: np.ndarray, spec: InputSpec) -> bool:
+    """Float64 arrays (NumPy's default) are taken for a float32 input, converted."""
+    return batch.dtype == np.float64 and spec.dtype == "float32"
+
+
 def _fed(batch: np.ndarray, spec: InputSpec) -> np.ndarray:
     """A checked batch as the runner takes it: its own contiguous float32 for float64 rows."""
-    if batch.dtype == np.float64 and spec.dtype == "float32":
+    if _float64_for_float32(batch, spec):
         return batch.astype(np.float32)
     return np.ascontiguousarray(batch)
 

@@ -162,9 +162,6 @@ class Job:
         self.encoded = encoded
         self.arrays = ArrayFiles()
         self.images_computed = 0
-        # The last size fits() checked and its answer: a batch file's rows all share one, and
-        # its pieces come one after another. One tuple, replaced whole (decode threads share it).
-        self._last_fit: tuple[tuple[int, int], str | None] | None = None
 
     def fits(self, image: np.ndarray | EncodedImage) -> str | None:
         """Why the pipeline cannot take an image of this size (None if it can)."""
@@ -172,16 +169,11 @@ class Job:
             height, width = image.height, image.width
         else:
             _, height, width = single_image_size(self.pipeline.input.layout, image.shape)
-        last = self._last_fit
-        if last is not None and last[0] == (height, width):
-            return last[1]
-        reason: str | None = None
         try:
-            layer_costs(self.pipeline, height, width)
+            layer_costs(self.pipeline, height, width)  # remembered per pipeline id and size
         except FeatmapError as exc:
-            reason = str(exc)
-        self._last_fit = ((height, width), reason)
-        return reason
+            return str(exc)
+        return None
 
     def load(self, item: InputItem) -> np.ndarray | EncodedImage | InputError:
         """One input as the runner takes it, or why it cannot be used (on a decode thread)."""
